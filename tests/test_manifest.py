@@ -1,0 +1,115 @@
+"""Manifest files: round trip, the documented example, and errors that name the file and field."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rankpipe.errors import InputError
+from rankpipe.pipeline.manifest import (
+    LabelSpec, Manifest, ManifestError, SplitSpec, TargetTransform, load_manifest,
+)
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "manifest.md"
+
+GOOD = {
+    "name": "koniq",
+    "shards": "koniq-{000000..000002}.tar",
+    "labels": [{"name": "mos", "query": "Sort images by image quality."}],
+}
+
+
+def _write(tmp_path: Path, data) -> Path:
+    path = tmp_path / "manifest.yaml"
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+def test_save_and_load_round_trip(tmp_path):
+    manifest = Manifest(
+        name="ages", shards="s/ages-{000000..000001}.tar",
+        labels=(
+            LabelSpec("age", "Sort images by age.", metric="ordinal", classes=(1.0, 2.0, 3.0)),
+            LabelSpec("dogs", "Sort images by the number of dogs.", target=TargetTransform("distance", 3.0)),
+        ),
+        splits=SplitSpec(train=("train",), val=("dev", "val"), test=("test",)),
+    )
+    path = tmp_path / "m.yaml"
+    manifest.save(path)
+    loaded = load_manifest(path)
+    assert loaded == Manifest(**{**manifest.__dict__, "path": path})
+    assert loaded.shard_urls() == [str(tmp_path / "s" / f"ages-{i:06d}.tar") for i in range(2)]
+
+
+def test_remote_and_absolute_shards_are_kept(tmp_path):
+    path = _write(tmp_path, GOOD | {"shards": "https://host/x-{0..1}.tar"})
+    assert load_manifest(path).shard_urls() == ["https://host/x-0.tar", "https://host/x-1.tar"]
+
+
+def test_documented_example_loads(tmp_path):
+    block = re.search(r"## Example\s+```yaml\n(.*?)```", DOC.read_text(), re.S).group(1)
+    manifest = load_manifest(_write(tmp_path, block))
+    assert [label.name for label in manifest.labels] == ["mos", "decade", "dogs"]
+    assert manifest.label("decade").classes == (1930.0, 1940.0, 1950.0, 1960.0, 1970.0)
+    assert manifest.label("dogs").target == TargetTransform("distance", 3.0)
+    assert manifest.splits.val == ("val", "validation") and manifest.splits.test == ("test",)
+
+
+def _with_label(**fields):
+    return GOOD | {"labels": [{"name": "mos", "query": "q"} | fields]}
+
+
+@pytest.mark.parametrize("data, field", [
+    (GOOD | {"shard": "x.tar"}, "'shard'"),
+    ({k: v for k, v in GOOD.items() if k != "shards"}, "'shards'"),
+    ({k: v for k, v in GOOD.items() if k != "labels"}, "'labels'"),
+    (GOOD | {"shards": ["a.tar"]}, "'shards'"),
+    (GOOD | {"labels": {"name": "mos"}}, "'labels'"),
+    (GOOD | {"labels": []}, "at least one label"),
+    (_with_label(metrc="ordinal"), "'labels[0].metrc'"),
+    (_with_label(metric="ranking"), "'labels[0]'"),
+    (_with_label(metric="ordinal"), "'labels[0]'"),
+    (_with_label(metric="ordinal", classes=["a", "b"]), "'labels[0].classes'"),
+    (_with_label(query=3), "'labels[0].query'"),
+    (_with_label(query="  "), "'labels[0]'"),
+    (_with_label(target={"kind": "distance"}), "'labels[0].target'"),
+    (_with_label(target={"kind": "log"}), "'labels[0].target'"),
+    (GOOD | {"labels": GOOD["labels"] * 2}, "unique"),
+    (GOOD | {"splits": ["train"]}, "'splits'"),
+    (GOOD | {"splits": {"holdout": ["x"]}}, "'splits.holdout'"),
+    (GOOD | {"splits": {"val": [1, 2]}}, "'splits.val'"),
+    ("labels: [unclosed", "not valid YAML"),
+    ("- just\n- a list\n", "mapping"),
+])
+def test_errors_name_file_and_field(tmp_path, data, field):
+    path = _write(tmp_path, data)
+    with pytest.raises(ManifestError) as e:
+        load_manifest(path)
+    assert str(path) in str(e.value)
+    assert field in str(e.value)
+    assert isinstance(e.value, InputError)
+
+
+def test_specific_messages(tmp_path):
+    with pytest.raises(ManifestError, match="metric must be one of correlation, ordinal, not 'ranking'"):
+        load_manifest(_write(tmp_path, _with_label(metric="ranking")))
+    with pytest.raises(ManifestError, match="needs its ordered 'classes'"):
+        load_manifest(_write(tmp_path, _with_label(metric="ordinal")))
+
+
+def test_missing_file_and_unknown_label(tmp_path):
+    with pytest.raises(ManifestError, match="does not exist"):
+        load_manifest(tmp_path / "nope.yaml")
+    manifest = load_manifest(_write(tmp_path, GOOD))
+    with pytest.raises(ManifestError, match="no label 'age'; labels are: mos"):
+        manifest.label("age")
+
+
+def test_split_roles():
+    spec = SplitSpec(val=("dev",))
+    assert spec.values("val") == ("dev",) and spec.values("train") == ("train",)
+    with pytest.raises(ValueError, match="unknown split"):
+        spec.values("holdout")
