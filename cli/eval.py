@@ -1,0 +1,67 @@
+"""`rankpipe eval`: evaluate a checkpoint on a store split — metrics, ranking exports and an HTML report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from rankpipe.adapter.evaluate import EvalConfig, EvalRequest, markdown_table, results_table, run_evaluation
+from rankpipe.adapter.metrics import MetricConfig
+from rankpipe.pipeline.contact_sheet import SheetConfig
+from rankpipe.pipeline.manifest import SPLIT_ROLES
+from rankpipe.pipeline.report import ReportConfig
+
+
+@click.command("eval")
+@click.option("--store", "store", required=True, type=click.Path(exists=True, path_type=Path),
+              help="Token store (.zarr) written by `rankpipe embed`.")
+@click.option("--checkpoint", required=True, type=click.Path(exists=True, path_type=Path),
+              help="Checkpoint .pt written by `rankpipe train`, or its run folder (meaning best.pt).")
+@click.option("--split", type=click.Choice(SPLIT_ROLES), default="test", show_default=True,
+              help="Split role to evaluate, mapped to split values by the store's manifest.")
+@click.option("--label", "labels", multiple=True,
+              help="Label (query) to evaluate; repeat for several [default: every label of the checkpoint the store has].")
+@click.option("--export", "exports", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the rankings to this file; .csv, .jsonl or .h5 picks the format (repeatable).")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write an HTML report (index.html and PNGs) into this folder.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for results.json and results.md [default: the checkpoint's folder].")
+@click.option("--bootstrap", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="Bootstrap resamples for the 95% intervals; 0 skips them.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap resampling.")
+@click.option("--top-k", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Images on each top and bottom contact sheet of the report.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Images per adapter forward pass.")
+@click.option("--device", default="cpu", show_default=True, help="Where the adapter runs: cpu or cuda[:i].")
+def eval_command(
+    store: Path, checkpoint: Path, split: str, labels: tuple[str, ...], exports: tuple[Path, ...],
+    report_dir: Path | None, out_dir: Path | None, bootstrap: int, seed: int, top_k: int, batch_size: int, device: str,
+) -> None:
+    """Evaluate a checkpoint on a store split: metrics, exports, report.
+
+    \b
+    Per query: PLCC, SRCC, KRCC, MAE (label units) and pairwise ordering accuracy, plus class
+    accuracy and class MAE for ordinal labels, each with a seeded bootstrap interval. Images without
+    a label are ranked and exported but left out of the metrics (the table counts them).
+    Writes results.json and results.md and prints the table.
+    """
+    request = EvalRequest(
+        store=store,
+        checkpoint=checkpoint,
+        config=EvalConfig(split=split, labels=labels, metrics=MetricConfig(bootstrap=bootstrap, seed=seed), batch_size=batch_size),
+        out_dir=out_dir,
+        exports=exports,
+        report_dir=report_dir,
+        report=ReportConfig(top_k=top_k, sheet=SheetConfig()),
+        device=device,
+    )
+    outputs = run_evaluation(request)
+    click.echo(markdown_table(*results_table(outputs.results)))
+    for q in outputs.results.queries:
+        for note in q.metrics.notes:
+            click.echo(f"note ({q.label}): {note}")
+    for path in outputs.files:
+        click.echo(f"wrote {path}")

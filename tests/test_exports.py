@@ -1,0 +1,87 @@
+"""Ranking exports: ranks, row order and CSV / JSONL / HDF5 round trips."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rankpipe.errors import InputError
+from rankpipe.pipeline.exports import COLUMNS, QueryRanking, rankings_table, read_rankings, write_rankings
+
+
+def _rankings(seed: int = 0) -> list[QueryRanking]:
+    rng = np.random.default_rng(seed)
+    scores = rng.normal(size=6) / 3.0  # floats whose text form needs all 17 digits
+    scores[4] = scores[1]  # a tie, broken by key
+    labels = rng.integers(1, 5, 6).astype(float)
+    labels[2] = np.nan
+    keys = np.array(["img/005", "img/001", "img/004", "img/000", "img/003", "ünïcode,\"key\""])
+    splits = np.array(["test", "test", "test-b", "test", "test", "test"])
+    cats = QueryRanking("Sort images by the number of cats.", keys, scores, labels, splits)
+    age = QueryRanking("Sort by age, oldest first.", keys[:3], np.array([2.0, 3.0, 1.0]), np.array([10.0, 20.0, 30.0]), splits[:3])
+    return [cats, age]
+
+
+def test_ranks_put_the_highest_score_first_and_break_ties_by_key() -> None:
+    ranking = QueryRanking("q", np.array(["b", "a", "c", "d"]), np.array([1.0, 1.0, 3.0, -2.0]), np.zeros(4), np.array(["t"] * 4))
+    assert ranking.ranks().tolist() == [3, 2, 1, 4]
+
+
+def test_table_groups_by_query_in_order_and_sorts_by_rank() -> None:
+    table = rankings_table(_rankings())
+    assert list(table) == list(COLUMNS)
+    assert table["query"].tolist() == ["Sort images by the number of cats."] * 6 + ["Sort by age, oldest first."] * 3
+    assert table["rank"].tolist() == [1, 2, 3, 4, 5, 6, 1, 2, 3]
+    assert np.all(np.diff(table["score"][:6]) <= 0)
+    assert table["key"][6:].tolist() == ["img/001", "img/005", "img/004"]
+    assert table["label"][6:].tolist() == [20.0, 10.0, 30.0]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".h5", ".hdf5"])
+def test_round_trip_reads_back_equal(tmp_path: Path, suffix: str) -> None:
+    rankings = _rankings()
+    path = write_rankings(tmp_path / f"out/rankings{suffix}", rankings)
+    back = read_rankings(path)
+    expected = rankings_table(rankings)
+    assert list(back) == list(COLUMNS)
+    for name in COLUMNS:
+        if expected[name].dtype.kind == "f":
+            np.testing.assert_array_equal(back[name], expected[name])  # exact, NaN where NaN
+        else:
+            assert back[name].tolist() == expected[name].tolist(), name
+    assert np.isnan(back["label"]).sum() == 1
+    assert [p.name for p in path.parent.iterdir()] == [path.name], "no temporary file may be left behind"
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".h5"])
+def test_empty_rankings_round_trip(tmp_path: Path, suffix: str) -> None:
+    back = read_rankings(write_rankings(tmp_path / f"empty{suffix}", []))
+    assert all(len(back[name]) == 0 for name in COLUMNS)
+
+
+def test_unknown_suffix_is_an_input_error_and_writes_nothing(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"\.csv"):
+        write_rankings(tmp_path / "rankings.parquet", _rankings())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_write_keeps_the_old_file(tmp_path: Path) -> None:
+    path = tmp_path / "rankings.jsonl"
+    path.write_text("old\n")
+    bad = QueryRanking("q", np.array(["a"]), np.array([1.0]), np.array([1.0]), np.array(["t"]))
+    object.__setattr__(bad, "scores", np.array(["not a number"]))
+    with pytest.raises(ValueError):
+        write_rankings(path, [bad])
+    assert path.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["rankings.jsonl"]
+
+
+def test_reading_a_foreign_file_is_an_input_error(tmp_path: Path) -> None:
+    path = tmp_path / "other.csv"
+    path.write_text("a,b\n1,2\n")
+    with pytest.raises(InputError, match="header"):
+        read_rankings(path)
+    with pytest.raises(InputError, match="does not exist"):
+        read_rankings(tmp_path / "missing.csv")
