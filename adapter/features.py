@@ -1,0 +1,225 @@
+"""Cached features on the training device, and the batches drawn from them.
+
+The image tokens of every row that training or validation needs are read from the store once and
+kept on the device as one fp16 tensor; a step then gathers its batch with an index tensor, so the
+loop does no host work and no host-device copies. Each query (label) keeps its own text tokens,
+row indices and normalised targets on the device.
+
+Queries are mixed by drawing one query per step with probability proportional to its number of
+training images, so every training image is seen about equally often whatever query it belongs to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+
+import numpy as np
+import torch
+
+from rankpipe.adapter.targets import TargetScale, fit_target_scale, transform_target
+from rankpipe.errors import InputError
+from rankpipe.pipeline.manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+# Steps per block of the precomputed query schedule (one numpy draw per block, cached).
+_SCHEDULE_BLOCK = 4096
+
+
+@dataclasses.dataclass
+class QueryFeatures:
+    """One query (label): its text tokens and the resident rows of its train and val images."""
+
+    # Label name in the store.
+    name: str
+    # The sentence that ranks by the label.
+    query: str
+    # [L, Dt] float32 text tokens up to and including end-of-text, on the device.
+    text_tokens: torch.Tensor
+    # Target transform and training-split normalisation.
+    scale: TargetScale
+    # [n_train] int64 indices into ResidentFeatures.image_tokens, on the device.
+    train_index: torch.Tensor
+    # [n_train] float32 normalised targets, on the device.
+    train_targets: torch.Tensor
+    # [n_val] int64 indices into ResidentFeatures.image_tokens, on the device.
+    val_index: torch.Tensor
+    # [n_val] float64 targets in target units, on the host (validation SRCC is computed there).
+    val_targets: np.ndarray
+
+
+@dataclasses.dataclass
+class ResidentFeatures:
+    """Image tokens of all needed rows on the device, and the queries that index them."""
+
+    # [R, P, D] float16 image tokens, on the device.
+    image_tokens: torch.Tensor
+    # [R] WebDataset keys of the resident rows (to name a bad batch).
+    keys: np.ndarray
+    # The queries trained together.
+    queries: list[QueryFeatures]
+
+    @property
+    def image_token_dim(self) -> int:
+        return int(self.image_tokens.shape[-1])
+
+    @property
+    def text_token_dim(self) -> int:
+        return int(self.queries[0].text_tokens.shape[-1])
+
+
+def build_features(
+    image_tokens: torch.Tensor,
+    keys: np.ndarray,
+    queries: list[dict],
+    device: torch.device | str,
+) -> ResidentFeatures:
+    """Resident features from in-memory arrays.
+
+    Args:
+        image_tokens: [R, P, D] image tokens of every resident row (any float dtype; kept as fp16).
+        keys: [R] row keys.
+        queries: one dict per query with name, query, text_tokens [L, Dt], transform (TargetTransform),
+            train_rows / val_rows (int indices into the R rows) and train_labels / val_labels (raw labels).
+        device: where to keep everything.
+    """
+    device = torch.device(device)
+    out = []
+    for q in queries:
+        scale = fit_target_scale(np.asarray(q["train_labels"]), q["transform"], q["name"])
+        out.append(
+            QueryFeatures(
+                name=q["name"],
+                query=q["query"],
+                text_tokens=torch.as_tensor(np.asarray(q["text_tokens"], dtype=np.float32), device=device),
+                scale=scale,
+                train_index=torch.as_tensor(np.asarray(q["train_rows"], dtype=np.int64), device=device),
+                train_targets=torch.as_tensor(scale.normalise(q["train_labels"]), dtype=torch.float32, device=device),
+                val_index=torch.as_tensor(np.asarray(q["val_rows"], dtype=np.int64), device=device),
+                val_targets=transform_target(q["val_labels"], q["transform"]),
+            )
+        )
+    tokens = torch.as_tensor(image_tokens).to(device=device, dtype=torch.float16)
+    return ResidentFeatures(image_tokens=tokens, keys=np.asarray(keys), queries=out)
+
+
+def load_features(
+    store,
+    manifest: Manifest,
+    labels: list[str],
+    device: torch.device | str,
+    max_resident_gb: float,
+) -> ResidentFeatures:
+    """Read the train and val rows of `labels` from a TokenStore onto the device.
+
+    Split roles and target transforms come from `manifest` (the store's own or an override).
+
+    Raises:
+        InputError: a label has fewer than 2 train or val images, or the tokens exceed `max_resident_gb`
+            (streaming from the store is not supported).
+    """
+    train_values = list(manifest.splits.values("train"))
+    val_values = list(manifest.splits.values("val"))
+    per_label = {}
+    for name in labels:
+        train_rows = store.rows(train_values, label=name)
+        val_rows = store.rows(val_values, label=name)
+        if len(train_rows) < 2:
+            raise InputError(
+                f"label {name!r} has {len(train_rows)} training image(s) in split values {train_values}; "
+                "at least 2 are needed: check the manifest's train split"
+            )
+        if len(val_rows) < 2:
+            raise InputError(
+                f"label {name!r} has {len(val_rows)} validation image(s) in split values {val_values}; "
+                "at least 2 are needed: map a val split with --manifest"
+            )
+        per_label[name] = (train_rows, val_rows)
+    rows = np.unique(np.concatenate([np.concatenate(pair) for pair in per_label.values()]))  # sorted [R]
+    _, num_tokens, dim = store.image_tokens(rows[:1]).shape
+    gigabytes = len(rows) * num_tokens * dim * 2 / 1e9
+    if gigabytes > max_resident_gb:
+        raise InputError(
+            f"the {len(rows)} train/val images need {gigabytes:.1f} GB of image tokens, more than "
+            f"train.max_resident_gb={max_resident_gb}; raise it with --set train.max_resident_gb=N if the "
+            "device has the memory (training that streams from the store is not supported)"
+        )
+    tokens = _read_rows(store, rows, device)
+    all_keys = store.keys()
+    position = {int(r): i for i, r in enumerate(rows)}
+    queries = []
+    for name, (train_rows, val_rows) in per_label.items():
+        raw = store.label(name)
+        text = store.text(name)
+        queries.append(
+            {
+                "name": name,
+                "query": store.query(name),
+                "text_tokens": np.asarray(text.tokens[: text.length], dtype=np.float32),
+                "transform": manifest.label(name).target,
+                "train_rows": [position[int(r)] for r in train_rows],
+                "val_rows": [position[int(r)] for r in val_rows],
+                "train_labels": raw[train_rows],
+                "val_labels": raw[val_rows],
+            }
+        )
+    log.info("resident image tokens: %d rows x %d x %d (%.2f GB)", len(rows), num_tokens, dim, gigabytes)
+    return build_features(tokens, all_keys[rows], queries, device)
+
+
+def _read_rows(store, rows: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    """[R, P, D] fp16 tokens of sorted `rows`, read one row block at a time into a device tensor."""
+    first = store.image_tokens(rows[:1])
+    out = torch.empty((len(rows), *first.shape[1:]), dtype=torch.float16, device=device)
+    for start, stop in store.row_blocks():
+        lo, hi = np.searchsorted(rows, [start, stop])
+        if hi > lo:
+            out[lo:hi] = torch.from_numpy(np.ascontiguousarray(store.image_tokens(rows[lo:hi]), dtype=np.float16)).to(device)
+    return out
+
+
+class BatchSampler:
+    """Draws each step's query and a batch of that query's training images.
+
+    The query of step s is a pure function of (seed, s) — drawn in blocks from numpy with probability
+    proportional to each query's training images — so it needs no state and no device sync. The
+    images are a random subset drawn on the device with a seeded generator whose state is checkpointed.
+    """
+
+    def __init__(self, train_sizes: list[int], batch_size: int, seed: int, device: torch.device | str):
+        sizes = np.asarray(train_sizes, dtype=np.float64)
+        self.weights = sizes / sizes.sum()  # [Q] probability of each query per step
+        self.batch_size = batch_size
+        self.seed = seed
+        self.generator = torch.Generator(device=torch.device(device))
+        self.generator.manual_seed(seed)
+        self._block: tuple[int, np.ndarray] | None = None
+
+    def query_for(self, step: int) -> int:
+        """Index of the query trained at `step` (1-based)."""
+        block = (step - 1) // _SCHEDULE_BLOCK
+        if self._block is None or self._block[0] != block:
+            rng = np.random.default_rng([self.seed, block])
+            self._block = (block, rng.choice(len(self.weights), size=_SCHEDULE_BLOCK, p=self.weights))
+        return int(self._block[1][(step - 1) % _SCHEDULE_BLOCK])
+
+    def sample(self, num_train: int, device: torch.device | str) -> torch.Tensor:
+        """[B] positions into a query's training rows, without repeats; B = min(batch_size, num_train)."""
+        perm = torch.randperm(num_train, generator=self.generator, device=device)  # [num_train]
+        return perm[: self.batch_size]
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+def autocast(device: torch.device | str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA, plain fp32 elsewhere (CPU runs stay bit-reproducible)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()

@@ -1,0 +1,193 @@
+"""Scoring images with a trained adapter: load a checkpoint, predict in label units.
+
+Only the regression head runs at inference (no pairs). Scores are mapped back through the query's
+training normalisation: an "identity" target comes out in label units, a "distance" target in
+target units (-|label - reference|; higher = closer to the reference).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from rankpipe.adapter.checkpoint import read_checkpoint
+from rankpipe.adapter.features import autocast
+from rankpipe.adapter.model import RankingAdapter
+from rankpipe.adapter.run_config import RunConfig
+from rankpipe.adapter.targets import TargetScale
+from rankpipe.errors import InputError
+from rankpipe.pipeline.backbone import compatibility_problem
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointLabel:
+    """A query the adapter was trained on."""
+
+    # Label name in the store.
+    name: str
+    # The sentence that ranks by it.
+    query: str
+    # [L, Dt] float32 text tokens the adapter was trained with, on the checkpoint's device.
+    text_tokens: torch.Tensor
+    # Target transform and training normalisation.
+    scale: TargetScale
+
+
+@dataclasses.dataclass
+class LoadedCheckpoint:
+    """A trained adapter ready to score images."""
+
+    # Where it was read from.
+    path: Path
+    # The adapter, in eval mode, on `device`.
+    model: RankingAdapter
+    # The run config it was trained with.
+    run_config: RunConfig
+    # The token store's provenance it was trained on; stores must match it.
+    provenance: dict
+    # Its queries by label name.
+    labels: dict[str, CheckpointLabel]
+    # Optimiser steps it was trained for.
+    step: int
+    # Validation SRCC per label at `step`.
+    val_srcc: dict[str, float]
+    # Where the model lives.
+    device: torch.device
+
+    @property
+    def scales(self) -> dict[str, TargetScale]:
+        """Target normalisation per label."""
+        return {name: label.scale for name, label in self.labels.items()}
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
+    """Rebuild the adapter of a checkpoint (a .pt file, or a run folder meaning its best.pt).
+
+    Raises:
+        InputError: the file is missing or not a rankpipe checkpoint.
+    """
+    device = torch.device(device)
+    payload = read_checkpoint(path, map_location="cpu")
+    run_config = RunConfig.from_json(payload["run_config"])
+    dims = payload["dims"]
+    model = RankingAdapter(run_config.adapter, int(dims["image_token_dim"]), int(dims["text_token_dim"]))
+    model.load_state_dict(payload["model"])
+    model.to(device).eval()
+    labels = {
+        entry["name"]: CheckpointLabel(
+            name=entry["name"],
+            query=entry["query"],
+            text_tokens=entry["text_tokens"].to(device=device, dtype=torch.float32),
+            scale=TargetScale.from_dict(entry["target"]),
+        )
+        for entry in payload["labels"]
+    }
+    path = Path(path)
+    return LoadedCheckpoint(
+        path=path / "best.pt" if path.is_dir() else path,
+        model=model,
+        run_config=run_config,
+        provenance=payload["provenance"],
+        labels=labels,
+        step=int(payload["step"]),
+        val_srcc=dict(payload.get("val_srcc", {})),
+        device=device,
+    )
+
+
+def check_compatible(provenance: dict, store, what: str) -> None:
+    """Refuse a store whose backbone differs from the one `provenance` (of `what`) was made with.
+
+    Raises:
+        InputError: naming the first differing field.
+    """
+    problem = compatibility_problem(provenance, store.provenance)
+    if problem is not None:
+        raise InputError(
+            f"store {store.path} was embedded with another backbone than {what} ({problem}); "
+            "use a store embedded with the same model, weights and preprocessing"
+        )
+
+
+def predict(
+    loaded: LoadedCheckpoint,
+    store,
+    label: str,
+    rows: np.ndarray,
+    batch_size: int = 256,
+) -> np.ndarray:
+    """Scores of the images at `rows` of a TokenStore for the query of `label`.
+
+    The query's text tokens come from the checkpoint, so a store without that label (new images)
+    can be scored too.
+
+    Args:
+        loaded: from `load_checkpoint`.
+        store: a TokenStore embedded with the checkpoint's backbone.
+        label: one of the checkpoint's label names.
+        rows: [n] store rows to score.
+        batch_size: images per forward pass.
+
+    Returns:
+        [n] float64 scores in label units (target units for a "distance" target).
+
+    Raises:
+        InputError: unknown label, or a store from another backbone.
+    """
+    if label not in loaded.labels:
+        raise InputError(
+            f"checkpoint {loaded.path} was not trained on label {label!r}; its labels are {', '.join(loaded.labels)}"
+        )
+    check_compatible(loaded.provenance, store, f"checkpoint {loaded.path}")
+    rows = np.asarray(rows, dtype=np.int64)
+    order = np.argsort(rows, kind="stable")  # the store reads ascending rows
+    sorted_rows = rows[order]
+    entry = loaded.labels[label]
+    chunks = (
+        torch.from_numpy(np.ascontiguousarray(store.image_tokens(sorted_rows[i : i + batch_size]), dtype=np.float16))
+        for i in range(0, len(rows), batch_size)
+    )
+    scores = np.empty(len(rows), dtype=np.float64)
+    scores[order] = score_batches(loaded.model, entry.text_tokens, chunks, loaded.device)
+    return entry.scale.to_target_units(scores)
+
+
+@torch.no_grad()
+def score_batches(
+    model: RankingAdapter,
+    text_tokens: torch.Tensor,
+    image_batches: Iterable[torch.Tensor],
+    device: torch.device,
+) -> np.ndarray:
+    """Regression scores (normalised units) of image-token batches, concatenated.
+
+    Args:
+        model: the adapter; put in eval mode for the call and restored afterwards.
+        text_tokens: [L, Dt] the query's text tokens, on `device`.
+        image_batches: [n_i, P, D] image tokens per batch (any device, any float dtype).
+        device: where the model runs.
+
+    Returns:
+        [sum n_i] float64 scores.
+    """
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for tokens in image_batches:
+            tokens = tokens.to(device=device, non_blocking=True).float()  # [n, P, D]
+            with autocast(device):
+                scores = model(tokens, text_tokens, with_pairs=False).scores  # [n]
+            out.append(scores.float())
+    finally:
+        model.train(was_training)
+    if not out:
+        return np.zeros(0, dtype=np.float64)
+    return torch.cat(out).cpu().numpy().astype(np.float64)

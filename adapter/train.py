@@ -1,0 +1,328 @@
+"""Training the ranking adapter from cached tokens: the loop, validation, checkpoints, resume.
+
+One step draws a query (see features.BatchSampler), gathers a batch of its training images from the
+resident token tensor, and takes an AdamW step on the regression + pairwise loss. Loss values stay on
+the device between reports: every `train.log_every` steps they are read once, together with a
+device-side record of the first non-finite step, so the loop has no other host syncs.
+
+Every `train.eval_every` steps (and at the last) the val split is scored, SRCC per query is computed
+with scipy, and OUT/last.pt (resumable), OUT/best.pt (best mean val SRCC) and a line of
+OUT/history.jsonl are written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import scipy.stats
+import torch
+import torch.nn.functional as F
+
+from rankpipe.adapter.checkpoint import BEST, LAST, CheckpointWriter, load_resume_state, set_rng_state
+from rankpipe.adapter.features import BatchSampler, ResidentFeatures, autocast, load_features
+from rankpipe.adapter.losses import LossParts, ranking_loss
+from rankpipe.adapter.model import RankingAdapter
+from rankpipe.adapter.predict import score_batches
+from rankpipe.adapter.run_config import OptimConfig, RunConfig
+from rankpipe.errors import InputError
+from rankpipe.pipeline.manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+HISTORY = "history.jsonl"
+LOSS_PARTS = ("total", "regression", "pairwise")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the message names the step, the batch and the last good checkpoint."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainEvent:
+    """What the loop reports to its caller every `log_every` steps and after every validation."""
+
+    # Optimiser steps done.
+    step: int
+    # Steps of the whole run.
+    max_steps: int
+    # Learning rate of the last step.
+    lr: float
+    # Mean loss parts (total, regression, pairwise) since the previous report.
+    loss: dict[str, float]
+    # Validation SRCC per query when this event follows a validation, else None.
+    val_srcc: dict[str, float] | None
+    # The latest validation's mean SRCC (NaN before the first).
+    latest_mean_srcc: float
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    """How a run ended."""
+
+    # Optimiser steps done.
+    steps: int
+    # Step of the best checkpoint.
+    best_step: int
+    # Validation SRCC per query of the best checkpoint.
+    best_srcc: dict[str, float]
+    # Their mean.
+    best_mean_srcc: float
+    # OUT/best.pt.
+    best_path: Path
+    # OUT/last.pt.
+    last_path: Path
+
+
+def train_from_store(
+    store,
+    out_dir: str | Path,
+    run_config: RunConfig,
+    labels: list[str] | None = None,
+    manifest: Manifest | None = None,
+    device: str | torch.device = "cpu",
+    resume: bool = False,
+    progress: Callable[[TrainEvent], None] | None = None,
+) -> TrainResult:
+    """Train an adapter on a TokenStore's cached tokens.
+
+    Args:
+        store: an open TokenStore.
+        out_dir: where best.pt, last.pt and history.jsonl go.
+        run_config: the full run configuration.
+        labels: the queries to train together; None = every label of the store.
+        manifest: overrides the store's split roles and target transforms (same labels and queries).
+        device: "cpu" or "cuda[:i]".
+        resume: continue the run in out_dir from its last.pt.
+        progress: called with a TrainEvent at every report.
+
+    Raises:
+        InputError: an unknown label, a manifest that does not match the store, a store too large for
+            `train.max_resident_gb`, or a resume that does not match the saved run.
+        TrainingDiverged: the loss became non-finite.
+    """
+    manifest = _check_manifest(store, manifest)
+    labels = list(labels) if labels else list(store.label_names)
+    for name in labels:
+        if name not in store.label_names:
+            raise InputError(f"store {store.path} has no label {name!r}; its labels are {', '.join(store.label_names)}")
+        manifest.label(name)
+    device = torch.device(device)
+    features = load_features(store, manifest, labels, device, run_config.train.max_resident_gb)
+    return train_adapter(features, out_dir, run_config, store.provenance, device, resume, progress)
+
+
+def train_adapter(
+    features: ResidentFeatures,
+    out_dir: str | Path,
+    run_config: RunConfig,
+    provenance: dict,
+    device: str | torch.device = "cpu",
+    resume: bool = False,
+    progress: Callable[[TrainEvent], None] | None = None,
+) -> TrainResult:
+    """Train an adapter on resident features (see train_from_store for the arguments)."""
+    out_dir = Path(out_dir)
+    device = torch.device(device)
+    cfg = run_config
+    labels = [q.name for q in features.queries]
+    saved = load_resume_state(out_dir / LAST, cfg, labels, provenance, device) if resume else None
+    if saved is None and (out_dir / LAST).exists():
+        raise InputError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(cfg.train.seed)
+    model = RankingAdapter(cfg.adapter, features.image_token_dim, features.text_token_dim).to(device)
+    model.train()
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(cfg.optim, cfg.train.max_steps))
+    sizes = [len(q.train_index) for q in features.queries]
+    sampler = BatchSampler(sizes, cfg.train.batch_size, cfg.train.seed, device)
+    step, best, val_srcc = 0, None, {}
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        sampler.load_state_dict(saved["sampler"])
+        set_rng_state(saved["rng"], device)
+        step, best, val_srcc = int(saved["step"]), saved["best"], saved["val_srcc"]
+        _truncate_history(out_dir / HISTORY, step)
+        log.info("resumed %s at step %d", out_dir, step)
+
+    writer = CheckpointWriter(out_dir, cfg, features, provenance, device)
+    monitor = _LossMonitor(device, cfg.train.batch_size)
+    latest_mean = _mean(val_srcc)
+    started = time.monotonic()
+    while step < cfg.train.max_steps:
+        step += 1
+        query_index = sampler.query_for(step)
+        query = features.queries[query_index]
+        pos = sampler.sample(sizes[query_index], device)  # [B] positions in the query's train rows
+        rows = query.train_index[pos]  # [B] resident rows
+        image_tokens = features.image_tokens[rows]  # [B, P, D] fp16
+        with autocast(device):
+            output = model(image_tokens, query.text_tokens, with_pairs=True)
+        parts = ranking_loss(output, query.train_targets[pos], cfg.loss)
+        optimizer.zero_grad(set_to_none=True)
+        parts.total.backward()
+        if cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        monitor.update(step, parts, rows, query_index)
+
+        is_last = step == cfg.train.max_steps
+        is_eval = step % cfg.train.eval_every == 0 or is_last
+        if step % cfg.train.log_every == 0 or is_eval:
+            monitor.raise_if_diverged(features, writer.last_good)
+            loss = monitor.pop_means()
+            new_srcc = None
+            if is_eval:
+                new_srcc = validate(model, features, cfg.train.eval_batch_size, device)
+                val_srcc, latest_mean = new_srcc, _mean(new_srcc)
+                if best is None or _better(latest_mean, best["mean_srcc"]):
+                    best = {"step": step, "mean_srcc": latest_mean, "srcc": dict(new_srcc)}
+                    writer.save_best(model, step, new_srcc, best)
+                writer.save_last(model, step, new_srcc, best, optimizer, scheduler, sampler)
+                _append_history(
+                    out_dir / HISTORY,
+                    {
+                        "step": step, "lr": scheduler.get_last_lr()[0], "loss": loss, "val_srcc": new_srcc,
+                        "mean_val_srcc": latest_mean, "best_step": best["step"],
+                        "seconds": round(time.monotonic() - started, 3),
+                    },
+                )
+                log.info("step %d: val SRCC %s (mean %.4f)", step, new_srcc, latest_mean)
+            if progress is not None:
+                progress(TrainEvent(step, cfg.train.max_steps, scheduler.get_last_lr()[0], loss, new_srcc, latest_mean))
+
+    if best is None:
+        raise InputError(f"{out_dir}/{LAST} records no validation; the run has no best checkpoint to report")
+    return TrainResult(
+        steps=step, best_step=best["step"], best_srcc=dict(best["srcc"]), best_mean_srcc=best["mean_srcc"],
+        best_path=out_dir / BEST, last_path=out_dir / LAST,
+    )
+
+
+def validate(model: RankingAdapter, features: ResidentFeatures, batch_size: int, device: torch.device) -> dict[str, float]:
+    """Spearman correlation between the adapter's scores and the targets of each query's val images."""
+    out = {}
+    for query in features.queries:
+        batches = (features.image_tokens[chunk] for chunk in query.val_index.split(batch_size))
+        scores = score_batches(model, query.text_tokens, batches, device)
+        out[query.name] = spearman(scores, query.val_targets)
+    return out
+
+
+def spearman(prediction: np.ndarray, target: np.ndarray) -> float:
+    """scipy's Spearman correlation; NaN (without a warning) when either side is constant or non-finite."""
+    if not (np.isfinite(prediction).all() and np.isfinite(target).all()):
+        return math.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", scipy.stats.ConstantInputWarning)
+        return float(scipy.stats.spearmanr(prediction, target).statistic)
+
+
+def _lr_factor(optim: OptimConfig, max_steps: int) -> Callable[[int], float]:
+    """Multiplier of the peak lr after `done` steps: linear warm-up, then cosine down to min_lr_ratio."""
+
+    def factor(done: int) -> float:
+        if done < optim.warmup_steps:
+            return (done + 1) / optim.warmup_steps
+        progress = min(1.0, (done - optim.warmup_steps) / max(1, max_steps - optim.warmup_steps))
+        return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class _LossMonitor:
+    """Running loss sums and the first non-finite step, kept on the device until a report reads them."""
+
+    def __init__(self, device: torch.device, batch_size: int):
+        self.batch_size = batch_size
+        self.sums = torch.zeros(len(LOSS_PARTS), device=device)  # [3] sums of finite steps' loss parts
+        self.count = 0
+        self.bad_step = torch.full((), -1, dtype=torch.int64, device=device)  # first non-finite step or -1
+        self.bad_query = torch.full((), -1, dtype=torch.int64, device=device)
+        self.bad_rows = torch.full((batch_size,), -1, dtype=torch.int64, device=device)  # its rows, -1 padded
+
+    def update(self, step: int, parts: LossParts, rows: torch.Tensor, query_index: int) -> None:
+        values = torch.stack([parts.total, parts.regression, parts.pairwise]).detach().float()  # [3]
+        finite = torch.isfinite(values).all()
+        first = finite.logical_not() & (self.bad_step < 0)
+        self.bad_step = torch.where(first, step, self.bad_step)
+        self.bad_query = torch.where(first, query_index, self.bad_query)
+        padded = F.pad(rows, (0, self.batch_size - rows.shape[0]), value=-1)  # [batch_size]
+        self.bad_rows = torch.where(first, padded, self.bad_rows)
+        self.sums += torch.where(finite, values, torch.zeros_like(values))
+        self.count += 1
+
+    def raise_if_diverged(self, features: ResidentFeatures, last_good: str) -> None:
+        bad_step = int(self.bad_step)
+        if bad_step < 0:
+            return
+        rows = self.bad_rows.cpu().numpy()
+        keys = [str(k) for k in features.keys[rows[rows >= 0]]]
+        query = features.queries[int(self.bad_query)].name
+        raise TrainingDiverged(
+            f"the loss became non-finite at step {bad_step} (label {query!r}, batch keys: {', '.join(keys)}); "
+            f"training stopped, {last_good}. Lower optim.lr or check these images' features."
+        )
+
+    def pop_means(self) -> dict[str, float]:
+        means = (self.sums / max(1, self.count)).tolist()
+        self.sums.zero_()
+        self.count = 0
+        return dict(zip(LOSS_PARTS, means))
+
+
+def _check_manifest(store, manifest: Manifest | None) -> Manifest:
+    """The manifest to train with: the store's, or an override whose labels' queries match the store's."""
+    if manifest is None:
+        return store.manifest
+    for label in manifest.labels:
+        if label.name not in store.label_names:
+            raise InputError(
+                f"manifest {manifest.path or manifest.name} has label {label.name!r} that store {store.path} "
+                f"does not; its labels are {', '.join(store.label_names)}"
+            )
+        if label.query != store.query(label.name):
+            raise InputError(
+                f"manifest {manifest.path or manifest.name} asks {label.query!r} for label {label.name!r} but the "
+                f"store embedded {store.query(label.name)!r}; re-embed to change a query"
+            )
+    return manifest
+
+
+def _mean(srcc: dict[str, float]) -> float:
+    values = [v for v in srcc.values() if math.isfinite(v)]
+    return float(np.mean(values)) if values else math.nan
+
+
+def _better(new: float, old: float) -> bool:
+    """Whether mean SRCC `new` beats `old`; any finite value beats NaN."""
+    if not math.isfinite(new):
+        return False
+    return not math.isfinite(old) or new > old
+
+
+def _append_history(path: Path, record: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_history(path: Path, step: int) -> None:
+    """Drop history lines written after `step` (by a run interrupted after its last checkpoint)."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in lines))

@@ -1,0 +1,68 @@
+"""`rankpipe train`: train the ranking adapter from a token store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command("train")
+@click.option("--store", "store_path", required=True, type=click.Path(path_type=Path), help="Token store (.zarr) made by `rankpipe embed`.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run folder for best.pt, last.pt and history.jsonl.")
+@click.option("--manifest", "manifest_path", type=click.Path(dir_okay=False, path_type=Path), help="Manifest overriding the store's split roles and target transforms (same labels).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), help="YAML run config with sections adapter, loss, optim, train.")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.FIELD=VALUE", help="Override one run-config field; repeatable, e.g. --set loss.pairwise=hinge.")
+@click.option("--label", "labels", multiple=True, help="Train on this label (repeatable); default: every label of the store.")
+@click.option("--max-steps", type=click.IntRange(min=1), help="Shortcut for --set train.max_steps=N.")
+@click.option("--batch-size", type=click.IntRange(min=2), help="Shortcut for --set train.batch_size=N (images of one query per step).")
+@click.option("--device", type=click.Choice(["cuda", "cpu"]), help="Where to train; default cuda when available.")
+@click.option("--seed", type=int, help="Shortcut for --set train.seed=N.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt (same settings; --max-steps may grow).")
+def train(store_path, out_dir, manifest_path, config_path, overrides, labels, max_steps, batch_size, device, seed, resume):
+    """Train the ranking adapter on a token store's cached CLIP tokens.
+
+    Validates on the manifest's val split every train.eval_every steps and keeps the checkpoint with
+    the best mean Spearman correlation (SRCC) over the trained queries.
+    """
+    import torch
+    from tqdm import tqdm
+
+    from rankpipe.adapter.checkpoint import LAST, saved_run_config
+    from rankpipe.adapter.run_config import load_run_config
+    from rankpipe.adapter.train import TrainingDiverged, train_from_store
+    from rankpipe.pipeline.manifest import load_manifest
+    from rankpipe.pipeline.store import TokenStore
+
+    shortcuts = [f"train.{name}={value}" for name, value in (("max_steps", max_steps), ("batch_size", batch_size), ("seed", seed)) if value is not None]
+    base = saved_run_config(out_dir / LAST) if resume and (out_dir / LAST).exists() else None
+    run_config = load_run_config(config_path, [*overrides, *shortcuts], base=base)
+    store = TokenStore.open(store_path)
+    manifest = load_manifest(manifest_path) if manifest_path is not None else None
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise click.UsageError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+
+    bar = tqdm(total=run_config.train.max_steps, unit="step", dynamic_ncols=True)
+
+    def show(event) -> None:
+        bar.update(event.step - bar.n)
+        postfix = {name[:3]: f"{value:.4f}" for name, value in event.loss.items()}
+        postfix["val_srcc"] = f"{event.latest_mean_srcc:.4f}"
+        bar.set_postfix(postfix, refresh=False)
+
+    try:
+        result = train_from_store(
+            store, out_dir, run_config, labels=list(labels) or None, manifest=manifest,
+            device=device, resume=resume, progress=show,
+        )
+    except TrainingDiverged as e:
+        raise click.ClickException(str(e)) from e
+    finally:
+        bar.close()
+    per_query = ", ".join(f"{name} {value:.4f}" for name, value in result.best_srcc.items())
+    click.echo(
+        f"trained {result.steps} steps; best val SRCC at step {result.best_step}: {per_query} "
+        f"(mean {result.best_mean_srcc:.4f}); best checkpoint {result.best_path}"
+    )

@@ -1,0 +1,326 @@
+"""Training the adapter from cached tokens: learning, determinism, resume, divergence, CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from rankpipe.adapter.features import BatchSampler, load_features
+from rankpipe.adapter.run_config import load_run_config
+from rankpipe.adapter.train import TrainingDiverged, _lr_factor, spearman, train_adapter, train_from_store
+from rankpipe.cli.main import cli
+from rankpipe.errors import InputError
+from rankpipe.pipeline.backbone import TextFeatures
+from rankpipe.pipeline.manifest import LabelSpec, Manifest, SplitSpec, TargetTransform
+from rankpipe.pipeline.store import BlockMeta, StoreConfig, TokenStore, create_store, plan_store
+from rankpipe.pipeline.tars import TarInfo
+
+# Tiny adapter: every test run stays at a few seconds on two CPU cores.
+TINY = [
+    "adapter.d_model=32", "adapter.heads=4", "adapter.text_extra_tokens=4", "adapter.blocks=1",
+    "adapter.plain_layers=0", "adapter.relational_tokens=4", "adapter.pair_layers=1", "adapter.regression_layers=1",
+    "optim.lr=2e-3", "optim.warmup_steps=10", "train.batch_size=16", "train.eval_every=20", "train.log_every=5",
+]
+PROVENANCE = {
+    "model": "synthetic", "pretrained": "none", "checkpoint_sha256": None, "seed": 0, "image_size": [32, 32],
+    "preprocess": {"mean": [0.5], "std": [0.5], "interpolation": "bicubic", "resize_mode": "squash"},
+    "token_grid": [2, 2], "token_dim": 16, "embed_dim": 8, "text_token_dim": 12, "context_length": 6,
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices run fastest on one thread; several threads contend on a small shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_synthetic_store(path, n: int = 120, seed: int = 0, provenance: dict | None = None,
+                          distance_ref: float | None = None) -> TokenStore:
+    """A learnable token store of two tars written with the store API.
+
+    Label "count" is written into channel 0 of every image token and label "size" into channel 1
+    (plus noise), so an adapter can learn both; the other channels are noise. Every third row is
+    val, the rest train; one row is invalid and some "size" labels are missing.
+    """
+    rng = np.random.default_rng(seed)
+    provenance = dict(provenance or PROVENANCE)
+    P, D, L, Dt = 4, 16, 6, 12
+    labels = {"count": rng.uniform(0, 10, n).astype(np.float32), "size": rng.uniform(-1, 1, n).astype(np.float32)}
+    tokens = rng.normal(0, 1, (n, P, D))
+    tokens[:, :, 0] = (labels["count"][:, None] - 5) / 3 + rng.normal(0, 0.2, (n, P))
+    tokens[:, :, 1] = labels["size"][:, None] * 1.5 + rng.normal(0, 0.2, (n, P))
+    labels["size"][::17] = np.nan
+    valid = np.ones(n, bool)
+    valid[5] = False
+    splits = np.where(np.arange(n) % 3 == 2, "val", "train")
+    keys = np.array([f"img{i:04d}" for i in range(n)])
+    count_target = TargetTransform("distance", distance_ref) if distance_ref is not None else TargetTransform()
+    manifest = Manifest(
+        name="synthetic", shards="x-{000000..000001}.tar",
+        labels=(LabelSpec("count", "Sort images by the number of dots.", target=count_target),
+                LabelSpec("size", "Sort images by size.")),
+    )
+    texts = {
+        label.query: TextFeatures(tokens=rng.normal(0, 1, (L, Dt)).astype(np.float16), length=4 + i, embed=np.zeros(8, np.float16))
+        for i, label in enumerate(manifest.labels)
+    }
+    half = n // 2
+    plan = plan_store([TarInfo("x-000000.tar", half), TarInfo("x-000001.tar", n - half)], P * D * 2, StoreConfig())
+    store = create_store(path, plan, provenance, manifest, texts, StoreConfig())
+    for t, block in enumerate(plan.tars):
+        size = block.row_stop - block.row_start
+        src = slice(t * half, t * half + block.count)
+
+        def padded(values, fill):
+            out = np.full((size, *values.shape[1:]), fill, dtype=values.dtype)
+            out[: block.count] = values[src]
+            return out
+
+        store.write_tokens(block.row_start, padded(tokens.astype(np.float16), 0), np.zeros((size, 8), np.float16))
+        store.write_block_meta(t, BlockMeta(
+            keys=padded(keys, ""), valid=padded(valid, False), errors=np.full(size, ""), splits=padded(splits, ""),
+            labels={name: padded(values, np.nan) for name, values in labels.items()},
+        ))
+        store.mark_done(t)
+    return TokenStore.open(path)
+
+
+@pytest.fixture
+def store(tmp_path) -> TokenStore:
+    return write_synthetic_store(tmp_path / "synthetic.zarr")
+
+
+def tiny_config(*extra: str):
+    return load_run_config(None, [*TINY, *extra])
+
+
+def weights(path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["model"]
+
+
+def test_training_learns_the_synthetic_ranking(tmp_path, store):
+    untrained = train_from_store(store, tmp_path / "zero", tiny_config("train.max_steps=1", "optim.lr=1e-9"))
+    result = train_from_store(store, tmp_path / "run", tiny_config("train.max_steps=160"))
+    assert result.steps == 160
+    for name in ("count", "size"):
+        assert result.best_srcc[name] > 0.8, result.best_srcc
+        assert result.best_srcc[name] > untrained.best_srcc[name] + 0.3
+    history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == list(range(20, 161, 20))
+    assert history[-1]["loss"]["total"] < history[0]["loss"]["total"]
+    assert result.best_step == max(history, key=lambda h: h["mean_val_srcc"])["step"]
+
+
+def test_distance_target_is_learned_as_closeness(tmp_path):
+    store = write_synthetic_store(tmp_path / "distance.zarr", distance_ref=5.0)
+    result = train_from_store(store, tmp_path / "run", tiny_config("train.max_steps=160"), labels=["count"])
+    # The target is -|count - 5|: not monotone in the encoded channel, yet learnable.
+    assert result.best_srcc["count"] > 0.6, result.best_srcc
+
+
+def test_same_seed_gives_identical_weights_and_other_seed_does_not(tmp_path, store):
+    runs = {name: train_from_store(store, tmp_path / name, tiny_config("train.max_steps=12", f"train.seed={seed}"))
+            for name, seed in (("a", 0), ("b", 0), ("c", 1))}
+    a, b, c = (weights(runs[name].last_path) for name in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+@pytest.mark.parametrize("interrupt_at", [20, 40])
+def test_resume_equals_an_uninterrupted_run(tmp_path, store, interrupt_at):
+    config = tiny_config("train.max_steps=60", "adapter.dropout=0.1")
+    full = train_from_store(store, tmp_path / "full", config)
+
+    class Interrupt(Exception):
+        pass
+
+    def crash(event):
+        if event.val_srcc is not None and event.step == interrupt_at:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train_from_store(store, tmp_path / "cut", config, progress=crash)
+    assert torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["step"] == interrupt_at
+    resumed = train_from_store(store, tmp_path / "cut", config, resume=True)
+    assert resumed.steps == 60 and resumed.best_step == full.best_step
+    a, b = weights(full.last_path), weights(resumed.last_path)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "history.jsonl").read_text().splitlines()]
+    assert steps == [20, 40, 60]
+
+
+def test_resume_refuses_changed_settings_and_fresh_run_refuses_used_folder(tmp_path, store):
+    train_from_store(store, tmp_path / "run", tiny_config("train.max_steps=20"))
+    with pytest.raises(InputError, match="already holds a run"):
+        train_from_store(store, tmp_path / "run", tiny_config("train.max_steps=20"))
+    with pytest.raises(InputError, match="optim.lr"):
+        train_from_store(store, tmp_path / "run", tiny_config("train.max_steps=40", "optim.lr=1e-4"), resume=True)
+    with pytest.raises(InputError, match="labels"):
+        train_from_store(store, tmp_path / "run", tiny_config("train.max_steps=40"), labels=["size"], resume=True)
+    with pytest.raises(InputError, match="does not exist"):
+        train_from_store(store, tmp_path / "new", tiny_config(), resume=True)
+
+
+def test_resume_refuses_a_store_of_another_backbone(tmp_path, store):
+    train_from_store(store, tmp_path / "run", tiny_config("train.max_steps=20"))
+    other = write_synthetic_store(tmp_path / "other.zarr", provenance={**PROVENANCE, "model": "another"})
+    with pytest.raises(InputError, match="model"):
+        train_from_store(other, tmp_path / "run", tiny_config("train.max_steps=40"), resume=True)
+
+
+def test_huge_learning_rate_stops_before_any_checkpoint(tmp_path, store):
+    config = tiny_config("train.max_steps=40", "train.log_every=1", "optim.lr=1e30")
+    with pytest.raises(TrainingDiverged, match=r"non-finite at step \d+ .*batch keys: img.*no checkpoint was written"):
+        train_from_store(store, tmp_path / "run", config)
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+@pytest.mark.parametrize("log_every", [1, 7])
+def test_nan_features_stop_training_and_keep_the_last_good_checkpoint(tmp_path, store, log_every):
+    config = tiny_config("train.max_steps=60", f"train.log_every={log_every}")
+    features = load_features(store, store.manifest, ["count", "size"], "cpu", 1.0)
+
+    def poison(event):
+        if event.step == 20 and event.val_srcc is not None:
+            features.image_tokens[:, 1, 3] = float("nan")
+
+    with pytest.raises(TrainingDiverged) as info:
+        train_adapter(features, tmp_path / "run", config, store.provenance, progress=poison)
+    message = str(info.value)
+    # The first bad step is named even when it is only checked a few steps later.
+    assert "non-finite at step 21 " in message
+    label = message.split("label '")[1].split("'")[0]
+    keys = message.split("batch keys: ")[1].split(")")[0].split(", ")
+    assert len(keys) == 16 and set(keys) <= set(store.keys()[store.rows(["train"], label)])
+    last = tmp_path / "run" / "last.pt"
+    assert f"{last} (step 20)" in message
+    saved = torch.load(last, weights_only=True)
+    assert saved["step"] == 20
+    assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+
+
+def test_missing_label_and_unknown_label_are_input_errors(tmp_path, store):
+    with pytest.raises(InputError, match="no label 'age'"):
+        train_from_store(store, tmp_path / "run", tiny_config(), labels=["age"])
+    no_val = dataclasses.replace(store.manifest, splits=SplitSpec(val=("holdout",)))
+    with pytest.raises(InputError, match="validation image"):
+        train_from_store(store, tmp_path / "run", tiny_config(), manifest=no_val)
+    other_query = dataclasses.replace(store.manifest, labels=(LabelSpec("count", "Sort by something else."),))
+    with pytest.raises(InputError, match="re-embed"):
+        train_from_store(store, tmp_path / "run", tiny_config(), manifest=other_query)
+
+
+def test_store_larger_than_the_memory_budget_is_refused(tmp_path, store):
+    with pytest.raises(InputError, match="max_resident_gb"):
+        train_from_store(store, tmp_path / "run", tiny_config("train.max_resident_gb=1e-6"))
+
+
+def test_sampler_draws_queries_by_training_size_and_without_repeats():
+    sampler = BatchSampler([300, 100], batch_size=8, seed=3, device="cpu")
+    choices = np.array([sampler.query_for(s) for s in range(1, 4001)])
+    assert abs((choices == 0).mean() - 0.75) < 0.03
+    # The schedule is a function of (seed, step) only, so a fresh sampler agrees mid-run.
+    assert BatchSampler([300, 100], 8, 3, "cpu").query_for(3999) == choices[3998]
+    batch = sampler.sample(10, "cpu")
+    assert batch.shape == (8,) and len(set(batch.tolist())) == 8 and batch.max() < 10
+    assert sampler.sample(5, "cpu").shape == (5,)
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    config = load_run_config(None, ["optim.warmup_steps=10", "optim.min_lr_ratio=0.1"])
+    factor = _lr_factor(config.optim, max_steps=110)
+    assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
+    assert factor(10) == pytest.approx(1.0) and factor(60) == pytest.approx(0.55)
+    assert factor(110) == pytest.approx(0.1) and factor(500) == pytest.approx(0.1)
+    values = [factor(s) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+@pytest.mark.parametrize(
+    "prediction,target",
+    [([1, 2, 3, 4], [1, 3, 2, 5]), ([1, 1, 2, 3], [4, 3, 3, 1]), ([0.5, 0.1, 0.9], [2, 2, 2])],
+)
+def test_spearman_matches_scipy_and_is_nan_on_constant_input(prediction, target):
+    from scipy.stats import spearmanr
+
+    expected = spearmanr(prediction, target).statistic
+    got = spearman(np.array(prediction, float), np.array(target, float))
+    assert (np.isnan(expected) and np.isnan(got)) or got == pytest.approx(expected)
+
+
+def test_cli_train_help():
+    result = CliRunner().invoke(cli, ["train", "--help"])
+    assert result.exit_code == 0
+    for option in ("--store", "--out", "--set", "--resume", "--max-steps", "--label"):
+        assert option in result.output
+
+
+def test_cli_bad_override_exits_2(tmp_path):
+    result = CliRunner().invoke(cli, ["train", "--store", str(tmp_path / "none.zarr"), "--out", str(tmp_path / "r"), "--set", "optim.nope=1"])
+    assert result.exit_code == 2
+    assert "optim.nope" in result.output
+
+
+def test_cli_trains_resumes_and_predicts_on_tiny_store(tiny_store, tmp_path):
+    from rankpipe.adapter.predict import load_checkpoint, predict
+    from rankpipe.adapter.train import spearman
+
+    out = tmp_path / "run"
+    common = ["train", "--store", str(tiny_store), "--out", str(out), "--device", "cpu", "--batch-size", "8",
+              *[arg for item in TINY for arg in ("--set", item)], "--set", "train.eval_every=4"]
+    result = CliRunner().invoke(cli, [*common, "--max-steps", "8"])
+    assert result.exit_code == 0, result.output
+    assert "trained 8 steps" in result.output and f"best checkpoint {out / 'best.pt'}" in result.output
+    assert "squares" in result.output and "brightness" in result.output
+    resumed = CliRunner().invoke(cli, [*common, "--max-steps", "12", "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "trained 12 steps" in resumed.output
+    assert [json.loads(line)["step"] for line in (out / "history.jsonl").read_text().splitlines()] == [4, 8, 12]
+
+    store = TokenStore.open(tiny_store)
+    loaded = load_checkpoint(out / "best.pt")
+    rows = store.rows(["val"], label="brightness")
+    scores = predict(loaded, store, "brightness", rows)
+    assert scores.shape == rows.shape and np.isfinite(scores).all()
+    assert spearman(scores, store.label("brightness")[rows]) == pytest.approx(loaded.val_srcc["brightness"], abs=1e-12)
+
+
+def test_cli_divergence_exits_nonzero_with_the_step(tiny_store, tmp_path):
+    args = ["train", "--store", str(tiny_store), "--out", str(tmp_path / "run"), "--device", "cpu",
+            *[arg for item in TINY for arg in ("--set", item)], "--set", "optim.lr=1e30", "--set", "train.log_every=1",
+            "--max-steps", "6", "--batch-size", "8"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1, result.output
+    assert "non-finite at step" in result.output and "Traceback" not in result.output
+
+
+def test_cli_missing_store_exits_2(tmp_path):
+    result = CliRunner().invoke(cli, ["train", "--store", str(tmp_path / "none.zarr"), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2
+    assert "does not exist" in result.output
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_training_learns_and_its_checkpoint_loads_on_cpu(tmp_path, store):
+    from rankpipe.adapter.predict import load_checkpoint, predict
+
+    result = train_from_store(store, tmp_path / "run", tiny_config("train.max_steps=160"), device="cuda")
+    assert min(result.best_srcc.values()) > 0.8, result.best_srcc
+    loaded = load_checkpoint(result.best_path, device="cpu")
+    rows = store.rows(["val"], label="count")
+    # bf16 on the GPU vs fp32 on the CPU: the same ranking up to rounding.
+    assert spearman(predict(loaded, store, "count", rows), store.label("count")[rows]) == pytest.approx(
+        result.best_srcc["count"], abs=0.03
+    )
+    with pytest.raises(InputError, match="--device cuda"):
+        train_from_store(store, tmp_path / "run", tiny_config("train.max_steps=170"), device="cpu", resume=True)
+    resumed = train_from_store(store, tmp_path / "run", tiny_config("train.max_steps=170"), device="cuda", resume=True)
+    assert resumed.steps == 170
