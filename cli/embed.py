@@ -1,0 +1,55 @@
+"""`rankpipe embed`: run the frozen CLIP over tars and cache its tokens in a Zarr store."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+
+@click.command()
+@click.argument("source", metavar="MANIFEST_OR_SHARD_PATTERN")
+@click.option("--store", "store_path", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Zarr store folder to create or resume, e.g. feats/x.zarr.")
+@click.option("--model", required=True, help="open_clip model name, e.g. ViT-B-16 (rankpipe-tiny-vit for tests).")
+@click.option("--pretrained", default="none", show_default=True,
+              help="open_clip pretrained tag (e.g. openai), a local checkpoint file, or 'none' for random weights.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random weights (--pretrained none).")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda (cuda decodes JPEGs on the GPU).")
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1), help="Images per forward pass.")
+@click.option("--workers", default=min(8, os.cpu_count() or 1), show_default=True, type=click.IntRange(min=0),
+              help="Decoding processes, each reading one tar at a time (0: decode in the main process).")
+@click.option("--mode", default="incremental", show_default=True, type=click.Choice(["incremental", "overwrite"]),
+              help="incremental: resume a store made from the same inputs; overwrite: replace it.")
+@click.option("--compress", is_flag=True, help="zstd-compress the arrays (fp16 features barely compress).")
+@click.option("--label", "labels", multiple=True,
+              help="Label name in the samples' json; only with a bare shard pattern; pair each with --query.")
+@click.option("--query", "queries", multiple=True, help="The sentence that ranks by the matching --label.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def embed(source: str, store_path: Path, model: str, pretrained: str, seed: int, device: str, batch_size: int,
+          workers: int, mode: str, compress: bool, labels: tuple[str, ...], queries: tuple[str, ...],
+          no_progress: bool) -> None:
+    """Run the frozen CLIP over every tar of MANIFEST_OR_SHARD_PATTERN and cache its tokens in --store.
+
+    MANIFEST_OR_SHARD_PATTERN is a manifest YAML file, or a brace pattern of tars
+    ('shards/x-{000000..000009}.tar') together with --label/--query pairs. Rerunning resumes an
+    unfinished store; a finished one is left as it is.
+    """
+    from rankpipe.pipeline.backbone import BackboneSpec
+    from rankpipe.pipeline.embed import embed as run_embed
+    from rankpipe.pipeline.embed import manifest_for_pattern
+    from rankpipe.pipeline.manifest import load_manifest
+
+    if len(labels) != len(queries):
+        raise click.UsageError("give one --query for each --label")
+    if source.endswith((".yaml", ".yml")):
+        if labels:
+            raise click.UsageError("--label/--query are only for a bare shard pattern; a manifest names its labels")
+        manifest = load_manifest(source)
+    else:
+        manifest = manifest_for_pattern(source, list(zip(labels, queries)))
+    summary = run_embed(manifest, store_path, BackboneSpec(model, pretrained, seed), device=device,
+                        batch_size=batch_size, workers=workers, mode=mode, compress=compress,
+                        progress=not no_progress)
+    click.echo(summary.line())

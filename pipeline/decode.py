@@ -1,0 +1,254 @@
+"""Reading tars into batches of images for the backbone, in DataLoader worker processes.
+
+Each worker streams whole tars (one at a time) with webdataset, so every batch belongs to one tar and
+covers a contiguous run of its samples. A batch carries the per-sample metadata of that run (key,
+split, labels, or why the sample is unusable) plus the usable images, either decoded and
+preprocessed on the CPU, or as raw JPEG bytes for decoding on the GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import math
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+from rankpipe.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+# Image entries looked for in a sample, in order of preference.
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+_JPEG_EXTENSIONS = ("jpg", "jpeg")
+
+
+@dataclasses.dataclass(frozen=True)
+class TarTask:
+    """One tar for a worker to read."""
+
+    # Index of the tar in the store.
+    index: int
+    # Where webdataset reads it from.
+    url: str
+    # Samples the store allocated for it.
+    count: int
+
+
+@dataclasses.dataclass
+class DecodedBatch:
+    """A contiguous run of samples of one tar and the usable images among them."""
+
+    # Index of the tar in the store.
+    tar: int
+    # Position (within the tar) of the first sample of the run.
+    start: int
+    # Per sample of the run: key, split value, and why it is unusable ("" when usable).
+    keys: list[str]
+    splits: list[str]
+    errors: list[str]
+    # [n, n_labels] float32 raw labels, NaN where missing.
+    labels: np.ndarray
+    # [k, 3, H, W] float32 images decoded on the CPU, and their positions within the tar.
+    images: torch.Tensor | None
+    image_positions: np.ndarray
+    # Raw JPEG files left for GPU decoding, concatenated into one uint8 tensor (one shared-memory
+    # transfer per batch instead of one per file), their [k + 1] byte offsets, and their positions.
+    jpeg_bytes: torch.Tensor
+    jpeg_offsets: np.ndarray
+    jpeg_positions: np.ndarray
+    # True on a tar's final batch.
+    last: bool = False
+    # On the final batch: the error that ended the tar early ("" when it was read to its end).
+    tar_error: str = ""
+
+    @property
+    def num_images(self) -> int:
+        return len(self.image_positions) + len(self.jpeg_positions)
+
+    def jpegs(self) -> list[torch.Tensor]:
+        """The JPEG files as 1-D uint8 views into jpeg_bytes."""
+        o = self.jpeg_offsets
+        return [self.jpeg_bytes[o[i]:o[i + 1]] for i in range(len(self.jpeg_positions))]
+
+    def pin_memory(self) -> "DecodedBatch":
+        # Called by the DataLoader's pinning thread when pin_memory=True.
+        if self.images is not None:
+            self.images = self.images.pin_memory()
+        return self
+
+
+class TarBatches(torch.utils.data.IterableDataset):
+    """Batches of decoded samples from a list of tars; each worker reads every num_workers-th tar."""
+
+    def __init__(self, tasks: Sequence[TarTask], label_names: Sequence[str], batch_size: int,
+                 preprocess: Callable[[Image.Image], torch.Tensor], jpeg_on_gpu: bool) -> None:
+        """
+        Args:
+            tasks: the tars to read, in order.
+            label_names: labels to read from each sample's json, in store order.
+            batch_size: usable images per batch (the last batch of a tar may hold fewer).
+            preprocess: PIL image -> [3, H, W] tensor (the backbone's eval transform).
+            jpeg_on_gpu: leave JPEGs undecoded for the GPU; other formats are still decoded here.
+        """
+        super().__init__()
+        self.tasks = list(tasks)
+        self.label_names = list(label_names)
+        self.batch_size = batch_size
+        self.preprocess = preprocess
+        self.jpeg_on_gpu = jpeg_on_gpu
+
+    def __iter__(self) -> Iterator[DecodedBatch]:
+        info = torch.utils.data.get_worker_info()
+        mine = self.tasks if info is None else self.tasks[info.id::info.num_workers]
+        for task in mine:
+            yield from self.read_tar(task)
+
+    def read_tar(self, task: TarTask) -> Iterator[DecodedBatch]:
+        """Batches of one tar; the last has last=True and names any read error that cut it short."""
+        tar_errors: list[str] = []
+
+        def record(exn: Exception) -> bool:
+            # A damaged tar ends its stream; the samples read so far are kept.
+            tar_errors.append(f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}")
+            logger.warning("reading %s: %s", task.url, tar_errors[-1])
+            return True
+
+        samples = wds.WebDataset(task.url, shardshuffle=False, handler=record, nodesplitter=None,
+                                 workersplitter=None, empty_check=False)
+        builder = _BatchBuilder(task.index, 0, len(self.label_names))
+        position = 0
+        for position, sample in enumerate(samples):
+            if position >= task.count:
+                raise InputError(f"{task.url} holds more than the {task.count} samples its index.json "
+                                 f"lists; fix or delete the index.json and embed again with --mode overwrite")
+            self._add_sample(builder, position, sample)
+            if builder.num_images >= self.batch_size:
+                yield builder.build()
+                builder = _BatchBuilder(task.index, position + 1, len(self.label_names))
+        batch = builder.build()
+        batch.last = True
+        batch.tar_error = tar_errors[-1] if tar_errors else ""
+        yield batch
+
+    def _add_sample(self, builder: "_BatchBuilder", position: int, sample: dict[str, Any]) -> None:
+        key = str(sample.get("__key__", ""))
+        split, labels, error = parse_json(sample.get("json"), self.label_names)
+        ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+        if not error and ext is None:
+            error = f"no image (expected one of {', '.join(IMAGE_EXTENSIONS)})"
+        if error:
+            builder.add_meta(key, split, labels, error)
+            return
+        data = sample[ext]
+        if self.jpeg_on_gpu and ext in _JPEG_EXTENSIONS and _is_gpu_decodable_jpeg(data):
+            builder.add_meta(key, split, labels, "")
+            builder.add_jpeg(position, data)
+            return
+        try:
+            image = decode_image(data, self.preprocess)
+        except Exception as e:  # PIL raises many types for damaged files; the reason is kept per row
+            builder.add_meta(key, split, labels, f"unreadable image: {type(e).__name__}: {e}")
+            return
+        builder.add_meta(key, split, labels, "")
+        builder.add_image(position, image)
+
+
+def decode_image(data: bytes, preprocess: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:
+    """Encoded image bytes -> [3, H, W] preprocessed tensor (fully decodes, so truncation raises)."""
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        return preprocess(image.convert("RGB"))
+
+
+def parse_json(data: bytes | None, label_names: Sequence[str]) -> tuple[str, np.ndarray, str]:
+    """A sample's json -> (split value, [n_labels] float32 labels with NaN for missing, error or "").
+
+    A sample is unusable when its json is missing or unreadable, a label value is not a number, or
+    it has none of the labels; a sample that lacks only some labels keeps NaN for those.
+    """
+    labels = np.full(len(label_names), np.nan, dtype=np.float32)
+    if data is None:
+        return "", labels, "missing json"
+    try:
+        meta = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        return "", labels, f"unreadable json: {e}"
+    if not isinstance(meta, dict) or not isinstance(meta.get("labels"), dict):
+        return "", labels, "json has no 'labels' object"
+    split = meta.get("split", "")
+    if not isinstance(split, str):
+        return "", labels, f"split is not a string: {split!r}"
+    values = meta["labels"]
+    for i, name in enumerate(label_names):
+        value = values.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(float(value)):
+            return split, labels, f"label {name!r} is not a number: {value!r}"
+        labels[i] = float(value)
+    if np.isnan(labels).all():
+        return split, labels, f"no value for any label ({', '.join(label_names)})"
+    return split, labels, ""
+
+
+def _is_gpu_decodable_jpeg(data: bytes) -> bool:
+    # Reads only the header: nvjpeg handles baseline/progressive RGB and greyscale JPEGs;
+    # CMYK and anything PIL cannot identify go through the CPU path (which records the error).
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.format == "JPEG" and image.mode in ("RGB", "L")
+    except Exception:
+        return False
+
+
+class _BatchBuilder:
+    """Collects one batch's samples."""
+
+    def __init__(self, tar: int, start: int, num_labels: int) -> None:
+        self.tar, self.start, self.num_labels = tar, start, num_labels
+        self.keys: list[str] = []
+        self.splits: list[str] = []
+        self.errors: list[str] = []
+        self.labels: list[np.ndarray] = []
+        self.images: list[torch.Tensor] = []
+        self.image_positions: list[int] = []
+        self.jpegs: list[bytes] = []
+        self.jpeg_positions: list[int] = []
+
+    @property
+    def num_images(self) -> int:
+        return len(self.images) + len(self.jpegs)
+
+    def add_meta(self, key: str, split: str, labels: np.ndarray, error: str) -> None:
+        self.keys.append(key)
+        self.splits.append(split)
+        self.labels.append(labels)
+        self.errors.append(error)
+
+    def add_image(self, position: int, image: torch.Tensor) -> None:
+        self.images.append(image)
+        self.image_positions.append(position)
+
+    def add_jpeg(self, position: int, data: bytes) -> None:
+        self.jpegs.append(data)
+        self.jpeg_positions.append(position)
+
+    def build(self) -> DecodedBatch:
+        labels = np.stack(self.labels) if self.labels else np.zeros((0, self.num_labels), np.float32)
+        return DecodedBatch(
+            tar=self.tar, start=self.start, keys=self.keys, splits=self.splits, errors=self.errors,
+            labels=labels,  # [n, n_labels]
+            images=torch.stack(self.images) if self.images else None,  # [k, 3, H, W]
+            image_positions=np.asarray(self.image_positions, dtype=np.int64),
+            jpeg_bytes=torch.frombuffer(bytearray(b"".join(self.jpegs)), dtype=torch.uint8) if self.jpegs
+            else torch.zeros(0, dtype=torch.uint8),
+            jpeg_offsets=np.cumsum([0] + [len(data) for data in self.jpegs]),
+            jpeg_positions=np.asarray(self.jpeg_positions, dtype=np.int64),
+        )

@@ -1,0 +1,366 @@
+"""The Zarr v3 token store (layout and contract in docs/store.md): allocation, per-tar writes, reading.
+
+Every input tar owns the rows `row_start:row_stop`, a whole number of Zarr shards, so writers of
+different tars never touch the same file. A tar's rows are written first and its `done` flag last,
+which makes `done` the resume point of an interrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import zarr
+from zarr.codecs import ZstdCodec
+
+from rankpipe.errors import InputError
+from rankpipe.pipeline.backbone import TextFeatures
+from rankpipe.pipeline.manifest import Manifest, ManifestError, manifest_from_dict
+from rankpipe.pipeline.tars import TarInfo
+
+__all__ = ["StoreConfig", "StorePlan", "TarBlock", "BlockMeta", "TokenStore", "TextFeatures", "plan_store",
+           "create_store", "prompt_id"]
+
+STORE_FORMAT = 1
+TOKEN_DTYPE = np.float16
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreConfig:
+    """How the store's arrays are cut into files."""
+
+    # Target bytes of image tokens per Zarr chunk; reads are fastest from chunks of 1 MB or more.
+    chunk_bytes: int = 1 << 20
+    # Target bytes of image tokens per Zarr shard (one file); each tar owns a whole number of them.
+    shard_bytes: int = 64 << 20
+    # zstd-compress every array; off by default because fp16 CLIP features barely compress.
+    compress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.chunk_bytes <= 0 or self.shard_bytes < self.chunk_bytes:
+            raise ValueError(f"need 0 < chunk_bytes <= shard_bytes, got {self.chunk_bytes}, {self.shard_bytes}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TarBlock:
+    """A tar and the rows it owns."""
+
+    # Where the tar is read from.
+    url: str
+    # Samples in the tar; rows count..row_stop-row_start are padding.
+    count: int
+    # First row of the block.
+    row_start: int
+    # One past the last row; row_stop - row_start is a multiple of the shard rows.
+    row_stop: int
+
+
+@dataclasses.dataclass(frozen=True)
+class StorePlan:
+    """Row allocation of a store."""
+
+    # One block per input tar, in input order.
+    tars: tuple[TarBlock, ...]
+    # Rows per Zarr chunk of image/tokens.
+    chunk_rows: int
+    # Rows per Zarr shard of image/tokens (a multiple of chunk_rows); also the chunk of the per-row arrays.
+    shard_rows: int
+
+    @property
+    def num_rows(self) -> int:
+        return self.tars[-1].row_stop if self.tars else 0
+
+
+@dataclasses.dataclass
+class BlockMeta:
+    """The per-row arrays of one tar's block, each of length row_stop - row_start."""
+
+    # WebDataset __key__ ("" on padding rows).
+    keys: np.ndarray
+    # True where the row holds an embedded image.
+    valid: np.ndarray
+    # Why a row is invalid ("" when valid).
+    errors: np.ndarray
+    # The sample's split value ("" when it has none).
+    splits: np.ndarray
+    # Raw label values by label name, NaN when missing.
+    labels: dict[str, np.ndarray]
+
+
+def plan_store(tars: Sequence[TarInfo], bytes_per_row: int, config: StoreConfig) -> StorePlan:
+    """Allocate rows: chunks of about config.chunk_bytes, shards that split the largest tar evenly.
+
+    Args:
+        tars: the input tars with their sample counts.
+        bytes_per_row: bytes of image tokens per image (P * D * 2).
+        config: target chunk and shard sizes.
+    """
+    largest = max([tar.count for tar in tars] + [1])
+    chunk_rows = max(1, min(math.ceil(config.chunk_bytes / bytes_per_row), largest))
+    shards_per_tar = max(1, math.ceil(largest * bytes_per_row / config.shard_bytes))
+    shard_rows = _round_up(math.ceil(largest / shards_per_tar), chunk_rows)
+    blocks, row = [], 0
+    for tar in tars:
+        rows = _round_up(tar.count, shard_rows)
+        blocks.append(TarBlock(tar.url, tar.count, row, row + rows))
+        row += rows
+    return StorePlan(tuple(blocks), chunk_rows, shard_rows)
+
+
+def prompt_id(prompt: str) -> str:
+    """A stable, path-safe id for a prompt (the name of its text/ group)."""
+    return "p" + hashlib.sha256(prompt.encode()).hexdigest()[:12]
+
+
+def create_store(path: str | Path, plan: StorePlan, provenance: dict[str, Any], manifest: Manifest,
+                 texts: dict[str, TextFeatures], config: StoreConfig) -> "TokenStore":
+    """Create an empty store with every array allocated, the text features written and no tar done.
+
+    Args:
+        path: the store folder (replaced if it exists).
+        plan: row allocation from plan_store.
+        provenance: the backbone's provenance record.
+        manifest: the dataset; its labels name the label arrays and their queries.
+        texts: text features by query sentence, one per unique query of the manifest.
+        config: chunking and compression.
+    """
+    path = Path(path)
+    if path.exists():
+        shutil.rmtree(path)
+    root = zarr.open_group(path, mode="w")
+    compressors = (ZstdCodec(level=3),) if config.compress else None
+    N, S = plan.num_rows, plan.shard_rows
+    P = provenance["token_grid"][0] * provenance["token_grid"][1]
+    D, E = provenance["token_dim"], provenance["embed_dim"]
+
+    def rows_array(name: str, dtype: Any, fill: Any) -> None:
+        # Per-row arrays: one chunk per shard of rows, so a tar's block is whole files here too.
+        root.create_array(name, shape=(N,), chunks=(S,), dtype=dtype, fill_value=fill, compressors=compressors)
+
+    root.create_array("image/tokens", shape=(N, P, D), chunks=(plan.chunk_rows, P, D), shards=(S, P, D),
+                      dtype=TOKEN_DTYPE, fill_value=0, compressors=compressors)
+    root.create_array("image/embed", shape=(N, E), chunks=(S, E), dtype=TOKEN_DTYPE, fill_value=0,
+                      compressors=compressors)
+    rows_array("image/key", str, "")
+    rows_array("image/valid", bool, False)
+    rows_array("image/error", str, "")
+    rows_array("image/tar", np.int32, -1)
+    rows_array("image/split", str, "")
+    for label in manifest.labels:
+        rows_array(f"label/{label.name}", np.float32, np.nan)
+    # One chunk per tar: parallel writers of different tars never share a done file.
+    T = len(plan.tars)
+    root.create_array("done", shape=(T,), chunks=(1,), dtype=bool, fill_value=False, compressors=compressors)
+    for prompt, features in texts.items():
+        group = root.create_group(f"text/{prompt_id(prompt)}")
+        group.attrs.update({"prompt": prompt, "length": int(features.length)})
+        group.create_array("tokens", data=features.tokens.astype(TOKEN_DTYPE), compressors=compressors)
+        group.create_array("embed", data=features.embed.astype(TOKEN_DTYPE), compressors=compressors)
+    # The format marker goes last: a folder without it is an interrupted creation, not a store.
+    root.attrs.update({
+        "provenance": provenance,
+        "manifest": manifest.to_dict(),
+        "tars": [dataclasses.asdict(block) for block in plan.tars],
+        "labels": {label.name: {"query": label.query, "prompt_id": prompt_id(label.query)} for label in manifest.labels},
+        "chunk_rows": plan.chunk_rows,
+        "shard_rows": plan.shard_rows,
+        "rankpipe_store": STORE_FORMAT,
+    })
+    return TokenStore.open(path, allow_incomplete=True, writable=True)
+
+
+class TokenStore:
+    """A rankpipe token store: the read API used by training and evaluation, and the per-tar writer side."""
+
+    def __init__(self, path: Path, root: zarr.Group) -> None:
+        self.path = path
+        self._root = root
+        attrs = dict(root.attrs)
+        self.provenance: dict[str, Any] = attrs["provenance"]
+        self._manifest_dict: dict[str, Any] = attrs["manifest"]
+        self._labels: dict[str, dict[str, str]] = attrs["labels"]
+        self.blocks: tuple[TarBlock, ...] = tuple(TarBlock(**block) for block in attrs["tars"])
+        self.chunk_rows: int = attrs["chunk_rows"]
+        self.shard_rows: int = attrs["shard_rows"]
+        self.label_names: list[str] = list(self._labels)
+        self.num_rows: int = root["image/valid"].shape[0]
+        try:
+            self.manifest: Manifest = manifest_from_dict(self._manifest_dict)
+        except ManifestError as e:
+            raise InputError(f"store {path} carries a malformed manifest ({e}); embed it again with --mode overwrite") from e
+
+    @classmethod
+    def open(cls, path: str | Path, *, allow_incomplete: bool = False, writable: bool = False) -> "TokenStore":
+        """Open a finished store.
+
+        Args:
+            path: the store folder.
+            allow_incomplete: also open a store whose tars are not all embedded (the embed job does).
+            writable: open for writing (the embed job only).
+
+        Raises:
+            InputError: missing, not a rankpipe store, or unfinished (the message lists the missing tars).
+        """
+        path = Path(path)
+        if not (path / "zarr.json").is_file():
+            raise InputError(f"store {path} does not exist; create it with rankpipe embed")
+        try:
+            root = zarr.open_group(path, mode="r+" if writable else "r")
+        except Exception as e:  # zarr raises several types for an unreadable group
+            raise InputError(f"{path} is not a readable Zarr store ({e}); embed it again with --mode overwrite") from e
+        fmt = root.attrs.get("rankpipe_store")
+        if fmt is None:
+            raise InputError(f"{path} is not a rankpipe store (or its creation was interrupted); "
+                             f"embed it again with --mode overwrite or choose another --store path")
+        if fmt != STORE_FORMAT:
+            raise InputError(f"store {path} has format {fmt}, this rankpipe reads format {STORE_FORMAT}; embed it again")
+        store = cls(path, root)
+        if not allow_incomplete and not store.is_complete:
+            missing = store.missing_tars()
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise InputError(f"store {path} is unfinished: {len(missing)} tar(s) not embedded yet ({shown}); "
+                             f"rerun rankpipe embed with the same arguments to finish it")
+        return store
+
+    # --- completion -----------------------------------------------------------------------------------
+
+    def done(self) -> np.ndarray:
+        """[T] bool: which tars are finished."""
+        return np.asarray(self._root["done"][:], dtype=bool)
+
+    @property
+    def is_complete(self) -> bool:
+        return bool(self.done().all())
+
+    def missing_tars(self) -> list[str]:
+        """URLs of the tars not yet embedded."""
+        return [block.url for block, done in zip(self.blocks, self.done()) if not done]
+
+    @property
+    def compressed(self) -> bool:
+        """Whether the arrays were created with a compressor (--compress)."""
+        return bool(self._root["image/embed"].compressors)
+
+    # --- read API -------------------------------------------------------------------------------------
+
+    def keys(self) -> np.ndarray:
+        """[N] str: WebDataset keys ("" on padding rows)."""
+        return self._strings("image/key")
+
+    def valid(self) -> np.ndarray:
+        """[N] bool: rows that hold an embedded image."""
+        return np.asarray(self._root["image/valid"][:], dtype=bool)
+
+    def errors(self) -> np.ndarray:
+        """[N] str: why each row is invalid ("" when valid)."""
+        return self._strings("image/error")
+
+    def splits(self) -> np.ndarray:
+        """[N] str: each row's split value."""
+        return self._strings("image/split")
+
+    def tar_index(self) -> np.ndarray:
+        """[N] int32: index of each row's tar in tar_urls() (-1 on padding rows)."""
+        return np.asarray(self._root["image/tar"][:])
+
+    def label(self, name: str) -> np.ndarray:
+        """[N] float32 raw label values, NaN where missing."""
+        self._check_label(name)
+        return np.asarray(self._root[f"label/{name}"][:], dtype=np.float32)
+
+    def query(self, name: str) -> str:
+        """The ranking sentence of a label."""
+        self._check_label(name)
+        return self._labels[name]["query"]
+
+    def text(self, name: str) -> TextFeatures:
+        """Text-tower features of a label's query."""
+        self._check_label(name)
+        group = self._root[f"text/{self._labels[name]['prompt_id']}"]
+        return TextFeatures(tokens=np.asarray(group["tokens"][:]), length=int(group.attrs["length"]),
+                            embed=np.asarray(group["embed"][:]))
+
+    def image_tokens(self, rows: slice | np.ndarray) -> np.ndarray:
+        """[n, P, D] float16 patch tokens of a slice or sorted row indices."""
+        return self._select("image/tokens", rows)
+
+    def image_embed(self, rows: slice | np.ndarray) -> np.ndarray:
+        """[n, E] float16 pooled image embeddings of a slice or sorted row indices."""
+        return self._select("image/embed", rows)
+
+    def rows(self, split_values: Sequence[str] | None = None, label: str | None = None) -> np.ndarray:
+        """Valid rows (int64, ascending), optionally only those in `split_values` and with a finite `label`."""
+        keep = self.valid()
+        if split_values is not None:
+            keep &= np.isin(self.splits(), np.asarray(list(split_values), dtype=str))
+        if label is not None:
+            keep &= np.isfinite(self.label(label))
+        return np.flatnonzero(keep).astype(np.int64)
+
+    def tar_urls(self) -> list[str]:
+        """The input tars, in row order."""
+        return [block.url for block in self.blocks]
+
+    def row_blocks(self) -> list[tuple[int, int]]:
+        """(row_start, row_stop) of each tar, for streaming shard by shard."""
+        return [(block.row_start, block.row_stop) for block in self.blocks]
+
+    # --- writer side ----------------------------------------------------------------------------------
+
+    def write_tokens(self, row_start: int, tokens: np.ndarray, embed: np.ndarray) -> None:
+        """Write whole shards of rows: tokens [n, P, D] and embed [n, E], n a multiple of shard_rows."""
+        n = tokens.shape[0]
+        if row_start % self.shard_rows or n % self.shard_rows:
+            raise ValueError(f"rows {row_start}:{row_start + n} are not whole shards of {self.shard_rows} rows")
+        for name, values in (("image/tokens", tokens), ("image/embed", embed)):
+            # Whole shards are written as they are: skipping the per-chunk "all fill value?" scan
+            # makes writes about 2.5x faster, and a redone shard still replaces every byte.
+            array = self._root[name].with_config({"write_empty_chunks": True})
+            array[row_start:row_start + n] = values
+
+    def write_block_meta(self, t: int, meta: BlockMeta) -> None:
+        """Write the per-row arrays of tar t's block."""
+        block = self.blocks[t]
+        rows = slice(block.row_start, block.row_stop)
+        n = block.row_stop - block.row_start
+        tar = np.full(n, -1, dtype=np.int32)
+        tar[:block.count] = t
+        self._root["image/key"][rows] = np.asarray(meta.keys, dtype=str)
+        self._root["image/valid"][rows] = np.asarray(meta.valid, dtype=bool)
+        self._root["image/error"][rows] = np.asarray(meta.errors, dtype=str)
+        self._root["image/tar"][rows] = tar
+        self._root["image/split"][rows] = np.asarray(meta.splits, dtype=str)
+        for name in self.label_names:
+            self._root[f"label/{name}"][rows] = meta.labels[name]
+
+    def mark_done(self, t: int) -> None:
+        """Record tar t as finished; called after all its rows are written."""
+        self._root["done"][t] = True
+
+    # --- helpers --------------------------------------------------------------------------------------
+
+    def _check_label(self, name: str) -> None:
+        if name not in self._labels:
+            raise InputError(f"store {self.path} has no label {name!r}; its labels are: {', '.join(self.label_names)}")
+
+    def _strings(self, name: str) -> np.ndarray:
+        # zarr returns numpy's variable-width StringDType; fixed-width str is what numpy code expects.
+        return np.array(self._root[name][:].tolist(), dtype=str)
+
+    def _select(self, name: str, rows: slice | np.ndarray) -> np.ndarray:
+        array = self._root[name]
+        if isinstance(rows, slice):
+            return np.asarray(array[rows])
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and np.any(np.diff(rows) < 0):
+            raise ValueError("row indices must be sorted ascending")
+        return np.asarray(array.oindex[rows])
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple

@@ -1,0 +1,88 @@
+"""The input tars of an embed run and how many samples each holds.
+
+The store allocates every tar's rows before any image is decoded, so the sample counts are needed
+up front. A shard folder's `index.json` ({"tars": [{"name", "count"}], "total"}) gives them for free;
+otherwise they are counted from tar member headers, which reads no image data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+import tarfile
+from pathlib import Path
+
+from webdataset.tariterators import base_plus_ext
+
+from rankpipe.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+INDEX_FILE = "index.json"
+# webdataset skips members named like "__key__" or "__meta__/..." when it groups samples.
+_WDS_META = re.compile(r"__[^/]*__($|/)")
+
+
+@dataclasses.dataclass(frozen=True)
+class TarInfo:
+    """One input tar."""
+
+    # Where webdataset reads it from (a local path for counted tars).
+    url: str
+    # Samples in the tar (consecutive members sharing a key).
+    count: int
+
+
+def list_tars(urls: list[str]) -> list[TarInfo]:
+    """Sample counts for the tars, from index.json where present, else by reading member headers.
+
+    Raises:
+        InputError: a tar is missing, unreadable, or remote without an index.json.
+    """
+    if not urls:
+        raise InputError("the shard pattern expands to no tars; check the manifest's 'shards' field")
+    indexes: dict[Path, dict[str, int]] = {}
+    tars = []
+    for url in urls:
+        path = Path(url)
+        index = indexes.setdefault(path.parent, _read_index(path.parent))
+        if path.name in index:
+            tars.append(TarInfo(url, index[path.name]))
+        elif "://" in url or url.startswith("pipe:"):
+            raise InputError(f"cannot count the samples of remote tar {url}; put an {INDEX_FILE} beside it")
+        else:
+            tars.append(TarInfo(url, count_samples(path)))
+    return tars
+
+
+def count_samples(path: Path) -> int:
+    """Samples in a local tar, grouped the way webdataset groups them; a truncated tar counts its readable part."""
+    if not path.is_file():
+        raise InputError(f"tar {path} does not exist; check the shard pattern")
+    count, previous = 0, None
+    try:
+        with tarfile.open(path, "r:") as archive:
+            for member in archive:
+                if not member.isreg() or _WDS_META.match(member.name):
+                    continue
+                key, _ = base_plus_ext(member.name)
+                if key is not None and key != previous:
+                    count, previous = count + 1, key
+    except tarfile.ReadError as e:
+        if count == 0:
+            raise InputError(f"{path} is not a readable tar ({e}); rebuild it with rankpipe shards") from e
+        logger.warning("%s is truncated after %d samples (%s); the readable samples will be embedded", path, count, e)
+    return count
+
+
+def _read_index(folder: Path) -> dict[str, int]:
+    index_path = folder / INDEX_FILE
+    if not index_path.is_file():
+        return {}
+    try:
+        data = json.loads(index_path.read_text())
+        return {str(entry["name"]): int(entry["count"]) for entry in data["tars"]}
+    except (ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{index_path} is malformed ({e}); expected {{\"tars\": [{{\"name\", \"count\"}}], \"total\"}}") from e

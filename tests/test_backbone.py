@@ -1,0 +1,151 @@
+"""Backbone loading, token extraction, provenance and weight resolution."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from rankpipe.errors import InputError
+from rankpipe.pipeline.backbone import (
+    COMPATIBILITY_FIELDS, TINY_CONVNEXT, TINY_VIT, BackboneSpec, compatibility_problem, load_backbone,
+)
+
+TINY_MODELS = [TINY_VIT, TINY_CONVNEXT]
+
+
+@pytest.fixture(scope="module", params=TINY_MODELS)
+def backbone(request):
+    return load_backbone(BackboneSpec(request.param, "none", seed=0))
+
+
+def test_image_tokens_shapes_and_pooled_parity(backbone):
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, *backbone.image_size)
+    with torch.inference_mode():
+        tokens, embed = backbone.encode_images(x)
+        reference = backbone.model.encode_image(x)
+    reference = reference[0] if isinstance(reference, tuple) else reference
+    P, D, E = backbone.num_tokens, backbone.token_dim, backbone.embed_dim
+    assert tokens.shape == (3, P, D) and embed.shape == (3, E)
+    assert torch.isfinite(tokens).all() and torch.isfinite(embed).all()
+    # The pooled embedding from the token pass equals open_clip's own encode_image.
+    torch.testing.assert_close(embed, reference)
+    expected = {TINY_VIT: (16, 64), TINY_CONVNEXT: (4, 320)}[backbone.spec.model]
+    assert (P, D) == expected
+
+
+def test_vit_tokens_are_ln_post_outputs_without_class_token():
+    backbone = load_backbone(BackboneSpec(TINY_VIT, "none", seed=0))
+    visual = backbone.model.visual
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        tokens, _ = backbone.encode_images(x)
+        h = visual.transformer(visual._embeds(x))  # [2, 1 + P, D]
+        expected = visual.ln_post(h)[:, 1:]  # [2, P, D]
+    torch.testing.assert_close(tokens, expected)
+
+
+def test_convnext_tokens_are_the_flattened_trunk_map():
+    backbone = load_backbone(BackboneSpec(TINY_CONVNEXT, "none", seed=0))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        tokens, _ = backbone.encode_images(x)
+        fmap = backbone.model.visual.trunk.forward_features(x)  # [2, D, h, w]
+    assert tokens.shape == (2, fmap.shape[2] * fmap.shape[3], fmap.shape[1])
+    torch.testing.assert_close(tokens[1, 3], fmap[1, :, 1, 1])  # token 3 = row 1, column 1
+
+
+def test_text_features(backbone):
+    prompt = "Sort images by the number of cats."
+    features = backbone.encode_text(prompt)
+    ids = backbone.tokenizer([prompt])[0]
+    assert features.tokens.shape == (backbone.context_length, backbone.text_token_dim)
+    assert features.tokens.dtype == np.float16 and features.embed.dtype == np.float16
+    assert features.length == int(ids.argmax()) + 1  # end-of-text has the largest id in CLIP's vocabulary
+    with torch.inference_mode():
+        reference = backbone.model.encode_text(ids[None])[0].numpy()
+    np.testing.assert_allclose(features.embed, reference, rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("model", TINY_MODELS)
+def test_random_weights_are_seeded(model):
+    x = torch.randn(1, 3, 64, 64)
+    outputs = []
+    for seed in (0, 0, 1):
+        backbone = load_backbone(BackboneSpec(model, "none", seed=seed))
+        with torch.inference_mode():
+            outputs.append(backbone.encode_images(x)[1])
+        assert backbone.provenance["seed"] == seed
+    assert torch.equal(outputs[0], outputs[1])
+    assert not torch.allclose(outputs[0], outputs[2])
+
+
+def test_provenance_fields(backbone):
+    p = backbone.provenance
+    assert p["model"] == backbone.spec.model and p["pretrained"] == "none" and p["checkpoint_sha256"] is None
+    assert p["image_size"] == [64, 64] and p["dtype"] == "float16" and p["context_length"] == 77
+    assert p["token_grid"][0] * p["token_grid"][1] == backbone.num_tokens
+    assert set(p["preprocess"]) >= {"mean", "std", "interpolation", "resize_mode"}
+    assert set(p["versions"]) == {"torch", "open_clip", "zarr", "rankpipe"}
+
+
+def test_local_checkpoint_file(tmp_path):
+    source = load_backbone(BackboneSpec(TINY_VIT, "none", seed=7))
+    path = tmp_path / "tiny.pt"
+    torch.save(source.model.state_dict(), path)
+    loaded = load_backbone(BackboneSpec(TINY_VIT, str(path), seed=0))
+    assert loaded.provenance["pretrained"] == "file"
+    assert loaded.provenance["checkpoint_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert loaded.provenance["seed"] is None
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded.encode_images(x)[0], source.encode_images(x)[0])
+
+
+def test_offline_pretrained_fails_fast():
+    start = time.perf_counter()
+    with pytest.raises(InputError, match="--pretrained") as info:
+        load_backbone(BackboneSpec("ViT-B-16", "openai"))
+    # A correctness bound, not a benchmark: the hub client's retries take close to a minute.
+    assert time.perf_counter() - start < 10
+    assert "no network" in str(info.value) and "none" in str(info.value)
+
+
+@pytest.mark.parametrize("model, pretrained, message", [
+    ("ViT-B-61", "none", "close matches: ViT-B-16"),
+    ("ViT-B-16", "not-a-tag", "known tags for ViT-B-16: openai"),
+    ("ViT-B-16", "/nonexistent/weights.pt", "does not exist"),
+])
+def test_bad_names_are_input_errors(model, pretrained, message):
+    with pytest.raises(InputError, match=message):
+        load_backbone(BackboneSpec(model, pretrained))
+
+
+def _record(**changes):
+    record = {
+        "model": "ViT-B-16", "pretrained": "none", "checkpoint_sha256": None, "seed": 0,
+        "image_size": [224, 224], "preprocess": {"mean": [0.5], "std": [0.5], "interpolation": "bicubic"},
+        "token_grid": [14, 14], "versions": {"torch": "2.0"},
+    }
+    record.update(changes)
+    return record
+
+
+def test_compatible_records_ignore_versions_and_tuples():
+    a = _record()
+    b = _record(versions={"torch": "9.9"}, image_size=(224, 224))
+    assert compatibility_problem(a, b) is None
+
+
+@pytest.mark.parametrize("field, value", [
+    ("model", "ViT-L-14"), ("pretrained", "openai"), ("checkpoint_sha256", "ab12"), ("seed", 3),
+    ("image_size", [336, 336]), ("preprocess", {"mean": [0.4], "std": [0.5], "interpolation": "bicubic"}),
+])
+def test_incompatible_records_name_field_and_values(field, value):
+    assert field in COMPATIBILITY_FIELDS
+    problem = compatibility_problem(_record(), _record(**{field: value}))
+    assert problem is not None and f"'{field}'" in problem and repr(value) in problem

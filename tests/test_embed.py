@@ -1,0 +1,320 @@
+"""The embed job: bad samples, truncated tars, resume after SIGKILL, refusal, overwrite, determinism, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+import zarr
+from click.testing import CliRunner
+
+from conftest import TINY_LABELS, encode, tiny_image, write_tiny_shards
+from rankpipe.cli.main import cli
+from rankpipe.errors import InputError
+from rankpipe.pipeline.backbone import TINY_CONVNEXT, TINY_VIT, BackboneSpec
+from rankpipe.pipeline.decode import parse_json
+from rankpipe.pipeline.embed import embed, manifest_for_pattern
+from rankpipe.pipeline.manifest import Manifest, load_manifest
+from rankpipe.pipeline.store import TokenStore
+
+TINY = BackboneSpec(TINY_VIT, "none", seed=0)
+LABEL_NAMES = [label.name for label in TINY_LABELS]
+
+
+def run_embed(manifest_path: Path, store: Path, spec: BackboneSpec = TINY, **kwargs):
+    kwargs = {"device": "cpu", "batch_size": 4, "workers": 0, "progress": False, **kwargs}
+    return embed(load_manifest(manifest_path), store, spec, **kwargs)
+
+
+def store_files(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def assert_same_store(a: Path, b: Path) -> None:
+    sa, sb = TokenStore.open(a), TokenStore.open(b)
+    np.testing.assert_array_equal(sa.keys(), sb.keys())
+    np.testing.assert_array_equal(sa.valid(), sb.valid())
+    np.testing.assert_array_equal(sa.errors(), sb.errors())
+    for name in sa.label_names:
+        np.testing.assert_array_equal(sa.label(name), sb.label(name))
+    assert sa.image_tokens(slice(None)).tobytes() == sb.image_tokens(slice(None)).tobytes()
+    assert sa.image_embed(slice(None)).tobytes() == sb.image_embed(slice(None)).tobytes()
+
+
+# --- bad samples -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("meta, split, labels, error", [
+    (None, "", [np.nan, np.nan], "missing json"),
+    (b"{not json", "", [np.nan, np.nan], "unreadable json"),
+    (b'{"split": "train"}', "", [np.nan, np.nan], "no 'labels' object"),
+    (b'{"labels": {"squares": "many"}, "split": "val"}', "val", [np.nan, np.nan], "label 'squares' is not a number"),
+    (b'{"labels": {"squares": true}}', "", [np.nan, np.nan], "not a number"),
+    (b'{"labels": {"other": 1}}', "", [np.nan, np.nan], "no value for any label"),
+    (b'{"labels": {"brightness": 0.5}, "split": "test"}', "test", [np.nan, 0.5], ""),
+    (b'{"labels": {"squares": 3, "brightness": null}}', "", [3.0, np.nan], ""),
+])
+def test_parse_json(meta, split, labels, error):
+    got_split, got_labels, got_error = parse_json(meta, LABEL_NAMES)
+    assert got_split == split
+    np.testing.assert_array_equal(got_labels, np.asarray(labels, dtype=np.float32))
+    assert (error in got_error) if error else got_error == ""
+
+
+def write_damaged_shards(folder: Path, with_index: bool) -> Path:
+    """Tar 0: one sample of each kind of damage among good ones; tar 1: 12 good samples, cut in half."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    good = lambda i: {"jpg": encode(tiny_image(rng, 2)),
+                      "json": json.dumps({"labels": {"squares": 2, "brightness": 0.5}, "split": "train"}).encode()}
+    damaged = {
+        1: {"jpg": b"\xff\xd8\xff\xe0 this is not a jpeg"},
+        2: {"jpg": encode(tiny_image(rng, 1))[:300]},
+        3: {"json": None},
+        4: {"json": b'{"labels": {"squares": "lots"}}'},
+        5: {"jpg": None},
+    }
+    with wds.TarWriter(str(folder / "bad-000000.tar")) as sink:
+        for i in range(8):
+            sample = {"__key__": f"b{i}", **good(i)}
+            for k, v in damaged.get(i, {}).items():
+                if v is None:
+                    sample.pop(k)
+                else:
+                    sample[k] = v
+            sink.write(sample)
+    cut = folder / "bad-000001.tar"
+    with wds.TarWriter(str(cut)) as sink:
+        for i in range(12):
+            sink.write({"__key__": f"c{i}", **good(i)})
+    os.truncate(cut, cut.stat().st_size // 2)
+    if with_index:
+        index = {"tars": [{"name": "bad-000000.tar", "count": 8}, {"name": "bad-000001.tar", "count": 12}], "total": 20}
+        (folder / "index.json").write_text(json.dumps(index))
+    path = folder / "manifest.yaml"
+    Manifest(name="bad", shards="bad-{000000..000001}.tar", labels=TINY_LABELS).save(path)
+    return path
+
+
+@pytest.mark.parametrize("with_index", [False, True])
+def test_bad_samples_and_truncated_tar(tmp_path, with_index):
+    manifest = write_damaged_shards(tmp_path / "shards", with_index)
+    summary = run_embed(manifest, tmp_path / "bad.zarr")
+    store = TokenStore.open(tmp_path / "bad.zarr")
+    keys, valid, errors = store.keys(), store.valid(), store.errors()
+    (s0, _), (s1, stop1) = store.row_blocks()
+    assert list(keys[s0:s0 + 8]) == [f"b{i}" for i in range(8)]
+    np.testing.assert_array_equal(valid[s0:s0 + 8], [True, False, False, False, False, False, True, True])
+    assert "unreadable image" in errors[s0 + 1] and "unreadable image" in errors[s0 + 2]
+    assert errors[s0 + 3] == "missing json"
+    assert "not a number" in errors[s0 + 4]
+    assert errors[s0 + 5].startswith("no image")
+    assert (errors[s0:s0 + 8][valid[s0:s0 + 8]] == "").all()
+    # The truncated tar keeps its readable samples; the rest are invalid with a reason.
+    count = store.blocks[1].count
+    readable = int(valid[s1:stop1].sum())
+    assert 3 <= readable < 12 and valid[s1:s1 + readable].all()
+    assert list(keys[s1:s1 + readable]) == [f"c{i}" for i in range(readable)]
+    if with_index:
+        assert count == 12
+        assert all(e.startswith("not read: the tar ended after") for e in errors[s1 + readable + 1:s1 + 12])
+    assert all(e != "" for e in errors[s1 + readable:s1 + count])
+    assert summary.invalid == 5 + count - readable and summary.images_embedded == 3 + readable
+    # Invalid rows hold zeros, never stale features.
+    assert not store.image_tokens(np.flatnonzero(~valid)).any()
+
+
+# --- resume, refusal, overwrite, determinism --------------------------------------------------------
+
+
+def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
+    manifest = write_tiny_shards(tmp_path / "shards", n_tars=20, per_tar=6, seed=3)
+    killed = tmp_path / "killed.zarr"
+    code = ("from rankpipe.cli.main import cli; cli()")
+    args = [sys.executable, "-c", code, "embed", str(manifest), "--store", str(killed), "--model", TINY_VIT,
+            "--pretrained", "none", "--batch-size", "4", "--workers", "0", "--no-progress"]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    try:
+        # Kill as soon as the first tar is marked done: the run is then mid-way through the next ones.
+        while not (killed / "done" / "c" / "0").exists():
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "the embed run never finished a tar"
+            time.sleep(0.005)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    interrupted = TokenStore.open(killed, allow_incomplete=True)
+    done_before = int(interrupted.done().sum())
+    assert 1 <= done_before < 20
+    with pytest.raises(InputError, match="unfinished"):
+        TokenStore.open(killed)
+
+    summary = run_embed(manifest, killed)
+    assert summary.tars_skipped == done_before and summary.tars_embedded == 20 - done_before
+    reference = tmp_path / "reference.zarr"
+    run_embed(manifest, reference)
+    assert_same_store(killed, reference)
+    assert store_files(killed) == store_files(reference)
+
+
+def test_identical_bytes_run_to_run_and_with_workers(tmp_path, tiny_shards):
+    run_embed(tiny_shards, tmp_path / "a.zarr")
+    run_embed(tiny_shards, tmp_path / "b.zarr", workers=2)
+    assert store_files(tmp_path / "a.zarr") == store_files(tmp_path / "b.zarr")
+
+
+def test_rerun_of_finished_store_does_nothing(tmp_path, tiny_shards):
+    path = tmp_path / "x.zarr"
+    run_embed(tiny_shards, path)
+    before = {p: p.stat().st_mtime_ns for p in path.rglob("*")}
+    summary = run_embed(tiny_shards, path)
+    assert summary.tars_embedded == 0 and summary.tars_skipped == 3
+    assert "nothing to do" in summary.line()
+    assert {p: p.stat().st_mtime_ns for p in path.rglob("*")} == before
+
+
+@pytest.mark.parametrize("spec, field", [
+    (BackboneSpec(TINY_VIT, "none", seed=1), "seed"),
+    (BackboneSpec(TINY_CONVNEXT, "none", seed=0), "model"),
+])
+def test_incremental_refuses_another_backbone_and_overwrite_replaces(tmp_path, tiny_shards, spec, field):
+    path = tmp_path / "x.zarr"
+    run_embed(tiny_shards, path)
+    with pytest.raises(InputError, match=f"'{field}'.*--mode overwrite"):
+        run_embed(tiny_shards, path, spec=spec)
+    run_embed(tiny_shards, path, spec=spec, mode="overwrite")
+    store = TokenStore.open(path)
+    assert store.provenance[field] == getattr(spec, field)
+    assert store.valid().sum() == 36
+
+
+def test_incremental_refuses_other_tars(tmp_path, tiny_shards):
+    path = tmp_path / "x.zarr"
+    run_embed(tiny_shards, path)
+    other = write_tiny_shards(tmp_path / "other", n_tars=2)
+    with pytest.raises(InputError, match="tars differ"):
+        run_embed(other, path)
+
+
+def test_overwrite_with_bad_inputs_keeps_the_store(tmp_path, tiny_shards):
+    path = tmp_path / "x.zarr"
+    run_embed(tiny_shards, path)
+    before = store_files(path)
+    with pytest.raises(InputError, match="unknown model"):
+        run_embed(tiny_shards, path, spec=BackboneSpec("ViT-B-61"), mode="overwrite")
+    with pytest.raises(InputError, match="does not exist"):
+        run_embed(write_missing_tar_manifest(tmp_path), path, mode="overwrite")
+    assert store_files(path) == before
+
+
+def write_missing_tar_manifest(tmp_path: Path) -> Path:
+    path = tmp_path / "missing" / "manifest.yaml"
+    path.parent.mkdir()
+    Manifest(name="missing", shards="gone-{000000..000001}.tar", labels=TINY_LABELS).save(path)
+    return path
+
+
+def test_compressed_store_holds_the_same_values(tmp_path, tiny_shards):
+    run_embed(tiny_shards, tmp_path / "plain.zarr")
+    run_embed(tiny_shards, tmp_path / "zstd.zarr", compress=True)
+    assert TokenStore.open(tmp_path / "zstd.zarr").compressed
+    codecs = zarr.open_group(tmp_path / "zstd.zarr", mode="r")["image/tokens"].compressors
+    assert [type(c).__name__ for c in codecs] == ["ZstdCodec"]
+    assert_same_store(tmp_path / "plain.zarr", tmp_path / "zstd.zarr")
+    with pytest.raises(InputError, match="compression on"):
+        run_embed(tiny_shards, tmp_path / "zstd.zarr")
+
+
+# --- CLI ---------------------------------------------------------------------------------------------
+
+
+def test_cli_help():
+    result = CliRunner().invoke(cli, ["embed", "--help"])
+    assert result.exit_code == 0
+    for option in ("--store", "--model", "--pretrained", "--device", "--batch-size", "--workers", "--mode",
+                   "--compress", "--label", "--query"):
+        assert option in result.output
+    assert "embed" in CliRunner().invoke(cli, ["--help"]).output
+
+
+def test_cli_bare_pattern(tmp_path, tiny_shards):
+    pattern = str(tiny_shards.parent / "tiny-{000000..000002}.tar")
+    args = ["embed", pattern, "--store", str(tmp_path / "x.zarr"), "--model", TINY_VIT, "--workers", "0",
+            "--label", "squares", "--query", "Sort images by the number of squares.", "--no-progress"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "embedded 36 images from 3 tars (0 invalid" in result.output
+    store = TokenStore.open(tmp_path / "x.zarr")
+    assert store.label_names == ["squares"] and store.query("squares") == "Sort images by the number of squares."
+    assert np.isfinite(store.label("squares")[store.valid()]).all()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--pretrained", "openai", "--model", "ViT-B-16"], "--pretrained /path/to/weights"),
+    (["--model", "ViT-B-61"], "close matches"),
+    (["--model", TINY_VIT, "--mode", "sideways"], "'sideways' is not one of 'incremental', 'overwrite'"),
+    (["--model", TINY_VIT, "--device", "tpu"], "unknown device 'tpu'"),
+])
+def test_cli_user_errors_exit_2(tmp_path, tiny_shards, extra, message):
+    result = CliRunner().invoke(cli, ["embed", str(tiny_shards), "--store", str(tmp_path / "x.zarr"), *extra])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert not (tmp_path / "x.zarr").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_gpu_is_a_user_error(tmp_path, tiny_shards):
+    with pytest.raises(InputError, match="no CUDA GPU"):
+        run_embed(tiny_shards, tmp_path / "x.zarr", device="cuda")
+
+
+def test_manifest_for_pattern_needs_labels():
+    with pytest.raises(InputError, match="--label NAME --query"):
+        manifest_for_pattern("x-{0..1}.tar", [])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_decode_path_matches_cpu(tmp_path, tiny_shards):
+    run_embed(tiny_shards, tmp_path / "cpu.zarr")
+    run_embed(tiny_shards, tmp_path / "gpu.zarr", device="cuda", workers=2)
+    cpu, gpu = TokenStore.open(tmp_path / "cpu.zarr"), TokenStore.open(tmp_path / "gpu.zarr")
+    np.testing.assert_array_equal(cpu.keys(), gpu.keys())
+    np.testing.assert_array_equal(cpu.valid(), gpu.valid())
+    rows = cpu.rows()
+    a = cpu.image_embed(rows).astype(np.float32)
+    b = gpu.image_embed(rows).astype(np.float32)
+    cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    # nvjpeg decoding, GPU resampling and bf16 compute differ from PIL + fp32 only by rounding.
+    assert cosine.min() > 0.98, cosine.min()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_decode_path_records_bad_samples(tmp_path):
+    manifest = write_damaged_shards(tmp_path / "shards", with_index=True)
+    run_embed(manifest, tmp_path / "bad.zarr", device="cuda", workers=2)
+    store = TokenStore.open(tmp_path / "bad.zarr")
+    valid, errors = store.valid(), store.errors()
+    assert list(valid[:8][[0, 1, 3, 4, 5, 6, 7]]) == [True, False, False, False, False, True, True]
+    assert "unreadable image" in errors[1]
+    assert valid[store.blocks[1].row_start:store.blocks[1].row_stop].sum() >= 3
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_index_listing_too_few_samples_is_a_user_error(tmp_path, workers):
+    manifest = write_tiny_shards(tmp_path / "shards", n_tars=1, per_tar=6, with_index=True)
+    index = json.loads((manifest.parent / "index.json").read_text())
+    index["tars"][0]["count"] = 4
+    (manifest.parent / "index.json").write_text(json.dumps(index))
+    with pytest.raises(InputError, match="more than the 4 samples"):
+        run_embed(manifest, tmp_path / "x.zarr", workers=workers)
