@@ -1,0 +1,195 @@
+"""Ranking new images with a trained checkpoint: images -> frozen CLIP -> adapter scores -> one order.
+
+Images go through the backbone recorded in the checkpoint's provenance, batch by batch, and each
+batch is scored for every query at once, so memory stays bounded whatever the number of images.
+The image tokens are rounded to float16 exactly as the token store keeps them, so an image scores
+the same here as through `rankpipe eval` on a store embedded from it.
+
+Queries. A query the checkpoint was trained on uses its training text tokens and normalisation, and
+its scores come out in label units (target units for a "distance" target). Any other sentence is
+run through the backbone's text tower; the adapter can score it (the paper ranks unseen categories)
+but no normalisation was ever fitted for it, so its scores are raw adapter outputs.
+
+Several queries combine as in the paper's appendix E — one score per query, each normalised, then
+combined with a weight per query — with a weighted sum of z-scores (`rankpipe.pipeline.ranking`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from rankpipe.adapter.predict import LoadedCheckpoint, load_checkpoint, score_batches
+from rankpipe.adapter.targets import TargetScale
+from rankpipe.errors import InputError
+from rankpipe.pipeline.backbone import Backbone
+from rankpipe.pipeline.image_inputs import ImageBatches, ImageSource, open_images
+from rankpipe.pipeline.ranking import QueryScores, Ranking, combine_scores
+from rankpipe.pipeline.recorded_backbone import load_recorded_backbone
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class RankConfig:
+    """What to rank by and how to combine several queries."""
+
+    # The ranking sentences, in order; at least one.
+    queries: tuple[str, ...]
+    # One weight per query for the combined score; empty means equal weights 1/Q.
+    weights: tuple[float, ...] = ()
+    # Images per backbone and adapter forward pass.
+    batch_size: int = 64
+    # Decoding processes (0 decodes in the main process).
+    workers: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.queries or any(not q.strip() for q in self.queries):
+            raise InputError("pass at least one non-empty --query \"Sort images by ...\"")
+        if len(set(self.queries)) != len(self.queries):
+            raise InputError(f"a --query is repeated ({list(self.queries)}); pass each query once and weight it with --weight")
+        if self.weights and len(self.weights) != len(self.queries):
+            raise InputError(
+                f"{len(self.weights)} --weight value(s) for {len(self.queries)} --query value(s); "
+                "pass one weight per query, in the same order, or none for equal weights"
+            )
+        if not all(np.isfinite(w) for w in self.weights):
+            raise InputError(f"--weight values must be finite numbers, got {list(self.weights)}")
+        if self.batch_size < 1 or self.workers < 0:
+            raise InputError(f"need batch size >= 1 and workers >= 0, got {self.batch_size} and {self.workers}")
+
+    @property
+    def query_weights(self) -> np.ndarray:
+        """[Q] float64 weights, equal weights 1/Q when none were given."""
+        if self.weights:
+            return np.asarray(self.weights, dtype=np.float64)
+        return np.full(len(self.queries), 1.0 / len(self.queries))
+
+
+@dataclasses.dataclass(frozen=True)
+class QueryText:
+    """One query as the adapter sees it."""
+
+    # The ranking sentence.
+    query: str
+    # [L, Dt] float32 text tokens up to and including end-of-text, on the adapter's device.
+    text_tokens: torch.Tensor
+    # The checkpoint label whose query this is, or None for a sentence it was not trained on.
+    label: str | None
+    # That label's training normalisation; None for an unseen query (scores stay raw).
+    scale: TargetScale | None
+
+
+def query_texts(loaded: LoadedCheckpoint, backbone: Backbone, queries: tuple[str, ...]) -> list[QueryText]:
+    """Text tokens and normalisation of each query: the checkpoint's for its own queries, else the text tower's."""
+    known = {label.query: label for label in loaded.labels.values()}
+    out = []
+    for query in queries:
+        label = known.get(query)
+        if label is not None:
+            out.append(QueryText(query, label.text_tokens, label.name, label.scale))
+            continue
+        text = backbone.encode_text(query)
+        tokens = torch.from_numpy(text.tokens[: text.length].astype(np.float32)).to(loaded.device)  # [L, Dt]
+        log.info("query %r is not one of the checkpoint's; its scores are raw adapter outputs", query)
+        out.append(QueryText(query, tokens, None, None))
+    return out
+
+
+def rank_images(
+    checkpoint: str | Path,
+    images: str,
+    config: RankConfig,
+    device: str = "cpu",
+    backbone_weights: str | Path | None = None,
+    progress: bool = False,
+) -> Ranking:
+    """Rank a folder of images or a set of tars by one or more queries with a trained checkpoint.
+
+    Args:
+        checkpoint: a checkpoint .pt written by `rankpipe train`, or its run folder (best.pt).
+        images: a folder (searched recursively for jpg/jpeg/png/webp) or a brace pattern of tars.
+        config: queries, weights and batch sizes.
+        device: "cpu" or "cuda[:i]"; the backbone and the adapter both run there.
+        backbone_weights: the backbone's weights file when the checkpoint's provenance needs one.
+        progress: show a progress bar.
+
+    Returns:
+        The ranking of every readable image, and the skipped ones.
+
+    Raises:
+        InputError: bad inputs (no images, unknown checkpoint, weights that cannot be loaded...), or
+            no image could be read.
+    """
+    torch_device = _device(device)
+    source = open_images(images)
+    loaded = load_checkpoint(checkpoint, torch_device)
+    backbone = load_recorded_backbone(loaded.provenance, torch_device, backbone_weights, f"checkpoint {loaded.path}")
+    texts = query_texts(loaded, backbone, config.queries)
+    keys, paths, skipped = [], [], []
+    parts: list[list[np.ndarray]] = [[] for _ in texts]
+    for batch in _batches(source, backbone, config, progress):
+        skipped.extend(batch.skipped)
+        if batch.images is None:
+            continue
+        tokens = encode_tokens(backbone, batch.images)  # [b, P, D] float16
+        for q, text in enumerate(texts):
+            parts[q].append(score_batches(loaded.model, text.text_tokens, [tokens], loaded.device))
+        keys.extend(batch.keys)
+        paths.extend(batch.paths)
+    if not keys:
+        reason = skipped[0].reason if skipped else "no samples found"
+        raise InputError(f"none of the images in {images} could be read ({len(skipped)} skipped; first reason: {reason})")
+    if skipped:
+        log.warning("skipped %d unreadable image(s) of %s", len(skipped), images)
+    query_scores = []
+    for text, chunks in zip(texts, parts):
+        raw = np.concatenate(chunks)  # [n] normalised target units (raw for an unseen query)
+        scores = text.scale.to_target_units(raw) if text.scale is not None else raw
+        query_scores.append(QueryScores(text.query, text.label, scores))
+    weights = config.query_weights
+    combined = combine_scores(np.stack([q.scores for q in query_scores]), weights)  # [n]
+    return Ranking(np.asarray(keys, dtype=str), np.asarray(paths, dtype=str), query_scores, weights, combined, skipped)
+
+
+@torch.inference_mode()
+def encode_tokens(backbone: Backbone, images: torch.Tensor) -> torch.Tensor:
+    """[b, 3, H, W] preprocessed images -> [b, P, D] float16 patch tokens, as `rankpipe embed` stores them."""
+    device = backbone.device
+    images = images.to(device, non_blocking=True)
+    # The same compute dtype as the embed job: bf16 autocast on CUDA, float32 on the CPU.
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    with autocast:
+        tokens, _ = backbone.encode_images(images)  # [b, P, D]
+    return tokens.to(torch.float16)
+
+
+def _batches(source: ImageSource, backbone: Backbone, config: RankConfig, progress: bool):
+    dataset = ImageBatches(source, backbone.preprocess, config.batch_size)
+    workers = min(config.workers, len(source.items))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
+                                         pin_memory=backbone.device.type == "cuda",
+                                         prefetch_factor=4 if workers else None)
+    total = len(source.items) if source.kind == "folder" else None
+    with tqdm(total=total, unit="img", disable=not progress, desc="rank", dynamic_ncols=True) as bar:
+        for batch in loader:
+            bar.update(len(batch.keys) + len(batch.skipped))
+            yield batch
+
+
+def _device(device: str) -> torch.device:
+    try:
+        torch_device = torch.device(device)
+    except RuntimeError as e:
+        raise InputError(f"unknown device {device!r}; use cpu or cuda") from e
+    if torch_device.type not in ("cpu", "cuda"):
+        raise InputError(f"device {device!r} is not supported; use cpu or cuda")
+    if torch_device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    return torch_device
