@@ -16,6 +16,13 @@ from rankpipe.errors import InputError
 
 # name -> (module, function, one-line help shown by `rankpipe --help`)
 COMMANDS: dict[str, tuple[str, str, str]] = {
+    "demo": ("rankpipe.cli.demo", "demo", "Run the whole pipeline on built-in data, offline (random-weight CLIP)."),
+    "embed": ("rankpipe.cli.embed", "embed", "Run the frozen CLIP over tars and cache its tokens in a Zarr store."),
+    "shards": ("rankpipe.cli.shards", "shards", "Pack images and labels into WebDataset tars with a manifest."),
+    "train": ("rankpipe.cli.train", "train", "Train the ranking adapter from a token store."),
+    "eval": ("rankpipe.cli.eval", "eval_command", "Evaluate a checkpoint on a store split: metrics, exports, report."),
+    "datasets": ("rankpipe.cli.datasets", "datasets", "Build ready-made ranking datasets (photo-tasks)."),
+    "rank": ("rankpipe.cli.rank", "rank", "Rank new images by one or more queries with a trained checkpoint."),
 }
 
 
