@@ -30,7 +30,7 @@ from rankpipe.adapter.targets import TargetScale
 from rankpipe.errors import InputError
 from rankpipe.pipeline.backbone import Backbone
 from rankpipe.pipeline.image_inputs import ImageBatches, ImageSource, open_images
-from rankpipe.pipeline.ranking import QueryScores, Ranking, combine_scores
+from rankpipe.pipeline.ranking import COMBINE_RULES, QueryScores, Ranking, combine_scores
 from rankpipe.pipeline.recorded_backbone import load_recorded_backbone
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,8 @@ class RankConfig:
     queries: tuple[str, ...]
     # One weight per query for the combined score; empty means equal weights 1/Q.
     weights: tuple[float, ...] = ()
+    # How several queries combine: "product" (the paper's) or "sum"; see combine_scores.
+    combine: str = "product"
     # Images per backbone and adapter forward pass.
     batch_size: int = 64
     # Decoding processes (0 decodes in the main process).
@@ -61,6 +63,8 @@ class RankConfig:
             )
         if not all(np.isfinite(w) for w in self.weights):
             raise InputError(f"--weight values must be finite numbers, got {list(self.weights)}")
+        if self.combine not in COMBINE_RULES:
+            raise InputError(f"--combine must be one of {', '.join(COMBINE_RULES)}, not {self.combine!r}")
         if self.batch_size < 1 or self.workers < 0:
             raise InputError(f"need batch size >= 1 and workers >= 0, got {self.batch_size} and {self.workers}")
 
@@ -154,7 +158,7 @@ def rank_images(
         scores = text.scale.to_target_units(raw) if text.scale is not None else raw
         query_scores.append(QueryScores(text.query, text.label, scores))
     weights = config.query_weights
-    combined = combine_scores(np.stack([q.scores for q in query_scores]), weights)  # [n]
+    combined = combine_scores(np.stack([q.scores for q in query_scores]), weights, config.combine)  # [n]
     return Ranking(np.asarray(keys, dtype=str), np.asarray(paths, dtype=str), query_scores, weights, combined, skipped)
 
 

@@ -20,6 +20,8 @@ from rankpipe.pipeline.rank_outputs import format_table, query_lines, ranking_fo
               help="Ranking sentence, e.g. \"Sort images by image quality.\"; repeat to combine several.")
 @click.option("--weight", "weights", multiple=True, type=float,
               help="Weight of each --query in the combined score, in the same order [default: equal weights].")
+@click.option("--combine", type=click.Choice(["product", "sum"]), default="product", show_default=True,
+              help="How several queries combine (see below and docs/rank.md).")
 @click.option("--top", type=click.IntRange(min=1), default=20, show_default=True,
               help="Images shown in the printed table and on each contact sheet of --report.")
 @click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -34,7 +36,7 @@ from rankpipe.pipeline.rank_outputs import format_table, query_lines, ranking_fo
 @click.option("--backbone-weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Weights file of the checkpoint's backbone, when it was embedded from a local file "
                    "(checked against the recorded SHA-256) or from a pretrained tag that cannot be loaded here.")
-def rank(checkpoint: Path, images: str, queries: tuple[str, ...], weights: tuple[float, ...], top: int,
+def rank(checkpoint: Path, images: str, queries: tuple[str, ...], weights: tuple[float, ...], combine: str, top: int,
          out: Path | None, report_dir: Path | None, device: str, batch_size: int, workers: int,
          backbone_weights: Path | None) -> None:
     """Rank new images by one or more queries with a trained checkpoint.
@@ -44,14 +46,16 @@ def rank(checkpoint: Path, images: str, queries: tuple[str, ...], weights: tuple
     from the recorded seed), then the adapter scores them for each query.
     A query the checkpoint was trained on scores in its label units; any other sentence is encoded
     with the backbone's text tower and scores as raw adapter output (no normalisation is known).
-    Several queries combine into one score:
-        score = sum_q w_q * (s_q - mean(s_q)) / std(s_q)
-    where s_q are query q's scores over the ranked images and w_q its --weight (default 1/Q).
+    Several queries combine into one score from z_q = (s_q - mean(s_q)) / std(s_q), query q's
+    standardised scores over the ranked images, and w_q its --weight (default 1/Q):
+        product (default, as the paper):  score = sum_q w_q * log sigmoid(z_q)
+                                          (the log of prod_q sigmoid(z_q)^w_q)
+        sum:                              score = sum_q w_q * z_q
     With one query the score is that query's score. Unreadable images are skipped and listed.
     """
     if out is not None:
         ranking_format(out)  # refuse a bad suffix before the long work
-    config = RankConfig(queries=queries, weights=weights, batch_size=batch_size, workers=workers)
+    config = RankConfig(queries=queries, weights=weights, combine=combine, batch_size=batch_size, workers=workers)
     ranking = rank_images(checkpoint, images, config, device=device, backbone_weights=backbone_weights, progress=True)
     for line in query_lines(ranking):
         click.echo(line)

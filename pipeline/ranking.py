@@ -58,22 +58,32 @@ class Ranking:
         return ranks
 
 
-def combine_scores(scores: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Combine per-query scores into one: the weighted sum of each query's z-scores.
+COMBINE_RULES = ("product", "sum")
 
-    z_q = (s_q - mean(s_q)) / std(s_q) over the ranked images (population std; a query whose scores are
-    all equal contributes 0), and combined = sum_q w_q * z_q. The z-score puts queries in different
-    units (label units, raw outputs) on one scale. The paper multiplies normalised scores instead; a
-    product of z-scores would rank two below-average scores (both negative) above one good and one
-    average score, so a sum is used. One query is returned unchanged, keeping its units.
+
+def combine_scores(scores: np.ndarray, weights: np.ndarray, rule: str = "product") -> np.ndarray:
+    """Combine per-query scores into one, after putting each query on a common scale.
+
+    Each query's scores are first standardised over the ranked images, z_q = (s_q - mean) / std
+    (population std; a query whose scores are all equal gets z = 0), so queries in different units
+    (label units, raw outputs) become comparable. Then:
+      - "product" (the paper's appendix E: normalise, then multiply): each z is squashed into (0, 1)
+        with the logistic function and the weighted product prod_q sigmoid(z_q)^w_q is taken, computed
+        as sum_q w_q * log sigmoid(z_q). The squashing keeps every factor positive, so two
+        below-average scores never multiply into a high one.
+      - "sum": the weighted sum sum_q w_q * z_q.
+    One query is returned unchanged, keeping its units.
 
     Args:
         scores: [Q, n] scores of Q queries for n images.
-        weights: [Q] weight per query (negative weights rank by the opposite of a query).
+        weights: [Q] weight per query (a negative weight ranks by the opposite of its query).
+        rule: "product" or "sum".
 
     Returns:
-        [n] float64 combined scores.
+        [n] float64 combined scores (for "product", the log of the product).
     """
+    if rule not in COMBINE_RULES:
+        raise ValueError(f"rule must be one of {COMBINE_RULES}, not {rule!r}")
     scores = np.asarray(scores, dtype=np.float64)
     weights = np.asarray(weights, dtype=np.float64)
     Q, n = scores.shape
@@ -85,4 +95,7 @@ def combine_scores(scores: np.ndarray, weights: np.ndarray) -> np.ndarray:
     std = scores.std(axis=1, keepdims=True)  # [Q, 1]
     safe = np.where(std > 0, std, 1.0)
     z = np.where(std > 0, (scores - mean) / safe, 0.0)  # [Q, n]
-    return weights @ z  # [n]
+    if rule == "sum":
+        return weights @ z  # [n]
+    log_sigmoid = -np.logaddexp(0.0, -z)  # [Q, n] log(1 / (1 + e^-z)), stable for any z
+    return weights @ log_sigmoid  # [n]

@@ -16,7 +16,7 @@ import open_clip
 import pytest
 import torch
 from click.testing import CliRunner
-from scipy import stats
+from scipy import special, stats
 
 from conftest import TINY_LABELS, read_tar_samples
 from rankpipe.adapter.predict import load_checkpoint, predict
@@ -147,18 +147,37 @@ def test_an_unseen_query_scores_raw_through_the_text_tower(checkpoint, shard_pat
 
 
 @pytest.mark.parametrize("weights", [(0.5, 0.5), (0.7, 0.3), (1.0, -2.0)])
-def test_combine_is_a_weighted_sum_of_z_scores(weights):
+def test_combine_sum_is_a_weighted_sum_of_z_scores(weights):
     rng = np.random.default_rng(0)
     scores = np.stack([rng.normal(3, 2, 50), rng.uniform(-100, 100, 50)])  # [2, 50] in different units
-    combined = combine_scores(scores, np.asarray(weights))
+    combined = combine_scores(scores, np.asarray(weights), "sum")
     expected = weights[0] * stats.zscore(scores[0]) + weights[1] * stats.zscore(scores[1])
     np.testing.assert_allclose(combined, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("weights", [(0.5, 0.5), (0.7, 0.3), (1.0, -2.0)])
+def test_combine_product_is_a_weighted_product_of_squashed_z_scores(weights):
+    rng = np.random.default_rng(1)
+    scores = np.stack([rng.normal(3, 2, 50), rng.uniform(-100, 100, 50)])  # [2, 50]
+    combined = combine_scores(scores, np.asarray(weights))
+    product = special.expit(stats.zscore(scores[0])) ** weights[0] * special.expit(stats.zscore(scores[1])) ** weights[1]
+    np.testing.assert_allclose(np.exp(combined), product, rtol=1e-12)
+
+
+def test_product_does_not_reward_two_below_average_scores():
+    # Image 0 is below average on both queries; image 1 is the best on A and average on B.
+    scores = np.array([[-1.0, 2.0, 0.0, -1.0], [-1.0, 0.0, 2.0, -1.0]])
+    z = stats.zscore(scores, axis=1)
+    assert z[0, 0] < 0 and z[1, 0] < 0
+    assert (z[0, 0] * z[1, 0]) > (z[0, 1] * z[1, 1])  # multiplying raw z-scores would get this wrong
+    combined = combine_scores(scores, np.array([0.5, 0.5]))
+    assert combined[1] > combined[0] and combined[2] > combined[0]
 
 
 def test_combine_edge_cases():
     scores = np.array([[1.0, 2.0, 3.0], [5.0, 5.0, 5.0]])
     # A constant query contributes nothing; z of [1, 2, 3] is [-1.2247, 0, 1.2247].
-    np.testing.assert_allclose(combine_scores(scores, np.array([2.0, 10.0])), 2 * stats.zscore(scores[0]))
+    np.testing.assert_allclose(combine_scores(scores, np.array([2.0, 10.0]), "sum"), 2 * stats.zscore(scores[0]))
     # One query keeps its own units.
     np.testing.assert_array_equal(combine_scores(scores[:1] * 7, np.array([1.0])), [7.0, 14.0, 21.0])
     # A constructed case where the weights decide the winner: image 0 is best by query A, image 1 by B.
@@ -173,7 +192,8 @@ def test_two_queries_combine_by_the_documented_rule(checkpoint, shard_pattern):
     config = RankConfig((QUERY["squares"], QUERY["brightness"]), weights=(0.7, 0.3))
     ranking = rank_images(checkpoint, shard_pattern, config)
     squares, brightness = (q.scores for q in ranking.queries)
-    np.testing.assert_allclose(ranking.combined, 0.7 * stats.zscore(squares) + 0.3 * stats.zscore(brightness), rtol=1e-10)
+    expected = 0.7 * np.log(special.expit(stats.zscore(squares))) + 0.3 * np.log(special.expit(stats.zscore(brightness)))
+    np.testing.assert_allclose(ranking.combined, expected, rtol=1e-10)
     # Each query's own scores are unchanged by the combination (the same as a one-query ranking).
     alone = rank_images(checkpoint, shard_pattern, RankConfig((QUERY["brightness"],)))
     np.testing.assert_allclose([by_key(alone)[k] for k in ranking.keys], brightness, rtol=1e-6)
@@ -218,7 +238,9 @@ def test_cli_ranks_a_folder_and_writes_a_report(checkpoint, image_folder, tmp_pa
     assert "broken.jpg" in result.output
     with out.open(newline="") as f:
         rows = list(csv.DictReader(f))
-    table = result.output.split("rank  score")[1].splitlines()[1:5]
+    lines = result.output.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split() == ["rank", "score", "key", "path"])
+    table = lines[header + 1: header + 5]
     assert [line.split()[0] for line in table] == ["1", "2", "3", "4"]
     assert [line.split()[2] for line in table] == [r["key"] for r in rows[:4]]
     for name in ("top.png", "bottom.png"):
@@ -228,7 +250,7 @@ def test_cli_ranks_a_folder_and_writes_a_report(checkpoint, image_folder, tmp_pa
 def test_cli_help_states_the_combination_rule():
     result = CliRunner().invoke(cli, ["rank", "--help"])
     assert result.exit_code == 0
-    assert "--backbone-weights" in result.output and "sum_q w_q * (s_q - mean(s_q)) / std(s_q)" in result.output
+    assert "--backbone-weights" in result.output and "sum_q w_q * log sigmoid(z_q)" in result.output and "--combine" in result.output
 
 
 @pytest.mark.parametrize(
