@@ -153,7 +153,7 @@ def embed_tar(store: TokenStore, t: int, backbone: Backbone, batch_size: int = 2
         workers: decoding processes for this tar (0 or 1; a tar is read sequentially).
         progress: show a progress bar.
     """
-    problem = compatibility_problem(store.provenance, backbone.provenance)
+    problem = compatibility_problem(store.provenance, backbone.provenance) or decoder_problem(store.provenance, backbone)
     if problem:
         raise InputError(f"store {store.path} was made with another backbone: {problem}")
     summary = EmbedSummary(store=store.path)
@@ -283,7 +283,7 @@ def _open_or_create(path: Path, mode: str, backbone: Backbone, manifest: Manifes
     exists = path.exists() and (not path.is_dir() or any(path.iterdir()))
     if mode == "incremental" and exists:
         store = TokenStore.open(path, allow_incomplete=True, writable=True)
-        problem = store_mismatch(store, backbone.provenance, manifest, plan, config)
+        problem = store_mismatch(store, backbone.provenance, manifest, plan, config) or decoder_problem(store.provenance, backbone)
         if problem:
             raise InputError(f"store {path} was made from other inputs: {problem}; "
                              f"pass --mode overwrite to replace it, or choose another --store path")
@@ -291,7 +291,27 @@ def _open_or_create(path: Path, mode: str, backbone: Backbone, manifest: Manifes
     if mode == "overwrite" and path.exists() and not (path / "zarr.json").is_file() and path.is_dir():
         raise InputError(f"{path} exists and is not a Zarr store; refusing to delete it, choose another --store path")
     texts = {label.query: backbone.encode_text(label.query) for label in manifest.labels}
-    return create_store(path, plan, backbone.provenance, manifest, texts, config)
+    provenance = {**backbone.provenance, "image_decoder": image_decoder(backbone)}
+    return create_store(path, plan, provenance, manifest, texts, config)
+
+
+def image_decoder(backbone: Backbone) -> str:
+    """How this run turns image bytes into pixels: "gpu" (nvJPEG + GPU resize, on CUDA) or "pil".
+
+    The two agree closely but not bit for bit, so a store records which one made its rows and is only
+    resumed with the same one: every row of a store then comes from one decoder.
+    """
+    on_gpu = backbone.device.type == "cuda"
+    return "gpu" if on_gpu and GpuPreprocess.supports(backbone.preprocess_cfg) else "pil"
+
+
+def decoder_problem(recorded: dict, backbone: Backbone) -> str | None:
+    """Why this run's image decoder differs from the one that made the store's rows, or None."""
+    theirs, ours = recorded.get("image_decoder", "pil"), image_decoder(backbone)
+    if theirs == ours:
+        return None
+    return (f"its images were decoded by {theirs!r} and this run would decode by {ours!r} "
+            f"(embed on {'a CUDA device' if theirs == 'gpu' else 'the CPU'} to resume it)")
 
 
 def store_mismatch(store: TokenStore, provenance: dict, manifest: Manifest, plan: StorePlan,

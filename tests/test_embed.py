@@ -199,6 +199,17 @@ def test_incremental_refuses_another_backbone_and_overwrite_replaces(tmp_path, t
     assert store.valid().sum() == 36
 
 
+def test_store_records_its_decoder_and_refuses_to_resume_with_another(tmp_path, tiny_shards):
+    path = tmp_path / "x.zarr"
+    run_embed(tiny_shards, path)
+    group = zarr.open_group(str(path), mode="r+")
+    assert group.attrs["provenance"]["image_decoder"] == "pil"
+    # Pretend a CUDA run (GPU decoding) made the store; a CPU run must not add rows decoded by PIL.
+    group.attrs["provenance"] = {**group.attrs["provenance"], "image_decoder": "gpu"}
+    with pytest.raises(InputError, match="decoded by 'gpu'.*CUDA"):
+        run_embed(tiny_shards, path)
+
+
 def test_incremental_refuses_other_tars(tmp_path, tiny_shards):
     path = tmp_path / "x.zarr"
     run_embed(tiny_shards, path)
