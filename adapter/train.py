@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import math
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -38,6 +39,7 @@ from rankpipe.pipeline.manifest import Manifest
 log = logging.getLogger(__name__)
 
 HISTORY = "history.jsonl"
+_INIT_LOCK = threading.Lock()
 LOSS_PARTS = ("total", "regression", "pairwise")
 
 
@@ -109,7 +111,7 @@ def train_from_store(
         TrainingDiverged: the loss became non-finite.
     """
     manifest = _check_manifest(store, manifest)
-    labels = list(labels) if labels else list(store.label_names)
+    labels = list(labels) if labels else _trainable_labels(store, manifest)
     for name in labels:
         if name not in store.label_names:
             raise InputError(f"store {store.path} has no label {name!r}; its labels are {', '.join(store.label_names)}")
@@ -138,8 +140,11 @@ def train_adapter(
         raise InputError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    torch.manual_seed(cfg.train.seed)
-    model = RankingAdapter(cfg.adapter, features.image_token_dim, features.text_token_dim).to(device)
+    # Seeding and initialising read the process-wide generator; runs in concurrent threads take turns.
+    with _INIT_LOCK:
+        torch.manual_seed(cfg.train.seed)
+        model = RankingAdapter(cfg.adapter, features.image_token_dim, features.text_token_dim)
+    model = model.to(device)
     model.train()
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay
@@ -153,7 +158,8 @@ def train_adapter(
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         sampler.load_state_dict(saved["sampler"])
-        set_rng_state(saved["rng"], device)
+        with _INIT_LOCK:
+            set_rng_state(saved["rng"], device)
         step, best, val_srcc = int(saved["step"]), saved["best"], saved["val_srcc"]
         _truncate_history(out_dir / HISTORY, step)
         log.info("resumed %s at step %d", out_dir, step)
@@ -283,6 +289,22 @@ class _LossMonitor:
         self.sums.zero_()
         self.count = 0
         return dict(zip(LOSS_PARTS, means))
+
+
+def _trainable_labels(store, manifest: Manifest) -> list[str]:
+    """Every label of the store with training images; labels held out of training are skipped with a warning."""
+    train_values = list(manifest.splits.values("train"))
+    labels = []
+    for name in store.label_names:
+        if len(store.rows(train_values, label=name)) >= 2:
+            labels.append(name)
+        else:
+            log.warning("label %r has fewer than 2 training images (held out of training?); not trained — "
+                           "pass --label to choose the labels", name)
+    if not labels:
+        raise InputError(f"no label of store {store.path} has 2 or more training images in split values {train_values}; "
+                         "check the manifest's train split")
+    return labels
 
 
 def _check_manifest(store, manifest: Manifest | None) -> Manifest:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -43,7 +44,7 @@ def one_thread():
 
 
 def write_synthetic_store(path, n: int = 120, seed: int = 0, provenance: dict | None = None,
-                          distance_ref: float | None = None) -> TokenStore:
+                          distance_ref: float | None = None, held_out: str | None = None) -> TokenStore:
     """A learnable token store of two tars written with the store API.
 
     Label "count" is written into channel 0 of every image token and label "size" into channel 1
@@ -61,6 +62,8 @@ def write_synthetic_store(path, n: int = 120, seed: int = 0, provenance: dict | 
     valid = np.ones(n, bool)
     valid[5] = False
     splits = np.where(np.arange(n) % 3 == 2, "val", "train")
+    if held_out is not None:  # a query kept out of training: labelled on val rows only
+        labels[held_out][splits == "train"] = np.nan
     keys = np.array([f"img{i:04d}" for i in range(n)])
     count_target = TargetTransform("distance", distance_ref) if distance_ref is not None else TargetTransform()
     manifest = Manifest(
@@ -216,6 +219,16 @@ def test_missing_label_and_unknown_label_are_input_errors(tmp_path, store):
     other_query = dataclasses.replace(store.manifest, labels=(LabelSpec("count", "Sort by something else."),))
     with pytest.raises(InputError, match="re-embed"):
         train_from_store(store, tmp_path / "run", tiny_config(), manifest=other_query)
+
+
+def test_labels_without_training_images_are_skipped_unless_asked_for(tmp_path, caplog):
+    store = write_synthetic_store(tmp_path / "held_out.zarr", held_out="size")
+    with caplog.at_level(logging.WARNING):
+        result = train_from_store(store, tmp_path / "run", tiny_config("train.max_steps=2"))
+    assert list(result.best_srcc) == ["count"]
+    assert "'size' has fewer than 2 training images" in caplog.text
+    with pytest.raises(InputError, match="'size' has 0 training image"):
+        train_from_store(store, tmp_path / "asked", tiny_config("train.max_steps=2"), labels=["size"])
 
 
 def test_store_larger_than_the_memory_budget_is_refused(tmp_path, store):
