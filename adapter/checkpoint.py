@@ -4,12 +4,16 @@ A checkpoint is `torch.save` of a dict holding only tensors, plain dicts/lists, 
 so it opens with `torch.load(path, weights_only=True)` — no pickled code runs. Keys:
 
     rankpipe_checkpoint  format version (1)
+    method               "adapter" (absent in older files, meaning the same); a baseline's checkpoint
+                         names its method and has the keys listed in adapter/baselines/train.py
     kind                 "best" (weights only) or "last" (also optimiser, scheduler and RNG state)
     step                 optimiser steps done
     model                the adapter's state_dict
     dims                 {image_token_dim, text_token_dim} to rebuild the adapter
     run_config           the RunConfig as a JSON string
     provenance           the token store's provenance (the frozen backbone the features came from)
+    splits               {train, val, test: [split values]} the run's split roles (absent in older files
+                         and in runs trained from features without a manifest)
     labels               [{name, query, text_tokens [L, Dt] fp16, text_tokens_shape, target}]
                          target = the TargetScale as plain data (transform and train mean/std)
     val_srcc             {label: SRCC} at `step`;  best  {step, mean_srcc, srcc} of the run so far
@@ -34,9 +38,12 @@ from rankpipe.adapter.model import RankingAdapter
 from rankpipe.adapter.run_config import RunConfig
 from rankpipe.errors import InputError
 from rankpipe.pipeline.backbone import compatibility_problem
+from rankpipe.pipeline.manifest import SPLIT_ROLES, SplitSpec
 
 FORMAT_VERSION = 1
 BEST, LAST = "best.pt", "last.pt"
+# The `method` of a ranking adapter's checkpoint.
+ADAPTER_METHOD = "adapter"
 
 
 def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
@@ -80,19 +87,35 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return payload
 
 
+def checkpoint_method(payload: dict[str, Any]) -> str:
+    """The method a checkpoint was trained with: "adapter" or a baseline's name."""
+    return str(payload.get("method", ADAPTER_METHOD))
+
+
 def saved_run_config(path: str | Path) -> RunConfig:
-    """The run config stored in a checkpoint (the base of a resumed run)."""
-    return RunConfig.from_json(read_checkpoint(path)["run_config"])
+    """The run config stored in an adapter checkpoint (the base of a resumed run).
+
+    Raises:
+        InputError: the checkpoint is a baseline's, which has no run config and cannot be resumed.
+    """
+    payload = read_checkpoint(path)
+    if checkpoint_method(payload) != ADAPTER_METHOD:
+        raise InputError(f"{path} holds a {checkpoint_method(payload)} baseline, not an adapter run; train into another --out")
+    return RunConfig.from_json(payload["run_config"])
 
 
 class CheckpointWriter:
     """Builds and writes a run's best.pt and last.pt in the format above."""
 
-    def __init__(self, out_dir: Path, cfg: RunConfig, features: ResidentFeatures, provenance: dict, device: torch.device):
+    def __init__(
+        self, out_dir: Path, cfg: RunConfig, features: ResidentFeatures, provenance: dict, device: torch.device,
+        splits: SplitSpec | None = None,
+    ):
         self.out_dir = out_dir
         self.device = device
         self.common = {
             "rankpipe_checkpoint": FORMAT_VERSION,
+            "method": ADAPTER_METHOD,
             "dims": {"image_token_dim": features.image_token_dim, "text_token_dim": features.text_token_dim},
             "run_config": cfg.to_json(),
             "provenance": provenance,
@@ -108,6 +131,8 @@ class CheckpointWriter:
             ],
             "device_type": device.type,
         }
+        if splits is not None:  # lets `rankpipe eval` find each fold's own test split
+            self.common["splits"] = {role: list(splits.values(role)) for role in SPLIT_ROLES}
         last = out_dir / LAST
         self.last_good = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
 

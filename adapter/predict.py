@@ -1,8 +1,10 @@
-"""Scoring images with a trained adapter: load a checkpoint, predict in label units.
+"""Scoring images with a trained checkpoint: load it, predict in label units.
 
-Only the regression head runs at inference (no pairs). Scores are mapped back through the query's
-training normalisation: an "identity" target comes out in label units, a "distance" target in
-target units (-|label - reference|; higher = closer to the reference).
+An adapter checkpoint scores patch tokens with the regression head only (no pairs), and the scores
+are mapped back through the query's training normalisation. A baseline checkpoint (a `method` other
+than "adapter", see adapter/baselines) scores the pooled image embeddings and predicts target units
+itself. Either way an "identity" target comes out in label units, a "distance" target in target units
+(-|label - reference|; higher = closer to the reference).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from rankpipe.adapter.checkpoint import read_checkpoint
+from rankpipe.adapter.baselines import Baseline, get_method
+from rankpipe.adapter.checkpoint import ADAPTER_METHOD, checkpoint_method, read_checkpoint
 from rankpipe.adapter.features import autocast
 from rankpipe.adapter.model import RankingAdapter
 from rankpipe.adapter.run_config import RunConfig
@@ -34,8 +37,9 @@ class CheckpointLabel:
     name: str
     # The sentence that ranks by it.
     query: str
-    # [L, Dt] float32 text tokens the adapter was trained with, on the checkpoint's device.
-    text_tokens: torch.Tensor
+    # [L, Dt] float32 text tokens the adapter was trained with, on the checkpoint's device; None for
+    # a baseline, which keeps what it needs of the query in its own parameters.
+    text_tokens: torch.Tensor | None
     # Target transform and training normalisation.
     scale: TargetScale
 
@@ -46,10 +50,10 @@ class LoadedCheckpoint:
 
     # Where it was read from.
     path: Path
-    # The adapter, in eval mode, on `device`.
-    model: RankingAdapter
-    # The run config it was trained with.
-    run_config: RunConfig
+    # The adapter, in eval mode, on `device`; None for a baseline.
+    model: RankingAdapter | None
+    # The run config it was trained with; None for a baseline.
+    run_config: RunConfig | None
     # The token store's provenance it was trained on; stores must match it.
     provenance: dict
     # Its queries by label name.
@@ -60,6 +64,10 @@ class LoadedCheckpoint:
     val_srcc: dict[str, float]
     # Where the model lives.
     device: torch.device
+    # "adapter", or the name of the baseline method (adapter/baselines) the checkpoint holds.
+    method: str = ADAPTER_METHOD
+    # The fitted baseline when `method` is not "adapter"; it scores pooled image embeddings.
+    baseline: Baseline | None = None
 
     @property
     def scales(self) -> dict[str, TargetScale]:
@@ -68,13 +76,16 @@ class LoadedCheckpoint:
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
-    """Rebuild the adapter of a checkpoint (a .pt file, or a run folder meaning its best.pt).
+    """Rebuild the adapter or baseline of a checkpoint (a .pt file, or a run folder meaning its best.pt).
 
     Raises:
-        InputError: the file is missing or not a rankpipe checkpoint.
+        InputError: the file is missing or not a rankpipe checkpoint, or holds a method this rankpipe
+            does not know.
     """
     device = torch.device(device)
     payload = read_checkpoint(path, map_location="cpu")
+    if checkpoint_method(payload) != ADAPTER_METHOD:
+        return _load_baseline(Path(path), payload, device)
     run_config = RunConfig.from_json(payload["run_config"])
     dims = payload["dims"]
     model = RankingAdapter(run_config.adapter, int(dims["image_token_dim"]), int(dims["text_token_dim"]))
@@ -99,6 +110,30 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
         step=int(payload["step"]),
         val_srcc=dict(payload.get("val_srcc", {})),
         device=device,
+    )
+
+
+def _load_baseline(path: Path, payload: dict, device: torch.device) -> LoadedCheckpoint:
+    method = checkpoint_method(payload)
+    try:
+        cls = get_method(method)
+    except InputError as e:
+        raise InputError(f"checkpoint {path} holds method {method!r}, which this rankpipe does not know ({e})") from e
+    labels = {
+        entry["name"]: CheckpointLabel(entry["name"], entry["query"], None, TargetScale.from_dict(entry["target"]))
+        for entry in payload["labels"]
+    }
+    return LoadedCheckpoint(
+        path=path / "best.pt" if path.is_dir() else path,
+        model=None,
+        run_config=None,
+        provenance=payload["provenance"],
+        labels=labels,
+        step=int(payload["step"]),
+        val_srcc=dict(payload.get("val_srcc", {})),
+        device=device,
+        method=method,
+        baseline=cls.from_state(payload["method_config"], payload["model"]),
     )
 
 
@@ -150,13 +185,41 @@ def predict(
     order = np.argsort(rows, kind="stable")  # the store reads ascending rows
     sorted_rows = rows[order]
     entry = loaded.labels[label]
+    scores = np.empty(len(rows), dtype=np.float64)
+    if loaded.baseline is not None:
+        for i in range(0, len(rows), batch_size):
+            chunk = order[i : i + batch_size]
+            scores[chunk] = loaded.baseline.predict(label, store.image_embed(sorted_rows[i : i + batch_size]))
+        return scores
     chunks = (
         torch.from_numpy(np.ascontiguousarray(store.image_tokens(sorted_rows[i : i + batch_size]), dtype=np.float16))
         for i in range(0, len(rows), batch_size)
     )
-    scores = np.empty(len(rows), dtype=np.float64)
     scores[order] = score_batches(loaded.model, entry.text_tokens, chunks, loaded.device)
     return entry.scale.to_target_units(scores)
+
+
+def predict_embeddings(loaded: LoadedCheckpoint, label: str, embed: np.ndarray) -> np.ndarray:
+    """A baseline checkpoint's scores of pooled image embeddings, in label units.
+
+    Args:
+        loaded: a baseline checkpoint from `load_checkpoint`.
+        label: one of its label names.
+        embed: [n, E] CLIP's pooled, projected image embeddings (as the store's image/embed).
+
+    Returns:
+        [n] float64 scores in label units (target units for a "distance" target).
+
+    Raises:
+        InputError: an adapter checkpoint (it scores patch tokens), or an unknown label.
+    """
+    if loaded.baseline is None:
+        raise InputError(f"checkpoint {loaded.path} is a ranking adapter, which scores patch tokens, not pooled embeddings")
+    if label not in loaded.labels:
+        raise InputError(
+            f"checkpoint {loaded.path} was not trained on label {label!r}; its labels are {', '.join(loaded.labels)}"
+        )
+    return loaded.baseline.predict(label, embed)
 
 
 @torch.no_grad()

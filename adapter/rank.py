@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from rankpipe.adapter.predict import LoadedCheckpoint, load_checkpoint, score_batches
+from rankpipe.adapter.predict import LoadedCheckpoint, load_checkpoint, predict_embeddings, score_batches
 from rankpipe.adapter.targets import TargetScale
 from rankpipe.errors import InputError
 from rankpipe.pipeline.backbone import Backbone
@@ -99,6 +99,11 @@ def query_texts(loaded: LoadedCheckpoint, backbone: Backbone, queries: tuple[str
         if label is not None:
             out.append(QueryText(query, label.text_tokens, label.name, label.scale))
             continue
+        if loaded.baseline is not None:
+            raise InputError(
+                f"checkpoint {loaded.path} is a {loaded.method} baseline fitted on the queries "
+                f"{', '.join(repr(l.query) for l in loaded.labels.values())}; rank by one of them"
+            )
         text = backbone.encode_text(query)
         tokens = torch.from_numpy(text.tokens[: text.length].astype(np.float32)).to(loaded.device)  # [L, Dt]
         log.info("query %r is not one of the checkpoint's; its scores are raw adapter outputs", query)
@@ -142,9 +147,12 @@ def rank_images(
         skipped.extend(batch.skipped)
         if batch.images is None:
             continue
-        tokens = encode_tokens(backbone, batch.images)  # [b, P, D] float16
+        tokens, embed = encode_features(backbone, batch.images)  # [b, P, D], [b, E] float16
         for q, text in enumerate(texts):
-            parts[q].append(score_batches(loaded.model, text.text_tokens, [tokens], loaded.device))
+            if loaded.baseline is not None:  # baselines score the pooled embedding, in label units already
+                parts[q].append(predict_embeddings(loaded, text.label, embed.float().cpu().numpy()))
+            else:
+                parts[q].append(score_batches(loaded.model, text.text_tokens, [tokens], loaded.device))
         keys.extend(batch.keys)
         paths.extend(batch.paths)
     if not keys:
@@ -155,7 +163,7 @@ def rank_images(
     query_scores = []
     for text, chunks in zip(texts, parts):
         raw = np.concatenate(chunks)  # [n] normalised target units (raw for an unseen query)
-        scores = text.scale.to_target_units(raw) if text.scale is not None else raw
+        scores = text.scale.to_target_units(raw) if text.scale is not None and loaded.baseline is None else raw
         query_scores.append(QueryScores(text.query, text.label, scores))
     weights = config.query_weights
     combined = combine_scores(np.stack([q.scores for q in query_scores]), weights, config.combine)  # [n]
@@ -163,15 +171,16 @@ def rank_images(
 
 
 @torch.inference_mode()
-def encode_tokens(backbone: Backbone, images: torch.Tensor) -> torch.Tensor:
-    """[b, 3, H, W] preprocessed images -> [b, P, D] float16 patch tokens, as `rankpipe embed` stores them."""
+def encode_features(backbone: Backbone, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[b, 3, H, W] preprocessed images -> [b, P, D] patch tokens and [b, E] pooled embeddings, float16,
+    as `rankpipe embed` stores them."""
     device = backbone.device
     images = images.to(device, non_blocking=True)
     # The same compute dtype as the embed job: bf16 autocast on CUDA, float32 on the CPU.
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     with autocast:
-        tokens, _ = backbone.encode_images(images)  # [b, P, D]
-    return tokens.to(torch.float16)
+        tokens, embed = backbone.encode_images(images)  # [b, P, D], [b, E]
+    return tokens.to(torch.float16), embed.to(torch.float16)
 
 
 def _batches(source: ImageSource, backbone: Backbone, config: RankConfig, progress: bool):

@@ -34,7 +34,7 @@ from rankpipe.adapter.model import RankingAdapter
 from rankpipe.adapter.predict import score_batches
 from rankpipe.adapter.run_config import OptimConfig, RunConfig
 from rankpipe.errors import InputError
-from rankpipe.pipeline.manifest import Manifest
+from rankpipe.pipeline.manifest import Manifest, SplitSpec
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def train_from_store(
         manifest.label(name)
     device = torch.device(device)
     features = load_features(store, manifest, labels, device, run_config.train.max_resident_gb)
-    return train_adapter(features, out_dir, run_config, store.provenance, device, resume, progress)
+    return train_adapter(features, out_dir, run_config, store.provenance, device, resume, progress, splits=manifest.splits)
 
 
 def train_adapter(
@@ -129,8 +129,12 @@ def train_adapter(
     device: str | torch.device = "cpu",
     resume: bool = False,
     progress: Callable[[TrainEvent], None] | None = None,
+    splits: SplitSpec | None = None,
 ) -> TrainResult:
-    """Train an adapter on resident features (see train_from_store for the arguments)."""
+    """Train an adapter on resident features (see train_from_store for the arguments).
+
+    `splits`, the split roles the features were drawn with, is recorded in the checkpoints.
+    """
     out_dir = Path(out_dir)
     device = torch.device(device)
     cfg = run_config
@@ -164,7 +168,7 @@ def train_adapter(
         _truncate_history(out_dir / HISTORY, step)
         log.info("resumed %s at step %d", out_dir, step)
 
-    writer = CheckpointWriter(out_dir, cfg, features, provenance, device)
+    writer = CheckpointWriter(out_dir, cfg, features, provenance, device, splits=splits)
     monitor = _LossMonitor(device, cfg.train.batch_size)
     latest_mean = _mean(val_srcc)
     started = time.monotonic()

@@ -1,4 +1,4 @@
-"""`rankpipe train`: train the ranking adapter from a token store."""
+"""`rankpipe train`: train the ranking adapter, or fit a baseline (`--method`), from a token store."""
 
 from __future__ import annotations
 
@@ -19,13 +19,36 @@ import click
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), help="Where to train; default cuda when available.")
 @click.option("--seed", type=int, help="Shortcut for --set train.seed=N.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt (same settings; --max-steps may grow).")
-def train(store_path, out_dir, manifest_path, config_path, overrides, labels, max_steps, batch_size, device, seed, resume):
+@click.option("--method", default="adapter", show_default=True, metavar="NAME",
+              help="adapter, or a baseline: zero-shot, clip-iqa, linear-probe (docs/baselines.md). "
+                   "A baseline takes --set FIELD=VALUE for its own settings.")
+@click.option("--backbone-weights", type=click.Path(dir_okay=False, path_type=Path),
+              help="Baselines with prompts: weights file of the store's backbone when its provenance needs one.")
+def train(store_path, out_dir, manifest_path, config_path, overrides, labels, max_steps, batch_size, device, seed,
+          resume, method, backbone_weights):
     """Train the ranking adapter on a token store's cached CLIP tokens.
 
     Validates on the manifest's val split every train.eval_every steps and keeps the checkpoint with
-    the best mean Spearman correlation (SRCC) over the trained queries.
+    the best mean Spearman correlation (SRCC) over the trained queries. With --method NAME a baseline
+    is fitted on the store's pooled image embeddings instead and written to OUT/best.pt.
     """
     import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise click.UsageError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    if method != "adapter":
+        from rankpipe.adapter.baselines import get_method
+
+        get_method(method)  # an unknown name is refused before anything is read
+        adapter_only = {"--config": config_path, "--max-steps": max_steps, "--batch-size": batch_size,
+                        "--seed": seed, "--resume": resume or None}
+        given = [flag for flag, value in adapter_only.items() if value is not None]
+        if given:
+            raise click.UsageError(f"{', '.join(given)}: option(s) of adapter training; leave them out with --method {method}")
+        _fit_baseline(store_path, out_dir, manifest_path, overrides, labels, device or "cpu", method, backbone_weights)
+        return
+    if backbone_weights is not None:
+        raise click.UsageError("--backbone-weights is for baselines with prompts; the adapter trains from the store alone")
     from tqdm import tqdm
 
     from rankpipe.adapter.checkpoint import LAST, saved_run_config
@@ -41,8 +64,6 @@ def train(store_path, out_dir, manifest_path, config_path, overrides, labels, ma
     manifest = load_manifest(manifest_path) if manifest_path is not None else None
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise click.UsageError("--device cuda was asked for but no CUDA device is available; use --device cpu")
 
     bar = tqdm(total=run_config.train.max_steps, unit="step", dynamic_ncols=True)
 
@@ -66,3 +87,16 @@ def train(store_path, out_dir, manifest_path, config_path, overrides, labels, ma
         f"trained {result.steps} steps; best val SRCC at step {result.best_step}: {per_query} "
         f"(mean {result.best_mean_srcc:.4f}); best checkpoint {result.best_path}"
     )
+
+
+def _fit_baseline(store_path, out_dir, manifest_path, overrides, labels, device, method, backbone_weights) -> None:
+    from rankpipe.adapter.baselines.train import train_baseline
+    from rankpipe.pipeline.manifest import load_manifest
+    from rankpipe.pipeline.store import TokenStore
+
+    store = TokenStore.open(store_path)
+    manifest = load_manifest(manifest_path) if manifest_path is not None else None
+    result = train_baseline(store, out_dir, method, overrides, labels=list(labels) or None, manifest=manifest,
+                            device=device, backbone_weights=backbone_weights)
+    per_query = ", ".join(f"{name} {value:.4f}" for name, value in result.val_srcc.items())
+    click.echo(f"fitted {result.method}; val SRCC: {per_query} (mean {result.mean_srcc:.4f}); checkpoint {result.path}")

@@ -1,0 +1,70 @@
+"""What a baseline is fitted on: each label's pooled image embeddings and targets, train and val."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from rankpipe.adapter.targets import TargetScale, fit_target_scale, transform_target
+from rankpipe.errors import InputError
+from rankpipe.pipeline.manifest import Manifest
+
+
+@dataclasses.dataclass
+class LabelSplits:
+    """One label's training and validation data as a baseline sees it."""
+
+    # Label name in the store.
+    name: str
+    # The sentence that ranks by it.
+    query: str
+    # Target transform and training-split normalisation (what eval compares predictions with).
+    scale: TargetScale
+    # [n_train, E] float32 pooled image embeddings of the train split.
+    train_embed: np.ndarray
+    # [n_train] float64 targets in target units (label units for an identity target).
+    train_targets: np.ndarray
+    # [n_val, E] float32 pooled image embeddings of the val split.
+    val_embed: np.ndarray
+    # [n_val] float64 targets in target units.
+    val_targets: np.ndarray
+
+
+def load_label_splits(store, manifest: Manifest, labels: Sequence[str]) -> list[LabelSplits]:
+    """Read the train and val embeddings and targets of `labels` from a TokenStore.
+
+    Split roles and target transforms come from `manifest` (the store's own or an override).
+
+    Raises:
+        InputError: an unknown label, or a label with fewer than 2 train or val images.
+    """
+    train_values = list(manifest.splits.values("train"))
+    val_values = list(manifest.splits.values("val"))
+    out = []
+    for name in labels:
+        if name not in store.label_names:
+            raise InputError(f"store {store.path} has no label {name!r}; its labels are {', '.join(store.label_names)}")
+        transform = manifest.label(name).target
+        train_rows = store.rows(train_values, label=name)
+        val_rows = store.rows(val_values, label=name)
+        for role, rows, values in (("training", train_rows, train_values), ("validation", val_rows, val_values)):
+            if len(rows) < 2:
+                raise InputError(
+                    f"label {name!r} has {len(rows)} {role} image(s) in split values {values}; "
+                    "at least 2 are needed: check the manifest's splits or map them with --manifest"
+                )
+        raw = store.label(name)
+        out.append(
+            LabelSplits(
+                name=name,
+                query=store.query(name),
+                scale=fit_target_scale(raw[train_rows], transform, name),
+                train_embed=np.asarray(store.image_embed(train_rows), dtype=np.float32),
+                train_targets=transform_target(raw[train_rows], transform),
+                val_embed=np.asarray(store.image_embed(val_rows), dtype=np.float32),
+                val_targets=transform_target(raw[val_rows], transform),
+            )
+        )
+    return out
