@@ -27,9 +27,13 @@ import click
               help="Label name in the samples' json; only with a bare shard pattern; pair each with --query.")
 @click.option("--query", "queries", multiple=True, help="The sentence that ranks by the matching --label.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@click.option("--cluster", help="local:N: embed the tars on a dask LocalCluster of N worker processes (one GPU each "
+                                "with --device cuda); --workers is then unused.")
+@click.option("--scheduler", help="Address of a running dask scheduler (tcp://host:8786) whose workers embed the tars; "
+                                  "they must reach the tars and --store at the same paths.")
 def embed(source: str, store_path: Path, model: str, pretrained: str, seed: int, device: str, batch_size: int,
           workers: int, mode: str, compress: bool, labels: tuple[str, ...], queries: tuple[str, ...],
-          no_progress: bool) -> None:
+          no_progress: bool, cluster: str | None, scheduler: str | None) -> None:
     """Run the frozen CLIP over every tar of MANIFEST_OR_SHARD_PATTERN and cache its tokens in --store.
 
     MANIFEST_OR_SHARD_PATTERN is a manifest YAML file, or a brace pattern of tars
@@ -37,6 +41,7 @@ def embed(source: str, store_path: Path, model: str, pretrained: str, seed: int,
     unfinished store; a finished one is left as it is.
     """
     from rankpipe.pipeline.backbone import BackboneSpec
+    from rankpipe.pipeline.cluster import parse_cluster
     from rankpipe.pipeline.embed import embed as run_embed
     from rankpipe.pipeline.embed import manifest_for_pattern
     from rankpipe.pipeline.manifest import load_manifest
@@ -49,7 +54,22 @@ def embed(source: str, store_path: Path, model: str, pretrained: str, seed: int,
         manifest = load_manifest(source)
     else:
         manifest = manifest_for_pattern(source, list(zip(labels, queries)))
-    summary = run_embed(manifest, store_path, BackboneSpec(model, pretrained, seed), device=device,
-                        batch_size=batch_size, workers=workers, mode=mode, compress=compress,
-                        progress=not no_progress)
+    cluster_spec = parse_cluster(cluster, scheduler)
+    spec = BackboneSpec(model, pretrained, seed)
+    if cluster_spec is None:
+        summary = run_embed(manifest, store_path, spec, device=device, batch_size=batch_size, workers=workers,
+                            mode=mode, compress=compress, progress=not no_progress)
+    else:
+        from tqdm import tqdm
+
+        from rankpipe.pipeline.cluster import open_client
+        from rankpipe.pipeline.distributed_embed import embed_distributed
+
+        with open_client(cluster_spec, device) as client, tqdm(unit="tar", disable=no_progress, desc="embed") as bar:
+            def show(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+            summary = embed_distributed(manifest, store_path, spec, client, device=device, batch_size=batch_size,
+                                        mode=mode, compress=compress, progress=show)
     click.echo(summary.line())

@@ -21,8 +21,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "shards": ("rankpipe.cli.shards", "shards", "Pack images and labels into WebDataset tars with a manifest."),
     "train": ("rankpipe.cli.train", "train", "Train the ranking adapter from a token store."),
     "eval": ("rankpipe.cli.eval", "eval_command", "Evaluate a checkpoint on a store split: metrics, exports, report."),
-    "datasets": ("rankpipe.cli.datasets", "datasets", "Build ready-made ranking datasets (photo-tasks)."),
+    "datasets": ("rankpipe.cli.datasets", "datasets", "Build ready-made ranking datasets (photo-tasks) or prepare the paper's public ones."),
     "rank": ("rankpipe.cli.rank", "rank", "Rank new images by one or more queries with a trained checkpoint."),
+    "sweep": ("rankpipe.cli.sweep", "sweep", "Train many adapter settings from one store and tabulate them."),
 }
 
 
