@@ -3,7 +3,8 @@
 The image tokens of every row that training or validation needs are read from the store once and
 kept on the device as one fp16 tensor; a step then gathers its batch with an index tensor, so the
 loop does no host work and no host-device copies. Each query (label) keeps its own text tokens,
-row indices and normalised targets on the device.
+row indices and normalised targets on the device. (A store too large for the budget is streamed
+instead: see rankpipe.adapter.streaming, which draws its batches through the same interface.)
 
 Queries are mixed by drawing one query per step with probability proportional to its number of
 training images, so every training image is seen about equally often whatever query it belongs to.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -50,6 +52,20 @@ class QueryFeatures:
     val_targets: np.ndarray
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainBatch:
+    """One training step's batch: images of a single query."""
+
+    # Index of the query in the features' `queries`.
+    query_index: int
+    # [B, P, D] float16 image tokens, on the device.
+    image_tokens: torch.Tensor
+    # [B] float32 normalised targets, on the device.
+    targets: torch.Tensor
+    # [B] int64 indices into the features' `keys` (to name a bad batch).
+    rows: torch.Tensor
+
+
 @dataclasses.dataclass
 class ResidentFeatures:
     """Image tokens of all needed rows on the device, and the queries that index them."""
@@ -68,6 +84,24 @@ class ResidentFeatures:
     @property
     def text_token_dim(self) -> int:
         return int(self.queries[0].text_tokens.shape[-1])
+
+    @property
+    def train_sizes(self) -> list[int]:
+        """Training images of each query."""
+        return [len(q.train_index) for q in self.queries]
+
+    def train_batch(self, step: int, sampler: BatchSampler) -> TrainBatch:
+        """The batch of `step` (1-based): the sampler's query, a random subset of its training rows."""
+        query_index = sampler.query_for(step)
+        query = self.queries[query_index]
+        pos = sampler.sample(len(query.train_index), query.train_index.device)  # [B] positions in the query's train rows
+        rows = query.train_index[pos]  # [B] resident rows
+        return TrainBatch(query_index, self.image_tokens[rows], query.train_targets[pos], rows)
+
+    def val_batches(self, query_index: int, batch_size: int) -> Iterator[torch.Tensor]:
+        """[b, P, D] image tokens of a query's val rows, `batch_size` at a time, in val_targets order."""
+        query = self.queries[query_index]
+        return (self.image_tokens[chunk] for chunk in query.val_index.split(batch_size))
 
 
 def build_features(
@@ -117,8 +151,25 @@ def load_features(
     Split roles and target transforms come from `manifest` (the store's own or an override).
 
     Raises:
-        InputError: a label has fewer than 2 train or val images, or the tokens exceed `max_resident_gb`
-            (streaming from the store is not supported).
+        InputError: a label has fewer than 2 train or val images, or the tokens exceed `max_resident_gb`.
+    """
+    per_label = split_rows(store, manifest, labels)
+    rows = needed_rows(per_label)
+    gigabytes = token_gigabytes(store, len(rows))
+    if gigabytes > max_resident_gb:
+        raise InputError(
+            f"the {len(rows)} train/val images need {gigabytes:.1f} GB of image tokens, more than "
+            f"train.max_resident_gb={max_resident_gb}; raise it with --set train.max_resident_gb=N if the "
+            "device has the memory"
+        )
+    return read_resident(store, manifest, per_label, device)
+
+
+def split_rows(store, manifest: Manifest, labels: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The (train, val) store rows of each label, ascending.
+
+    Raises:
+        InputError: a label has fewer than 2 train or val images.
     """
     train_values = list(manifest.splits.values("train"))
     val_values = list(manifest.splits.values("val"))
@@ -137,39 +188,55 @@ def load_features(
                 "at least 2 are needed: map a val split with --manifest"
             )
         per_label[name] = (train_rows, val_rows)
-    rows = np.unique(np.concatenate([np.concatenate(pair) for pair in per_label.values()]))  # sorted [R]
-    _, num_tokens, dim = store.image_tokens(rows[:1]).shape
-    gigabytes = len(rows) * num_tokens * dim * 2 / 1e9
-    if gigabytes > max_resident_gb:
-        raise InputError(
-            f"the {len(rows)} train/val images need {gigabytes:.1f} GB of image tokens, more than "
-            f"train.max_resident_gb={max_resident_gb}; raise it with --set train.max_resident_gb=N if the "
-            "device has the memory (training that streams from the store is not supported)"
-        )
-    tokens = _read_rows(store, rows, device)
-    all_keys = store.keys()
+    return per_label
+
+
+def needed_rows(per_label: dict[str, tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """[R] sorted store rows that any label trains or validates on."""
+    return np.unique(np.concatenate([np.concatenate(pair) for pair in per_label.values()]))
+
+
+def token_gigabytes(store, num_rows: int) -> float:
+    """GB of fp16 image tokens of `num_rows` rows of the store."""
+    _, num_tokens, dim = store.image_tokens(np.arange(1)).shape
+    return num_rows * num_tokens * dim * 2 / 1e9
+
+
+def query_inputs(store, manifest: Manifest, name: str, train_rows: np.ndarray, val_rows: np.ndarray) -> dict:
+    """A label's query sentence, text tokens, target transform and raw train/val labels (see build_features)."""
+    raw = store.label(name)
+    text = store.text(name)
+    return {
+        "name": name,
+        "query": store.query(name),
+        "text_tokens": np.asarray(text.tokens[: text.length], dtype=np.float32),
+        "transform": manifest.label(name).target,
+        "train_labels": raw[train_rows],
+        "val_labels": raw[val_rows],
+    }
+
+
+def read_resident(
+    store, manifest: Manifest, per_label: dict[str, tuple[np.ndarray, np.ndarray]], device: torch.device | str
+) -> ResidentFeatures:
+    """Resident features of the rows in `per_label` (from split_rows), read onto the device."""
+    rows = needed_rows(per_label)
+    tokens = read_rows(store, rows, device)
     position = {int(r): i for i, r in enumerate(rows)}
     queries = []
     for name, (train_rows, val_rows) in per_label.items():
-        raw = store.label(name)
-        text = store.text(name)
-        queries.append(
-            {
-                "name": name,
-                "query": store.query(name),
-                "text_tokens": np.asarray(text.tokens[: text.length], dtype=np.float32),
-                "transform": manifest.label(name).target,
-                "train_rows": [position[int(r)] for r in train_rows],
-                "val_rows": [position[int(r)] for r in val_rows],
-                "train_labels": raw[train_rows],
-                "val_labels": raw[val_rows],
-            }
-        )
-    log.info("resident image tokens: %d rows x %d x %d (%.2f GB)", len(rows), num_tokens, dim, gigabytes)
-    return build_features(tokens, all_keys[rows], queries, device)
+        queries.append({
+            **query_inputs(store, manifest, name, train_rows, val_rows),
+            "train_rows": [position[int(r)] for r in train_rows],
+            "val_rows": [position[int(r)] for r in val_rows],
+        })
+    _, num_tokens, dim = tokens.shape
+    log.info("resident image tokens: %d rows x %d x %d (%.2f GB)", len(rows), num_tokens, dim,
+             token_gigabytes(store, len(rows)))
+    return build_features(tokens, store.keys()[rows], queries, device)
 
 
-def _read_rows(store, rows: np.ndarray, device: torch.device | str) -> torch.Tensor:
+def read_rows(store, rows: np.ndarray, device: torch.device | str) -> torch.Tensor:
     """[R, P, D] fp16 tokens of sorted `rows`, read one row block at a time into a device tensor."""
     first = store.image_tokens(rows[:1])
     out = torch.empty((len(rows), *first.shape[1:]), dtype=torch.float16, device=device)

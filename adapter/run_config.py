@@ -70,11 +70,15 @@ class TrainConfig:
     log_every: int = 20
     # Images per forward pass during validation and prediction (no pairs are computed there).
     eval_batch_size: int = 256
-    # Largest image-token cache, in GB, kept resident on the device; a larger store is refused.
+    # Largest image-token cache, in GB, kept on the device. Training streams a store whose train/val
+    # tokens exceed it, a window of whole row blocks at a time (see window_steps).
     max_resident_gb: float = 16.0
+    # Steps trained on one window of a streamed store before the next (read in the background)
+    # replaces it; the mean over an epoch, as each window's share follows its training images.
+    window_steps: int = 500
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "eval_every", "log_every", "eval_batch_size"):
+        for name in ("max_steps", "batch_size", "eval_every", "log_every", "eval_batch_size", "window_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, not {getattr(self, name)}")
         if self.batch_size < 2:

@@ -1,7 +1,8 @@
 """Training the ranking adapter from cached tokens: the loop, validation, checkpoints, resume.
 
 One step draws a query (see features.BatchSampler), gathers a batch of its training images from the
-resident token tensor, and takes an AdamW step on the regression + pairwise loss. Loss values stay on
+resident token tensor (or from the current window of a streamed store, see adapter/streaming.py), and
+takes an AdamW step on the regression + pairwise loss. Loss values stay on
 the device between reports: every `train.log_every` steps they are read once, together with a
 device-side record of the first non-finite step, so the loop has no other host syncs.
 
@@ -28,11 +29,12 @@ import torch
 import torch.nn.functional as F
 
 from rankpipe.adapter.checkpoint import BEST, LAST, CheckpointWriter, load_resume_state, set_rng_state
-from rankpipe.adapter.features import BatchSampler, ResidentFeatures, autocast, load_features
+from rankpipe.adapter.features import BatchSampler, autocast
 from rankpipe.adapter.losses import LossParts, ranking_loss
 from rankpipe.adapter.model import RankingAdapter
 from rankpipe.adapter.predict import score_batches
 from rankpipe.adapter.run_config import OptimConfig, RunConfig
+from rankpipe.adapter.streaming import TrainingFeatures, open_features
 from rankpipe.errors import InputError
 from rankpipe.pipeline.manifest import Manifest, SplitSpec
 
@@ -106,8 +108,8 @@ def train_from_store(
         progress: called with a TrainEvent at every report.
 
     Raises:
-        InputError: an unknown label, a manifest that does not match the store, a store too large for
-            `train.max_resident_gb`, or a resume that does not match the saved run.
+        InputError: an unknown label, a manifest that does not match the store, a row block too large
+            for a streaming window of `train.max_resident_gb`, or a resume that does not match the saved run.
         TrainingDiverged: the loss became non-finite.
     """
     manifest = _check_manifest(store, manifest)
@@ -117,12 +119,12 @@ def train_from_store(
             raise InputError(f"store {store.path} has no label {name!r}; its labels are {', '.join(store.label_names)}")
         manifest.label(name)
     device = torch.device(device)
-    features = load_features(store, manifest, labels, device, run_config.train.max_resident_gb)
+    features = open_features(store, manifest, labels, device, run_config.train)
     return train_adapter(features, out_dir, run_config, store.provenance, device, resume, progress, splits=manifest.splits)
 
 
 def train_adapter(
-    features: ResidentFeatures,
+    features: TrainingFeatures,
     out_dir: str | Path,
     run_config: RunConfig,
     provenance: dict,
@@ -131,7 +133,7 @@ def train_adapter(
     progress: Callable[[TrainEvent], None] | None = None,
     splits: SplitSpec | None = None,
 ) -> TrainResult:
-    """Train an adapter on resident features (see train_from_store for the arguments).
+    """Train an adapter on resident or streamed features (see train_from_store for the arguments).
 
     `splits`, the split roles the features were drawn with, is recorded in the checkpoints.
     """
@@ -154,8 +156,7 @@ def train_adapter(
         model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(cfg.optim, cfg.train.max_steps))
-    sizes = [len(q.train_index) for q in features.queries]
-    sampler = BatchSampler(sizes, cfg.train.batch_size, cfg.train.seed, device)
+    sampler = BatchSampler(features.train_sizes, cfg.train.batch_size, cfg.train.seed, device)
     step, best, val_srcc = 0, None, {}
     if saved is not None:
         model.load_state_dict(saved["model"])
@@ -174,21 +175,17 @@ def train_adapter(
     started = time.monotonic()
     while step < cfg.train.max_steps:
         step += 1
-        query_index = sampler.query_for(step)
-        query = features.queries[query_index]
-        pos = sampler.sample(sizes[query_index], device)  # [B] positions in the query's train rows
-        rows = query.train_index[pos]  # [B] resident rows
-        image_tokens = features.image_tokens[rows]  # [B, P, D] fp16
+        batch = features.train_batch(step, sampler)  # [B, P, D] fp16 tokens of one query's images
         with autocast(device):
-            output = model(image_tokens, query.text_tokens, with_pairs=True)
-        parts = ranking_loss(output, query.train_targets[pos], cfg.loss)
+            output = model(batch.image_tokens, features.queries[batch.query_index].text_tokens, with_pairs=True)
+        parts = ranking_loss(output, batch.targets, cfg.loss)
         optimizer.zero_grad(set_to_none=True)
         parts.total.backward()
         if cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         optimizer.step()
         scheduler.step()
-        monitor.update(step, parts, rows, query_index)
+        monitor.update(step, parts, batch.rows, batch.query_index)
 
         is_last = step == cfg.train.max_steps
         is_eval = step % cfg.train.eval_every == 0 or is_last
@@ -223,12 +220,11 @@ def train_adapter(
     )
 
 
-def validate(model: RankingAdapter, features: ResidentFeatures, batch_size: int, device: torch.device) -> dict[str, float]:
+def validate(model: RankingAdapter, features: TrainingFeatures, batch_size: int, device: torch.device) -> dict[str, float]:
     """Spearman correlation between the adapter's scores and the targets of each query's val images."""
     out = {}
-    for query in features.queries:
-        batches = (features.image_tokens[chunk] for chunk in query.val_index.split(batch_size))
-        scores = score_batches(model, query.text_tokens, batches, device)
+    for index, query in enumerate(features.queries):
+        scores = score_batches(model, query.text_tokens, features.val_batches(index, batch_size), device)
         out[query.name] = spearman(scores, query.val_targets)
     return out
 
@@ -276,7 +272,7 @@ class _LossMonitor:
         self.sums += torch.where(finite, values, torch.zeros_like(values))
         self.count += 1
 
-    def raise_if_diverged(self, features: ResidentFeatures, last_good: str) -> None:
+    def raise_if_diverged(self, features: TrainingFeatures, last_good: str) -> None:
         bad_step = int(self.bad_step)
         if bad_step < 0:
             return

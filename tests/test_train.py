@@ -44,12 +44,13 @@ def one_thread():
 
 
 def write_synthetic_store(path, n: int = 120, seed: int = 0, provenance: dict | None = None,
-                          distance_ref: float | None = None, held_out: str | None = None) -> TokenStore:
-    """A learnable token store of two tars written with the store API.
+                          distance_ref: float | None = None, held_out: str | None = None,
+                          tars: int = 2, val_every: int = 3) -> TokenStore:
+    """A learnable token store of `tars` tars written with the store API.
 
     Label "count" is written into channel 0 of every image token and label "size" into channel 1
-    (plus noise), so an adapter can learn both; the other channels are noise. Every third row is
-    val, the rest train; one row is invalid and some "size" labels are missing.
+    (plus noise), so an adapter can learn both; the other channels are noise. Every `val_every`-th
+    row is val, the rest train; one row is invalid and some "size" labels are missing.
     """
     rng = np.random.default_rng(seed)
     provenance = dict(provenance or PROVENANCE)
@@ -61,13 +62,13 @@ def write_synthetic_store(path, n: int = 120, seed: int = 0, provenance: dict | 
     labels["size"][::17] = np.nan
     valid = np.ones(n, bool)
     valid[5] = False
-    splits = np.where(np.arange(n) % 3 == 2, "val", "train")
+    splits = np.where(np.arange(n) % val_every == val_every - 1, "val", "train")
     if held_out is not None:  # a query kept out of training: labelled on val rows only
         labels[held_out][splits == "train"] = np.nan
     keys = np.array([f"img{i:04d}" for i in range(n)])
     count_target = TargetTransform("distance", distance_ref) if distance_ref is not None else TargetTransform()
     manifest = Manifest(
-        name="synthetic", shards="x-{000000..000001}.tar",
+        name="synthetic", shards=f"x-{{000000..{tars - 1:06d}}}.tar",
         labels=(LabelSpec("count", "Sort images by the number of dots.", target=count_target),
                 LabelSpec("size", "Sort images by size.")),
     )
@@ -75,12 +76,12 @@ def write_synthetic_store(path, n: int = 120, seed: int = 0, provenance: dict | 
         label.query: TextFeatures(tokens=rng.normal(0, 1, (L, Dt)).astype(np.float16), length=4 + i, embed=np.zeros(8, np.float16))
         for i, label in enumerate(manifest.labels)
     }
-    half = n // 2
-    plan = plan_store([TarInfo("x-000000.tar", half), TarInfo("x-000001.tar", n - half)], P * D * 2, StoreConfig())
+    sizes = [n // tars] * (tars - 1) + [n - (tars - 1) * (n // tars)]
+    plan = plan_store([TarInfo(f"x-{t:06d}.tar", size) for t, size in enumerate(sizes)], P * D * 2, StoreConfig())
     store = create_store(path, plan, provenance, manifest, texts, StoreConfig())
     for t, block in enumerate(plan.tars):
         size = block.row_stop - block.row_start
-        src = slice(t * half, t * half + block.count)
+        src = slice(t * (n // tars), t * (n // tars) + block.count)
 
         def padded(values, fill):
             out = np.full((size, *values.shape[1:]), fill, dtype=values.dtype)
@@ -137,9 +138,14 @@ def test_same_seed_gives_identical_weights_and_other_seed_does_not(tmp_path, sto
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
+# A budget under the synthetic store's 15 kB of tokens: training streams windows of one tar each.
+STREAMED = ("train.max_resident_gb=1.2e-5", "train.window_steps=7")
+
+
+@pytest.mark.parametrize("budget", [(), STREAMED], ids=["resident", "streamed"])
 @pytest.mark.parametrize("interrupt_at", [20, 40])
-def test_resume_equals_an_uninterrupted_run(tmp_path, store, interrupt_at):
-    config = tiny_config("train.max_steps=60", "adapter.dropout=0.1")
+def test_resume_equals_an_uninterrupted_run(tmp_path, store, interrupt_at, budget):
+    config = tiny_config("train.max_steps=60", "adapter.dropout=0.1", *budget)
     full = train_from_store(store, tmp_path / "full", config)
 
     class Interrupt(Exception):
