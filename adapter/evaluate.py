@@ -6,6 +6,9 @@ checkpoint predicts in: the label itself for an "identity" target, -|label - ref
 
 Every image of the split is scored, with or without a label; images without one appear in the
 rankings and are left out of (and counted by) the metrics.
+
+Several checkpoints are the folds of a k-fold protocol: each is evaluated on its own test split and
+the metrics are summarised over folds (adapter/folds.py).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -24,8 +27,11 @@ from rankpipe.adapter.predict import LoadedCheckpoint, check_compatible, load_ch
 from rankpipe.adapter.targets import transform_target
 from rankpipe.errors import InputError
 from rankpipe.pipeline.exports import QueryRanking, export_format, write_rankings
-from rankpipe.pipeline.manifest import SPLIT_ROLES
+from rankpipe.pipeline.manifest import SPLIT_ROLES, LabelSpec, Manifest, SplitSpec, load_manifest
 from rankpipe.pipeline.report import ReportConfig, ReportSection, write_report
+
+if TYPE_CHECKING:
+    from rankpipe.adapter.folds import FoldResults
 
 log = logging.getLogger(__name__)
 
@@ -134,13 +140,18 @@ def select_labels(loaded: LoadedCheckpoint, store, requested: Sequence[str]) -> 
     return shared
 
 
-def split_rows(store, role: str) -> tuple[tuple[str, ...], np.ndarray]:
+def split_rows(store, role: str, splits: SplitSpec | None = None) -> tuple[tuple[str, ...], np.ndarray]:
     """The split values of a role and the store rows of its valid images (labelled or not).
+
+    Args:
+        store: an open TokenStore.
+        role: "train", "val" or "test".
+        splits: the split roles to use; None = the store manifest's.
 
     Raises:
         InputError: the split has no valid image in the store.
     """
-    values = tuple(store.manifest.splits.values(role))
+    values = tuple((splits or store.manifest.splits).values(role))
     rows = np.asarray(store.rows(list(values)), dtype=np.int64)
     if len(rows) == 0:
         raise InputError(
@@ -150,25 +161,31 @@ def split_rows(store, role: str) -> tuple[tuple[str, ...], np.ndarray]:
     return values, rows
 
 
-def evaluate(loaded: LoadedCheckpoint, store, config: EvalConfig = EvalConfig()) -> EvalResults:
+def evaluate(
+    loaded: LoadedCheckpoint, store, config: EvalConfig = EvalConfig(), manifest: Manifest | None = None
+) -> EvalResults:
     """Score every image of a split with each query and compute the metrics.
 
     Args:
         loaded: a checkpoint from `load_checkpoint`.
         store: an open TokenStore embedded with the checkpoint's backbone.
         config: split, labels, metric and batch settings.
+        manifest: split roles and metric families to evaluate with; None = the store's manifest.
 
     Raises:
-        InputError: store and checkpoint from different backbones, an unknown label, or an empty split.
+        InputError: store and checkpoint from different backbones, an unknown label, an empty split,
+            or a manifest whose labels do not match the store's.
     """
+    manifest = manifest or store.manifest
     check_compatible(loaded.provenance, store, f"checkpoint {loaded.path}")
     labels = select_labels(loaded, store, config.labels)
-    values, rows = split_rows(store, config.split)
+    specs = {name: _label_spec(manifest, store, name) for name in labels}
+    values, rows = split_rows(store, config.split, manifest.splits)
     keys = np.asarray(store.keys(), dtype=str)[rows]
     splits = np.asarray(store.splits(), dtype=str)[rows]
     queries = []
     for name in labels:
-        spec = store.manifest.label(name)
+        spec = specs[name]
         transform = loaded.labels[name].scale.transform
         truth = transform_target(np.asarray(store.label(name), dtype=np.float64)[rows], transform)
         scores = predict(loaded, store, name, rows, batch_size=config.batch_size)
@@ -210,6 +227,12 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def results_text(results: EvalResults) -> str:
+    """What the terminal shows: the metrics table, then one line per note."""
+    notes = [f"note ({q.label}): {note}" for q in results.queries for note in q.metrics.notes]
+    return "\n".join([markdown_table(*results_table(results)), *notes])
+
+
 def results_markdown(results: EvalResults) -> str:
     """results.md: a heading naming checkpoint, store and split, the table, and the notes."""
     header, rows = results_table(results)
@@ -239,6 +262,17 @@ def write_results(results: EvalResults, out_dir: str | Path) -> tuple[Path, Path
     json_path.write_text(json.dumps(results.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     md_path.write_text(results_markdown(results), encoding="utf-8")
     return json_path, md_path
+
+
+def _label_spec(manifest: Manifest, store, name: str) -> LabelSpec:
+    """The manifest's spec of a label, refused when it asks another query than the store embedded."""
+    spec = manifest.label(name)
+    if manifest is not store.manifest and spec.query != store.manifest.label(name).query:
+        raise InputError(
+            f"manifest {manifest.path or manifest.name} asks {spec.query!r} for label {name!r} but store "
+            f"{store.path} embedded {store.manifest.label(name).query!r}; use a manifest with the store's queries"
+        )
+    return spec
 
 
 def _class_notes(truth: np.ndarray, classes: Sequence[float] | None) -> tuple[str, ...]:
@@ -285,36 +319,70 @@ class EvalRequest:
     report: ReportConfig = ReportConfig()
     # Where the adapter runs: "cpu" or "cuda[:i]".
     device: str = "cpu"
+    # Checkpoints of the further folds of a k-fold protocol (the first fold's is `checkpoint`); with any,
+    # each fold is evaluated on its own split and the metrics are summarised as mean ± std over folds.
+    fold_checkpoints: tuple[Path, ...] = ()
+    # Manifests giving the split roles of each checkpoint, paired in order with `checkpoints`; empty =
+    # the store's manifest for one checkpoint, the split roles each fold was trained with for several.
+    manifests: tuple[Path, ...] = ()
+
+    @property
+    def checkpoints(self) -> tuple[Path, ...]:
+        """Every checkpoint, one per fold."""
+        return (self.checkpoint, *self.fold_checkpoints)
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalOutputs:
     """What a run computed and the files it wrote."""
 
-    results: EvalResults
+    # One checkpoint's results, or the folds and their summary for several checkpoints.
+    results: EvalResults | FoldResults
     # results.json, results.md, then the exports, then the report's index.html.
     files: tuple[Path, ...]
+    # What the terminal shows: the metrics table(s) and notes.
+    text: str = ""
 
 
 def run_evaluation(request: EvalRequest) -> EvalOutputs:
     """Evaluate, then write results, exports and report; nothing is written unless everything is valid.
 
     Raises:
-        InputError: a missing store or checkpoint, a store from another backbone, an unknown split or
-            label, or an export path with an unknown suffix.
+        InputError: a missing store, checkpoint or manifest, a store from another backbone, an unknown
+            split or label, an export path with an unknown suffix, or as many manifests as checkpoints
+            not given.
     """
+    # The fold code builds on this module's evaluation, so it is imported where it is used.
+    from rankpipe.adapter import folds
+
     for path in request.exports:
         export_format(path)
-    loaded = load_checkpoint(request.checkpoint, request.device)
+    if request.manifests and len(request.manifests) != len(request.checkpoints):
+        raise InputError(
+            f"got {len(request.checkpoints)} checkpoint(s) and {len(request.manifests)} manifest(s); "
+            "pass one --manifest per --checkpoint, in the same order, or none"
+        )
+    loaded = [load_checkpoint(path, request.device) for path in request.checkpoints]
+    manifests = [load_manifest(path) for path in request.manifests]
     store = _open_store(request.store)
-    results = evaluate(loaded, store, request.config)
-    out_dir = request.out_dir if request.out_dir is not None else loaded.path.parent
-    files = list(write_results(results, out_dir))
-    rankings = [q.ranking for q in results.queries]
+    out_dir = request.out_dir if request.out_dir is not None else loaded[0].path.parent
+    if len(loaded) == 1:
+        results = evaluate(loaded[0], store, request.config, manifests[0] if manifests else None)
+        files = list(write_results(results, out_dir))
+        rankings = [q.ranking for q in results.queries]
+        text = results_text(results)
+    else:
+        results = folds.evaluate_folds(loaded, store, request.config, manifests or None)
+        files = list(folds.write_fold_results(results, out_dir))
+        rankings = results.rankings()
+        text = folds.folds_markdown(results)
     files += [write_rankings(path, rankings) for path in request.exports]
     if request.report_dir is not None:
-        files.append(_write_report(results, store.tar_urls(), request.report_dir, request.report))
-    return EvalOutputs(results, tuple(files))
+        if len(loaded) == 1:
+            files.append(_write_report(results, store.tar_urls(), request.report_dir, request.report))
+        else:
+            files.append(folds.write_fold_report(results, store.tar_urls(), request.report_dir, request.report))
+    return EvalOutputs(results, tuple(files), text)
 
 
 def _open_store(path: Path):
@@ -323,15 +391,26 @@ def _open_store(path: Path):
     return TokenStore.open(path)
 
 
-def _write_report(results: EvalResults, tar_urls: Sequence[str], out_dir: Path, config: ReportConfig) -> Path:
-    header, rows = results_table(results)
+def report_sections(results: EvalResults, prefix: str = "") -> list[ReportSection]:
+    """One report section per query: its headline metrics, scatter plot and contact sheets.
+
+    Args:
+        results: one checkpoint's evaluation.
+        prefix: put before each section title (e.g. the fold).
+    """
     sections = []
     for q in results.queries:
         headline = [
             f"{METRICS[name][0]} {_cell(e.value, e.low, e.high, name)}" for name, e in q.metrics.estimates.items()
         ]
         summary = f"{q.metrics.n} labelled images ({q.metrics.n_missing} without label). " + " · ".join(headline)
-        sections.append(ReportSection(q.label, q.ranking, summary, q.metrics.notes))
+        sections.append(ReportSection(prefix + q.label, q.ranking, summary, q.metrics.notes))
+    return sections
+
+
+def _write_report(results: EvalResults, tar_urls: Sequence[str], out_dir: Path, config: ReportConfig) -> Path:
+    header, rows = results_table(results)
+    sections = report_sections(results)
     details = [
         ("checkpoint", f"{results.checkpoint} (step {results.step})"),
         ("store", results.store),

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from rankpipe.adapter.evaluate import EvalConfig, EvalRequest, markdown_table, results_table, run_evaluation
+from rankpipe.adapter.evaluate import EvalConfig, EvalRequest, run_evaluation
 from rankpipe.adapter.metrics import MetricConfig
 from rankpipe.pipeline.contact_sheet import SheetConfig
 from rankpipe.pipeline.manifest import SPLIT_ROLES
@@ -16,8 +16,12 @@ from rankpipe.pipeline.report import ReportConfig
 @click.command("eval")
 @click.option("--store", "store", required=True, type=click.Path(exists=True, path_type=Path),
               help="Token store (.zarr) written by `rankpipe embed`.")
-@click.option("--checkpoint", required=True, type=click.Path(exists=True, path_type=Path),
-              help="Checkpoint .pt written by `rankpipe train`, or its run folder (meaning best.pt).")
+@click.option("--checkpoint", "checkpoints", required=True, multiple=True, type=click.Path(exists=True, path_type=Path),
+              help="Checkpoint .pt written by `rankpipe train`, or its run folder (meaning best.pt); "
+                   "repeat for the folds of a k-fold protocol.")
+@click.option("--manifest", "manifests", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Manifest whose split roles a checkpoint is evaluated with, paired in order with --checkpoint "
+                   "[default: the store's for one checkpoint, the roles each fold was trained with for several].")
 @click.option("--split", type=click.Choice(SPLIT_ROLES), default="test", show_default=True,
               help="Split role to evaluate, mapped to split values by the store's manifest.")
 @click.option("--label", "labels", multiple=True,
@@ -37,7 +41,7 @@ from rankpipe.pipeline.report import ReportConfig
               help="Images per adapter forward pass.")
 @click.option("--device", default="cpu", show_default=True, help="Where the adapter runs: cpu or cuda[:i].")
 def eval_command(
-    store: Path, checkpoint: Path, split: str, labels: tuple[str, ...], exports: tuple[Path, ...],
+    store: Path, checkpoints: tuple[Path, ...], manifests: tuple[Path, ...], split: str, labels: tuple[str, ...], exports: tuple[Path, ...],
     report_dir: Path | None, out_dir: Path | None, bootstrap: int, seed: int, top_k: int, batch_size: int, device: str,
 ) -> None:
     """Evaluate a checkpoint on a store split: metrics, exports, report.
@@ -47,10 +51,16 @@ def eval_command(
     accuracy and class MAE for ordinal labels, each with a seeded bootstrap interval. Images without
     a label are ranked and exported but left out of the metrics (the table counts them).
     Writes results.json and results.md and prints the table.
+
+    \b
+    Several --checkpoint are the folds of a k-fold protocol: each is evaluated on its own split
+    and the tables show every fold and the mean ± std (ddof=1) of each metric over folds.
     """
     request = EvalRequest(
         store=store,
-        checkpoint=checkpoint,
+        checkpoint=checkpoints[0],
+        fold_checkpoints=checkpoints[1:],
+        manifests=manifests,
         config=EvalConfig(split=split, labels=labels, metrics=MetricConfig(bootstrap=bootstrap, seed=seed), batch_size=batch_size),
         out_dir=out_dir,
         exports=exports,
@@ -59,9 +69,6 @@ def eval_command(
         device=device,
     )
     outputs = run_evaluation(request)
-    click.echo(markdown_table(*results_table(outputs.results)))
-    for q in outputs.results.queries:
-        for note in q.metrics.notes:
-            click.echo(f"note ({q.label}): {note}")
+    click.echo(outputs.text)
     for path in outputs.files:
         click.echo(f"wrote {path}")

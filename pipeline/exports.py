@@ -1,7 +1,8 @@
 """Rankings of a split's images per query, and their CSV / JSONL / HDF5 files (layout in docs/exports.md).
 
 A ranking file is one table with the columns `COLUMNS`, one row per (query, image): rows are grouped
-by query in the order given, and within a query sorted by rank. Rank 1 is the highest score; equal
+by query in the order given, and within a query sorted by rank. Rankings of a k-fold evaluation carry
+their fold, and the table then has a last column `fold`. Rank 1 is the highest score; equal
 scores are ordered by key so that files are reproducible. Missing labels are empty cells (CSV), null
 (JSONL) or NaN (HDF5). Files are written to a temporary name and renamed, so a failed export never
 leaves a half-written file in place of an old one.
@@ -24,6 +25,8 @@ from rankpipe.errors import InputError
 # Column names in file order: image key, query sentence, predicted score, rank within the query,
 # label in label units (NaN when missing) and the sample's split value.
 COLUMNS = ("key", "query", "score", "rank", "label", "split")
+# The column appended after COLUMNS when the rankings come from several folds: the fold's index.
+FOLD_COLUMN = "fold"
 # HDF5 files carry this format tag and version in their root attrs.
 H5_FORMAT = "rankpipe-rankings"
 H5_VERSION = 1
@@ -43,6 +46,8 @@ class QueryRanking:
     labels: np.ndarray
     # [n] the split value of each image.
     splits: np.ndarray
+    # Index of the fold (checkpoint) of a k-fold evaluation that made the ranking; None for one checkpoint.
+    fold: int | None = None
 
     def __post_init__(self) -> None:
         n = len(self.keys)
@@ -63,8 +68,15 @@ class QueryRanking:
 
 
 def rankings_table(rankings: Sequence[QueryRanking]) -> dict[str, np.ndarray]:
-    """The rows of all rankings as columns: grouped by query in the given order, sorted by rank."""
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in COLUMNS}
+    """The rows of all rankings as columns: grouped by query in the given order, sorted by rank.
+
+    The columns are COLUMNS, plus FOLD_COLUMN when the rankings carry folds (all or none must).
+    """
+    with_fold = [r.fold is not None for r in rankings]
+    if any(with_fold) and not all(with_fold):
+        raise ValueError("either every ranking or none carries a fold")
+    columns = COLUMNS + (FOLD_COLUMN,) if any(with_fold) else COLUMNS
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in columns}
     for ranking in rankings:
         order = ranking.order()
         n = len(order)
@@ -74,9 +86,10 @@ def rankings_table(rankings: Sequence[QueryRanking]) -> dict[str, np.ndarray]:
         parts["rank"].append(np.arange(1, n + 1, dtype=np.int64))
         parts["label"].append(np.asarray(ranking.labels, dtype=np.float64)[order])
         parts["split"].append(np.asarray(ranking.splits, dtype=str)[order])
-    empty = {"key": str, "query": str, "score": np.float64, "rank": np.int64, "label": np.float64, "split": str}
+        if ranking.fold is not None:
+            parts[FOLD_COLUMN].append(np.full(n, ranking.fold, dtype=np.int64))
     return {
-        name: np.concatenate(parts[name]) if parts[name] else np.array([], dtype=empty[name]) for name in COLUMNS
+        name: np.concatenate(parts[name]) if parts[name] else np.array([], dtype=_DTYPES[name]) for name in columns
     }
 
 
@@ -123,25 +136,28 @@ def export_format(path: str | Path) -> str:
 
 
 def _write_csv(path: Path, table: dict[str, np.ndarray]) -> None:
+    columns = list(table)
     with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(COLUMNS)
-        for row in zip(*(table[name] for name in COLUMNS)):
-            key, query, score, rank, label, split = row
+        writer.writerow(columns)
+        for row in zip(*(table[name] for name in columns)):
+            key, query, score, rank, label, split, *fold = row
             # repr of a Python float is the shortest text that reads back to the same float.
-            writer.writerow([key, query, repr(float(score)), int(rank), "" if math.isnan(label) else repr(float(label)), split])
+            cells = [key, query, repr(float(score)), int(rank), "" if math.isnan(label) else repr(float(label)), split]
+            writer.writerow(cells + [int(v) for v in fold])
 
 
 def _read_csv(path: Path) -> dict[str, np.ndarray]:
     with path.open(newline="", encoding="utf-8") as f:
         reader = csv.reader(f)
-        header = next(reader, None)
-        if tuple(header or ()) != COLUMNS:
-            raise InputError(f"{path} is not a ranking CSV: its header must be {','.join(COLUMNS)}")
+        header = tuple(next(reader, None) or ())
+        if header not in (COLUMNS, COLUMNS + (FOLD_COLUMN,)):
+            raise InputError(f"{path} is not a ranking CSV: its header must be {','.join(COLUMNS)}[,{FOLD_COLUMN}]")
         rows = list(reader)
     return _columns_from_rows(
-        [(key, query, float(score), int(rank), float(label) if label else math.nan, split)
-         for key, query, score, rank, label, split in rows]
+        header,
+        [(key, query, float(score), int(rank), float(label) if label else math.nan, split, *(int(v) for v in fold))
+         for key, query, score, rank, label, split, *fold in rows],
     )
 
 
@@ -149,24 +165,28 @@ def _read_csv(path: Path) -> dict[str, np.ndarray]:
 
 
 def _write_jsonl(path: Path, table: dict[str, np.ndarray]) -> None:
+    columns = list(table)
     with path.open("w", encoding="utf-8") as f:
-        for key, query, score, rank, label, split in zip(*(table[name] for name in COLUMNS)):
+        for key, query, score, rank, label, split, *fold in zip(*(table[name] for name in columns)):
             record = {
                 "key": str(key), "query": str(query), "score": float(score), "rank": int(rank),
                 "label": None if math.isnan(label) else float(label), "split": str(split),
             }
+            record.update((FOLD_COLUMN, int(v)) for v in fold)
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def _read_jsonl(path: Path) -> dict[str, np.ndarray]:
-    rows = []
+    rows, columns = [], COLUMNS
     with path.open(encoding="utf-8") as f:
         for line in f:
             if line.strip():
                 r = json.loads(line)
                 label = math.nan if r["label"] is None else float(r["label"])
-                rows.append((r["key"], r["query"], float(r["score"]), int(r["rank"]), label, r["split"]))
-    return _columns_from_rows(rows)
+                fold = (int(r[FOLD_COLUMN]),) if FOLD_COLUMN in r else ()
+                columns = COLUMNS + (FOLD_COLUMN,) if fold else COLUMNS
+                rows.append((r["key"], r["query"], float(r["score"]), int(r["rank"]), label, r["split"], *fold))
+    return _columns_from_rows(columns, rows)
 
 
 # ---------------------------------------------------------------------------- HDF5
@@ -179,8 +199,8 @@ def _write_h5(path: Path, table: dict[str, np.ndarray]) -> None:
     with h5py.File(path, "w") as f:
         f.attrs["format"] = H5_FORMAT
         f.attrs["version"] = H5_VERSION
-        f.attrs["columns"] = list(COLUMNS)
-        for name in COLUMNS:
+        f.attrs["columns"] = list(table)
+        for name in table:
             column = table[name]
             if column.dtype.kind in "US":
                 f.create_dataset(name, data=column.astype(object), dtype=text)
@@ -195,7 +215,7 @@ def _read_h5(path: Path) -> dict[str, np.ndarray]:
         if f.attrs.get("format") != H5_FORMAT:
             raise InputError(f"{path} is not a ranking HDF5 file (its 'format' attribute is not {H5_FORMAT!r})")
         out = {}
-        for name in COLUMNS:
+        for name in COLUMNS + ((FOLD_COLUMN,) if FOLD_COLUMN in f else ()):
             dataset = f[name]
             if h5py.check_string_dtype(dataset.dtype) is not None:
                 out[name] = dataset.asstr()[()].astype(str)
@@ -204,10 +224,15 @@ def _read_h5(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def _columns_from_rows(rows: list[tuple]) -> dict[str, np.ndarray]:
-    dtypes = (str, str, np.float64, np.int64, np.float64, str)
-    columns = list(zip(*rows)) if rows else [()] * len(COLUMNS)
-    return {name: np.array(values, dtype=dtype) for name, values, dtype in zip(COLUMNS, columns, dtypes)}
+def _columns_from_rows(names: Sequence[str], rows: list[tuple]) -> dict[str, np.ndarray]:
+    columns = list(zip(*rows)) if rows else [()] * len(names)
+    return {name: np.array(values, dtype=_DTYPES[name]) for name, values in zip(names, columns)}
+
+
+_DTYPES = {
+    "key": str, "query": str, "score": np.float64, "rank": np.int64, "label": np.float64, "split": str,
+    FOLD_COLUMN: np.int64,
+}
 
 
 _SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".h5": "hdf5", ".hdf5": "hdf5"}
