@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "eval": ("rankpipe.cli.eval", "eval_command", "Evaluate a checkpoint on a store split: metrics, exports, report."),
     "datasets": ("rankpipe.cli.datasets", "datasets", "Build ready-made ranking datasets (photo-tasks) or prepare the paper's public ones."),
     "rank": ("rankpipe.cli.rank", "rank", "Rank new images by one or more queries with a trained checkpoint."),
+    "bench": ("rankpipe.cli.bench", "bench", "Embed once, then train and evaluate adapter variants over seeds into one table."),
     "sweep": ("rankpipe.cli.sweep", "sweep", "Train many adapter settings from one store and tabulate them."),
 }
 

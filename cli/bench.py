@@ -1,0 +1,61 @@
+"""`rankpipe bench`: embed a task set once, then train and evaluate adapter variants over seeds into one table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from rankpipe.adapter.bench_variants import variant_names
+
+
+@click.command("bench")
+@click.option("--tasks", "tasks", type=click.Path(file_okay=False, path_type=Path),
+              help="Task-set folder with manifest.yaml (e.g. from `rankpipe datasets build photo-tasks`). "
+                   "Left out: photo-tasks is built into OUT/photo-tasks (small with --quick, else full).")
+@click.option("--model", default="ViT-B-16", show_default=True,
+              help="open_clip model name (rankpipe-tiny-vit for a quick CPU check).")
+@click.option("--pretrained", default="none", show_default=True,
+              help="open_clip pretrained tag, a local checkpoint file, or 'none' for random weights.")
+@click.option("--variants", "variants_text", default="default,regression-only,subtraction-head,k1,k4,k9",
+              show_default=True,
+              help=f"Comma-separated rows to train, from: {', '.join(variant_names())} (docs/bench.md).")
+@click.option("--seeds", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Training seeds per variant (0..N-1); the table shows mean ± std over them.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the store, the runs and results.md/results.csv; rerunning resumes it.")
+@click.option("--quick", is_flag=True, help="Small adapter and few steps: the whole bench on a CPU in minutes.")
+@click.option("--steps", type=click.IntRange(min=1), help="Training steps per run (default: 150 with --quick, "
+                                                          "else the run config's train.max_steps).")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.FIELD=VALUE",
+              help="Run-config override for every run, applied before each variant's own (repeatable).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Where to embed and train; default cuda when available.")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0),
+              help="Decoding processes while embedding.")
+@click.option("--embed-batch-size", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Images per backbone forward pass while embedding.")
+def bench(tasks, model, pretrained, variants_text, seeds, out_dir, quick, steps, overrides, device, workers,
+          embed_batch_size) -> None:
+    """Embed a task set once, then train and evaluate each variant with each seed into one table.
+
+    \b
+    Writes OUT/store.zarr, OUT/runs/<variant>/seed<k>/ and OUT/results.md + OUT/results.csv: per
+    query SRCC, PLCC, KRCC and MAE as mean ± std over seeds on the test split, and a section for
+    held-out counting categories the adapters never trained on. Rerunning skips finished runs.
+    """
+    import torch
+
+    from rankpipe.adapter.bench import BenchConfig, run_bench
+    from rankpipe.adapter.bench_variants import parse_variants
+    from rankpipe.pipeline.backbone import BackboneSpec
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = BenchConfig(
+        out_dir=out_dir, backbone=BackboneSpec(model, pretrained), variants=tuple(parse_variants(variants_text)),
+        seeds=seeds, tasks=tasks, quick=quick, steps=steps, overrides=tuple(overrides), device=device,
+        embed_batch_size=embed_batch_size, workers=workers,
+    )
+    result = run_bench(config, on_stage=click.echo)
+    click.echo(result.markdown)
+    click.echo(f"{result.trained} run(s) trained, {result.reused} reused; table in {result.results_md} and {result.results_csv}")

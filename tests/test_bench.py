@@ -1,0 +1,189 @@
+"""`rankpipe bench`: embed once, train and evaluate variants × seeds, one table with an unseen-category section."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from rankpipe.adapter.bench import METRICS_FILE, BenchConfig, run_config_for, trainable_labels
+from rankpipe.adapter.bench_eval import score_unseen
+from rankpipe.adapter.bench_table import table_rows
+from rankpipe.adapter.bench_variants import get_variant, parse_variants, variant_names
+from rankpipe.adapter.predict import load_checkpoint, predict
+from rankpipe.cli.main import cli
+from rankpipe.errors import InputError
+from rankpipe.pipeline.backbone import TINY_VIT, BackboneSpec
+from rankpipe.pipeline.photo_tasks import PhotoTasksConfig, build_photo_tasks
+from rankpipe.pipeline.photo_tasks.sources import SourcesConfig
+from rankpipe.pipeline.store import TokenStore
+
+VARIANTS = ("default", "regression-only")
+SEEDS = 2
+STEPS = 4
+
+
+def bench_args(tasks: Path, out: Path, *extra: str) -> list[str]:
+    return ["bench", "--tasks", str(tasks), "--model", TINY_VIT, "--pretrained", "none", "--variants",
+            ",".join(VARIANTS), "--seeds", str(SEEDS), "--out", str(out), "--quick", "--steps", str(STEPS),
+            "--set", f"train.eval_every={STEPS}", "--device", "cpu", "--workers", "0", *extra]
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory) -> Path:
+    """A tiny built-in photo-tasks set (scikit-image photos, synthetic cut-outs, 64 px)."""
+    out = tmp_path_factory.mktemp("photo-tasks")
+    config = PhotoTasksConfig(images={"quality": 40, "attributes": 12, "counting": 36}, image_size=64,
+                              sources=SourcesConfig(mode="builtin"), samples_per_tar=1000)
+    build_photo_tasks(out, config)
+    return out
+
+
+@pytest.fixture(scope="module")
+def bench_out(tasks, tmp_path_factory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("bench")
+    result = CliRunner().invoke(cli, bench_args(tasks, out))
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def read_csv(path: Path) -> list[dict]:
+    return list(csv.DictReader(io.StringIO(path.read_text())))
+
+
+def test_quick_bench_tables_every_variant_query_and_the_unseen_categories(tasks, bench_out):
+    out, output = bench_out
+    record = json.loads((tasks / "photo_tasks.json").read_text())
+    held_out = set(record["counting"]["held_out_labels"])
+    store = TokenStore.open(out / "store.zarr")
+    trained = set(trainable_labels(store, record["train_labels"]))
+    assert trained and not trained & held_out
+
+    rows = read_csv(out / "results.csv")
+    got = {(r["section"], r["label"], r["variant"]) for r in rows}
+    want = {("trained", label, v) for label in trained for v in VARIANTS}
+    want |= {("unseen", label, v) for label in held_out for v in VARIANTS}
+    assert got == want
+    for row in rows:
+        assert row["seeds"] == str(SEEDS)
+        if row["section"] == "unseen":
+            assert row["mae_mean"] == "" and int(row["n"]) > 0
+            assert -1.0 <= float(row["srcc_mean"]) <= 1.0
+        elif int(row["n"]) >= 3:
+            assert float(row["mae_mean"]) >= 0.0 and row["mae_std"] != ""
+
+    markdown = (out / "results.md").read_text()
+    assert "## Trained queries" in markdown and "## Unseen categories" in markdown
+    assert f"Backbone `{TINY_VIT}`, RANDOM weights" in markdown and "Device `cpu`" in markdown
+    assert f"{STEPS} training steps per run" in markdown
+    assert markdown.rstrip() in output  # the table is printed at the end
+    for variant in VARIANTS:
+        for seed in range(SEEDS):
+            run = out / "runs" / variant / f"seed{seed}"
+            metrics = json.loads((run / METRICS_FILE).read_text())
+            assert (run / "best.pt").is_file() and metrics["seed"] == seed and metrics["steps"] == STEPS
+            assert metrics["run_config"]["train"]["seed"] == seed
+    head = json.loads((out / "runs" / "regression-only" / "seed0" / METRICS_FILE).read_text())
+    assert head["run_config"]["adapter"]["ranking_head"] == "none"
+
+
+def test_rerun_skips_finished_runs_and_resumes_an_interrupted_one(tasks, bench_out):
+    out, _ = bench_out
+    table = (out / "results.csv").read_text()
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/seed*/" + METRICS_FILE)}
+    result = CliRunner().invoke(cli, bench_args(tasks, out))
+    assert result.exit_code == 0, result.output
+    assert result.output.count("finished earlier") == len(VARIANTS) * SEEDS
+    assert f"0 run(s) trained, {len(VARIANTS) * SEEDS} reused" in result.output
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert (out / "results.csv").read_text() == table
+
+    # A run whose metrics were never written continues from its last.pt and gives the same numbers.
+    interrupted = out / "runs" / VARIANTS[0] / "seed1" / METRICS_FILE
+    before = json.loads(interrupted.read_text())
+    interrupted.unlink()
+    result = CliRunner().invoke(cli, bench_args(tasks, out))
+    assert result.exit_code == 0, result.output
+    assert f"1 run(s) trained, {len(VARIANTS) * SEEDS - 1} reused" in result.output
+    after = json.loads(interrupted.read_text())
+    assert after["queries"] == before["queries"]
+
+
+def test_rerun_with_other_settings_is_refused(tasks, bench_out):
+    out, _ = bench_out
+    args = bench_args(tasks, out)
+    args[args.index("--steps") + 1] = str(STEPS + 1)
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2
+    assert "was trained with other settings (train.max_steps differ)" in result.output
+
+
+@pytest.mark.parametrize("variants", ["nope", "default,k7", " , "])
+def test_unknown_variant_exits_2_naming_the_known_ones(tmp_path, variants):
+    args = ["bench", "--model", TINY_VIT, "--variants", variants, "--out", str(tmp_path / "b"), "--device", "cpu"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2
+    assert "default, regression-only, subtraction-head" in result.output
+    assert not (tmp_path / "b").exists()
+
+
+def test_missing_task_folder_exits_2(tmp_path):
+    result = CliRunner().invoke(cli, ["bench", "--tasks", str(tmp_path), "--model", TINY_VIT, "--variants", "default",
+                                      "--out", str(tmp_path / "b"), "--device", "cpu", "--quick"])
+    assert result.exit_code == 2
+    assert "has no manifest.yaml" in result.output
+
+
+@pytest.mark.parametrize("name", variant_names())
+def test_every_variant_resolves_to_a_valid_run_config(name, tmp_path):
+    config = BenchConfig(out_dir=tmp_path, backbone=BackboneSpec(TINY_VIT), variants=(get_variant(name),), quick=True)
+    run_config = run_config_for(get_variant(name), 3, config)
+    default = run_config_for(get_variant("default"), 3, config)
+    changed = default.differences(run_config)
+    assert run_config.train.seed == 3 and run_config.adapter.d_model == 64
+    # Each ablation changes what its overrides name, and otherwise only fields of the same section that
+    # follow them (the hinge loss brings its own regression form); k16 is the default's K.
+    named = [o.split("=")[0] for o in get_variant(name).overrides]
+    if name in ("default", "k16"):
+        assert changed == []
+    else:
+        assert set(named) <= set(changed)
+        assert {field.split(".")[0] for field in changed} == {field.split(".")[0] for field in named}
+
+
+def test_parse_variants_keeps_order_and_drops_repeats():
+    assert [v.name for v in parse_variants("k4, default,k4")] == ["k4", "default"]
+    with pytest.raises(InputError, match="unknown bench variant 'x'"):
+        parse_variants("default,x")
+
+
+def test_unseen_scores_match_prediction_for_a_trained_query(bench_out):
+    """score_unseen with the store's text tokens is the checkpoint's prediction before the label scaling."""
+    out, _ = bench_out
+    store = TokenStore.open(out / "store.zarr")
+    loaded = load_checkpoint(out / "runs" / "default" / "seed0" / "best.pt")
+    label = next(iter(loaded.labels))
+    rows = store.rows(["test"])[::-1]  # unsorted on purpose
+    raw = score_unseen(loaded, store, label, rows, batch_size=5)
+    np.testing.assert_allclose(loaded.labels[label].scale.to_target_units(raw), predict(loaded, store, label, rows),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_table_is_mean_and_sample_std_over_seeds():
+    def record(seed, srcc, mae):
+        query = {"label": "a", "query": "Sort by a.", "unseen": False, "n": 9,
+                 "metrics": {"srcc": srcc, "plcc": 0.5, "krcc": None, "mae": mae}}
+        return {"variant": "v", "method": "adapter", "seed": seed, "queries": [query]}
+
+    (row,) = table_rows([record(0, 0.2, 1.0), record(1, 0.6, 2.0), record(2, 0.7, 4.0)], ["v"])
+    assert row.seeds == 3 and row.n == 9
+    assert row.stats["srcc"] == pytest.approx((np.mean([0.2, 0.6, 0.7]), np.std([0.2, 0.6, 0.7], ddof=1)))
+    assert row.stats["mae"] == pytest.approx((7 / 3, np.std([1.0, 2.0, 4.0], ddof=1)))
+    assert row.stats["plcc"][0] == 0.5 and row.stats["plcc"][1] == 0.0
+    assert all(math.isnan(v) for v in row.stats["krcc"])
