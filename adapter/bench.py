@@ -175,9 +175,8 @@ def run_config_for(variant: Variant, seed: int, config: BenchConfig):
     """
     from rankpipe.adapter.run_config import load_run_config
 
-    if variant.method != ADAPTER_METHOD:
-        raise InputError(f"variant {variant.name!r} trains method {variant.method!r}, which rankpipe bench "
-                         f"cannot train yet; choose an adapter variant")
+    if variant.method != ADAPTER_METHOD:  # a baseline trains no adapter: only the seed is recorded
+        return load_run_config(None, [f"train.seed={seed}"])
     steps = config.steps if config.steps is not None else (QUICK_STEPS if config.quick else None)
     overrides = [*(QUICK_OVERRIDES if config.quick else ()), *config.overrides]
     if steps is not None:
@@ -262,6 +261,7 @@ def run_one(store, variant: Variant, seed: int, run_config, train_labels: Sequen
 
     A run folder with a last.pt but no metrics.json was interrupted: training continues from it.
     """
+    from rankpipe.adapter.baselines.train import train_baseline
     from rankpipe.adapter.bench_eval import evaluate_run
     from rankpipe.adapter.checkpoint import LAST
     from rankpipe.adapter.predict import load_checkpoint
@@ -269,18 +269,26 @@ def run_one(store, variant: Variant, seed: int, run_config, train_labels: Sequen
     from rankpipe.pipeline.tar_writer import write_text_atomic
 
     started = time.monotonic()
-    result = train_from_store(store, run_dir, run_config, labels=list(train_labels), device=config.device,
-                              resume=(run_dir / LAST).exists())
+    if variant.method == ADAPTER_METHOD:
+        result = train_from_store(store, run_dir, run_config, labels=list(train_labels), device=config.device,
+                                  resume=(run_dir / LAST).exists())
+        best_path, best_step, steps = result.best_path, result.best_step, result.steps
+    else:
+        # A baseline's checkpoint holds prompts or a probe for the labels it was fitted on only, so it
+        # has no score for held-out queries: its rows leave the unseen section empty.
+        result = train_baseline(store, run_dir, variant.method, variant.overrides, labels=list(train_labels),
+                                device=config.device)
+        best_path, best_step, steps, unseen = result.path, None, 0, ()
     train_seconds = time.monotonic() - started
-    queries = evaluate_run(load_checkpoint(result.best_path, config.device), store, unseen, config.split,
+    queries = evaluate_run(load_checkpoint(best_path, config.device), store, unseen, config.split,
                            run_config.train.eval_batch_size)
     record = {
         "variant": variant.name,
         "method": variant.method,
         "seed": seed,
         "split": config.split,
-        "best_step": result.best_step,
-        "steps": result.steps,
+        "best_step": best_step,
+        "steps": steps,
         "train_seconds": round(train_seconds, 3),
         "run_config": run_config.to_dict(),
         "queries": queries,

@@ -24,7 +24,8 @@ class Variant:
     name: str
     # What is trained: "adapter", or the name of another method.
     method: str
-    # `section.field=value` run-config overrides applied after the bench's own settings.
+    # For the adapter: `section.field=value` run-config overrides applied after the bench's own settings;
+    # for a baseline: its own `FIELD=VALUE` settings (as `rankpipe train --method NAME --set`).
     overrides: tuple[str, ...]
     # One line for `rankpipe bench --help` and docs/bench.md.
     description: str
@@ -88,3 +89,13 @@ _adapter("concat", "pair feature [a_i ; a_j] instead of a_i - a_j", "adapter.pai
 _adapter("self-pooling", "the pair's own tokens query the pair (self-attention) instead of relational tokens",
          "adapter.pooling=self")
 _adapter("hinge", "the paper's hinge pairwise loss instead of BCE", "loss.pairwise=hinge")
+
+
+
+def _baseline(method: str, description: str, *settings: str) -> None:
+    register_variant(Variant(method, method, tuple(settings), description))
+
+
+_baseline("zero-shot", "frozen CLIP, no training: cosine to the query, expected count over number prompts")
+_baseline("clip-iqa", "frozen CLIP, no training: softmax over an antonym prompt pair (CLIP-IQA)")
+_baseline("linear-probe", "ridge regression on the pooled image embedding, penalty chosen on val")

@@ -140,7 +140,27 @@ def test_missing_task_folder_exits_2(tmp_path):
     assert "has no manifest.yaml" in result.output
 
 
-@pytest.mark.parametrize("name", variant_names())
+def test_baseline_rows_sit_beside_the_adapter(tasks, tmp_path):
+    args = bench_args(tasks, tmp_path / "bench")
+    args[args.index("--variants") + 1] = "linear-probe,zero-shot"
+    args[args.index("--seeds") + 1] = "1"
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    rows = read_csv(tmp_path / "bench" / "results.csv")
+    store = TokenStore.open(tmp_path / "bench" / "store.zarr")
+    record = json.loads((tasks / "photo_tasks.json").read_text())
+    trained = set(trainable_labels(store, record["train_labels"]))
+    # Baselines have no score for held-out queries, so they only fill the trained section.
+    assert {(r["section"], r["label"], r["variant"]) for r in rows} == {
+        ("trained", label, v) for label in trained for v in ("linear-probe", "zero-shot")}
+    metrics = json.loads((tmp_path / "bench" / "runs" / "zero-shot" / "seed0" / METRICS_FILE).read_text())
+    assert metrics["method"] == "zero-shot" and metrics["steps"] == 0
+
+
+ADAPTER_VARIANTS = [name for name in variant_names() if get_variant(name).method == "adapter"]
+
+
+@pytest.mark.parametrize("name", ADAPTER_VARIANTS)
 def test_every_variant_resolves_to_a_valid_run_config(name, tmp_path):
     config = BenchConfig(out_dir=tmp_path, backbone=BackboneSpec(TINY_VIT), variants=(get_variant(name),), quick=True)
     run_config = run_config_for(get_variant(name), 3, config)
