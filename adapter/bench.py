@@ -215,25 +215,18 @@ def resolve_tasks(config: BenchConfig, on_stage: Callable[[str], None]) -> TaskS
 def trainable_labels(store, requested: Sequence[str] | None) -> list[str]:
     """The labels to train: those requested (or all) with at least 2 train and 2 val images in the store.
 
-    Training needs pairs in both splits; a label short of them (a tiny task set) is left out with a warning.
+    A label short of them (a tiny task set) is left out with a warning.
 
     Raises:
-        InputError: no label is left.
+        InputError: a requested label is not in the store (the task set changed), or no label is left.
     """
-    train_values = list(store.manifest.splits.values("train"))
-    val_values = list(store.manifest.splits.values("val"))
-    names = list(requested) if requested is not None else list(store.label_names)
-    missing = [name for name in names if name not in store.label_names]
+    from rankpipe.adapter.train import trainable_labels as labels_with_pairs
+
+    missing = [name for name in requested or () if name not in store.label_names]
     if missing:
         raise InputError(f"store {store.path} lacks label(s) {', '.join(missing)} of the task set; "
                          "embed the task set again into a fresh --out")
-    keep = [name for name in names
-            if min(len(store.rows(train_values, label=name)), len(store.rows(val_values, label=name))) >= 2]
-    for name in sorted(set(names) - set(keep)):
-        log.warning("label %r has fewer than 2 train or val images; the bench does not train on it", name)
-    if not keep:
-        raise InputError(f"no label of store {store.path} has 2 or more train and val images; check the task set's splits")
-    return keep
+    return labels_with_pairs(store, store.manifest, requested)
 
 
 def finished_run(run_dir: Path, run_config) -> dict | None:

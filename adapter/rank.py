@@ -29,6 +29,7 @@ from rankpipe.adapter.predict import LoadedCheckpoint, load_checkpoint, predict_
 from rankpipe.adapter.targets import TargetScale
 from rankpipe.errors import InputError
 from rankpipe.pipeline.backbone import Backbone
+from rankpipe.pipeline.embed import torch_device_for
 from rankpipe.pipeline.image_inputs import ImageBatches, ImageSource, open_images
 from rankpipe.pipeline.ranking import COMBINE_RULES, QueryScores, Ranking, combine_scores
 from rankpipe.pipeline.recorded_backbone import load_recorded_backbone
@@ -136,7 +137,7 @@ def rank_images(
         InputError: bad inputs (no images, unknown checkpoint, weights that cannot be loaded...), or
             no image could be read.
     """
-    torch_device = _device(device)
+    torch_device = torch_device_for(device)
     source = open_images(images)
     loaded = load_checkpoint(checkpoint, torch_device)
     backbone = load_recorded_backbone(loaded.provenance, torch_device, backbone_weights, f"checkpoint {loaded.path}")
@@ -194,15 +195,3 @@ def _batches(source: ImageSource, backbone: Backbone, config: RankConfig, progre
         for batch in loader:
             bar.update(len(batch.keys) + len(batch.skipped))
             yield batch
-
-
-def _device(device: str) -> torch.device:
-    try:
-        torch_device = torch.device(device)
-    except RuntimeError as e:
-        raise InputError(f"unknown device {device!r}; use cpu or cuda") from e
-    if torch_device.type not in ("cpu", "cuda"):
-        raise InputError(f"device {device!r} is not supported; use cpu or cuda")
-    if torch_device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
-    return torch_device

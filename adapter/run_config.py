@@ -115,7 +115,7 @@ class RunConfig:
         Raises:
             InputError: an unknown section or field, a value of the wrong type, or an invalid setting.
         """
-        return _instantiate(cls, _merge(cls, {}, data, where, prefix=""), where, prefix="")
+        return instantiate_config(cls, merge_settings(cls, {}, data, where, prefix=""), where, prefix="")
 
     @classmethod
     def from_json(cls, text: str) -> RunConfig:
@@ -146,7 +146,7 @@ def load_run_config(
     Raises:
         InputError: the file is missing or not YAML, or a section, field or value is wrong.
     """
-    data: dict[str, Any] = _merge(RunConfig, {}, base.to_dict(), "base config", "") if base is not None else {}
+    data: dict[str, Any] = merge_settings(RunConfig, {}, base.to_dict(), "base config", "") if base is not None else {}
     if config_path is not None:
         path = Path(config_path)
         if not path.is_file():
@@ -155,7 +155,7 @@ def load_run_config(
             loaded = yaml.safe_load(path.read_text())
         except yaml.YAMLError as e:
             raise InputError(f"{path} is not valid YAML: {e}") from e
-        data = _merge(RunConfig, data, loaded if loaded is not None else {}, str(path), prefix="")
+        data = merge_settings(RunConfig, data, loaded if loaded is not None else {}, str(path), prefix="")
     for item in overrides:
         dotted, sep, value = item.partition("=")
         path_parts = dotted.strip().split(".")
@@ -167,11 +167,11 @@ def load_run_config(
         update: Any = value.strip()
         for part in reversed(path_parts):
             update = {part: update}
-        data = _merge(RunConfig, data, update, "--set", prefix="")
-    return _instantiate(RunConfig, data, "run config", prefix="")
+        data = merge_settings(RunConfig, data, update, "--set", prefix="")
+    return instantiate_config(RunConfig, data, "run config", prefix="")
 
 
-def _merge(cls: type, data: dict[str, Any], update: Any, where: str, prefix: str) -> dict[str, Any]:
+def merge_settings(cls: type, data: dict[str, Any], update: Any, where: str, prefix: str) -> dict[str, Any]:
     """`data` (plain values of `cls`'s fields) updated with `update`, each value converted to its field's type."""
     if not isinstance(update, dict):
         raise InputError(f"{where}: {prefix.rstrip('.') or 'the config'} must be a mapping of field: value")
@@ -186,17 +186,17 @@ def _merge(cls: type, data: dict[str, Any], update: Any, where: str, prefix: str
         if dataclasses.is_dataclass(field_type):
             if not isinstance(value, dict):
                 raise InputError(f"{where}: '{dotted}' is a section; set its fields as {dotted}.FIELD=VALUE")
-            out[key] = _merge(field_type, out.get(key, {}), value, where, dotted + ".")
+            out[key] = merge_settings(field_type, out.get(key, {}), value, where, dotted + ".")
         else:
             out[key] = _coerce(value, field_type, where, dotted)
     return out
 
 
-def _instantiate(cls: type, data: dict[str, Any], where: str, prefix: str) -> Any:
+def instantiate_config(cls: type, data: dict[str, Any], where: str, prefix: str) -> Any:
     """Build dataclass `cls` from converted plain values; a failed validation names the section."""
     hints = typing.get_type_hints(cls)
     kwargs = {
-        key: _instantiate(hints[key], value, where, f"{prefix}{key}.") if dataclasses.is_dataclass(hints[key]) else value
+        key: instantiate_config(hints[key], value, where, f"{prefix}{key}.") if dataclasses.is_dataclass(hints[key]) else value
         for key, value in data.items()
     }
     try:

@@ -32,7 +32,7 @@ from rankpipe.adapter.sweep import DONE, FAILED, TrialRecord, TrialSettings, mar
     trial_folder, with_manifest
 from rankpipe.adapter.sweep_results import write_results_table
 from rankpipe.adapter.sweep_spec import Trial
-from rankpipe.adapter.train import _check_manifest, _trainable_labels
+from rankpipe.adapter.train import check_manifest, trainable_labels
 from rankpipe.errors import InputError
 from rankpipe.pipeline.cluster import ClusterSpec, open_client
 from rankpipe.pipeline.manifest import Manifest
@@ -112,7 +112,7 @@ def run_sweep(
     if not trials:
         raise InputError("the sweep has no trials; give a grid: or random: section")
     store = TokenStore.open(request.store)
-    manifest = _check_manifest(store, request.manifest)
+    manifest = check_manifest(store, request.manifest)
     labels = _labels(store, manifest, request.trial.labels)
     if request.trial.eval_split is not None:
         split_rows(with_manifest(store, manifest), request.trial.eval_split)
@@ -209,7 +209,7 @@ def trial_task(trial: Trial, request: SweepRequest) -> TrialRecord:
     if record.state == DONE:
         return record
     store = TokenStore.open(request.store)
-    manifest = _check_manifest(store, request.manifest)
+    manifest = check_manifest(store, request.manifest)
     labels = _labels(store, manifest, request.trial.labels)
     device = torch.device(request.device)
     key = (str(Path(request.store).resolve()), json.dumps(manifest.to_dict(), sort_keys=True), tuple(labels), str(device))
@@ -224,7 +224,7 @@ def trial_task(trial: Trial, request: SweepRequest) -> TrialRecord:
 
 def _labels(store: TokenStore, manifest: Manifest, requested: Sequence[str]) -> list[str]:
     """The labels every trial trains on (as `rankpipe train` picks them); InputError for an unknown one."""
-    labels = list(requested) or _trainable_labels(store, manifest)
+    labels = list(requested) or trainable_labels(store, manifest)
     for name in labels:
         if name not in store.label_names:
             raise InputError(f"store {store.path} has no label {name!r}; its labels are {', '.join(store.label_names)}")

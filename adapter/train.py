@@ -21,7 +21,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import scipy.stats
@@ -112,8 +112,8 @@ def train_from_store(
             for a streaming window of `train.max_resident_gb`, or a resume that does not match the saved run.
         TrainingDiverged: the loss became non-finite.
     """
-    manifest = _check_manifest(store, manifest)
-    labels = list(labels) if labels else _trainable_labels(store, manifest)
+    manifest = check_manifest(store, manifest)
+    labels = list(labels) if labels else trainable_labels(store, manifest)
     for name in labels:
         if name not in store.label_names:
             raise InputError(f"store {store.path} has no label {name!r}; its labels are {', '.join(store.label_names)}")
@@ -291,23 +291,37 @@ class _LossMonitor:
         return dict(zip(LOSS_PARTS, means))
 
 
-def _trainable_labels(store, manifest: Manifest) -> list[str]:
-    """Every label of the store with training images; labels held out of training are skipped with a warning."""
+def trainable_labels(store, manifest: Manifest, names: Sequence[str] | None = None) -> list[str]:
+    """The labels among `names` (default: all of the store) with 2 or more train and val images.
+
+    Training needs pairs in both splits; a label short of them — e.g. a query held out of training —
+    is skipped with a warning.
+
+    Raises:
+        InputError: `names` has a label the store lacks, or no label is left.
+    """
+    names = list(names) if names is not None else list(store.label_names)
+    missing = [name for name in names if name not in store.label_names]
+    if missing:
+        raise InputError(f"store {store.path} has no label(s) {', '.join(map(repr, missing))}; "
+                         f"its labels are {', '.join(store.label_names)}")
     train_values = list(manifest.splits.values("train"))
+    val_values = list(manifest.splits.values("val"))
     labels = []
-    for name in store.label_names:
-        if len(store.rows(train_values, label=name)) >= 2:
+    for name in names:
+        counts = len(store.rows(train_values, label=name)), len(store.rows(val_values, label=name))
+        if min(counts) >= 2:
             labels.append(name)
         else:
-            log.warning("label %r has fewer than 2 training images (held out of training?); not trained — "
-                           "pass --label to choose the labels", name)
+            log.warning("label %r has %d training and %d validation images, fewer than 2 (held out of "
+                        "training?); not trained — pass --label to choose the labels", name, *counts)
     if not labels:
-        raise InputError(f"no label of store {store.path} has 2 or more training images in split values {train_values}; "
-                         "check the manifest's train split")
+        raise InputError(f"no label of store {store.path} has 2 or more images in both the train split "
+                         f"{train_values} and the val split {val_values}; check the manifest's splits")
     return labels
 
 
-def _check_manifest(store, manifest: Manifest | None) -> Manifest:
+def check_manifest(store, manifest: Manifest | None) -> Manifest:
     """The manifest to train with: the store's, or an override whose labels' queries match the store's."""
     if manifest is None:
         return store.manifest

@@ -24,7 +24,7 @@ from typing import Callable
 
 from rankpipe.errors import InputError
 from rankpipe.pipeline.backbone import Backbone, BackboneSpec, load_backbone
-from rankpipe.pipeline.embed import MODES, EmbedSummary, _absolute, _device, _open_or_create
+from rankpipe.pipeline.embed import MODES, EmbedSummary, absolute_url, open_or_create_store, torch_device_for
 from rankpipe.pipeline.manifest import Manifest
 from rankpipe.pipeline.store import StoreConfig, TokenStore, plan_store
 from rankpipe.pipeline.tars import list_tars
@@ -100,12 +100,12 @@ def embed_distributed(manifest: Manifest, store_path: str | Path, backbone_spec:
 
 def prepare_store(manifest: Manifest, job: TarJob, mode: str, config: StoreConfig) -> tuple[list[int], int]:
     """Create or reopen the store for the manifest's tars (a task); returns (unfinished tar indices, all tars)."""
-    tars = list_tars([_absolute(url) for url in manifest.shard_urls()])
+    tars = list_tars([absolute_url(url) for url in manifest.shard_urls()])
     if sum(tar.count for tar in tars) == 0:
         raise InputError(f"the tars of {manifest.shards} hold no samples; check the shard pattern")
     backbone = _worker_backbone(job)
     plan = plan_store(tars, backbone.num_tokens * backbone.token_dim * 2, config)
-    store = _open_or_create(job.store, mode, backbone, manifest, plan, config)
+    store = open_or_create_store(job.store, mode, backbone, manifest, plan, config)
     return [t for t, done in enumerate(store.done()) if not done], len(plan.tars)
 
 
@@ -129,7 +129,7 @@ def _worker_backbone(job: TarJob) -> Backbone:
     with _BACKBONE_LOCK:
         if key not in _BACKBONE:
             _BACKBONE.clear()
-            _BACKBONE[key] = load_backbone(job.backbone, _device(job.device))
+            _BACKBONE[key] = load_backbone(job.backbone, torch_device_for(job.device))
         return _BACKBONE[key]
 
 

@@ -122,14 +122,14 @@ def embed(manifest: Manifest, store_path: str | Path, backbone_spec: BackboneSpe
         raise InputError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     if batch_size < 1 or workers < 0:
         raise InputError(f"need batch size >= 1 and workers >= 0, got {batch_size} and {workers}")
-    torch_device = _device(device)
+    torch_device = torch_device_for(device)
     config = store_config or StoreConfig(compress=compress)
-    tars = list_tars([_absolute(url) for url in manifest.shard_urls()])
+    tars = list_tars([absolute_url(url) for url in manifest.shard_urls()])
     if sum(tar.count for tar in tars) == 0:
         raise InputError(f"the tars of {manifest.shards} hold no samples; check the shard pattern")
     backbone = load_backbone(backbone_spec, torch_device)
     plan = plan_store(tars, backbone.num_tokens * backbone.token_dim * 2, config)
-    store = _open_or_create(Path(store_path), mode, backbone, manifest, plan, config)
+    store = open_or_create_store(Path(store_path), mode, backbone, manifest, plan, config)
     pending = [t for t, done in enumerate(store.done()) if not done]
     summary = EmbedSummary(store=store.path, tars_skipped=len(plan.tars) - len(pending))
     if pending:
@@ -278,7 +278,7 @@ def _encode(batch: DecodedBatch, x: torch.Tensor | None, positions: np.ndarray, 
     return EmbeddedBatch(batch, positions, host_tokens, host_embed, ready)
 
 
-def _open_or_create(path: Path, mode: str, backbone: Backbone, manifest: Manifest, plan: StorePlan,
+def open_or_create_store(path: Path, mode: str, backbone: Backbone, manifest: Manifest, plan: StorePlan,
                     config: StoreConfig) -> TokenStore:
     exists = path.exists() and (not path.is_dir() or any(path.iterdir()))
     if mode == "incremental" and exists:
@@ -333,7 +333,8 @@ def store_mismatch(store: TokenStore, provenance: dict, manifest: Manifest, plan
     return None
 
 
-def _device(device: str) -> torch.device:
+def torch_device_for(device: str) -> torch.device:
+    """The torch device named by a --device value; an InputError for an unknown or unavailable one."""
     try:
         torch_device = torch.device(device)
     except RuntimeError as e:
@@ -345,6 +346,6 @@ def _device(device: str) -> torch.device:
     return torch_device
 
 
-def _absolute(url: str) -> str:
+def absolute_url(url: str) -> str:
     # Local tars are recorded by absolute path so the store can be used from any folder.
     return url if "://" in url or url.startswith("pipe:") else str(Path(url).resolve())

@@ -30,8 +30,8 @@ from rankpipe.adapter.baselines.base import Baseline
 from rankpipe.adapter.baselines.data import LabelSplits, load_label_splits
 from rankpipe.adapter.baselines.prompts import PromptEncoder
 from rankpipe.adapter.checkpoint import BEST, FORMAT_VERSION, save_checkpoint
-from rankpipe.adapter.run_config import _instantiate, _merge
-from rankpipe.adapter.train import _check_manifest
+from rankpipe.adapter.run_config import instantiate_config, merge_settings
+from rankpipe.adapter.train import check_manifest
 from rankpipe.errors import InputError
 from rankpipe.pipeline.manifest import Manifest
 
@@ -65,8 +65,8 @@ def method_config(cls: type[Baseline], overrides: Sequence[str] = ()) -> Any:
         if not sep or not field.strip() or "." in field:
             names = ", ".join(f.name for f in dataclasses.fields(cls.config_class))
             raise InputError(f"--set {item!r} is not of the form FIELD=VALUE for method {cls.name} (fields: {names})")
-        data = _merge(cls.config_class, data, {field.strip(): value.strip()}, "--set", prefix="")
-    return _instantiate(cls.config_class, data, where, prefix="")
+        data = merge_settings(cls.config_class, data, {field.strip(): value.strip()}, "--set", prefix="")
+    return instantiate_config(cls.config_class, data, where, prefix="")
 
 
 def train_baseline(
@@ -97,7 +97,7 @@ def train_baseline(
     """
     cls = get_method(method)
     config = method_config(cls, overrides)
-    manifest = _check_manifest(store, manifest)
+    manifest = check_manifest(store, manifest)
     data = load_label_splits(store, manifest, list(labels) if labels else list(store.label_names))
     prompts = PromptEncoder(store.provenance, device, backbone_weights, f"store {store.path}")
     baseline = cls.fit(config, data, prompts)
