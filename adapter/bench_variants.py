@@ -99,3 +99,6 @@ def _baseline(method: str, description: str, *settings: str) -> None:
 _baseline("zero-shot", "frozen CLIP, no training: cosine to the query, expected count over number prompts")
 _baseline("clip-iqa", "frozen CLIP, no training: softmax over an antonym prompt pair (CLIP-IQA)")
 _baseline("linear-probe", "ridge regression on the pooled image embedding, penalty chosen on val")
+_baseline("coop", "learned context tokens before class names, trained through the frozen text tower (CoOp)")
+_baseline("ordinalclip", "learned context and base ranks interpolated into rank prompts (OrdinalCLIP)")
+_baseline("l2rclip", "RankFormer rank prompts with global context, contrastive + ordinal pairwise loss (L2RCLIP)")

@@ -55,4 +55,4 @@ def get_method(name: str) -> type[Baseline]:
 
 
 # Importing the method modules registers them.
-from rankpipe.adapter.baselines import clip_iqa, linear_probe, zero_shot  # noqa: E402,F401
+from rankpipe.adapter.baselines import clip_iqa, coop, l2rclip, linear_probe, ordinalclip, zero_shot  # noqa: E402,F401

@@ -30,6 +30,8 @@ class LabelSplits:
     val_embed: np.ndarray
     # [n_val] float64 targets in target units.
     val_targets: np.ndarray
+    # The label's ordered classes in label units (the manifest's `classes`); None for a continuous label.
+    classes: tuple[float, ...] | None = None
 
 
 def load_label_splits(store, manifest: Manifest, labels: Sequence[str]) -> list[LabelSplits]:
@@ -65,6 +67,7 @@ def load_label_splits(store, manifest: Manifest, labels: Sequence[str]) -> list[
                 train_targets=transform_target(raw[train_rows], transform),
                 val_embed=np.asarray(store.image_embed(val_rows), dtype=np.float32),
                 val_targets=transform_target(raw[val_rows], transform),
+                classes=manifest.label(name).classes,
             )
         )
     return out

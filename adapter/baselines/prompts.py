@@ -31,9 +31,8 @@ class PromptEncoder:
         self.what = what
         self._backbone = None
 
-    @torch.inference_mode()
-    def __call__(self, prompts: Sequence[str]) -> np.ndarray:
-        """[K, E] float32 projected (unnormalised) text embeddings of `prompts`.
+    def backbone(self):
+        """The frozen Backbone (pipeline/backbone.py), rebuilt on the first call.
 
         Raises:
             InputError: the backbone's weights cannot be loaded (see load_recorded_backbone).
@@ -42,7 +41,16 @@ class PromptEncoder:
             from rankpipe.pipeline.recorded_backbone import load_recorded_backbone
 
             self._backbone = load_recorded_backbone(self.provenance, self.device, self.backbone_weights, self.what)
-        backbone = self._backbone
+        return self._backbone
+
+    @torch.inference_mode()
+    def __call__(self, prompts: Sequence[str]) -> np.ndarray:
+        """[K, E] float32 projected (unnormalised) text embeddings of `prompts`.
+
+        Raises:
+            InputError: the backbone's weights cannot be loaded (see load_recorded_backbone).
+        """
+        backbone = self.backbone()
         ids = backbone.tokenizer(list(prompts)).to(backbone.device)  # [K, L]
         return backbone.model.encode_text(ids).float().cpu().numpy()  # [K, E]
 

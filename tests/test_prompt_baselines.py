@@ -1,0 +1,193 @@
+"""Prompt-learning baselines (CoOp, OrdinalCLIP, L2RCLIP): rank classes, training through the frozen
+text tower, checkpoints that `rankpipe eval` reads, and L2RCLIP's losses on hand-computed cases."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from rankpipe.adapter.baselines import get_method
+from rankpipe.adapter.baselines.data import load_label_splits
+from rankpipe.adapter.baselines.l2rclip import asymmetric_contrastive, ordinal_pairwise, ordinal_weights
+from rankpipe.adapter.baselines.ordinalclip import interpolation_weights
+from rankpipe.adapter.baselines.prompt_learning import FrozenTextTower, rank_classes, train_prompts
+from rankpipe.adapter.baselines.prompts import PromptEncoder
+from rankpipe.adapter.baselines.train import method_config, train_baseline
+from rankpipe.adapter.predict import load_checkpoint, predict_embeddings
+from rankpipe.cli.main import cli
+from rankpipe.errors import InputError
+from rankpipe.pipeline.manifest import LabelSpec
+from rankpipe.pipeline.store import TokenStore
+
+METHODS = ["coop", "ordinalclip", "l2rclip"]
+# Tiny and short: enough steps to move the prompts, few enough for the CPU.
+FAST = ["steps=12", "batch_size=8", "context_tokens=4"]
+SQUARE_CLASSES = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0)
+
+
+@pytest.fixture(scope="module")
+def store(tiny_store):
+    return TokenStore.open(tiny_store)
+
+
+@pytest.fixture(scope="module")
+def manifest(store):
+    """The store's manifest with 'squares' declared ordinal over its classes 0..5 ('brightness' stays continuous)."""
+    labels = tuple(
+        dataclasses.replace(label, metric="ordinal", classes=SQUARE_CLASSES) if label.name == "squares" else label
+        for label in store.manifest.labels
+    )
+    return dataclasses.replace(store.manifest, labels=labels)
+
+
+@pytest.fixture(scope="module")
+def fitted(store, manifest, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prompt_baselines")
+    return {m: train_baseline(store, out / m, m, FAST, manifest=manifest) for m in METHODS}
+
+
+@pytest.fixture(scope="module")
+def tower(store):
+    return FrozenTextTower(PromptEncoder(store.provenance))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_trains_and_predicts_in_label_units(store, manifest, fitted, method):
+    loaded = load_checkpoint(fitted[method].path)  # weights_only loading
+    assert loaded.method == method
+    for split in load_label_splits(store, manifest, ["squares", "brightness"]):
+        params = loaded.baseline.label_params(split.name)
+        values = params["values"].numpy()
+        assert params["final_loss"] < params["first_loss"]
+        pred = predict_embeddings(loaded, split.name, split.val_embed)
+        assert pred.shape == (len(split.val_targets),) and np.isfinite(pred).all()
+        # An expectation over class values lies between the smallest and largest class.
+        assert values.min() - 1e-9 <= pred.min() and pred.max() <= values.max() + 1e-9
+        probs = loaded.baseline.class_probabilities(split.name, split.val_embed)
+        np.testing.assert_allclose(pred, probs @ values, rtol=1e-12)
+        np.testing.assert_array_equal(loaded.baseline.predict_class(split.name, split.val_embed), values[probs.argmax(1)])
+    np.testing.assert_array_equal(loaded.baseline.label_params("squares")["values"].numpy(), SQUARE_CLASSES)
+    assert set(loaded.val_srcc) == {"squares", "brightness"}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_rankpipe_eval_reads_the_checkpoint(tiny_store, fitted, method, tmp_path):
+    result = CliRunner().invoke(cli, ["eval", "--store", str(tiny_store), "--checkpoint", str(fitted[method].path),
+                                      "--split", "test", "--bootstrap", "20", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    queries = json.loads((tmp_path / "results.json").read_text())["queries"]
+    assert {q["label"] for q in queries} == {"squares", "brightness"}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_gradient_reaches_the_learned_tokens_not_the_tower(store, manifest, tower, method):
+    cls = get_method(method)
+    config = method_config(cls, ["steps=3", "batch_size=8", "context_tokens=4", "lr=0.01"])
+    split = load_label_splits(store, manifest, ["brightness"])[0]
+    classes = rank_classes(split, config.num_bins)
+    learned = cls.build(config, classes, tower, torch.Generator().manual_seed(0))
+    before_learned = {k: v.detach().clone() for k, v in learned.named_parameters()}
+    before_tower = {k: v.detach().clone() for k, v in tower.model.state_dict().items()}
+    train_prompts(learned, tower, split, classes, config, cls.loss_fn(config), method)
+    for name, value in learned.named_parameters():
+        assert not torch.equal(value, before_learned[name]), name
+    for name, value in tower.model.state_dict().items():
+        assert torch.equal(value, before_tower[name]), name
+    assert all(p.grad is None for p in tower.model.parameters())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_class_embeddings_come_from_the_learned_prompts(store, manifest, tower, method):
+    """The saved class embeddings are the trained prompts through the tower, so eval needs no backbone."""
+    cls = get_method(method)
+    config = method_config(cls, FAST)
+    split = load_label_splits(store, manifest, ["squares"])[0]
+    fitted = cls.fit(config, [split], PromptEncoder(store.provenance))
+    params = fitted.label_params("squares")
+    learned = cls.build(config, rank_classes(split, config.num_bins), tower, torch.Generator())
+    learned.load_state_dict(params["learned"])
+    with torch.no_grad():
+        np.testing.assert_allclose(learned(tower).numpy(), params["class_embeds"].numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_encode_matches_open_clip_for_plain_tokens(tower):
+    """With no learned tokens the tower reproduces open_clip's encode_text (cut sequences included)."""
+    texts = ["a photo of 3 squares.", "a bright photo."]
+    ids = tower.tokenize(texts)
+    with torch.no_grad():
+        ours = tower.encode(tower.embed_tokens(ids), ids)
+        theirs = tower.model.encode_text(tower.tokenizer(texts))
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_bins", [2, 4])
+def test_continuous_labels_are_binned_by_frequency(store, manifest, num_bins):
+    split = load_label_splits(store, manifest, ["brightness"])[0]
+    split = dataclasses.replace(split, train_targets=np.arange(8.0))
+    classes = rank_classes(split, num_bins)
+    size = 8 // num_bins
+    np.testing.assert_array_equal(classes.train_class, np.arange(8) // size)
+    np.testing.assert_allclose(classes.values, [np.arange(k * size, (k + 1) * size).mean() for k in range(num_bins)])
+
+
+def test_ordinal_classes_and_tied_bins(store, manifest):
+    split = load_label_splits(store, manifest, ["squares"])[0]
+    classes = rank_classes(split, 3)  # ordinal: the manifest's classes, whatever the bin count
+    np.testing.assert_array_equal(classes.values, SQUARE_CLASSES)
+    np.testing.assert_array_equal(classes.values[classes.train_class], split.train_targets)
+    tied = dataclasses.replace(split, classes=None, train_targets=np.array([1.0, 1, 1, 1, 1, 1, 2, 3]))
+    # Quartile edges 1, 1, 1.25: the three bins at or below 1 hold only the first bin's ties, so two remain.
+    classes = rank_classes(tied, 4)
+    np.testing.assert_array_equal(classes.values, [1.0, 2.5])
+    np.testing.assert_array_equal(classes.train_class, [0, 0, 0, 0, 0, 0, 1, 1])
+    with pytest.raises(InputError, match="one class"):
+        rank_classes(dataclasses.replace(tied, train_targets=np.ones(8)), 4)
+
+
+def test_interpolated_rank_weights():
+    weights = interpolation_weights(5, 3).numpy()
+    np.testing.assert_allclose(weights, [[1, 0, 0], [0.5, 0.5, 0], [0, 1, 0], [0, 0.5, 0.5], [0, 0, 1]])
+
+
+def test_asymmetric_contrastive_by_hand():
+    logits = torch.tensor([[2.0, 0.0], [1.0, 1.0], [0.0, 3.0]], dtype=torch.float64)
+    target = torch.tensor([0, 0, 1])
+    image_to_text = -(math.log(math.exp(2) / (math.exp(2) + 1)) + math.log(0.5) + math.log(math.exp(3) / (1 + math.exp(3)))) / 3
+    col0 = math.exp(2) + math.exp(1) + 1  # rank 0 over the images: positives are images 0 and 1
+    rank0 = -(math.log(math.exp(2) / col0) + math.log(math.exp(1) / col0)) / 2
+    col1 = 1 + math.exp(1) + math.exp(3)
+    rank1 = -math.log(math.exp(3) / col1)
+    expected = (image_to_text + (rank0 + rank1) / 2) / 2
+    assert asymmetric_contrastive(logits, target).item() == pytest.approx(expected, rel=1e-12)
+    # A rank absent from the batch adds nothing to the text->image term.
+    wider = torch.cat([logits, torch.zeros(3, 1, dtype=torch.float64)], dim=1)
+    i2t = -torch.log_softmax(wider, 1)[torch.arange(3), target].mean().item()
+    assert asymmetric_contrastive(wider, target).item() == pytest.approx((i2t + (rank0 + rank1) / 2) / 2, rel=1e-12)
+
+
+def test_ordinal_pairwise_by_hand():
+    values = torch.tensor([0.0, 1.0, 4.0], dtype=torch.float64)
+    np.testing.assert_allclose(ordinal_weights(values).numpy(), [[1, 1.25, 2], [1.25, 1, 1.75], [2, 1.75, 1]])
+    logits = torch.tensor([[1.0, 0.0, 2.0], [0.5, 0.5, 0.5]], dtype=torch.float64)
+    target = torch.tensor([0, 2])
+    first = -math.log(math.e / (math.e + 1.25 + 2 * math.exp(2)))
+    second = -math.log(1 / (2 + 1.75 + 1))  # equal similarities: only the weights matter
+    assert ordinal_pairwise(logits, target, values).item() == pytest.approx((first + second) / 2, rel=1e-12)
+    # Distant ranks cost more than near ones at equal similarity.
+    near = ordinal_pairwise(torch.tensor([[0.0, 1.0, 0.0]]), torch.tensor([0]), values.float())
+    far = ordinal_pairwise(torch.tensor([[0.0, 0.0, 1.0]]), torch.tensor([0]), values.float())
+    assert far > near
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_settings_come_from_set(method):
+    config = method_config(get_method(method), ["context_tokens=2", "num_bins=5", "lr=0.1"])
+    assert (config.context_tokens, config.num_bins, config.lr) == (2, 5, 0.1)
+    with pytest.raises(InputError):
+        method_config(get_method(method), ["num_bins=1"])
