@@ -269,8 +269,8 @@ def run_one(store, variant: Variant, seed: int, run_config, train_labels: Sequen
     else:
         # A baseline's checkpoint holds prompts or a probe for the labels it was fitted on only, so it
         # has no score for held-out queries: its rows leave the unseen section empty.
-        result = train_baseline(store, run_dir, variant.method, variant.overrides, labels=list(train_labels),
-                                device=config.device)
+        result = train_baseline(store, run_dir, variant.method, _baseline_settings(variant, seed),
+                                labels=list(train_labels), device=config.device)
         best_path, best_step, steps, unseen = result.path, None, 0, ()
     train_seconds = time.monotonic() - started
     queries = evaluate_run(load_checkpoint(best_path, config.device), store, unseen, config.split,
@@ -288,6 +288,14 @@ def run_one(store, variant: Variant, seed: int, run_config, train_labels: Sequen
     }
     write_text_atomic(run_dir / METRICS_FILE, json.dumps(record, indent=1) + "\n")
     return record
+
+
+def _baseline_settings(variant: Variant, seed: int) -> tuple[str, ...]:
+    """A baseline's settings for one bench seed: its variant's, plus `seed=N` when the method is seeded."""
+    from rankpipe.adapter.baselines import get_method
+
+    fields = {field.name for field in dataclasses.fields(get_method(variant.method).config_class)}
+    return (*variant.overrides, f"seed={seed}") if "seed" in fields else variant.overrides
 
 
 def header_lines(config: BenchConfig, store, tasks: TaskSet, steps: int) -> list[str]:

@@ -157,6 +157,13 @@ def test_baseline_rows_sit_beside_the_adapter(tasks, tmp_path):
     assert metrics["method"] == "zero-shot" and metrics["steps"] == 0
 
 
+def test_seeded_baselines_get_the_bench_seed():
+    from rankpipe.adapter.bench import _baseline_settings
+
+    assert _baseline_settings(get_variant("coop"), 2)[-1] == "seed=2"
+    assert "seed=2" not in _baseline_settings(get_variant("linear-probe"), 2)
+
+
 ADAPTER_VARIANTS = [name for name in variant_names() if get_variant(name).method == "adapter"]
 
 

@@ -1,0 +1,108 @@
+"""Wall time of a sweep of N trials against a single trial, on one device, in the same run.
+
+Writes a synthetic token store (random tokens of the requested shape whose first channel carries the
+label, so training has something to learn), then times `rankpipe sweep`'s runner twice: one trial,
+and N trials (seeds 0..N-1 of the same settings) with `--concurrency` C. Evaluation after training is
+off, so both timings are training only; an untimed short trial runs first to warm up. Prints a table: trials, concurrency, wall seconds, seconds per
+trial, and the ratio to the single trial (the target on one H100: 16 trials ≤ 4× one trial).
+
+    python bench/sweep_throughput.py                          # CPU: tiny store and adapter, seconds
+    python bench/sweep_throughput.py --device cuda --images 4000 --tokens 100 --token-dim 1536 \
+        --trials 16 --concurrency 16 --steps 300 --full-adapter
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+from rankpipe.adapter.sweep import TrialSettings
+from rankpipe.adapter.sweep_runner import SweepRequest, run_sweep
+from rankpipe.adapter.sweep_spec import SweepSpec, expand_trials
+from rankpipe.pipeline.backbone import TextFeatures
+from rankpipe.pipeline.manifest import LabelSpec, Manifest
+from rankpipe.pipeline.store import BlockMeta, StoreConfig, create_store, plan_store
+from rankpipe.pipeline.tars import TarInfo
+
+# The small adapter of the CPU run (the --full-adapter run uses the defaults: d_model 768, K 16).
+SMALL_ADAPTER = ("adapter.d_model=64", "adapter.heads=4", "adapter.text_extra_tokens=8", "adapter.relational_tokens=4")
+TEXT_TOKENS, TEXT_DIM, EMBED_DIM = 16, 64, 32
+
+
+def write_store(path: Path, images: int, tokens: int, token_dim: int, tars: int, seed: int = 0) -> None:
+    """A store of `images` rows in `tars` tars: label "score" is written into channel 0 of every token."""
+    rng = np.random.default_rng(seed)
+    manifest = Manifest(name="sweep-bench", shards=f"x-{{000000..{tars - 1:06d}}}.tar",
+                        labels=(LabelSpec("score", "Sort images by score."),))
+    text = TextFeatures(tokens=rng.normal(0, 1, (TEXT_TOKENS, TEXT_DIM)).astype(np.float16), length=TEXT_TOKENS,
+                        embed=np.zeros(EMBED_DIM, np.float16))
+    provenance = {"model": "synthetic", "pretrained": "none", "checkpoint_sha256": None, "seed": seed,
+                  "image_size": [1, 1], "preprocess": {}, "token_grid": [tokens, 1], "token_dim": token_dim,
+                  "embed_dim": EMBED_DIM, "text_token_dim": TEXT_DIM, "context_length": TEXT_TOKENS}
+    per_tar = [images // tars + (t < images % tars) for t in range(tars)]
+    plan = plan_store([TarInfo(f"x-{t:06d}.tar", n) for t, n in enumerate(per_tar)], tokens * token_dim * 2,
+                      StoreConfig())
+    store = create_store(path, plan, provenance, manifest, {manifest.labels[0].query: text}, StoreConfig())
+    for t, block in enumerate(plan.tars):
+        size, n = block.row_stop - block.row_start, block.count
+        labels = np.full(size, np.nan, np.float32)
+        labels[:n] = rng.uniform(0, 1, n)
+        block_tokens = rng.normal(0, 1, (size, tokens, token_dim)).astype(np.float16)  # [rows, P, D]
+        block_tokens[:, :, 0] = labels[:, None]
+        splits = np.full(size, "", dtype=object)
+        splits[:n] = np.where(np.arange(n) % 5 == 0, "val", "train")
+        store.write_tokens(block.row_start, block_tokens, np.zeros((size, EMBED_DIM), np.float16))
+        store.write_block_meta(t, BlockMeta(
+            keys=np.array([f"t{t}-{i}" if i < n else "" for i in range(size)]), valid=np.arange(size) < n,
+            errors=np.full(size, ""), splits=splits.astype(str), labels={"score": labels},
+        ))
+        store.mark_done(t)
+
+
+def time_sweep(store: Path, out: Path, trials: int, concurrency: int, base: tuple[str, ...], device: str) -> float:
+    spec = SweepSpec(base=base, grid={"train.seed": tuple(range(trials))})
+    request = SweepRequest(store=store, out_dir=out, trial=TrialSettings(labels=(), eval_split=None),
+                           device=device, concurrency=concurrency)
+    start = time.perf_counter()
+    outcome = run_sweep(expand_trials(spec), request, varied=("train.seed",))
+    seconds = time.perf_counter() - start
+    failed = [r for r in outcome.records if r.state != "done"]
+    if failed:
+        raise click.ClickException(f"{len(failed)} trial(s) failed: {failed[0].reason}")
+    return seconds
+
+
+@click.command()
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--images", default=400, show_default=True, help="Rows of the synthetic store.")
+@click.option("--tokens", default=16, show_default=True, help="Image tokens per row (P).")
+@click.option("--token-dim", default=64, show_default=True, help="Width of an image token (D).")
+@click.option("--trials", default=4, show_default=True, help="Trials of the sweep (seeds 0..N-1).")
+@click.option("--concurrency", default=2, show_default=True, help="Trials run at once on the device.")
+@click.option("--steps", default=60, show_default=True, help="Training steps per trial.")
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--full-adapter", is_flag=True, help="The default adapter (d_model 768, K 16) instead of a small one.")
+def main(device, images, tokens, token_dim, trials, concurrency, steps, batch_size, full_adapter):
+    base = (*(() if full_adapter else SMALL_ADAPTER), f"train.max_steps={steps}", f"train.batch_size={batch_size}",
+            f"train.eval_every={steps}", "train.log_every=20")
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Path(tmp) / "store.zarr"
+        write_store(store, images, tokens, token_dim, tars=4)
+        # Untimed: imports, allocator and kernel warm-up would otherwise be charged to the first timing.
+        time_sweep(store, Path(tmp) / "warm-up", 1, 1, (*base, "train.max_steps=5", "train.eval_every=5"), device)
+        single = time_sweep(store, Path(tmp) / "one", 1, 1, base, device)
+        many = time_sweep(store, Path(tmp) / "many", trials, concurrency, base, device)
+    adapter = "default (d_model 768, K 16)" if full_adapter else "small (d_model 64, K 4)"
+    click.echo(f"# {device}; adapter {adapter}; store {images} x {tokens} x {token_dim} fp16; "
+               f"{steps} steps of batch {batch_size} per trial")
+    click.echo(f"{'trials':>7} {'concurrency':>12} {'wall s':>9} {'s/trial':>9} {'vs 1 trial':>11}")
+    for n, c, seconds in ((1, 1, single), (trials, concurrency, many)):
+        click.echo(f"{n:>7} {c:>12} {seconds:>9.1f} {seconds / n:>9.2f} {seconds / single:>10.2f}x")
+
+
+if __name__ == "__main__":
+    main()
