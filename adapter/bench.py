@@ -150,8 +150,8 @@ def run_bench(config: BenchConfig, on_stage: Callable[[str], None] = lambda line
         run_dir = out / "runs" / variant.name / f"seed{seed}"
         record = finished_run(run_dir, run_config)
         if record is None:
-            on_stage(f"[{i}/{len(plan)}] training {variant.name} seed {seed} "
-                     f"({run_config.train.max_steps} steps) into {run_dir}")
+            what = f"({run_config.train.max_steps} steps)" if variant.method == ADAPTER_METHOD else "(baseline)"
+            on_stage(f"[{i}/{len(plan)}] training {variant.name} seed {seed} {what} into {run_dir}")
             record = run_one(store, variant, seed, run_config, train_labels, unseen, run_dir, config)
             trained += 1
         else:
