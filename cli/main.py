@@ -71,7 +71,7 @@ def cli(verbose: bool) -> None:
       rankpipe shards labels.csv --label mos --query "Sort images by image quality." --out shards/x
       rankpipe embed shards/x/manifest.yaml --store feats/x.zarr --model ViT-B-16 --pretrained openai
       rankpipe train --store feats/x.zarr --out runs/x
-      rankpipe eval --store feats/x.zarr --checkpoint runs/x/best --split test
+      rankpipe eval --store feats/x.zarr --checkpoint runs/x/best.pt --split test
     Try `rankpipe demo` for the whole pipeline on built-in data.
     """
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

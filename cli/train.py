@@ -13,7 +13,7 @@ import click
 @click.option("--manifest", "manifest_path", type=click.Path(dir_okay=False, path_type=Path), help="Manifest overriding the store's split roles and target transforms (same labels).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), help="YAML run config with sections adapter, loss, optim, train.")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.FIELD=VALUE", help="Override one run-config field; repeatable, e.g. --set loss.pairwise=hinge.")
-@click.option("--label", "labels", multiple=True, help="Train on this label (repeatable); default: every label of the store.")
+@click.option("--label", "labels", multiple=True, help="Train on this label (repeatable); default: every label of the store with train and val images.")
 @click.option("--max-steps", type=click.IntRange(min=1), help="Shortcut for --set train.max_steps=N.")
 @click.option("--batch-size", type=click.IntRange(min=2), help="Shortcut for --set train.batch_size=N (images of one query per step).")
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), help="Where to train; default cuda when available.")
