@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from rankpipe.adapter.metrics import METRICS, MetricConfig, QueryMetrics, compute_metrics
-from rankpipe.adapter.predict import LoadedCheckpoint, check_compatible, load_checkpoint, predict
+from rankpipe.adapter.predict import LoadedCheckpoint, check_compatible, load_checkpoint, predict_labels
 from rankpipe.adapter.targets import transform_target
 from rankpipe.errors import InputError
 from rankpipe.pipeline.exports import QueryRanking, export_format, write_rankings
@@ -184,11 +184,12 @@ def evaluate(
     keys = np.asarray(store.keys(), dtype=str)[rows]
     splits = np.asarray(store.splits(), dtype=str)[rows]
     queries = []
+    all_scores = predict_labels(loaded, store, labels, rows, batch_size=config.batch_size)  # reads each row once
     for name in labels:
         spec = specs[name]
         transform = loaded.labels[name].scale.transform
         truth = transform_target(np.asarray(store.label(name), dtype=np.float64)[rows], transform)
-        scores = predict(loaded, store, name, rows, batch_size=config.batch_size)
+        scores = all_scores[name]
         # Class metrics compare classes of the label itself, which a distance target no longer is.
         classes = spec.classes if spec.metric == "ordinal" and transform.kind == "identity" else None
         metrics = compute_metrics(scores, truth, classes=classes, config=config.metrics)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -176,27 +176,49 @@ def predict(
     Raises:
         InputError: unknown label, or a store from another backbone.
     """
-    if label not in loaded.labels:
-        raise InputError(
-            f"checkpoint {loaded.path} was not trained on label {label!r}; its labels are {', '.join(loaded.labels)}"
-        )
+    return predict_labels(loaded, store, [label], rows, batch_size)[label]
+
+
+def predict_labels(
+    loaded: LoadedCheckpoint,
+    store,
+    labels: Sequence[str],
+    rows: np.ndarray,
+    batch_size: int = 256,
+) -> dict[str, np.ndarray]:
+    """`predict` for several labels at once: each batch of image features is read from the store once
+    and scored for every label, instead of once per label.
+
+    Returns:
+        label -> [n] float64 scores in label units, in the order of `rows`.
+    """
+    for label in labels:
+        if label not in loaded.labels:
+            raise InputError(
+                f"checkpoint {loaded.path} was not trained on label {label!r}; its labels are {', '.join(loaded.labels)}"
+            )
     check_compatible(loaded.provenance, store, f"checkpoint {loaded.path}")
     rows = np.asarray(rows, dtype=np.int64)
     order = np.argsort(rows, kind="stable")  # the store reads ascending rows
     sorted_rows = rows[order]
-    entry = loaded.labels[label]
-    scores = np.empty(len(rows), dtype=np.float64)
-    if loaded.baseline is not None:
-        for i in range(0, len(rows), batch_size):
-            chunk = order[i : i + batch_size]
-            scores[chunk] = loaded.baseline.predict(label, store.image_embed(sorted_rows[i : i + batch_size]))
-        return scores
-    chunks = (
-        torch.from_numpy(np.ascontiguousarray(store.image_tokens(sorted_rows[i : i + batch_size]), dtype=np.float16))
-        for i in range(0, len(rows), batch_size)
-    )
-    scores[order] = score_batches(loaded.model, entry.text_tokens, chunks, loaded.device)
-    return entry.scale.to_target_units(scores)
+    parts: dict[str, list[np.ndarray]] = {label: [] for label in labels}
+    for i in range(0, len(rows), batch_size):
+        batch_rows = sorted_rows[i : i + batch_size]
+        if loaded.baseline is not None:
+            embed = store.image_embed(batch_rows)  # [b, E]
+            for label in labels:
+                parts[label].append(loaded.baseline.predict(label, embed))
+            continue
+        tokens = torch.from_numpy(np.ascontiguousarray(store.image_tokens(batch_rows), dtype=np.float16))  # [b, P, D]
+        for label in labels:
+            parts[label].append(score_batches(loaded.model, loaded.labels[label].text_tokens, [tokens], loaded.device))
+    out = {}
+    for label in labels:
+        scores = np.empty(len(rows), dtype=np.float64)
+        scores[order] = np.concatenate(parts[label]) if parts[label] else np.zeros(0)
+        # Baselines predict in target units already; adapter scores are in normalised units.
+        out[label] = scores if loaded.baseline is not None else loaded.labels[label].scale.to_target_units(scores)
+    return out
 
 
 def predict_embeddings(loaded: LoadedCheckpoint, label: str, embed: np.ndarray) -> np.ndarray:

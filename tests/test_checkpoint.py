@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rankpipe.adapter.checkpoint import read_checkpoint, save_checkpoint
-from rankpipe.adapter.predict import load_checkpoint, predict
+from rankpipe.adapter.predict import load_checkpoint, predict, predict_labels
 from rankpipe.adapter.run_config import RunConfig
 from rankpipe.adapter.targets import TargetScale, fit_target_scale, transform_target
 from rankpipe.adapter.train import spearman, train_from_store
@@ -76,6 +76,15 @@ def test_predictions_are_in_label_units_and_row_order(run):
     np.testing.assert_allclose(scores, normalised * scale.std + scale.mean, rtol=1e-5)
     shuffled = np.random.default_rng(0).permutation(rows)
     np.testing.assert_allclose(predict(loaded, store, "count", shuffled), scores[np.searchsorted(rows, shuffled)], rtol=1e-6)
+
+
+def test_predict_labels_reads_once_and_equals_predict_per_label(run):
+    store, result = run
+    loaded = load_checkpoint(result.best_path)
+    rows = np.random.default_rng(1).permutation(store.rows(["val"]))
+    together = predict_labels(loaded, store, ["count", "size"], rows, batch_size=7)
+    for name in ("count", "size"):
+        np.testing.assert_array_equal(together[name], predict(loaded, store, name, rows, batch_size=7))
 
 
 def test_predict_refuses_another_backbone_and_unknown_labels(run, tmp_path):
