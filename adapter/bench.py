@@ -26,6 +26,7 @@ import torch
 
 from rankpipe.adapter.bench_table import results_csv, results_markdown, table_rows
 from rankpipe.adapter.bench_variants import ADAPTER_METHOD, Variant
+from rankpipe.adapter.run_config import SMALL_ADAPTER_OVERRIDES
 from rankpipe.errors import InputError
 from rankpipe.pipeline.backbone import RANDOM_WEIGHTS, BackboneSpec
 
@@ -33,18 +34,8 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
 TASKS_RECORD = "photo_tasks.json"
-# A small adapter for a tiny backbone (as the demo's) so --quick trains each run in seconds on a CPU.
-QUICK_OVERRIDES = (
-    "adapter.d_model=64",
-    "adapter.heads=4",
-    "adapter.text_extra_tokens=8",
-    "adapter.head_hidden=64",
-    "optim.lr=1e-3",
-    "optim.warmup_steps=30",
-    "train.batch_size=32",
-    "train.eval_every=50",
-    "train.log_every=10",
-)
+# --quick trains the small adapter of the demo, so each run takes seconds on a CPU.
+QUICK_OVERRIDES = SMALL_ADAPTER_OVERRIDES
 # Training steps of each --quick run unless --steps says otherwise.
 QUICK_STEPS = 150
 

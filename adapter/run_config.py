@@ -127,6 +127,22 @@ class RunConfig:
         return _diff(self.to_dict(), other.to_dict(), "")
 
 
+# A small adapter for a tiny backbone (width 64, 16 tokens), trained with a larger learning rate: the
+# settings of `rankpipe demo` and of `rankpipe bench --quick`, so either trains in seconds on a CPU.
+# The number of relational tokens is left to the caller (the bench's k-variants set it).
+SMALL_ADAPTER_OVERRIDES = (
+    "adapter.d_model=64",
+    "adapter.heads=4",
+    "adapter.text_extra_tokens=8",
+    "adapter.head_hidden=64",
+    "optim.lr=1e-3",
+    "optim.warmup_steps=30",
+    "train.batch_size=32",
+    "train.eval_every=50",
+    "train.log_every=10",
+)
+
+
 def load_run_config(
     config_path: str | Path | None = None,
     overrides: Sequence[str] = (),

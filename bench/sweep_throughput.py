@@ -20,6 +20,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from rankpipe.adapter.run_config import SMALL_ADAPTER_OVERRIDES
 from rankpipe.adapter.sweep import TrialSettings
 from rankpipe.adapter.sweep_runner import SweepRequest, run_sweep
 from rankpipe.adapter.sweep_spec import SweepSpec, expand_trials
@@ -29,7 +30,7 @@ from rankpipe.pipeline.store import BlockMeta, StoreConfig, create_store, plan_s
 from rankpipe.pipeline.tars import TarInfo
 
 # The small adapter of the CPU run (the --full-adapter run uses the defaults: d_model 768, K 16).
-SMALL_ADAPTER = ("adapter.d_model=64", "adapter.heads=4", "adapter.text_extra_tokens=8", "adapter.relational_tokens=4")
+SMALL_ADAPTER = (*SMALL_ADAPTER_OVERRIDES, "adapter.relational_tokens=4")
 TEXT_TOKENS, TEXT_DIM, EMBED_DIM = 16, 64, 32
 
 
