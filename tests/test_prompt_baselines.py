@@ -86,6 +86,23 @@ def test_rankpipe_eval_reads_the_checkpoint(tiny_store, fitted, method, tmp_path
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_rankpipe_rank_scores_like_the_store(store, fitted, method):
+    """Ranking the store's own tars gives the scores predict() gives through the store."""
+    from rankpipe.adapter.predict import predict
+    from rankpipe.adapter.rank import RankConfig, rank_images
+
+    loaded = load_checkpoint(fitted[method].path)
+    urls = store.tar_urls()
+    pattern = urls[0] if len(urls) == 1 else "{" + ",".join(urls) + "}"
+    ranking = rank_images(fitted[method].path, pattern, RankConfig((loaded.labels["brightness"].query,)))
+    rows = store.rows()
+    expected = dict(zip(store.keys()[rows], predict(loaded, store, "brightness", rows)))
+    got = dict(zip(ranking.keys, ranking.queries[0].scores))
+    assert set(got) == set(expected)
+    np.testing.assert_allclose([got[k] for k in expected], list(expected.values()), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_gradient_reaches_the_learned_tokens_not_the_tower(store, manifest, tower, method):
     cls = get_method(method)
     config = method_config(cls, ["steps=3", "batch_size=8", "context_tokens=4", "lr=0.01"])
