@@ -29,7 +29,8 @@ from rankpipe.pipeline.decode import DecodedBatch, TarBatches, TarTask
 from rankpipe.pipeline.gpu_decode import GpuPreprocess
 from rankpipe.pipeline.manifest import LabelSpec, Manifest
 from rankpipe.pipeline.store import BlockMeta, StoreConfig, StorePlan, TokenStore, create_store, plan_store
-from rankpipe.pipeline.tars import list_tars
+from rankpipe.pipeline.tars import TarInfo, list_tars
+from rankpipe.pipeline.weights import RANDOM_WEIGHTS, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +128,11 @@ def embed(manifest: Manifest, store_path: str | Path, backbone_spec: BackboneSpe
     tars = list_tars([absolute_url(url) for url in manifest.shard_urls()])
     if sum(tar.count for tar in tars) == 0:
         raise InputError(f"the tars of {manifest.shards} hold no samples; check the shard pattern")
+    if mode == "incremental" and finished_with(Path(store_path), manifest, backbone_spec, tars, config.compress):
+        # Nothing to embed: skip loading the backbone, which may need weights that are not at hand.
+        summary = EmbedSummary(store=Path(store_path), tars_skipped=len(tars))
+        summary.seconds = time.perf_counter() - start
+        return summary
     backbone = load_backbone(backbone_spec, torch_device)
     plan = plan_store(tars, backbone.num_tokens * backbone.token_dim * 2, config)
     store = open_or_create_store(Path(store_path), mode, backbone, manifest, plan, config)
@@ -293,6 +299,30 @@ def open_or_create_store(path: Path, mode: str, backbone: Backbone, manifest: Ma
     texts = {label.query: backbone.encode_text(label.query) for label in manifest.labels}
     provenance = {**backbone.provenance, "image_decoder": image_decoder(backbone)}
     return create_store(path, plan, provenance, manifest, texts, config)
+
+
+def finished_with(path: Path, manifest: Manifest, spec: BackboneSpec, tars: Sequence[TarInfo], compress: bool) -> bool:
+    """Whether the store at `path` is complete and was made from these tars, manifest, weights and compression.
+
+    Decided from the store's records alone, without loading the backbone. Anything short of a sure
+    match answers False, and the full check (which loads the backbone) then runs and explains.
+    """
+    if not (path / "zarr.json").is_file():
+        return False
+    try:
+        store = TokenStore.open(path, allow_incomplete=True)
+    except InputError:
+        return False
+    recorded = store.provenance
+    if spec.pretrained.lower() == RANDOM_WEIGHTS:
+        same_weights = recorded.get("pretrained") == RANDOM_WEIGHTS and recorded.get("seed") == spec.seed
+    elif Path(spec.pretrained).is_file():
+        same_weights = recorded.get("checkpoint_sha256") == file_sha256(Path(spec.pretrained))
+    else:
+        same_weights = recorded.get("pretrained") == spec.pretrained
+    return (store.is_complete and recorded.get("model") == spec.model and same_weights and store.compressed == compress
+            and [(b.url, b.count) for b in store.blocks] == [(t.url, t.count) for t in tars]
+            and store.manifest.to_dict() == manifest.to_dict())
 
 
 def image_decoder(backbone: Backbone) -> str:

@@ -199,6 +199,20 @@ def test_incremental_refuses_another_backbone_and_overwrite_replaces(tmp_path, t
     assert store.valid().sum() == 36
 
 
+def test_rerun_of_finished_store_does_not_load_the_backbone(tmp_path, tiny_shards, monkeypatch):
+    path = tmp_path / "x.zarr"
+    run_embed(tiny_shards, path)
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the backbone was loaded for a finished store")
+
+    monkeypatch.setattr("rankpipe.pipeline.embed.load_backbone", no_loading)
+    assert "nothing to do" in run_embed(tiny_shards, path).line()
+    # Other weights are not a finished match: the full check runs (and here, loads the backbone).
+    with pytest.raises(AssertionError, match="backbone was loaded"):
+        run_embed(tiny_shards, path, spec=BackboneSpec(TINY_VIT, "none", seed=1))
+
+
 def test_store_records_its_decoder_and_refuses_to_resume_with_another(tmp_path, tiny_shards):
     path = tmp_path / "x.zarr"
     run_embed(tiny_shards, path)
@@ -206,6 +220,7 @@ def test_store_records_its_decoder_and_refuses_to_resume_with_another(tmp_path, 
     assert group.attrs["provenance"]["image_decoder"] == "pil"
     # Pretend a CUDA run (GPU decoding) made the store; a CPU run must not add rows decoded by PIL.
     group.attrs["provenance"] = {**group.attrs["provenance"], "image_decoder": "gpu"}
+    group["done"][0] = False  # an unfinished tar: the rerun has rows to add
     with pytest.raises(InputError, match="decoded by 'gpu'.*CUDA"):
         run_embed(tiny_shards, path)
 
