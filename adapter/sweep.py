@@ -123,7 +123,8 @@ def run_trial(
     started = time.monotonic()
     try:
         resume = (folder / LAST).is_file()
-        result = train_adapter(features, folder, trial.config, store.provenance, device, resume=resume)
+        result = train_adapter(features, folder, trial.config, store.provenance, device, resume=resume,
+                               splits=manifest.splits)
         metrics = {
             "best_step": result.best_step,
             "steps": result.steps,

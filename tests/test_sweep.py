@@ -10,11 +10,13 @@ import torch
 import yaml
 from click.testing import CliRunner
 
+from rankpipe.adapter.folds import recorded_splits
 from rankpipe.adapter.sweep import DONE, FAILED, RUNNING, STATUS, TrialSettings
 from rankpipe.adapter.sweep_runner import SweepRequest, run_sweep
 from rankpipe.adapter.sweep_spec import SweepSpec, expand_trials, load_sweep_spec
 from rankpipe.cli.main import cli
 from rankpipe.errors import InputError
+from rankpipe.pipeline.store import TokenStore
 
 # A tiny adapter trained for a few steps: each trial takes well under a second on one CPU core.
 BASE = [
@@ -140,6 +142,8 @@ def test_local_sweep_records_failures_resumes_and_matches_concurrent_run(tmp_pat
         metrics = json.loads((folder / "metrics.json").read_text())
         assert set(metrics["eval"]) == {"squares", "brightness"}
         assert -1 <= metrics["eval"]["squares"]["srcc"] <= 1 and metrics["best_step"] in (4, 8)
+        # Split roles travel with the checkpoint, so k-fold evaluation needs no --manifest.
+        assert recorded_splits(folder / "best.pt") == TokenStore.open(tiny_store).manifest.splits
         assert json.loads((folder / "config.json").read_text())["run_config"]["optim"]["lr"] == 2e-3
 
     # The table: done trials first, best val SRCC on top, failed ones last with their reason.
