@@ -23,6 +23,7 @@ from rankpipe.adapter.baselines.linear_probe import LinearProbeConfig
 from rankpipe.adapter.baselines.prompts import fit_affine
 from rankpipe.adapter.baselines.train import method_config, train_baseline
 from rankpipe.adapter.baselines.zero_shot import count_category
+from rankpipe.adapter.folds import recorded_splits
 from rankpipe.adapter.predict import load_checkpoint, predict, predict_embeddings
 from rankpipe.adapter.targets import fit_target_scale
 from rankpipe.cli.main import cli
@@ -121,6 +122,7 @@ def test_predictions_are_in_label_units(store, fitted, method):
         assert pred.mean() == pytest.approx(split.train_targets.mean(), rel=1e-6)
         np.testing.assert_allclose(pred, predict_embeddings(loaded, split.name, store.image_embed(rows)))
     assert set(loaded.val_srcc) == {"squares", "brightness"}
+    assert recorded_splits(fitted[method].path) == store.manifest.splits
 
 
 @pytest.mark.parametrize("method", BASELINES)

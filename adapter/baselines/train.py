@@ -33,7 +33,7 @@ from rankpipe.adapter.checkpoint import BEST, FORMAT_VERSION, save_checkpoint
 from rankpipe.adapter.run_config import instantiate_config, merge_settings
 from rankpipe.adapter.train import check_manifest
 from rankpipe.errors import InputError
-from rankpipe.pipeline.manifest import Manifest
+from rankpipe.pipeline.manifest import SPLIT_ROLES, Manifest
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,8 @@ def train_baseline(
         "model": baseline.state(),
         "val_srcc": val_srcc,
         "best": {"step": 0, "mean_srcc": mean, "srcc": dict(val_srcc)},
+        # The split roles it was fitted with, as adapter checkpoints record them (for k-fold eval).
+        "splits": {role: list(manifest.splits.values(role)) for role in SPLIT_ROLES},
     }
     path = save_checkpoint(payload, Path(out_dir) / BEST)
     return BaselineResult(method, val_srcc, mean, path)
