@@ -8,7 +8,8 @@ Every image of the split is scored, with or without a label; images without one 
 rankings and are left out of (and counted by) the metrics.
 
 Several checkpoints are the folds of a k-fold protocol: each is evaluated on its own test split and
-the metrics are summarised over folds (adapter/folds.py).
+the metrics are summarised over folds (adapter/folds.py). The whole `rankpipe eval` command — files,
+exports, report — is adapter/eval_command.py.
 """
 
 from __future__ import annotations
@@ -18,20 +19,17 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from rankpipe.adapter.metrics import METRICS, MetricConfig, QueryMetrics, compute_metrics
-from rankpipe.adapter.predict import LoadedCheckpoint, check_compatible, load_checkpoint, predict_labels
+from rankpipe.adapter.predict import LoadedCheckpoint, check_compatible, predict_labels
 from rankpipe.adapter.targets import transform_target
 from rankpipe.errors import InputError
-from rankpipe.pipeline.exports import QueryRanking, export_format, write_rankings
-from rankpipe.pipeline.manifest import SPLIT_ROLES, LabelSpec, Manifest, SplitSpec, load_manifest
-from rankpipe.pipeline.report import ReportConfig, ReportSection, write_report
-
-if TYPE_CHECKING:
-    from rankpipe.adapter.folds import FoldResults
+from rankpipe.pipeline.exports import QueryRanking
+from rankpipe.pipeline.manifest import SPLIT_ROLES, LabelSpec, Manifest, SplitSpec
+from rankpipe.pipeline.report import ReportSection
 
 log = logging.getLogger(__name__)
 
@@ -298,100 +296,6 @@ def _json_float(value: float) -> float | None:
     return None if math.isnan(value) else float(value)
 
 
-# ---------------------------------------------------------------------------- the whole `rankpipe eval`
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalRequest:
-    """One `rankpipe eval` run: inputs, settings and where each output goes."""
-
-    # The token store and the checkpoint (a .pt file or a run folder meaning its best.pt).
-    store: Path
-    checkpoint: Path
-    # Split, labels, bootstrap and batch settings.
-    config: EvalConfig = EvalConfig()
-    # Folder for results.json and results.md; None = the checkpoint's folder.
-    out_dir: Path | None = None
-    # Ranking files to write; the suffix picks the format (.csv, .jsonl, .h5).
-    exports: tuple[Path, ...] = ()
-    # Folder of the HTML report; None = no report.
-    report_dir: Path | None = None
-    # Contents and sizes of the report.
-    report: ReportConfig = ReportConfig()
-    # Where the adapter runs: "cpu" or "cuda[:i]".
-    device: str = "cpu"
-    # Checkpoints of the further folds of a k-fold protocol (the first fold's is `checkpoint`); with any,
-    # each fold is evaluated on its own split and the metrics are summarised as mean ± std over folds.
-    fold_checkpoints: tuple[Path, ...] = ()
-    # Manifests giving the split roles of each checkpoint, paired in order with `checkpoints`; empty =
-    # the store's manifest for one checkpoint, the split roles each fold was trained with for several.
-    manifests: tuple[Path, ...] = ()
-
-    @property
-    def checkpoints(self) -> tuple[Path, ...]:
-        """Every checkpoint, one per fold."""
-        return (self.checkpoint, *self.fold_checkpoints)
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalOutputs:
-    """What a run computed and the files it wrote."""
-
-    # One checkpoint's results, or the folds and their summary for several checkpoints.
-    results: EvalResults | FoldResults
-    # results.json, results.md, then the exports, then the report's index.html.
-    files: tuple[Path, ...]
-    # What the terminal shows: the metrics table(s) and notes.
-    text: str = ""
-
-
-def run_evaluation(request: EvalRequest) -> EvalOutputs:
-    """Evaluate, then write results, exports and report; nothing is written unless everything is valid.
-
-    Raises:
-        InputError: a missing store, checkpoint or manifest, a store from another backbone, an unknown
-            split or label, an export path with an unknown suffix, or as many manifests as checkpoints
-            not given.
-    """
-    # The fold code builds on this module's evaluation, so it is imported where it is used.
-    from rankpipe.adapter import folds
-
-    for path in request.exports:
-        export_format(path)
-    if request.manifests and len(request.manifests) != len(request.checkpoints):
-        raise InputError(
-            f"got {len(request.checkpoints)} checkpoint(s) and {len(request.manifests)} manifest(s); "
-            "pass one --manifest per --checkpoint, in the same order, or none"
-        )
-    loaded = [load_checkpoint(path, request.device) for path in request.checkpoints]
-    manifests = [load_manifest(path) for path in request.manifests]
-    store = _open_store(request.store)
-    out_dir = request.out_dir if request.out_dir is not None else loaded[0].path.parent
-    if len(loaded) == 1:
-        results = evaluate(loaded[0], store, request.config, manifests[0] if manifests else None)
-        files = list(write_results(results, out_dir))
-        rankings = [q.ranking for q in results.queries]
-        text = results_text(results)
-    else:
-        results = folds.evaluate_folds(loaded, store, request.config, manifests or None)
-        files = list(folds.write_fold_results(results, out_dir))
-        rankings = results.rankings()
-        text = folds.folds_markdown(results)
-    files += [write_rankings(path, rankings) for path in request.exports]
-    if request.report_dir is not None:
-        if len(loaded) == 1:
-            files.append(_write_report(results, store.tar_urls(), request.report_dir, request.report))
-        else:
-            files.append(folds.write_fold_report(results, store.tar_urls(), request.report_dir, request.report))
-    return EvalOutputs(results, tuple(files), text)
-
-
-def _open_store(path: Path):
-    from rankpipe.pipeline.store import TokenStore
-
-    return TokenStore.open(path)
-
-
 def report_sections(results: EvalResults, prefix: str = "") -> list[ReportSection]:
     """One report section per query: its headline metrics, scatter plot and contact sheets.
 
@@ -407,15 +311,3 @@ def report_sections(results: EvalResults, prefix: str = "") -> list[ReportSectio
         summary = f"{q.metrics.n} labelled images ({q.metrics.n_missing} without label). " + " · ".join(headline)
         sections.append(ReportSection(prefix + q.label, q.ranking, summary, q.metrics.notes))
     return sections
-
-
-def _write_report(results: EvalResults, tar_urls: Sequence[str], out_dir: Path, config: ReportConfig) -> Path:
-    header, rows = results_table(results)
-    sections = report_sections(results)
-    details = [
-        ("checkpoint", f"{results.checkpoint} (step {results.step})"),
-        ("store", results.store),
-        ("split", f"{results.split} ({', '.join(results.split_values)})"),
-        ("intervals", f"{results.metric_config.confidence:.0%} bootstrap, {results.metric_config.bootstrap} resamples"),
-    ]
-    return write_report(out_dir, f"rankpipe evaluation: {results.split}", header, rows, sections, tar_urls, config, details)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from rankpipe.adapter.evaluate import EvalConfig, EvalRequest, run_evaluation
+from rankpipe.adapter.eval_command import EvalRequest, run_evaluation
+from rankpipe.adapter.evaluate import EvalConfig
 from rankpipe.adapter.metrics import MetricConfig
 from rankpipe.pipeline.contact_sheet import SheetConfig
 from rankpipe.pipeline.manifest import SPLIT_ROLES

@@ -76,7 +76,8 @@ def run_demo(out_dir: Path, n_images: int = 240, steps: int = 300, device: str =
     Returns:
         (DemoPaths, EvalResults).
     """
-    from rankpipe.adapter.evaluate import EvalConfig, EvalRequest, run_evaluation
+    from rankpipe.adapter.eval_command import EvalRequest, run_evaluation
+    from rankpipe.adapter.evaluate import EvalConfig
     from rankpipe.adapter.metrics import MetricConfig
     from rankpipe.adapter.run_config import SMALL_ADAPTER_OVERRIDES, load_run_config
     from rankpipe.adapter.train import train_from_store

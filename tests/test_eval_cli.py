@@ -15,8 +15,9 @@ from click.testing import CliRunner
 from PIL import Image
 from scipy import stats
 
-from rankpipe.adapter import evaluate as evaluate_module
-from rankpipe.adapter.evaluate import EvalConfig, EvalRequest, evaluate, results_markdown, run_evaluation
+from rankpipe.adapter import eval_command as eval_command_module
+from rankpipe.adapter.eval_command import EvalRequest, run_evaluation
+from rankpipe.adapter.evaluate import EvalConfig, evaluate, results_markdown
 from rankpipe.adapter.metrics import MetricConfig
 from rankpipe.adapter.predict import load_checkpoint, predict
 from rankpipe.adapter.run_config import load_run_config
@@ -135,7 +136,7 @@ def open_store(monkeypatch, trained, tmp_path_factory):
             return other
         raise InputError(f"store {path} does not exist")
 
-    monkeypatch.setattr(evaluate_module, "_open_store", fake_open)
+    monkeypatch.setattr(eval_command_module, "_open_store", fake_open)
 
 
 def _store_dir(tmp_path: Path, name: str) -> Path:
