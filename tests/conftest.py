@@ -94,3 +94,17 @@ def tiny_store(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     embed(load_manifest(tiny_shards), path, BackboneSpec(TINY_VIT, "none", seed=0), device="cpu",
           batch_size=8, workers=0, progress=False)
     return path
+
+
+# A tiny adapter run for tests that train: seconds on a CPU.
+TINY_RUN = [
+    "adapter.d_model=32", "adapter.heads=4", "adapter.text_extra_tokens=4", "adapter.blocks=1",
+    "adapter.plain_layers=0", "adapter.relational_tokens=4", "adapter.pair_layers=1", "adapter.regression_layers=1",
+    "optim.lr=2e-3", "optim.warmup_steps=10", "train.batch_size=16", "train.eval_every=20", "train.log_every=5",
+]
+# Provenance of stores written directly with the store API (no backbone behind them).
+SYNTHETIC_PROVENANCE = {
+    "model": "synthetic", "pretrained": "none", "checkpoint_sha256": None, "seed": 0, "image_size": [32, 32],
+    "preprocess": {"mean": [0.5], "std": [0.5], "interpolation": "bicubic", "resize_mode": "squash"},
+    "token_grid": [2, 2], "token_dim": 16, "embed_dim": 8, "text_token_dim": 12, "context_length": 6,
+}

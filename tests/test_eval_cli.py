@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from PIL import Image
 from scipy import stats
 
+from conftest import SYNTHETIC_PROVENANCE, TINY_RUN
 from rankpipe.adapter import eval_command as eval_command_module
 from rankpipe.adapter.eval_command import EvalRequest, run_evaluation
 from rankpipe.adapter.evaluate import EvalConfig, evaluate, results_markdown
@@ -29,16 +30,8 @@ from rankpipe.pipeline.contact_sheet import read_thumbnails
 from rankpipe.pipeline.exports import read_rankings
 from rankpipe.pipeline.manifest import LabelSpec, Manifest, TargetTransform
 
-TINY = [
-    "adapter.d_model=32", "adapter.heads=4", "adapter.text_extra_tokens=4", "adapter.blocks=1",
-    "adapter.plain_layers=0", "adapter.relational_tokens=4", "adapter.pair_layers=1", "adapter.regression_layers=1",
-    "optim.lr=2e-3", "optim.warmup_steps=5", "train.batch_size=16", "train.eval_every=5", "train.max_steps=10",
-]
-PROVENANCE = {
-    "model": "synthetic", "pretrained": "none", "checkpoint_sha256": None, "seed": 0, "image_size": [32, 32],
-    "preprocess": {"mean": [0.5], "std": [0.5], "interpolation": "bicubic", "resize_mode": "squash"},
-    "token_grid": [2, 2], "token_dim": 16, "embed_dim": 8, "text_token_dim": 12, "context_length": 6,
-}
+TINY = [*TINY_RUN, "optim.warmup_steps=5", "train.eval_every=5", "train.max_steps=10"]
+PROVENANCE = SYNTHETIC_PROVENANCE
 AGE_CLASSES = (0.0, 1.0, 2.0, 3.0, 4.0)
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from conftest import SYNTHETIC_PROVENANCE, TINY_RUN
 from rankpipe.adapter.checkpoint import read_checkpoint, save_checkpoint
 from rankpipe.adapter.evaluate import EvalConfig, evaluate, markdown_table, results_markdown, results_table
 from rankpipe.adapter.folds import STD_DDOF, evaluate_folds, fold_stat, recorded_splits
@@ -28,16 +29,8 @@ from rankpipe.pipeline.store import BlockMeta, StoreConfig, TokenStore, create_s
 from rankpipe.pipeline.tars import TarInfo
 
 K = 3
-TINY = [
-    "adapter.d_model=32", "adapter.heads=4", "adapter.text_extra_tokens=4", "adapter.blocks=1",
-    "adapter.plain_layers=0", "adapter.relational_tokens=4", "adapter.pair_layers=1", "adapter.regression_layers=1",
-    "optim.lr=2e-3", "optim.warmup_steps=3", "train.batch_size=16", "train.eval_every=5", "train.max_steps=10",
-]
-PROVENANCE = {
-    "model": "synthetic", "pretrained": "none", "checkpoint_sha256": None, "seed": 0, "image_size": [32, 32],
-    "preprocess": {"mean": [0.5], "std": [0.5], "interpolation": "bicubic", "resize_mode": "squash"},
-    "token_grid": [2, 2], "token_dim": 16, "embed_dim": 8, "text_token_dim": 12, "context_length": 6,
-}
+TINY = [*TINY_RUN, "optim.warmup_steps=3", "train.eval_every=5", "train.max_steps=10"]
+PROVENANCE = SYNTHETIC_PROVENANCE
 LABELS = (
     LabelSpec("count", "Sort images by the number of dots."),
     LabelSpec("age", "Sort people by age.", metric="ordinal", classes=(0.0, 1.0, 2.0, 3.0, 4.0)),

@@ -18,7 +18,7 @@ import torch
 from click.testing import CliRunner
 from scipy import special, stats
 
-from conftest import TINY_LABELS, read_tar_samples
+from conftest import TINY_LABELS, TINY_RUN, read_tar_samples
 from rankpipe.adapter.predict import load_checkpoint, predict
 from rankpipe.adapter.rank import RankConfig, rank_images
 from rankpipe.adapter.run_config import load_run_config
@@ -32,11 +32,7 @@ from rankpipe.pipeline.rank_outputs import write_ranking
 from rankpipe.pipeline.ranking import combine_scores
 from rankpipe.pipeline.store import TokenStore
 
-TINY = [
-    "adapter.d_model=32", "adapter.heads=4", "adapter.text_extra_tokens=4", "adapter.blocks=1",
-    "adapter.plain_layers=0", "adapter.relational_tokens=4", "adapter.pair_layers=1", "adapter.regression_layers=1",
-    "optim.lr=2e-3", "optim.warmup_steps=5", "train.batch_size=16", "train.eval_every=5", "train.max_steps=10",
-]
+TINY = [*TINY_RUN, "optim.warmup_steps=5", "train.eval_every=5", "train.max_steps=10"]
 QUERY = {label.name: label.query for label in TINY_LABELS}
 UNSEEN = "Sort images by the number of circles."
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from conftest import SYNTHETIC_PROVENANCE, TINY_RUN
 from rankpipe.adapter.features import BatchSampler, load_features
 from rankpipe.adapter.run_config import load_run_config
 from rankpipe.adapter.train import TrainingDiverged, _lr_factor, spearman, train_adapter, train_from_store
@@ -22,16 +23,8 @@ from rankpipe.pipeline.store import BlockMeta, StoreConfig, TokenStore, create_s
 from rankpipe.pipeline.tars import TarInfo
 
 # Tiny adapter: every test run stays at a few seconds on two CPU cores.
-TINY = [
-    "adapter.d_model=32", "adapter.heads=4", "adapter.text_extra_tokens=4", "adapter.blocks=1",
-    "adapter.plain_layers=0", "adapter.relational_tokens=4", "adapter.pair_layers=1", "adapter.regression_layers=1",
-    "optim.lr=2e-3", "optim.warmup_steps=10", "train.batch_size=16", "train.eval_every=20", "train.log_every=5",
-]
-PROVENANCE = {
-    "model": "synthetic", "pretrained": "none", "checkpoint_sha256": None, "seed": 0, "image_size": [32, 32],
-    "preprocess": {"mean": [0.5], "std": [0.5], "interpolation": "bicubic", "resize_mode": "squash"},
-    "token_grid": [2, 2], "token_dim": 16, "embed_dim": 8, "text_token_dim": 12, "context_length": 6,
-}
+TINY = TINY_RUN
+PROVENANCE = SYNTHETIC_PROVENANCE
 
 
 @pytest.fixture(autouse=True)
