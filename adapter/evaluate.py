@@ -255,11 +255,16 @@ def results_markdown(results: EvalResults) -> str:
 
 def write_results(results: EvalResults, out_dir: str | Path) -> tuple[Path, Path]:
     """Write results.json and results.md into out_dir; returns their paths."""
+    return write_result_files(results.to_dict(), results_markdown(results), out_dir)
+
+
+def write_result_files(data: dict[str, Any], markdown: str, out_dir: str | Path) -> tuple[Path, Path]:
+    """Write `data` as results.json and `markdown` as results.md into out_dir; returns their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / "results.json", out_dir / "results.md"
-    json_path.write_text(json.dumps(results.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    md_path.write_text(results_markdown(results), encoding="utf-8")
+    json_path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    md_path.write_text(markdown, encoding="utf-8")
     return json_path, md_path
 
 

@@ -28,6 +28,7 @@ from rankpipe.adapter.evaluate import (
     markdown_table,
     report_sections,
     results_markdown,
+    write_result_files,
 )
 from rankpipe.adapter.metrics import METRICS
 from rankpipe.adapter.predict import LoadedCheckpoint
@@ -226,12 +227,7 @@ def folds_markdown(results: FoldResults) -> str:
 
 def write_fold_results(results: FoldResults, out_dir: str | Path) -> tuple[Path, Path]:
     """Write results.json and results.md of a k-fold evaluation into out_dir; returns their paths."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out_dir / "results.json", out_dir / "results.md"
-    json_path.write_text(json.dumps(results.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    md_path.write_text(folds_markdown(results), encoding="utf-8")
-    return json_path, md_path
+    return write_result_files(results.to_dict(), folds_markdown(results), out_dir)
 
 
 def write_fold_report(results: FoldResults, tar_urls: Sequence[str], out_dir: Path, config: ReportConfig) -> Path:

@@ -84,8 +84,16 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     """
     device = torch.device(device)
     payload = read_checkpoint(path, map_location="cpu")
+    path = Path(path)
+    common = dict(
+        path=path / "best.pt" if path.is_dir() else path,
+        provenance=payload["provenance"],
+        step=int(payload["step"]),
+        val_srcc=dict(payload.get("val_srcc", {})),
+        device=device,
+    )
     if checkpoint_method(payload) != ADAPTER_METHOD:
-        return _load_baseline(Path(path), payload, device)
+        return _load_baseline(payload, common)
     run_config = RunConfig.from_json(payload["run_config"])
     dims = payload["dims"]
     model = RankingAdapter(run_config.adapter, int(dims["image_token_dim"]), int(dims["text_token_dim"]))
@@ -100,41 +108,22 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
         )
         for entry in payload["labels"]
     }
-    path = Path(path)
-    return LoadedCheckpoint(
-        path=path / "best.pt" if path.is_dir() else path,
-        model=model,
-        run_config=run_config,
-        provenance=payload["provenance"],
-        labels=labels,
-        step=int(payload["step"]),
-        val_srcc=dict(payload.get("val_srcc", {})),
-        device=device,
-    )
+    return LoadedCheckpoint(model=model, run_config=run_config, labels=labels, **common)
 
 
-def _load_baseline(path: Path, payload: dict, device: torch.device) -> LoadedCheckpoint:
+def _load_baseline(payload: dict, common: dict) -> LoadedCheckpoint:
+    """A baseline's checkpoint: its fitted state instead of an adapter, labels without text tokens."""
     method = checkpoint_method(payload)
     try:
         cls = get_method(method)
     except InputError as e:
-        raise InputError(f"checkpoint {path} holds method {method!r}, which this rankpipe does not know ({e})") from e
+        raise InputError(f"checkpoint {common['path']} holds method {method!r}, which this rankpipe does not know ({e})") from e
     labels = {
         entry["name"]: CheckpointLabel(entry["name"], entry["query"], None, TargetScale.from_dict(entry["target"]))
         for entry in payload["labels"]
     }
-    return LoadedCheckpoint(
-        path=path / "best.pt" if path.is_dir() else path,
-        model=None,
-        run_config=None,
-        provenance=payload["provenance"],
-        labels=labels,
-        step=int(payload["step"]),
-        val_srcc=dict(payload.get("val_srcc", {})),
-        device=device,
-        method=method,
-        baseline=cls.from_state(payload["method_config"], payload["model"]),
-    )
+    baseline = cls.from_state(payload["method_config"], payload["model"])
+    return LoadedCheckpoint(model=None, run_config=None, labels=labels, method=method, baseline=baseline, **common)
 
 
 def check_compatible(provenance: dict, store, what: str) -> None:

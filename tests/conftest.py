@@ -108,3 +108,19 @@ SYNTHETIC_PROVENANCE = {
     "preprocess": {"mean": [0.5], "std": [0.5], "interpolation": "bicubic", "resize_mode": "squash"},
     "token_grid": [2, 2], "token_dim": 16, "embed_dim": 8, "text_token_dim": 12, "context_length": 6,
 }
+
+
+def assert_rank_matches_store(checkpoint, store, label: str) -> None:
+    """`rank_images` on the store's own tars gives, per key, the scores `predict` gives through the store."""
+    from rankpipe.adapter.predict import load_checkpoint, predict
+    from rankpipe.adapter.rank import RankConfig, rank_images
+
+    loaded = load_checkpoint(checkpoint)
+    urls = store.tar_urls()
+    pattern = urls[0] if len(urls) == 1 else "{" + ",".join(urls) + "}"
+    ranking = rank_images(checkpoint, pattern, RankConfig((loaded.labels[label].query,)))
+    rows = store.rows()
+    expected = dict(zip(store.keys()[rows], predict(loaded, store, label, rows)))
+    got = dict(zip(ranking.keys, ranking.queries[0].scores))
+    assert set(got) == set(expected)
+    np.testing.assert_allclose([got[k] for k in expected], list(expected.values()), rtol=1e-5, atol=1e-6)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import read_tar_samples
+from conftest import assert_rank_matches_store, read_tar_samples
 from rankpipe.adapter.baselines import get_method, method_names
 from rankpipe.adapter.baselines.clip_iqa import antonym_pair
 from rankpipe.adapter.baselines.data import LabelSplits, load_label_splits
@@ -136,25 +136,13 @@ def test_rankpipe_eval_reads_a_baseline_checkpoint(tiny_store, fitted, method, t
 
 @pytest.mark.parametrize("method", BASELINES)
 def test_rankpipe_rank_scores_like_the_store(store, fitted, method):
-    """Ranking the store's own tars with a baseline gives the scores predict() gives through the store."""
     from rankpipe.adapter.rank import RankConfig, rank_images
 
-    loaded = load_checkpoint(fitted[method].path)
-    label = loaded.labels["squares"]
-    ranking = rank_images(fitted[method].path, _pattern(store),
-                          RankConfig((label.query,)))
-    rows = store.rows()
-    expected = dict(zip(store.keys()[rows], predict(loaded, store, "squares", rows)))
-    got = dict(zip(ranking.keys, ranking.queries[0].scores))
-    assert set(got) == set(expected)
-    np.testing.assert_allclose([got[k] for k in expected], list(expected.values()), rtol=1e-5, atol=1e-6)
-    with pytest.raises(InputError, match="rank by one of them"):
-        rank_images(fitted[method].path, _pattern(store), RankConfig(("Sort images by something unseen.",)))
-
-
-def _pattern(store) -> str:
+    assert_rank_matches_store(fitted[method].path, store, "squares")
     urls = store.tar_urls()
-    return urls[0] if len(urls) == 1 else "{" + ",".join(urls) + "}"
+    pattern = urls[0] if len(urls) == 1 else "{" + ",".join(urls) + "}"
+    with pytest.raises(InputError, match="rank by one of them"):
+        rank_images(fitted[method].path, pattern, RankConfig(("Sort images by something unseen.",)))
 
 
 def _synthetic_splits(seed: int, n_train: int = 40, n_val: int = 25, dim: int = 8) -> LabelSplits:

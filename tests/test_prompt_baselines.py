@@ -12,6 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from conftest import assert_rank_matches_store
 from rankpipe.adapter.baselines import get_method
 from rankpipe.adapter.baselines.data import load_label_splits
 from rankpipe.adapter.baselines.l2rclip import asymmetric_contrastive, ordinal_pairwise, ordinal_weights
@@ -87,19 +88,7 @@ def test_rankpipe_eval_reads_the_checkpoint(tiny_store, fitted, method, tmp_path
 
 @pytest.mark.parametrize("method", METHODS)
 def test_rankpipe_rank_scores_like_the_store(store, fitted, method):
-    """Ranking the store's own tars gives the scores predict() gives through the store."""
-    from rankpipe.adapter.predict import predict
-    from rankpipe.adapter.rank import RankConfig, rank_images
-
-    loaded = load_checkpoint(fitted[method].path)
-    urls = store.tar_urls()
-    pattern = urls[0] if len(urls) == 1 else "{" + ",".join(urls) + "}"
-    ranking = rank_images(fitted[method].path, pattern, RankConfig((loaded.labels["brightness"].query,)))
-    rows = store.rows()
-    expected = dict(zip(store.keys()[rows], predict(loaded, store, "brightness", rows)))
-    got = dict(zip(ranking.keys, ranking.queries[0].scores))
-    assert set(got) == set(expected)
-    np.testing.assert_allclose([got[k] for k in expected], list(expected.values()), rtol=1e-5, atol=1e-6)
+    assert_rank_matches_store(fitted[method].path, store, "brightness")
 
 
 @pytest.mark.parametrize("method", METHODS)
