@@ -7,8 +7,17 @@ decoding costs what real photos cost) in a temporary folder, then prints a table
     backbone img/s   (forward on random tensors already on the device, same model and batch)
     ratio
 
+With --stages it also times each part of the pipeline alone, in the same run, so the slowest one
+shows what bounds the pipeline:
+
+    read img/s       tar reading in the DataLoader workers (with PIL decoding + preprocessing on
+                     the CPU path; raw JPEG bytes only where the GPU decodes)
+    GPU decode img/s nvJPEG decoding + resize + normalise of batches already in host memory (CUDA)
+    write img/s      the store writer alone (WriterThread, shard writes), fed ready-made fp16 token
+                     batches of the model's shape; also given in MB/s
+
     python bench/embed_throughput.py                                   # CPU, tiny model, seconds
-    python bench/embed_throughput.py --model ViT-B-16 --device cuda --batch-size 256 --images 20000 --workers 16
+    python bench/embed_throughput.py --model ViT-B-16 --device cuda --batch-size 256 --images 20000 --workers 16 --stages
 """
 
 from __future__ import annotations
@@ -28,12 +37,19 @@ import webdataset as wds
 from PIL import Image
 from skimage import data as skdata
 
-from rankpipe.pipeline.backbone import TINY_VIT, BackboneSpec, load_backbone
-from rankpipe.pipeline.embed import embed
+from rankpipe.pipeline.backbone import TINY_VIT, Backbone, BackboneSpec, load_backbone
+from rankpipe.pipeline.block_writer import EmbeddedBatch, WriterThread
+from rankpipe.pipeline.decode import DecodedBatch, TarBatches, TarTask
+from rankpipe.pipeline.embed import absolute_url, embed, open_or_create_store
+from rankpipe.pipeline.gpu_decode import GpuPreprocess
 from rankpipe.pipeline.manifest import LabelSpec, Manifest
+from rankpipe.pipeline.store import StoreConfig, plan_store
+from rankpipe.pipeline.tars import list_tars
 
 # Distinct encoded images; the tars repeat them (decoding cost does not depend on repetition).
 UNIQUE_IMAGES = 64
+# Batches kept in host memory for the GPU-decode stage.
+DECODE_BATCHES = 20
 
 
 def main() -> None:
@@ -47,6 +63,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--image-source-size", default="640x480", help="WxH of the generated JPEGs")
     parser.add_argument("--backbone-batches", type=int, default=20, help="timed batches of the forward-only run")
+    parser.add_argument("--stages", action="store_true", help="also time tar reading, GPU decoding and store "
+                                                              "writing alone")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     width, height = (int(v) for v in args.image_source_size.lower().split("x"))
@@ -64,6 +82,7 @@ def main() -> None:
                         workers=args.workers, mode="overwrite", progress=False)
         pipeline_rate = summary.images_embedded / summary.embed_seconds
         store_bytes = sum(p.stat().st_size for p in (folder / "bench.zarr").rglob("*") if p.is_file())
+        stages = stage_rates(folder, manifest, spec, args) if args.stages else []
 
     rows = [
         ("model", args.model), ("device", args.device), ("batch size", args.batch_size),
@@ -71,6 +90,7 @@ def main() -> None:
         ("store size", f"{store_bytes / 2**20:.1f} MiB"),
         ("pipeline img/s", f"{pipeline_rate:,.0f}"), ("backbone-only img/s", f"{backbone_rate:,.0f}"),
         ("ratio", f"{pipeline_rate / backbone_rate:.2f}"),
+        *stages,
     ]
     key_width = max(len(k) for k, _ in rows)
     for key, value in rows:
@@ -113,6 +133,81 @@ def make_photos(size: tuple[int, int]) -> list[bytes]:
         crop.save(buffer, format="JPEG", quality=90)
         photos.append(buffer.getvalue())
     return photos
+
+
+def stage_rates(folder: Path, manifest: Manifest, spec: BackboneSpec, args: argparse.Namespace) -> list[tuple[str, str]]:
+    """Table rows for each pipeline stage timed alone: tar reading, GPU decoding (CUDA), store writing."""
+    backbone = load_backbone(spec, args.device)
+    on_gpu = backbone.device.type == "cuda"
+    gpu_pre = GpuPreprocess(backbone.preprocess_cfg, backbone.image_size, backbone.device) \
+        if on_gpu and GpuPreprocess.supports(backbone.preprocess_cfg) else None
+    tars = list_tars([absolute_url(url) for url in manifest.shard_urls()])
+    tasks = [TarTask(t, tar.url, tar.count) for t, tar in enumerate(tars)]
+    read_rate, kept = read_throughput(tasks, backbone, args.batch_size, args.workers, gpu_pre is not None)
+    rows = [("read img/s (alone)", f"{read_rate:,.0f}")]
+    if gpu_pre is not None:
+        rows.append(("GPU decode img/s (alone)", f"{gpu_decode_throughput(kept, gpu_pre):,.0f}"))
+    write_rate, write_mb = write_throughput(folder / "write-only.zarr", manifest, tars, backbone, args.batch_size)
+    rows.append(("write img/s (alone)", f"{write_rate:,.0f} ({write_mb:,.0f} MB/s)"))
+    return rows
+
+
+def read_throughput(tasks: list[TarTask], backbone: Backbone, batch_size: int, workers: int,
+                    jpeg_on_gpu: bool) -> tuple[float, list[DecodedBatch]]:
+    """Img/s of the DataLoader alone, set up as `embed` sets it up; also returns the first batches read."""
+    dataset = TarBatches(tasks, ["score"], batch_size, backbone.preprocess, jpeg_on_gpu=jpeg_on_gpu)
+    num_workers = min(workers, len(tasks))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=jpeg_on_gpu,
+                                         prefetch_factor=4 if num_workers else None)
+    kept, images = [], 0
+    start = time.perf_counter()
+    for batch in loader:
+        images += batch.num_images
+        if len(kept) < DECODE_BATCHES:
+            kept.append(batch)
+    return images / (time.perf_counter() - start), kept
+
+
+def gpu_decode_throughput(batches: list[DecodedBatch], gpu_pre: GpuPreprocess) -> float:
+    """Img/s of nvJPEG decoding + preprocessing of batches already in host memory."""
+    def run() -> float:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for batch in batches:
+            gpu_pre(batch.jpegs())
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    run()  # warm-up
+    return sum(len(batch.jpeg_positions) for batch in batches) / run()
+
+
+def write_throughput(path: Path, manifest: Manifest, tars: list, backbone: Backbone,
+                     batch_size: int) -> tuple[float, float]:
+    """Img/s and MB/s of the store writer alone, fed ready-made batches of the model's token shape."""
+    config = StoreConfig()
+    plan = plan_store(tars, backbone.num_tokens * backbone.token_dim * 2, config)
+    store = open_or_create_store(path, "overwrite", backbone, manifest, plan, config)
+    rng = np.random.default_rng(0)
+    tokens = torch.from_numpy(rng.standard_normal((batch_size, backbone.num_tokens, backbone.token_dim),
+                                                  dtype=np.float32).astype(np.float16))  # [B, P, D]
+    embed_ = torch.from_numpy(rng.standard_normal((batch_size, backbone.embed_dim), dtype=np.float32)
+                              .astype(np.float16))  # [B, E]
+    writer = WriterThread(store, lambda t, meta: None, max_queue=8, write_threads=4)
+    start = time.perf_counter()
+    for t, block in enumerate(store.blocks):
+        for first in range(0, block.count, batch_size):
+            n = min(batch_size, block.count - first)
+            batch = DecodedBatch(tar=t, start=first, keys=[f"{t}-{first + i}" for i in range(n)],
+                                 splits=["train"] * n, errors=[""] * n, labels=np.zeros((n, 1), np.float32),
+                                 images=None, image_positions=np.zeros(0, np.int64),
+                                 jpeg_bytes=torch.zeros(0, dtype=torch.uint8), jpeg_offsets=np.zeros(1, np.int64),
+                                 jpeg_positions=np.zeros(0, np.int64), last=first + n >= block.count)
+            writer.put(EmbeddedBatch(batch, np.arange(first, first + n), tokens[:n], embed_[:n]))
+    writer.close()
+    seconds = time.perf_counter() - start
+    images = sum(block.count for block in store.blocks)
+    return images / seconds, images * (tokens[0].nbytes + embed_[0].nbytes) / seconds / 1e6
 
 
 @torch.inference_mode()
