@@ -12,10 +12,10 @@ Importing this module registers two tiny architectures for tests and demos (`TIN
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import json
 import logging
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -35,27 +35,14 @@ logger = logging.getLogger(__name__)
 TINY_VIT = "rankpipe-tiny-vit"
 TINY_CONVNEXT = "rankpipe-tiny-convnext"
 
-_TINY_TEXT_CFG = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}
-_TINY_CONFIGS: dict[str, dict[str, Any]] = {
-    # 64 px / patch 16 = a 4x4 grid of 16 tokens of width 64; head_width 32 gives 2 heads.
-    TINY_VIT: {
-        "embed_dim": 32,
-        "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
-        "text_cfg": _TINY_TEXT_CFG,
-    },
-    # timm ConvNeXt-atto trunk: 64 px / stride 32 = a 2x2 map of 320 channels; covers the trunk-map path.
-    TINY_CONVNEXT: {
-        "embed_dim": 32,
-        "vision_cfg": {
-            "timm_model_name": "convnext_atto", "timm_model_pretrained": False,
-            "timm_pool": "", "timm_proj": "mlp", "image_size": 64,
-        },
-        "text_cfg": _TINY_TEXT_CFG,
-    },
-}
-# open_clip keeps its architectures in a module-level dict filled from JSON files; adding ours there
-# makes every open_clip entry point (create_model, get_tokenizer, list_models) know them.
-open_clip.factory._MODEL_CONFIGS.update(copy.deepcopy(_TINY_CONFIGS))
+# Their open_clip configs, one JSON file each (open_clip's own format), registered through open_clip's
+# public add_model_config so that create_model, get_tokenizer and list_models all know them:
+# - rankpipe-tiny-vit: 64 px / patch 16 = a 4x4 grid of 16 tokens of width 64; head_width 32 gives 2 heads.
+# - rankpipe-tiny-convnext: timm ConvNeXt-atto trunk, 64 px / stride 32 = a 2x2 map of 320 channels;
+#   covers the trunk-map path.
+# Both share a 2-layer, width-32 text tower with CLIP's tokenizer.
+TINY_CONFIG_DIR = Path(__file__).parent / "model_configs"
+open_clip.add_model_config(TINY_CONFIG_DIR)
 
 # The provenance fields that must agree for two feature sets to be interchangeable (docs/store.md).
 COMPATIBILITY_FIELDS = ("model", "pretrained", "checkpoint_sha256", "seed", "image_size", "preprocess")
