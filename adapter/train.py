@@ -9,6 +9,10 @@ device-side record of the first non-finite step, so the loop has no other host s
 Every `train.eval_every` steps (and at the last) the val split is scored, SRCC per query is computed
 with scipy, and OUT/last.pt (resumable), OUT/best.pt (best mean val SRCC) and a line of
 OUT/history.jsonl are written.
+
+With `train.compile` the step's forward pass and loss run through torch.compile (the optimiser step
+stays eager). The compiled function closes over the plain module, so validation and checkpoints are
+those of an eager run.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from rankpipe.adapter.checkpoint import BEST, LAST, CheckpointWriter, load_resume_state, set_rng_state
+from rankpipe.adapter.config import LossConfig
 from rankpipe.adapter.features import BatchSampler, autocast
 from rankpipe.adapter.losses import LossParts, ranking_loss
 from rankpipe.adapter.model import RankingAdapter
@@ -171,21 +176,26 @@ def train_adapter(
 
     writer = CheckpointWriter(out_dir, cfg, features, provenance, device, splits=splits)
     monitor = _LossMonitor(device, cfg.train.batch_size)
+    mode = compile_mode(cfg.train.compile, device)
+    step_loss = _step_loss(model, cfg.loss, device, mode)
     latest_mean = _mean(val_srcc)
     started = time.monotonic()
     while step < cfg.train.max_steps:
         step += 1
         batch = features.train_batch(step, sampler)  # [B, P, D] fp16 tokens of one query's images
-        with autocast(device):
-            output = model(batch.image_tokens, features.queries[batch.query_index].text_tokens, with_pairs=True)
-        parts = ranking_loss(output, batch.targets, cfg.loss)
+        # Before the forward pass: the previous step's gradients may live in CUDA-graph memory.
         optimizer.zero_grad(set_to_none=True)
+        if mode == "reduce-overhead":
+            # CUDA-graph replays reuse their output buffers: this step's overwrites the previous
+            # step's loss parts, which monitor.update has copied; nothing else keeps them.
+            torch.compiler.cudagraph_mark_step_begin()
+        parts = step_loss(batch.image_tokens, features.queries[batch.query_index].text_tokens, batch.targets)
         parts.total.backward()
         if cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         optimizer.step()
         scheduler.step()
-        monitor.update(step, parts, batch.rows, batch.query_index)
+        monitor.update(step, parts, batch.rows, batch.query_index)  # copies the loss parts
 
         is_last = step == cfg.train.max_steps
         is_eval = step % cfg.train.eval_every == 0 or is_last
@@ -236,6 +246,42 @@ def spearman(prediction: np.ndarray, target: np.ndarray) -> float:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", scipy.stats.ConstantInputWarning)
         return float(scipy.stats.spearmanr(prediction, target).statistic)
+
+
+def compile_mode(setting: str, device: torch.device) -> str | None:
+    """The torch.compile mode that `train.compile` asks for on `device`; None trains eagerly.
+
+    "reduce-overhead" replays CUDA graphs; on another device it compiles as "default" (logged).
+    """
+    if setting == "off":
+        return None
+    if setting == "reduce-overhead" and device.type != "cuda":
+        log.info("train.compile=reduce-overhead: %s has no CUDA graphs; compiling with mode 'default'", device.type)
+        return "default"
+    return setting
+
+
+def _step_loss(
+    model: RankingAdapter, loss_cfg: LossConfig, device: torch.device, mode: str | None
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], LossParts]:
+    """Forward pass and loss of one step: image tokens [B, P, D], text tokens [L, Dt], targets [B].
+
+    Compiled with `mode` unless it is None. The first new text length recompiles once with the
+    length dynamic. The pairwise branch's chunking fixes the batch size, so each batch size compiles
+    its own graph: one more per query with fewer training images than `train.batch_size`.
+    """
+
+    def loss_of(image_tokens: torch.Tensor, text_tokens: torch.Tensor, targets: torch.Tensor) -> LossParts:
+        with autocast(device):
+            output = model(image_tokens, text_tokens, with_pairs=True)
+        return ranking_loss(output, targets, loss_cfg)
+
+    return loss_of if mode is None else _compile(loss_of, mode)
+
+
+def _compile(fn: Callable, mode: str) -> Callable:
+    """torch.compile with Inductor; a separate function so tests can swap in a faster backend."""
+    return torch.compile(fn, mode=mode)
 
 
 def _lr_factor(optim: OptimConfig, max_steps: int) -> Callable[[int], float]:

@@ -32,6 +32,7 @@ def test_defaults_follow_the_released_training_command():
         ("adapter.head_hidden=none", "adapter", "head_hidden", None),
         ("loss.pairwise=hinge", "loss", "pairwise", "hinge"),
         ("train.max_resident_gb=0.5", "train", "max_resident_gb", 0.5),
+        ("train.compile=reduce-overhead", "train", "compile", "reduce-overhead"),
     ],
 )
 def test_set_converts_to_the_field_type(override, section, field, value):
@@ -84,6 +85,7 @@ def test_json_round_trip_and_resume_base():
         ("optim.lr=-1", "lr must be positive"),
         ("train.batch_size=1", "batch_size must be >= 2"),
         ("adapter.heads=5", "divisible"),
+        ("train.compile=max-autotune", "train: compile must be one of off, default, reduce-overhead, not 'max-autotune'"),
         ("train.max_steps", "section.field=value"),
         ("lr=1", "section.field=value"),
         ("optim=3", "section.field=value"),
@@ -102,6 +104,7 @@ def test_bad_overrides_name_the_problem(override, match):
         ("- 1\n- 2\n", "must be a mapping"),
         ("train:\n  epochs: 3\n", "unknown field 'train.epochs'"),
         ("optim: {lr: [1]}\n", "'optim.lr' expects a number"),
+        ("train:\n  compile: off\n", "'train.compile' expects a string \\(quote it"),
         ("{unclosed\n", "not valid YAML"),
     ],
 )
