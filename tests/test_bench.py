@@ -1,4 +1,7 @@
-"""`rankpipe bench`: embed once, train and evaluate variants × seeds, one table with an unseen-category section."""
+"""`rankpipe bench`: embed once, train and evaluate variants × seeds, one table with an unseen-category section.
+
+Also the scale-out scripts of bench/ in their smallest configurations.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,9 @@ import csv
 import io
 import json
 import math
+import re
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -214,3 +220,72 @@ def test_table_is_mean_and_sample_std_over_seeds():
     assert row.stats["mae"] == pytest.approx((7 / 3, np.std([1.0, 2.0, 4.0], ddof=1)))
     assert row.stats["plcc"][0] == 0.5 and row.stats["plcc"][1] == 0.0
     assert all(math.isnan(v) for v in row.stats["krcc"])
+
+
+BENCH_SCRIPTS = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture
+def bench_scripts(monkeypatch):
+    """bench/ on sys.path, as `python bench/x.py` has it; dask workers started from here inherit it."""
+    monkeypatch.syspath_prepend(str(BENCH_SCRIPTS))
+
+
+def printed_rows(output: str, header_start: str) -> list[list[str]]:
+    """The whitespace-split rows under the table header that starts with `header_start`."""
+    lines = output.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:1] == [header_start])
+    rows = []
+    for line in lines[start + 1:]:
+        if not line.strip() or line.startswith("#"):
+            break
+        rows.append(line.split())
+    return rows
+
+
+def test_embed_workers_script_shows_byte_equal_stores_for_every_mode(bench_scripts, monkeypatch, capsys):
+    import embed_workers
+
+    monkeypatch.setattr(sys, "argv", ["embed_workers.py", "--images", "12", "--tars", "2", "--batch-size", "4",
+                                      "--image-source-size", "64x48", "--workers-list", "1"])
+    embed_workers.main()
+    output = capsys.readouterr().out
+    rows = printed_rows(output, "mode")
+    # mode, workers, images, start s, wall s, img/s, vs single, features equal
+    assert [(r[0], r[1], r[2], r[-1]) for r in rows] == [("single", "1", "12", "yes"), ("cluster", "1", "12", "yes")]
+    assert rows[0][3] == "-" and rows[0][6] == "1.00x"
+    assert re.search(r"^# torch threads: this process \d+, each dask worker \d+$", output, re.MULTILINE)
+
+
+def test_sweep_throughput_script_adds_a_row_per_worker_count(bench_scripts):
+    import sweep_throughput
+
+    args = ["--images", "40", "--tokens", "4", "--token-dim", "8", "--trials", "2", "--concurrency", "2",
+            "--steps", "2", "--batch-size", "8", "--workers-list", "1"]
+    result = CliRunner().invoke(sweep_throughput.main, args)
+    assert result.exit_code == 0, result.output
+    local = printed_rows(result.output, "trials")
+    assert [(r[0], r[1]) for r in local] == [("1", "1"), ("2", "2")] and local[0][-1] == "1.00x"
+    cluster = printed_rows(result.output, "workers")
+    assert [(r[0], r[-1]) for r in cluster] == [("1", "1.00x")]
+    assert float(cluster[0][3]) > 0  # trials per minute
+
+
+def test_sweep_throughput_refuses_a_bad_worker_list(bench_scripts):
+    import sweep_throughput
+
+    result = CliRunner().invoke(sweep_throughput.main, ["--workers-list", "1,0"])
+    assert result.exit_code == 2
+    assert "worker counts must be >= 1" in result.output
+
+
+def test_embed_workers_compares_every_feature_byte(bench_scripts, tiny_store, tmp_path):
+    import embed_workers
+
+    copy = shutil.copytree(tiny_store, tmp_path / "copy.zarr")
+    assert embed_workers.same_features(tiny_store, copy)
+    token_file = next(p for p in sorted((copy / "image" / "tokens").rglob("*")) if p.is_file() and p.stat().st_size)
+    data = bytearray(token_file.read_bytes())
+    data[0] ^= 1  # a token value (shard files hold the chunks first, their index last)
+    token_file.write_bytes(bytes(data))
+    assert not embed_workers.same_features(tiny_store, copy)
