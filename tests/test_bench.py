@@ -289,3 +289,23 @@ def test_embed_workers_compares_every_feature_byte(bench_scripts, tiny_store, tm
     data[0] ^= 1  # a token value (shard files hold the chunks first, their index last)
     token_file.write_bytes(bytes(data))
     assert not embed_workers.same_features(tiny_store, copy)
+
+
+def test_train_loop_script_times_steps_after_the_warm_up(bench_scripts):
+    import train_loop
+
+    args = ["--images", "40", "--tokens", "4", "--token-dim", "8", "--batch-size", "8", "--steps", "9",
+            "--warmup", "3", "--modes", "off"]
+    result = CliRunner().invoke(train_loop.main, args)
+    assert result.exit_code == 0, result.output
+    rows = printed_rows(result.output, "train.compile")
+    assert [(r[0], r[-1]) for r in rows] == [("off", "1.00x")]
+    ms, images_per_s = float(rows[0][2]), float(rows[0][3].replace(",", ""))
+    assert ms > 0 and images_per_s == pytest.approx(8 * 1e3 / ms, rel=0.01, abs=0.5)  # printed rounded
+
+
+def test_train_loop_script_refuses_unknown_modes_and_short_runs(bench_scripts):
+    import train_loop
+
+    assert CliRunner().invoke(train_loop.main, ["--modes", "fast"]).exit_code == 2
+    assert CliRunner().invoke(train_loop.main, ["--steps", "10", "--warmup", "5"]).exit_code == 2
