@@ -76,8 +76,10 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise InputError(f"checkpoint {path} does not exist; pass a .pt file written by `rankpipe train`")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises several types for foreign or corrupt files
-        raise InputError(f"{path} is not a readable rankpipe checkpoint ({type(e).__name__}: {e})") from e
+    except Exception as e:  # torch raises several types, with pages of advice, for foreign or corrupt files
+        raise InputError(
+            f"{path} is not a readable rankpipe checkpoint ({type(e).__name__}); pass a .pt file written by `rankpipe train`"
+        ) from e
     if not isinstance(payload, dict) or "rankpipe_checkpoint" not in payload:
         raise InputError(f"{path} is not a rankpipe checkpoint; pass a .pt file written by `rankpipe train`")
     if payload["rankpipe_checkpoint"] != FORMAT_VERSION:

@@ -19,6 +19,7 @@ from rankpipe.adapter.evaluate import (
 )
 from rankpipe.adapter.predict import load_checkpoint
 from rankpipe.errors import InputError
+from rankpipe.pipeline.embed import torch_device_for
 from rankpipe.pipeline.exports import export_format, write_rankings
 from rankpipe.pipeline.manifest import load_manifest
 from rankpipe.pipeline.report import ReportConfig, write_report
@@ -73,9 +74,10 @@ def run_evaluation(request: EvalRequest) -> EvalOutputs:
 
     Raises:
         InputError: a missing store, checkpoint or manifest, a store from another backbone, an unknown
-            split or label, an export path with an unknown suffix, or as many manifests as checkpoints
-            not given.
+            split or label, an export path with an unknown suffix, as many manifests as checkpoints
+            not given, or an unknown or unavailable device.
     """
+    device = torch_device_for(request.device)
     for path in request.exports:
         export_format(path)
     if request.manifests and len(request.manifests) != len(request.checkpoints):
@@ -83,7 +85,7 @@ def run_evaluation(request: EvalRequest) -> EvalOutputs:
             f"got {len(request.checkpoints)} checkpoint(s) and {len(request.manifests)} manifest(s); "
             "pass one --manifest per --checkpoint, in the same order, or none"
         )
-    loaded = [load_checkpoint(path, request.device) for path in request.checkpoints]
+    loaded = [load_checkpoint(path, device) for path in request.checkpoints]
     manifests = [load_manifest(path) for path in request.manifests]
     store = _open_store(request.store)
     out_dir = request.out_dir if request.out_dir is not None else loaded[0].path.parent

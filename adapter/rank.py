@@ -64,6 +64,8 @@ class RankConfig:
             )
         if not all(np.isfinite(w) for w in self.weights):
             raise InputError(f"--weight values must be finite numbers, got {list(self.weights)}")
+        if self.weights and not any(self.weights):
+            raise InputError("every --weight is 0, which ranks nothing; give at least one query a non-zero weight")
         if self.combine not in COMBINE_RULES:
             raise InputError(f"--combine must be one of {', '.join(COMBINE_RULES)}, not {self.combine!r}")
         if self.batch_size < 1 or self.workers < 0:
@@ -168,7 +170,8 @@ def rank_images(
         query_scores.append(QueryScores(text.query, text.label, scores))
     weights = config.query_weights
     combined = combine_scores(np.stack([q.scores for q in query_scores]), weights, config.combine)  # [n]
-    return Ranking(np.asarray(keys, dtype=str), np.asarray(paths, dtype=str), query_scores, weights, combined, skipped)
+    return Ranking(np.asarray(keys, dtype=str), np.asarray(paths, dtype=str), query_scores, weights, combined, skipped,
+                   config.combine)
 
 
 @torch.inference_mode()

@@ -7,10 +7,11 @@ from pathlib import Path
 import click
 
 from rankpipe.adapter.bench_variants import variant_names
+from rankpipe.cli.params import NonEmptyPath
 
 
 @click.command("bench")
-@click.option("--tasks", "tasks", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--tasks", "tasks", type=NonEmptyPath(file_okay=False, path_type=Path),
               help="Task-set folder with manifest.yaml (e.g. from `rankpipe datasets build photo-tasks`). "
                    "Left out: photo-tasks is built into OUT/photo-tasks (small with --quick, else full).")
 @click.option("--model", default="ViT-B-16", show_default=True,
@@ -22,7 +23,7 @@ from rankpipe.adapter.bench_variants import variant_names
               help=f"Comma-separated rows to train, from: {', '.join(variant_names())} (docs/bench.md).")
 @click.option("--seeds", default=3, show_default=True, type=click.IntRange(min=1),
               help="Training seeds per variant (0..N-1); the table shows mean ± std over them.")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+@click.option("--out", "out_dir", required=True, type=NonEmptyPath(file_okay=False, path_type=Path),
               help="Folder for the store, the runs and results.md/results.csv; rerunning resumes it.")
 @click.option("--quick", is_flag=True, help="Small adapter and few steps: the whole bench on a CPU in minutes.")
 @click.option("--steps", type=click.IntRange(min=1), help="Training steps per run (default: 150 with --quick, "

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
+from rankpipe.cli.params import NonEmptyPath
 from rankpipe.pipeline.photo_tasks.build import SIZES, build_photo_tasks, config_for_size
 from rankpipe.pipeline.preparers import preparer_names
 from rankpipe.pipeline.preparers.prepare import make_config, prepare_dataset
@@ -23,7 +24,7 @@ def build() -> None:
 
 
 @build.command("photo-tasks")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+@click.option("--out", "out_dir", required=True, type=NonEmptyPath(file_okay=False, path_type=Path),
               help="Output folder for the tars, manifest.yaml, photo_tasks.json and recipes.jsonl.")
 @click.option("--size", type=click.Choice(sorted(SIZES)), default="small", show_default=True,
               help="small: 400 images (under a minute); full: 5,400 images.")
@@ -54,9 +55,9 @@ def photo_tasks(out_dir: Path, size: str, seed: int, sources: str) -> None:
 
 @datasets.command("prepare")
 @click.argument("name", type=click.Choice(preparer_names()))
-@click.option("--src", required=True, type=click.Path(file_okay=False, path_type=Path),
+@click.option("--src", required=True, type=NonEmptyPath(file_okay=False, path_type=Path),
               help="Folder where the dataset was unpacked, in its authors' layout (docs/datasets.md).")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+@click.option("--out", "out_dir", required=True, type=NonEmptyPath(file_okay=False, path_type=Path),
               help="Output folder for the tars, manifest.yaml, prepare.json and excluded.csv.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seeds validation hold-outs and per-class draws (same seed, same splits).")

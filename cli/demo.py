@@ -6,9 +6,11 @@ from pathlib import Path
 
 import click
 
+from rankpipe.cli.params import NonEmptyPath
+
 
 @click.command("demo")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("rankpipe-demo"),
+@click.option("--out", "out_dir", type=NonEmptyPath(file_okay=False, path_type=Path), default=Path("rankpipe-demo"),
               show_default=True, help="Folder for every output; an earlier demo folder there is replaced.")
 @click.option("--images", "n_images", type=click.IntRange(min=60), default=240, show_default=True,
               help="Images in the built-in dataset.")

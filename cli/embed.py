@@ -7,10 +7,12 @@ from pathlib import Path
 
 import click
 
+from rankpipe.cli.params import NonEmptyPath
+
 
 @click.command()
 @click.argument("source", metavar="MANIFEST_OR_SHARD_PATTERN")
-@click.option("--store", "store_path", required=True, type=click.Path(file_okay=False, path_type=Path),
+@click.option("--store", "store_path", required=True, type=NonEmptyPath(file_okay=False, path_type=Path),
               help="Zarr store folder to create or resume, e.g. feats/x.zarr.")
 @click.option("--model", required=True, help="open_clip model name, e.g. ViT-B-16 (rankpipe-tiny-vit for tests).")
 @click.option("--pretrained", default="none", show_default=True,

@@ -9,29 +9,30 @@ import click
 from rankpipe.adapter.eval_command import EvalRequest, run_evaluation
 from rankpipe.adapter.evaluate import EvalConfig
 from rankpipe.adapter.metrics import MetricConfig
+from rankpipe.cli.params import NonEmptyPath
 from rankpipe.pipeline.contact_sheet import SheetConfig
 from rankpipe.pipeline.manifest import SPLIT_ROLES
 from rankpipe.pipeline.report import ReportConfig
 
 
 @click.command("eval")
-@click.option("--store", "store", required=True, type=click.Path(exists=True, path_type=Path),
+@click.option("--store", "store", required=True, type=NonEmptyPath(exists=True, path_type=Path),
               help="Token store (.zarr) written by `rankpipe embed`.")
-@click.option("--checkpoint", "checkpoints", required=True, multiple=True, type=click.Path(exists=True, path_type=Path),
+@click.option("--checkpoint", "checkpoints", required=True, multiple=True, type=NonEmptyPath(exists=True, path_type=Path),
               help="Checkpoint .pt written by `rankpipe train`, or its run folder (meaning best.pt); "
                    "repeat for the folds of a k-fold protocol.")
-@click.option("--manifest", "manifests", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+@click.option("--manifest", "manifests", multiple=True, type=NonEmptyPath(exists=True, dir_okay=False, path_type=Path),
               help="Manifest whose split roles a checkpoint is evaluated with, paired in order with --checkpoint "
                    "[default: the store's for one checkpoint, the roles each fold was trained with for several].")
 @click.option("--split", type=click.Choice(SPLIT_ROLES), default="test", show_default=True,
               help="Split role to evaluate, mapped to split values by the store's manifest.")
 @click.option("--label", "labels", multiple=True,
               help="Label (query) to evaluate; repeat for several [default: every label of the checkpoint the store has].")
-@click.option("--export", "exports", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--export", "exports", multiple=True, type=NonEmptyPath(dir_okay=False, path_type=Path),
               help="Write the rankings to this file; .csv, .jsonl or .h5 picks the format (repeatable).")
-@click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--report", "report_dir", type=NonEmptyPath(file_okay=False, path_type=Path), default=None,
               help="Write an HTML report (index.html and PNGs) into this folder.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--out", "out_dir", type=NonEmptyPath(file_okay=False, path_type=Path), default=None,
               help="Folder for results.json and results.md [default: the checkpoint's folder].")
 @click.option("--bootstrap", type=click.IntRange(min=0), default=1000, show_default=True,
               help="Bootstrap resamples for the 95% intervals; 0 skips them.")

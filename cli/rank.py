@@ -7,13 +7,14 @@ from pathlib import Path
 import click
 
 from rankpipe.adapter.rank import RankConfig, rank_images
+from rankpipe.cli.params import NonEmptyPath
 from rankpipe.pipeline.rank_outputs import format_table, query_lines, ranking_format, write_contact_sheets, write_ranking
 
 
 @click.command("rank")
-@click.option("--checkpoint", required=True, type=click.Path(path_type=Path),
+@click.option("--checkpoint", required=True, type=NonEmptyPath(path_type=Path),
               help="Checkpoint .pt written by `rankpipe train`, or its run folder (meaning best.pt).")
-@click.option("--images", required=True,
+@click.option("--images", required=True, type=NonEmptyPath(),
               help="A folder (searched recursively for jpg/jpeg/png/webp) or tars in brace notation, "
                    "e.g. shards/x-{000000..000009}.tar.")
 @click.option("--query", "queries", required=True, multiple=True,
@@ -24,16 +25,16 @@ from rankpipe.pipeline.rank_outputs import format_table, query_lines, ranking_fo
               help="How several queries combine (see below and docs/rank.md).")
 @click.option("--top", type=click.IntRange(min=1), default=20, show_default=True,
               help="Images shown in the printed table and on each contact sheet of --report.")
-@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--out", "out", type=NonEmptyPath(dir_okay=False, path_type=Path), default=None,
               help="Write every image's scores and rank to this file; .csv or .jsonl picks the format.")
-@click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--report", "report_dir", type=NonEmptyPath(file_okay=False, path_type=Path), default=None,
               help="Write contact sheets of the top and bottom images (top.png, bottom.png) into this folder.")
 @click.option("--device", default="cpu", show_default=True, help="Where the backbone and adapter run: cpu or cuda[:i].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
               help="Images per forward pass.")
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
               help="Image decoding processes (0 decodes in the main process).")
-@click.option("--backbone-weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--backbone-weights", type=NonEmptyPath(dir_okay=False, path_type=Path), default=None,
               help="Weights file of the checkpoint's backbone, when it was embedded from a local file "
                    "(checked against the recorded SHA-256) or from a pretrained tag that cannot be loaded here.")
 def rank(checkpoint: Path, images: str, queries: tuple[str, ...], weights: tuple[float, ...], combine: str, top: int,

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
+from rankpipe.cli.params import NonEmptyPath
 from rankpipe.errors import InputError
 from rankpipe.pipeline.manifest import METRIC_FAMILIES
 from rankpipe.pipeline.shard_plan import ShardsConfig, prepare_shards
@@ -20,8 +21,8 @@ def _role_value(text: str) -> tuple[str, str]:
 
 
 @click.command()
-@click.argument("input_path", metavar="INPUT", type=click.Path(exists=True, path_type=Path))
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+@click.argument("input_path", metavar="INPUT", type=NonEmptyPath(exists=True, path_type=Path))
+@click.option("--out", "out_dir", required=True, type=NonEmptyPath(file_okay=False, path_type=Path),
               help="Output folder for the tars, index.json, manifest.yaml and skipped.csv.")
 @click.option("--label", "labels", multiple=True, required=True,
               help="Numeric label column (repeat for several labels).")

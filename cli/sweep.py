@@ -6,12 +6,14 @@ from pathlib import Path
 
 import click
 
+from rankpipe.cli.params import NonEmptyPath
+
 
 @click.command("sweep")
-@click.option("--store", "store_path", required=True, type=click.Path(path_type=Path), help="Token store (.zarr) made by `rankpipe embed`.")
-@click.option("--grid", "grid_path", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Sweep YAML: set, grid, random, trials, seed (see sweeps/example.yaml).")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Sweep folder: one trial-<id>/ per trial and results.csv/.md.")
-@click.option("--manifest", "manifest_path", type=click.Path(dir_okay=False, path_type=Path), help="Manifest overriding the store's split roles and target transforms (same labels).")
+@click.option("--store", "store_path", required=True, type=NonEmptyPath(path_type=Path), help="Token store (.zarr) made by `rankpipe embed`.")
+@click.option("--grid", "grid_path", required=True, type=NonEmptyPath(dir_okay=False, path_type=Path), help="Sweep YAML: set, grid, random, trials, seed (see sweeps/example.yaml).")
+@click.option("--out", "out_dir", required=True, type=NonEmptyPath(file_okay=False, path_type=Path), help="Sweep folder: one trial-<id>/ per trial and results.csv/.md.")
+@click.option("--manifest", "manifest_path", type=NonEmptyPath(dir_okay=False, path_type=Path), help="Manifest overriding the store's split roles and target transforms (same labels).")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.FIELD=VALUE", help="Override a run-config field in every trial (after the file's set:); repeatable.")
 @click.option("--label", "labels", multiple=True, help="Train on this label (repeatable); default: every label of the store.")
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), help="Where trials train; default cuda when available.")

@@ -6,12 +6,14 @@ from pathlib import Path
 
 import click
 
+from rankpipe.cli.params import NonEmptyPath
+
 
 @click.command("train")
-@click.option("--store", "store_path", required=True, type=click.Path(path_type=Path), help="Token store (.zarr) made by `rankpipe embed`.")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run folder for best.pt, last.pt and history.jsonl.")
-@click.option("--manifest", "manifest_path", type=click.Path(dir_okay=False, path_type=Path), help="Manifest overriding the store's split roles and target transforms (same labels).")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), help="YAML run config with sections adapter, loss, optim, train.")
+@click.option("--store", "store_path", required=True, type=NonEmptyPath(path_type=Path), help="Token store (.zarr) made by `rankpipe embed`.")
+@click.option("--out", "out_dir", required=True, type=NonEmptyPath(file_okay=False, path_type=Path), help="Run folder for best.pt, last.pt and history.jsonl.")
+@click.option("--manifest", "manifest_path", type=NonEmptyPath(dir_okay=False, path_type=Path), help="Manifest overriding the store's split roles and target transforms (same labels).")
+@click.option("--config", "config_path", type=NonEmptyPath(dir_okay=False, path_type=Path), help="YAML run config with sections adapter, loss, optim, train.")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.FIELD=VALUE", help="Override one run-config field; repeatable, e.g. --set loss.pairwise=hinge.")
 @click.option("--label", "labels", multiple=True, help="Train on this label (repeatable); default: every label of the store with train and val images.")
 @click.option("--max-steps", type=click.IntRange(min=1), help="Shortcut for --set train.max_steps=N.")
@@ -20,9 +22,9 @@ import click
 @click.option("--seed", type=int, help="Shortcut for --set train.seed=N.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt (same settings; --max-steps may grow).")
 @click.option("--method", default="adapter", show_default=True, metavar="NAME",
-              help="adapter, or a baseline: zero-shot, clip-iqa, linear-probe (docs/baselines.md). "
+              help="adapter, or a baseline: zero-shot, clip-iqa, linear-probe, coop, ordinalclip, l2rclip (docs/baselines.md). "
                    "A baseline takes --set FIELD=VALUE for its own settings.")
-@click.option("--backbone-weights", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--backbone-weights", type=NonEmptyPath(dir_okay=False, path_type=Path),
               help="Baselines with prompts: weights file of the store's backbone when its provenance needs one.")
 def train(store_path, out_dir, manifest_path, config_path, overrides, labels, max_steps, batch_size, device, seed,
           resume, method, backbone_weights):

@@ -67,8 +67,16 @@ def query_lines(ranking: Ranking) -> list[str]:
         weight_text = f", weight {weight:g}" if several else ""
         lines.append(f"query {i}: {q.query!r}{weight_text} ({units})")
     if several:
-        lines.append("score = sum over queries of weight x z-score (each query's scores standardised over the ranked images)")
+        lines.append(_COMBINE_LINES[ranking.combine])
     return lines
+
+
+# How the terminal explains each rule of `combine_scores`.
+_COMBINE_LINES = {
+    "product": "score = sum over queries of weight x log sigmoid(z-score), the log of the weighted product "
+               "(each query's scores standardised over the ranked images)",
+    "sum": "score = sum over queries of weight x z-score (each query's scores standardised over the ranked images)",
+}
 
 
 def format_table(ranking: Ranking, top: int) -> str:

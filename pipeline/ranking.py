@@ -45,6 +45,8 @@ class Ranking:
     combined: np.ndarray
     # Images that could not be read, with the reason.
     skipped: list[SkippedImage]
+    # The rule that made `combined` from several queries: "product" or "sum" (see combine_scores).
+    combine: str
 
     def order(self) -> np.ndarray:
         """Indices from the highest combined score to the lowest; ties by key, then path. [n] -> [n]."""

@@ -62,6 +62,9 @@ class ShardsConfig:
     def __post_init__(self) -> None:
         if not self.labels:
             raise InputError("give at least one --label")
+        repeated = sorted({name for name in self.labels if self.labels.count(name) > 1})
+        if repeated:
+            raise InputError(f"--label {repeated[0]!r} is given twice; give each label once")
         if len(self.queries) != len(self.labels):
             raise InputError(
                 f"give one --query per --label, in the same order "

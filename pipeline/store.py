@@ -208,6 +208,9 @@ class TokenStore:
         """
         path = Path(path)
         if not (path / "zarr.json").is_file():
+            if path.exists():
+                raise InputError(f"{path} is not a token store (it has no zarr.json); pass a store written by "
+                                 "`rankpipe embed`, or choose another --store path")
             raise InputError(f"store {path} does not exist; create it with rankpipe embed")
         try:
             root = zarr.open_group(path, mode="r+" if writable else "r")

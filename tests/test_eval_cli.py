@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
 from scipy import stats
@@ -201,6 +202,9 @@ def test_cli_writes_results_exports_and_report(tmp_path, trained, open_store) ->
         ("unknown label", ["--label", "height"], "not trained on label 'height'"),
         ("other backbone", [], "another backbone"),
         ("bad export suffix", ["--export", "rankings.parquet"], "use a file name ending in"),
+        ("unknown device", ["--device", "tpu0"], "unknown device 'tpu0'"),
+        pytest.param("unavailable device", ["--device", "cuda"], "no CUDA GPU",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")),
     ],
 )
 def test_bad_input_exits_2_and_overwrites_nothing(tmp_path, trained, open_store, problem, extra, message) -> None:

@@ -28,8 +28,8 @@ from rankpipe.errors import InputError
 from rankpipe.pipeline import weights as weights_module
 from rankpipe.pipeline.backbone import TINY_VIT, BackboneSpec, load_backbone
 from rankpipe.pipeline.image_inputs import open_images
-from rankpipe.pipeline.rank_outputs import write_ranking
-from rankpipe.pipeline.ranking import combine_scores
+from rankpipe.pipeline.rank_outputs import query_lines, write_ranking
+from rankpipe.pipeline.ranking import QueryScores, Ranking, combine_scores
 from rankpipe.pipeline.store import TokenStore
 
 TINY = [*TINY_RUN, "optim.warmup_steps=5", "train.eval_every=5", "train.max_steps=10"]
@@ -230,6 +230,7 @@ def test_cli_ranks_a_folder_and_writes_a_report(checkpoint, image_folder, tmp_pa
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert "label units of 'squares'" in result.output and "raw adapter scores" in result.output
+    assert "weight x log sigmoid(z-score)" in result.output  # the default rule, product, is the one described
     assert "ranked 36 images" in result.output and "skipped 1 unreadable" in result.output
     assert "broken.jpg" in result.output
     with out.open(newline="") as f:
@@ -241,6 +242,13 @@ def test_cli_ranks_a_folder_and_writes_a_report(checkpoint, image_folder, tmp_pa
     assert [line.split()[2] for line in table] == [r["key"] for r in rows[:4]]
     for name in ("top.png", "bottom.png"):
         assert (report / name).stat().st_size > 1000
+
+
+@pytest.mark.parametrize("rule, line", [("product", "weight x log sigmoid(z-score)"), ("sum", "weight x z-score (")])
+def test_terminal_names_the_rule_that_combined_the_queries(rule, line):
+    queries = [QueryScores("q1", None, np.array([1.0, 2.0])), QueryScores("q2", None, np.array([2.0, 1.0]))]
+    ranking = Ranking(np.array(["a", "b"]), np.array(["a", "b"]), queries, np.array([0.5, 0.5]), np.zeros(2), [], rule)
+    assert line in query_lines(ranking)[-1]
 
 
 def test_cli_help_states_the_combination_rule():
@@ -255,6 +263,7 @@ def test_cli_help_states_the_combination_rule():
         ("empty folder", "holds no"),
         ("missing checkpoint", "does not exist"),
         ("weight count", "1 --weight value(s) for 2 --query"),
+        ("zero weights", "every --weight is 0"),
         ("bad out suffix", "use a file name ending in .csv, .jsonl"),
         ("missing tar", "do not exist"),
         ("not images", "neither an existing folder nor a tar pattern"),
@@ -276,6 +285,8 @@ def test_bad_inputs_exit_2_with_a_clear_message(checkpoint, image_folder, seed0_
         args["--checkpoint"] = str(tmp_path / "nope.pt")
     elif case == "weight count":
         extra = ["--query", QUERY["brightness"], "--weight", "1"]
+    elif case == "zero weights":
+        extra = ["--query", QUERY["brightness"], "--weight", "0", "--weight", "0"]
     elif case == "bad out suffix":
         extra = ["--out", str(tmp_path / "r.xlsx")]
     elif case == "missing tar":

@@ -357,6 +357,7 @@ def test_cli_writes_and_summarises(dataset):
     (["--label", "mos", "--query", "q", "--split-col", "fold"], "no column 'fold'"),
     (["--label", "mos", "--query", "q", "--split-value", "val"], "ROLE=VALUE"),
     (["--label", "mos", "--query", "q", "--samples-per-tar", "0"], "samples-per-tar"),
+    (["--label", "mos", "--query", "q", "--label", "mos", "--query", "r"], "'mos' is given twice"),
 ])
 def test_cli_bad_input_exits_2_and_keeps_outputs(dataset, extra, message):
     root, rows, _ = dataset

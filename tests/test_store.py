@@ -117,6 +117,9 @@ def test_unknown_label(store):
 def test_open_errors(tmp_path, tiny_shards, backbone):
     with pytest.raises(InputError, match="does not exist"):
         TokenStore.open(tmp_path / "missing.zarr")
+    (tmp_path / "photos").mkdir()
+    with pytest.raises(InputError, match="photos is not a token store"):
+        TokenStore.open(tmp_path / "photos")
     zarr.open_group(tmp_path / "plain.zarr", mode="w")
     with pytest.raises(InputError, match="not a rankpipe store"):
         TokenStore.open(tmp_path / "plain.zarr")
