@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from rankpipe.errors import InputError
 
@@ -154,7 +154,7 @@ class TarBatches(torch.utils.data.IterableDataset):
         try:
             image = decode_image(data, self.preprocess)
         except Exception as e:  # PIL raises many types for damaged files; the reason is kept per row
-            builder.add_meta(key, split, labels, f"unreadable image: {type(e).__name__}: {e}")
+            builder.add_meta(key, split, labels, unreadable_reason(e))
             return
         builder.add_meta(key, split, labels, "")
         builder.add_image(position, image)
@@ -165,6 +165,17 @@ def decode_image(data: bytes, preprocess: Callable[[Image.Image], torch.Tensor])
     with Image.open(io.BytesIO(data)) as image:
         image.load()
         return preprocess(image.convert("RGB"))
+
+
+def unreadable_reason(error: Exception) -> str:
+    """Why an image could not be decoded, the same in every run.
+
+    PIL's "cannot identify image file" message names the address of its in-memory buffer, which
+    would make the recorded reason (and so the store's bytes) differ from run to run.
+    """
+    if isinstance(error, UnidentifiedImageError):
+        return "unreadable image: not an image format PIL can identify"
+    return f"unreadable image: {type(error).__name__}: {error}"
 
 
 def parse_json(data: bytes | None, label_names: Sequence[str]) -> tuple[str, np.ndarray, str]:

@@ -20,7 +20,7 @@ import webdataset as wds
 from PIL import Image
 
 from rankpipe.errors import InputError
-from rankpipe.pipeline.decode import IMAGE_EXTENSIONS, decode_image
+from rankpipe.pipeline.decode import IMAGE_EXTENSIONS, decode_image, unreadable_reason
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class ImageBatches(torch.utils.data.IterableDataset):
                 try:
                     batch.add(key, path, decode_image(data, self.preprocess))
                 except Exception as e:  # PIL raises many types for damaged files; the reason is kept
-                    error = f"unreadable image: {type(e).__name__}: {e}"
+                    error = unreadable_reason(e)
             if error:
                 logger.warning("skipping %s (%s): %s", key or path, path, error)
                 batch.skipped.append(SkippedImage(key, path, error))

@@ -21,7 +21,7 @@ from conftest import TINY_LABELS, encode, tiny_image, write_tiny_shards
 from rankpipe.cli.main import cli
 from rankpipe.errors import InputError
 from rankpipe.pipeline.backbone import TINY_CONVNEXT, TINY_VIT, BackboneSpec
-from rankpipe.pipeline.decode import parse_json
+from rankpipe.pipeline.decode import TarBatches, TarTask, parse_json
 from rankpipe.pipeline.embed import embed, manifest_for_pattern
 from rankpipe.pipeline.manifest import Manifest, load_manifest
 from rankpipe.pipeline.store import TokenStore
@@ -103,6 +103,17 @@ def write_damaged_shards(folder: Path, with_index: bool) -> Path:
     path = folder / "manifest.yaml"
     Manifest(name="bad", shards="bad-{000000..000001}.tar", labels=TINY_LABELS).save(path)
     return path
+
+
+def test_a_file_that_is_no_image_gets_the_same_reason_in_every_run(tmp_path):
+    # PIL's own message for it names the memory address of a buffer, different in every process.
+    with wds.TarWriter(str(tmp_path / "x.tar")) as sink:
+        sink.write({"__key__": "k0", "jpg": b"plain text, no image",
+                    "json": json.dumps({"labels": {"squares": 1}}).encode()})
+    batches = TarBatches([TarTask(0, str(tmp_path / "x.tar"), 1)], ["squares"], 4, lambda image: image,
+                         jpeg_on_gpu=False)
+    (batch,) = list(batches)
+    assert batch.errors == ["unreadable image: not an image format PIL can identify"]
 
 
 @pytest.mark.parametrize("with_index", [False, True])
