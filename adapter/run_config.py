@@ -156,6 +156,7 @@ def load_run_config(
     config_path: str | Path | None = None,
     overrides: Sequence[str] = (),
     base: RunConfig | None = None,
+    overrides_from: str = "--set",
 ) -> RunConfig:
     """The run config from `base` (or the defaults), then a YAML file, then `--set` overrides.
 
@@ -167,6 +168,7 @@ def load_run_config(
         config_path: YAML file with optional sections adapter, loss, optim, train.
         overrides: `section.field=value` strings, applied in order; values are converted to the field's type.
         base: the starting config (a resumed run's); None starts from the defaults.
+        overrides_from: where the overrides came from, named in error messages.
 
     Raises:
         InputError: the file is missing or not YAML, or a section, field or value is wrong.
@@ -186,13 +188,13 @@ def load_run_config(
         path_parts = dotted.strip().split(".")
         if not sep or len(path_parts) < 2 or not all(path_parts):
             raise InputError(
-                f"--set {item!r} is not of the form section.field=value "
+                f"{overrides_from} {item!r} is not of the form section.field=value "
                 f"(sections: {', '.join(_field_names(RunConfig))})"
             )
         update: Any = value.strip()
         for part in reversed(path_parts):
             update = {part: update}
-        data = merge_settings(RunConfig, data, update, "--set", prefix="")
+        data = merge_settings(RunConfig, data, update, overrides_from, prefix="")
     return instantiate_config(RunConfig, data, "run config", prefix="")
 
 

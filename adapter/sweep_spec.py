@@ -166,6 +166,8 @@ def expand_trials(spec: SweepSpec, extra: tuple[str, ...] = ()) -> list[Trial]:
     Raises:
         InputError: a field or value that the run config rejects (the message names the field).
     """
+    # Settings shared by every trial are checked first, so that an error in them is not blamed on a trial.
+    load_run_config(spec.config, [*spec.base, *extra], overrides_from="the sweep's set list or --set")
     rng = np.random.default_rng(spec.seed)
     fields = list(spec.grid)
     out: dict[str, Trial] = {}
@@ -174,7 +176,8 @@ def expand_trials(spec: SweepSpec, extra: tuple[str, ...] = ()) -> list[Trial]:
             values = {f: _override_value(v) for f, v in zip(fields, point)}
             values.update({f: _override_value(_draw(rng, kind, args)) for f, (kind, args) in spec.random.items()})
             overrides = tuple(f"{f}={v}" for f, v in values.items())
-            config = load_run_config(spec.config, [*spec.base, *extra, *overrides])
+            config = load_run_config(spec.config, [*spec.base, *extra, *overrides],
+                                     overrides_from="sweep trial " + ", ".join(overrides))
             trial_id = config_id(config)
             out.setdefault(trial_id, Trial(trial_id, overrides, config, values))
     return list(out.values())

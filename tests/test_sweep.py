@@ -98,7 +98,8 @@ def test_random_draws_are_seeded_and_within_bounds(tmp_path):
 @pytest.mark.parametrize("content, message", [
     ({"grid": {"optim.lr": []}}, "lists no values"),
     ({"grid": {"optim.nope": [1]}}, "unknown field 'optim.nope'"),
-    ({"grid": {"optim.lr": ["fast"]}}, "expects a number"),
+    ({"grid": {"optim.lr": ["fast"]}}, "^sweep trial optim.lr=fast: field 'optim.lr' expects a number"),
+    ({"set": ["optim.lr=fast"], "grid": {"train.seed": [0, 1]}}, "^the sweep's set list or --set: field 'optim.lr' expects"),
     ({"random": {"optim.lr": {"normal": [0, 1]}}, "trials": 2}, "use one of choice"),
     ({"random": {"optim.lr": {"uniform": [1, 0]}}, "trials": 2}, "low < high"),
     ({"random": {"optim.lr": {"loguniform": [0, 1]}}, "trials": 2}, "low > 0"),
