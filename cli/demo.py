@@ -34,6 +34,10 @@ def demo(out_dir: Path, n_images: int, steps: int, device: str) -> None:
     bar: tqdm | None = None
 
     def on_stage(line: str) -> None:
+        nonlocal bar
+        if bar is not None:  # training is over: finish its bar before the next stage's line
+            bar.close()
+            bar = None
         click.echo(line)
 
     def show(event) -> None:
