@@ -191,6 +191,11 @@ def split_rows(store, manifest: Manifest, labels: list[str]) -> dict[str, tuple[
     return per_label
 
 
+def train_val_gigabytes(store, manifest: Manifest, labels: list[str]) -> float:
+    """GB of fp16 image tokens that the train and val rows of `labels` take when resident."""
+    return token_gigabytes(store, len(needed_rows(split_rows(store, manifest, labels))))
+
+
 def needed_rows(per_label: dict[str, tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
     """[R] sorted store rows that any label trains or validates on."""
     return np.unique(np.concatenate([np.concatenate(pair) for pair in per_label.values()]))

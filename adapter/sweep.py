@@ -31,9 +31,9 @@ import torch
 
 from rankpipe.adapter.checkpoint import LAST
 from rankpipe.adapter.evaluate import EvalConfig, evaluate, write_results
-from rankpipe.adapter.features import ResidentFeatures
 from rankpipe.adapter.metrics import MetricConfig
 from rankpipe.adapter.predict import load_checkpoint
+from rankpipe.adapter.streaming import TrainingFeatures
 from rankpipe.adapter.sweep_spec import Trial
 from rankpipe.adapter.train import train_adapter
 from rankpipe.pipeline.manifest import Manifest
@@ -93,7 +93,7 @@ def read_record(folder: Path, trial_id: str) -> TrialRecord:
 def run_trial(
     trial: Trial,
     sweep_dir: str | Path,
-    features: ResidentFeatures,
+    features: TrainingFeatures,
     store,
     manifest: Manifest,
     settings: TrialSettings,
@@ -104,7 +104,8 @@ def run_trial(
     Args:
         trial: the trial (its id names the folder).
         sweep_dir: the sweep's folder.
-        features: the resident training features (shared by concurrent trials; only read).
+        features: the training features: resident ones may be shared by concurrent trials (only read);
+            streamed ones belong to this trial.
         store: the open TokenStore the features came from (its provenance goes into checkpoints).
         manifest: the split roles and targets to evaluate with (the store's own or an override).
         settings: labels and evaluation settings.

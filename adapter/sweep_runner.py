@@ -2,7 +2,10 @@
 
 Locally, the store's features are read onto the device once and every trial trains from that one
 resident copy; `concurrency` trials run at once in threads, each with its own model and optimiser
-(and, on a GPU, its own CUDA stream), so small adapters keep the device busy together.
+(and, on a GPU, its own CUDA stream), so small adapters keep the device busy together. A store whose
+train and val tokens exceed `train.max_resident_gb` is streamed instead, as `rankpipe train` streams
+it: each trial reads its own windows, and trials run one at a time so that only one trial's windows
+are in memory.
 
 On a dask cluster each trial is one task (`client.submit`, `pure=False`, `retries=`). A worker opens
 the store itself — it must be reachable at the same path from every worker — and keeps the features
@@ -27,7 +30,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from rankpipe.adapter.evaluate import split_rows
-from rankpipe.adapter.features import ResidentFeatures, load_features
+from rankpipe.adapter.features import ResidentFeatures, load_features, train_val_gigabytes
+from rankpipe.adapter.streaming import TrainingFeatures, open_features
 from rankpipe.adapter.sweep import DONE, FAILED, TrialRecord, TrialSettings, mark_failed, read_record, run_trial, \
     trial_folder, with_manifest
 from rankpipe.adapter.sweep_results import write_results_table
@@ -145,6 +149,8 @@ def _run_here(pending: Sequence[Trial], request: SweepRequest, store: TokenStore
     """Trials on this machine's device from one resident copy of the features, `concurrency` at a time."""
     device = torch.device(request.device)
     max_gb = max(t.config.train.max_resident_gb for t in pending)
+    if train_val_gigabytes(store, manifest, labels) > max_gb:
+        return _run_streamed_here(pending, request, store, manifest, labels, progress)
     features = load_features(store, manifest, labels, device, max_gb)
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # the features are read on other streams from here on
@@ -160,6 +166,36 @@ def _run_here(pending: Sequence[Trial], request: SweepRequest, store: TokenStore
         return [one(trial) for trial in pending]
     with concurrent.futures.ThreadPoolExecutor(min(request.concurrency, len(pending)), thread_name_prefix="trial") as pool:
         return list(pool.map(one, pending))
+
+
+def _run_streamed_here(pending: Sequence[Trial], request: SweepRequest, store: TokenStore, manifest: Manifest,
+                       labels: list[str], progress: Callable[[TrialRecord], None] | None) -> list[TrialRecord]:
+    """Trials of a store larger than their memory budget, one at a time, each streaming its own windows."""
+    if request.concurrency > 1:
+        log.warning("the store's train and val tokens exceed train.max_resident_gb: trials stream it one at a "
+                     "time (--concurrency %d would hold one set of windows per trial in memory)", request.concurrency)
+    device = torch.device(request.device)
+    records = []
+    for trial in pending:
+        features = _trial_features(trial, request, store, manifest, labels, device)
+        if isinstance(features, TrialRecord):
+            record = features
+        else:
+            record = run_trial(trial, request.out_dir, features, store, manifest, request.trial, device)
+        if progress is not None:
+            progress(record)
+        records.append(record)
+    return records
+
+
+def _trial_features(trial: Trial, request: SweepRequest, store: TokenStore, manifest: Manifest, labels: list[str],
+                    device: torch.device) -> TrainingFeatures | TrialRecord:
+    """The trial's own features (resident or streamed, by its budget), or its failed record when its
+    budget cannot hold a training window (the budget may be a swept field)."""
+    try:
+        return open_features(store, manifest, labels, device, trial.config.train)
+    except InputError as e:
+        return mark_failed(request.out_dir, trial, f"InputError: {e}")
 
 
 @contextlib.contextmanager
@@ -212,6 +248,12 @@ def trial_task(trial: Trial, request: SweepRequest) -> TrialRecord:
     manifest = check_manifest(store, request.manifest)
     labels = _labels(store, manifest, request.trial.labels)
     device = torch.device(request.device)
+    if train_val_gigabytes(store, manifest, labels) > trial.config.train.max_resident_gb:
+        # Streamed features are the trial's own (its windows follow its seed): nothing to keep.
+        features = _trial_features(trial, request, store, manifest, labels, device)
+        if isinstance(features, TrialRecord):
+            return features
+        return run_trial(trial, request.out_dir, features, store, manifest, request.trial, device)
     key = (str(Path(request.store).resolve()), json.dumps(manifest.to_dict(), sort_keys=True), tuple(labels), str(device))
     with _WORKER_LOCK:
         features = _WORKER_FEATURES.get(key)

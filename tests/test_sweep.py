@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import pytest
@@ -11,9 +12,12 @@ import yaml
 from click.testing import CliRunner
 
 from rankpipe.adapter.folds import recorded_splits
-from rankpipe.adapter.sweep import DONE, FAILED, RUNNING, STATUS, TrialSettings
-from rankpipe.adapter.sweep_runner import SweepRequest, run_sweep
+from rankpipe.adapter import sweep_runner
+from rankpipe.adapter.features import train_val_gigabytes
+from rankpipe.adapter.sweep import DONE, FAILED, RUNNING, STATUS, TrialSettings, trial_folder
+from rankpipe.adapter.sweep_runner import SweepRequest, run_sweep, trial_task
 from rankpipe.adapter.sweep_spec import SweepSpec, expand_trials, load_sweep_spec
+from rankpipe.adapter.train import train_from_store, trainable_labels
 from rankpipe.cli.main import cli
 from rankpipe.errors import InputError
 from rankpipe.pipeline.store import TokenStore
@@ -232,3 +236,31 @@ def test_cli_sweep_user_errors_exit_2(tmp_path, tiny_store, extra, message):
                                       "--device", "cpu", *extra])
     assert result.exit_code == 2, result.output
     assert message in result.output
+
+
+# --- stores larger than the memory budget -----------------------------------------------------------------
+
+
+def test_a_store_over_the_budget_streams_each_trial_as_train_does(tmp_path, tiny_store, caplog):
+    store = TokenStore.open(tiny_store)
+    labels = trainable_labels(store, store.manifest)
+    budget = f"{0.8 * train_val_gigabytes(store, store.manifest, labels):.3g}"  # streams in windows of one tar
+    spec = load_sweep_spec(write_grid(tmp_path / "grid.yaml", grid={"train.max_resident_gb": [budget, "1e-7"]}))
+    trials = expand_trials(spec, ["train.window_steps=4"])
+    fits, too_small = sorted(trials, key=lambda t: -t.config.train.max_resident_gb)
+    request = SweepRequest(store=tiny_store, out_dir=tmp_path / "sweep", concurrency=2)
+    with caplog.at_level(logging.WARNING, logger=sweep_runner.__name__):
+        outcome = run_sweep(trials, request, spec.varied)
+    assert "trials stream it one at a time" in caplog.text
+    states = {r.id: (r.state, r.reason) for r in outcome.records}
+    assert states[fits.id] == (DONE, None)
+    assert states[too_small.id][0] == FAILED and "more than a training window" in states[too_small.id][1]
+    # The trial trained exactly as `rankpipe train` trains the same config on the same store.
+    alone = train_from_store(store, tmp_path / "alone", fits.config, labels=labels)
+    swept = torch.load(trial_folder(tmp_path / "sweep", fits.id) / "last.pt", weights_only=True)["model"]
+    expected = torch.load(alone.last_path, weights_only=True)["model"]
+    assert all(torch.equal(swept[k], expected[k]) for k in expected)
+    # A cluster worker streams the same way (the task runs here, in-process).
+    record = trial_task(fits, SweepRequest(store=tiny_store, out_dir=tmp_path / "on-worker"))
+    on_worker = torch.load(record.folder / "last.pt", weights_only=True)["model"]
+    assert record.state == DONE and all(torch.equal(on_worker[k], expected[k]) for k in expected)
