@@ -67,9 +67,12 @@ def train(store_path, out_dir, manifest_path, config_path, overrides, labels, ma
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    bar = tqdm(total=run_config.train.max_steps, unit="step", dynamic_ncols=True)
+    bar: tqdm | None = None  # made at the first step, so that input errors found before it print alone
 
     def show(event) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=run_config.train.max_steps, unit="step", dynamic_ncols=True)
         bar.update(event.step - bar.n)
         postfix = {name[:3]: f"{value:.4f}" for name, value in event.loss.items()}
         postfix["val_srcc"] = f"{event.latest_mean_srcc:.4f}"
@@ -83,7 +86,8 @@ def train(store_path, out_dir, manifest_path, config_path, overrides, labels, ma
     except TrainingDiverged as e:
         raise click.ClickException(str(e)) from e
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
     per_query = ", ".join(f"{name} {value:.4f}" for name, value in result.best_srcc.items())
     click.echo(
         f"trained {result.steps} steps; best val SRCC at step {result.best_step}: {per_query} "
