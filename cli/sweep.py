@@ -17,7 +17,7 @@ from rankpipe.cli.params import NonEmptyPath
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.FIELD=VALUE", help="Override a run-config field in every trial (after the file's set:); repeatable.")
 @click.option("--label", "labels", multiple=True, help="Train on this label (repeatable); default: every label of the store.")
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), help="Where trials train; default cuda when available.")
-@click.option("--concurrency", default=1, show_default=True, type=click.IntRange(min=1), help="Trials trained at once on this machine's device, sharing one copy of the features.")
+@click.option("--concurrency", default=1, show_default=True, type=click.IntRange(min=1), help="Trials trained at once on this machine's device, sharing one copy of the features (a store over train.max_resident_gb is streamed, one trial at a time).")
 @click.option("--cluster", help="local:N: run trials on a dask LocalCluster of N worker processes (one GPU each with --device cuda).")
 @click.option("--scheduler", help="Address of a running dask scheduler (tcp://host:8786) whose workers run the trials.")
 @click.option("--eval-split", default="test", show_default=True, type=click.Choice(["train", "val", "test", "none"]), help="Split the best checkpoint of each trial is evaluated on ('none' skips it).")
