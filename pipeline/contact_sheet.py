@@ -88,16 +88,20 @@ def _scan_tar(url: str, wanted: set[str], found: dict[str, Image.Image], max_px:
                     continue
                 data = tar.extractfile(member).read()
                 try:
-                    image = Image.open(io.BytesIO(data))
-                    # draft() lets JPEG decode at a reduced scale; contain() then scales up or down to fit.
-                    image.draft("RGB", (max_px, max_px))
-                    found[key] = ImageOps.contain(image.convert("RGB"), (max_px, max_px))
+                    found[key] = thumbnail(Image.open(io.BytesIO(data)), max_px)
                 except OSError as e:
                     log.warning("cannot decode %s in %s: %s", member.name, url, e)
                 if len(found) == len(wanted):
                     return
     finally:
         stream.close()
+
+
+def thumbnail(image: Image.Image, max_px: int) -> Image.Image:
+    """`image` as RGB, scaled up or down to fit max_px × max_px."""
+    # draft() lets JPEG decode at a reduced scale; contain() then scales up or down to fit.
+    image.draft("RGB", (max_px, max_px))
+    return ImageOps.contain(image.convert("RGB"), (max_px, max_px))
 
 
 def contact_sheet(

@@ -182,7 +182,7 @@ def generate_demo_images(
     """
     rng = np.random.default_rng(seed)
     order = [config.photos[i] for i in rng.permutation(len(config.photos))]
-    split_of = _photo_splits(order, config.split_fractions)
+    split_of = deal_splits(order, config.split_fractions)
     photos = {name: load_photo(name) for name in order}
     images = []
     for index in range(n_images):
@@ -222,8 +222,8 @@ def build_demo_dataset(out_dir: Path, n_images: int = 240, image_size: int = 96,
     return result.manifest_path
 
 
-def _photo_splits(order: list[str], fractions: tuple[float, float, float]) -> dict[str, str]:
-    """Deal photos to splits in order: val and test get round(fraction·n) photos (at least one)."""
+def deal_splits(order: Sequence[str], fractions: tuple[float, float, float]) -> dict[str, str]:
+    """Deal photos to splits in order: val and test get round(fraction·n) photos (at least one), train the rest."""
     n = len(order)
     n_val = max(1, round(fractions[1] * n))
     n_test = max(1, round(fractions[2] * n))

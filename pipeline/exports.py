@@ -14,13 +14,13 @@ import csv
 import dataclasses
 import json
 import math
-import os
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
 from rankpipe.errors import InputError
+from rankpipe.pipeline.tar_writer import atomic_target
 
 # Column names in file order: image key, query sentence, predicted score, rank within the query,
 # label in label units (NaN when missing) and the sample's split value.
@@ -103,12 +103,8 @@ def write_rankings(path: str | Path, rankings: Sequence[QueryRanking]) -> Path:
     writer = _WRITERS[export_format(path)]
     table = rankings_table(rankings)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
+    with atomic_target(path) as tmp:
         writer(tmp, table)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -134,9 +134,13 @@ class Manifest:
         splits = {role: list(self.splits.values(role)) for role in SPLIT_ROLES}
         return {"name": self.name, "shards": self.shards, "labels": labels, "splits": splits}
 
+    def to_yaml(self) -> str:
+        """The manifest as the text of a YAML file."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
     def save(self, path: str | Path) -> None:
         """Write the manifest as YAML."""
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        Path(path).write_text(self.to_yaml())
 
     def _where(self) -> str:
         return str(self.path) if self.path is not None else "manifest"

@@ -13,16 +13,16 @@ import csv
 import io
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from rankpipe.errors import InputError
-from rankpipe.pipeline.contact_sheet import SheetConfig, contact_sheet, read_thumbnails
+from rankpipe.pipeline.contact_sheet import SheetConfig, contact_sheet, read_thumbnails, thumbnail
 from rankpipe.pipeline.ranking import Ranking
+from rankpipe.pipeline.tar_writer import atomic_target
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +47,8 @@ def write_ranking(path: str | Path, ranking: Ranking) -> Path:
     path = Path(path)
     writer = _WRITERS[f".{ranking_format(path)}"]
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        with tmp.open("w", newline="", encoding="utf-8") as f:
-            writer(f, ranking)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_target(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
+        writer(f, ranking)
     return path
 
 
@@ -81,10 +76,9 @@ _COMBINE_LINES = {
 
 def format_table(ranking: Ranking, top: int) -> str:
     """The `top` best images as an aligned text table: rank, score, key, path."""
-    order = ranking.order()[:top]
-    ranks = ranking.ranks()
     rows = [("rank", "score", "key", "path")]
-    rows += [(str(ranks[i]), f"{ranking.combined[i]:.4g}", str(ranking.keys[i]), str(ranking.paths[i])) for i in order]
+    rows += [(str(rank), f"{ranking.combined[i]:.4g}", str(ranking.keys[i]), str(ranking.paths[i]))
+             for rank, i in enumerate(ranking.order()[:top], start=1)]
     widths = [max(len(row[c]) for row in rows) for c in range(3)]
     return "\n".join(
         f"{row[0]:>{widths[0]}}  {row[1]:>{widths[1]}}  {row[2]:<{widths[2]}}  {row[3]}".rstrip() for row in rows
@@ -103,11 +97,11 @@ def write_contact_sheets(out_dir: str | Path, ranking: Ranking, k: int, config: 
     top, bottom = order[:k], order[len(order) - k:]
     wanted = np.concatenate([top, bottom])
     thumbs = _thumbnails(ranking, wanted, config.thumb_px)
-    ranks = ranking.ranks()
     written = []
-    for name, rows in (("top", top), ("bottom", bottom)):
+    for name, rows, first_rank in (("top", top, 1), ("bottom", bottom, len(order) - k + 1)):
         images = [thumbs.get(int(i)) for i in rows]
-        captions = [[f"#{ranks[i]}  score {ranking.combined[i]:.3g}", str(ranking.keys[i])] for i in rows]
+        captions = [[f"#{rank}  score {ranking.combined[i]:.3g}", str(ranking.keys[i])]
+                    for rank, i in enumerate(rows, start=first_rank)]
         path = out_dir / f"{name}.png"
         contact_sheet(images, captions, config).save(path)
         written.append(path)
@@ -129,9 +123,7 @@ def _thumbnails(ranking: Ranking, rows: np.ndarray, max_px: int) -> dict[int, Im
             continue
         try:
             with Image.open(ranking.paths[i]) as image:
-                # draft() lets JPEG decode at a reduced scale; contain() then fits the cell.
-                image.draft("RGB", (max_px, max_px))
-                out[i] = ImageOps.contain(image.convert("RGB"), (max_px, max_px))
+                out[i] = thumbnail(image, max_px)
         except OSError as e:
             log.warning("cannot make a thumbnail of %s: %s", ranking.paths[i], e)
     return out
@@ -139,10 +131,9 @@ def _thumbnails(ranking: Ranking, rows: np.ndarray, max_px: int) -> dict[int, Im
 
 def _records(ranking: Ranking) -> Iterator[dict]:
     """One dict per image: ranked ones in rank order, then skipped ones (rank and scores None)."""
-    ranks = ranking.ranks()
-    for i in ranking.order():
+    for rank, i in enumerate(ranking.order(), start=1):
         yield {
-            "rank": int(ranks[i]), "key": str(ranking.keys[i]), "path": str(ranking.paths[i]),
+            "rank": rank, "key": str(ranking.keys[i]), "path": str(ranking.paths[i]),
             "score": float(ranking.combined[i]),
             "scores": {q.query: float(q.scores[i]) for q in ranking.queries},
             "error": "",

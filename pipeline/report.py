@@ -86,22 +86,22 @@ def write_report(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    picks = [_top_bottom(section.ranking, config.top_k) for section in sections]
     wanted = set()
-    for section in sections:
-        top, bottom = _top_bottom(section.ranking, config.top_k)
+    for section, (top, bottom) in zip(sections, picks):
         wanted.update(np.asarray(section.ranking.keys, dtype=str)[np.concatenate([top, bottom])])
     thumbs = read_thumbnails(tar_urls, wanted, config.sheet.thumb_px)
 
     parts = [_head(title), _details(details), "<h2>Metrics</h2>", _table(table_header, table_rows)]
-    for i, section in enumerate(sections):
+    for i, (section, (top, bottom)) in enumerate(zip(sections, picks)):
         stem = f"{i:02d}-{_slug(section.title)}"
         scatter = f"{stem}-scatter.png"
         _scatter(section.ranking, config).savefig(out_dir / scatter, dpi=config.scatter_dpi)
-        top, bottom = _top_bottom(section.ranking, config.top_k)
+        bottom_rank = len(section.ranking.keys) - len(bottom) + 1
         sheets = []
-        for name, order in (("top", top), ("bottom", bottom)):
+        for name, order, first_rank in (("top", top, 1), ("bottom", bottom, bottom_rank)):
             file = f"{stem}-{name}.png"
-            _sheet(section.ranking, order, thumbs, config.sheet).save(out_dir / file)
+            _sheet(section.ranking, order, first_rank, thumbs, config.sheet).save(out_dir / file)
             sheets.append((name, file, len(order)))
         parts.append(_section(section, scatter, sheets))
     parts.append("</body>\n</html>\n")
@@ -142,15 +142,15 @@ def _scatter(ranking: QueryRanking, config: ReportConfig) -> Figure:
     return fig
 
 
-def _sheet(ranking: QueryRanking, order: np.ndarray, thumbs: dict, config: SheetConfig):
+def _sheet(ranking: QueryRanking, order: np.ndarray, first_rank: int, thumbs: dict, config: SheetConfig):
+    """The contact sheet of the images `order` picks, which hold consecutive ranks from `first_rank`."""
     keys = np.asarray(ranking.keys, dtype=str)
-    ranks = ranking.ranks()
     images, captions = [], []
-    for i in order:
+    for rank, i in enumerate(order, start=first_rank):
         label = float(ranking.labels[i])
         images.append(thumbs.get(keys[i]))
         captions.append(
-            [f"#{ranks[i]}  score {float(ranking.scores[i]):.3g}", f"label {'—' if np.isnan(label) else f'{label:.3g}'}  {keys[i]}"]
+            [f"#{rank}  score {float(ranking.scores[i]):.3g}", f"label {'—' if np.isnan(label) else f'{label:.3g}'}  {keys[i]}"]
         )
     return contact_sheet(images, captions, config)
 

@@ -21,7 +21,6 @@ import io
 import json
 import logging
 import math
-import os
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -33,9 +32,7 @@ from PIL import Image, UnidentifiedImageError
 from rankpipe.errors import InputError
 from rankpipe.pipeline.manifest import SPLIT_ROLES, LabelSpec, Manifest, SplitSpec
 from rankpipe.pipeline.sources import SampleRecord, sample_key
-from rankpipe.pipeline.tar_writer import (
-    PARTIAL_SUFFIX, TarEntry, TarSequence, remove_stale_tars, write_text_atomic,
-)
+from rankpipe.pipeline.tar_writer import TarEntry, TarSequence, remove_stale_tars, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -220,22 +217,22 @@ def write_shards(
             raise InputError(
                 f"no sample could be written ({reasons or 'the input is empty'}){first}; fix the input and rerun"
             )
-        manifest = Manifest(name=name, shards=_pattern(name, len(writer.entries)), labels=tuple(labels), splits=splits)
+        manifest = Manifest(name=name, shards=shard_pattern(name, len(writer.entries)), labels=tuple(labels),
+                            splits=splits)
         write_text_atomic(out_dir / INDEX_FILE, _index_json(writer.entries))
-        write_text_atomic(out_dir / SKIPPED_FILE, _skipped_csv(skipped))
+        write_text_atomic(out_dir / SKIPPED_FILE, skipped_csv(skipped))
         writer.commit()
         # The manifest goes last, once the tars it names exist under their final names.
-        partial = out_dir / f".{MANIFEST_FILE}{PARTIAL_SUFFIX}"
-        manifest.save(partial)
-        os.replace(partial, out_dir / MANIFEST_FILE)
+        write_text_atomic(out_dir / MANIFEST_FILE, manifest.to_yaml())
     finally:
         writer.discard()
     remove_stale_tars(out_dir, name, len(writer.entries))
-    logger.info("wrote %d samples in %d tars to %s", sum(e.count for e in writer.entries), len(writer.entries), out_dir)
-    return ShardsResult(
+    result = ShardsResult(
         out_dir=out_dir, manifest_path=out_dir / MANIFEST_FILE, tars=tuple(writer.entries),
         skipped=tuple(skipped), split_counts=dict(split_counts),
     )
+    logger.info("wrote %d samples in %d tars to %s", result.total, len(result.tars), out_dir)
+    return result
 
 
 def _make_sample(record: SampleRecord, label_names: list[str], auto_split: AutoSplit) -> tuple[dict, str]:
@@ -281,7 +278,8 @@ def _extension(record: SampleRecord, image_format: str) -> str:
     return suffix if suffix in known else known[0]
 
 
-def _pattern(name: str, n_tars: int) -> str:
+def shard_pattern(name: str, n_tars: int) -> str:
+    """The brace pattern naming tars 0..n_tars-1 of dataset `name`, e.g. "koniq-{000000..000009}.tar"."""
     return f"{name}-{{000000..{n_tars - 1:06d}}}.tar"
 
 
@@ -290,7 +288,8 @@ def _index_json(entries: list[TarEntry]) -> str:
     return json.dumps({"tars": tars, "total": sum(e.count for e in entries)}, indent=1) + "\n"
 
 
-def _skipped_csv(skipped: list[SkippedSample]) -> str:
+def skipped_csv(skipped: Sequence[SkippedSample]) -> str:
+    """The text of a skipped.csv: a header, then one row (row, path, reason, detail) per sample."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["row", "path", "reason", "detail"])

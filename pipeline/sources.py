@@ -121,7 +121,7 @@ def records_from_folder(folder: str | Path, label_cols: list[str]) -> list[Sampl
             f"{folder} is read as label sub-folders, which carry one label; pass exactly one --label "
             f"(got {len(label_cols)}), or put a labels.csv beside the images for several labels"
         )
-    top = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    top = _subfolders(folder)
     if not top:
         raise InputError(
             f"{folder} has no labels.csv/labels.jsonl and no label sub-folders; "

@@ -6,11 +6,13 @@ outputs stay readable until the new ones replace them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import webdataset as wds
@@ -88,11 +90,24 @@ def tar_name(name: str, index: int) -> str:
     return f"{name}-{index:06d}.tar"
 
 
+@contextlib.contextmanager
+def atomic_target(path: Path) -> Iterator[Path]:
+    """A hidden temporary path beside `path` to write to: renamed onto `path` when the block succeeds.
+
+    Readers of `path` see the old file or the new one, never half; a failed write leaves no temporary behind.
+    """
+    partial = path.with_name(f".{path.name}{PARTIAL_SUFFIX}")
+    try:
+        yield partial
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write `path` through a temporary file, so readers see the old or the new text, never half."""
-    partial = path.with_name(f".{path.name}{PARTIAL_SUFFIX}")
-    partial.write_text(text)
-    os.replace(partial, path)
+    with atomic_target(path) as partial:
+        partial.write_text(text)
 
 
 def remove_stale_tars(out_dir: Path, name: str, n_tars: int) -> None:

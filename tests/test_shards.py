@@ -18,6 +18,7 @@ from rankpipe.pipeline.manifest import LabelSpec, load_manifest
 from rankpipe.pipeline.shard_plan import ShardsConfig, prepare_shards, split_spec
 from rankpipe.pipeline.shards import AutoSplit, write_shards
 from rankpipe.pipeline.sources import SampleRecord, records_from_folder, sample_key
+from rankpipe.pipeline.tar_writer import atomic_target
 
 N_IMAGES = 7
 
@@ -377,3 +378,18 @@ def test_cli_missing_input_exits_2(tmp_path):
     result = CliRunner().invoke(cli, ["shards", str(tmp_path / "none.csv"), "--label", "a", "--query", "q",
                                       "--out", str(tmp_path / "out")])
     assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_atomic_target_replaces_a_file_only_when_the_write_succeeds(tmp_path):
+    path = tmp_path / "out.txt"
+    path.write_text("old")
+    with pytest.raises(RuntimeError, match="disk full"):
+        with atomic_target(path) as partial:
+            partial.write_text("half")
+            raise RuntimeError("disk full")
+    assert path.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]  # no temporary left behind
+    with atomic_target(path) as partial:
+        partial.write_text("new")
+    assert path.read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]

@@ -21,7 +21,7 @@ LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114])
 
 @dataclasses.dataclass(frozen=True)
 class Attribute:
-    """One measured attribute: its label, query and measure."""
+    """One measured attribute: its label name and query (`measure_attributes` measures it)."""
 
     # Label name.
     name: str

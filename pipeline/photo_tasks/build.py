@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from rankpipe.errors import InputError
+from rankpipe.pipeline.demo_data import deal_splits
 from rankpipe.pipeline.manifest import SPLIT_ROLES, LabelSpec
 from rankpipe.pipeline.photo_tasks.attributes import ATTRIBUTES, JitterRange, measure_attributes
 from rankpipe.pipeline.photo_tasks.counting import PlacementConfig, counts, place_cutouts
@@ -186,10 +187,7 @@ def assign_splits(photos: Sequence[BasePhoto], fractions: tuple[float, float, fl
         if len(names) < len(SPLIT_ROLES):
             raise InputError(f"only {len(names)} {'counting' if counting else 'other'} base photos; "
                              f"at least {len(SPLIT_ROLES)} are needed, one per split")
-        names = [names[i] for i in rng.permutation(len(names))]
-        n_val, n_test = (max(1, round(f * len(names))) for f in fractions[1:])
-        roles = ["train"] * (len(names) - n_val - n_test) + ["val"] * n_val + ["test"] * n_test
-        split_of.update(zip(names, roles))
+        split_of.update(deal_splits([names[i] for i in rng.permutation(len(names))], fractions))
     return split_of
 
 

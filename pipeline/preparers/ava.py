@@ -21,7 +21,7 @@ from pathlib import Path
 from rankpipe.errors import InputError
 from rankpipe.pipeline.manifest import LabelSpec, SplitSpec
 from rankpipe.pipeline.preparers.common import (
-    PrepareConfig, Prepared, check_fraction, first_existing, holdout, require_file,
+    PrepareConfig, Prepared, check_fraction, first_existing, holdout, relative, require_file,
 )
 from rankpipe.pipeline.sources import SampleRecord
 
@@ -59,7 +59,7 @@ def read_ava(src: Path, config: AVAConfig) -> Prepared:
     records = []
     for image_id, mean in means.items():
         split = "test" if image_id in test_ids else "val" if image_id in val_ids else "train"
-        records.append(SampleRecord(row=len(records) + 1, source=f"{images.relative_to(src).as_posix()}/{image_id}.jpg",
+        records.append(SampleRecord(row=len(records) + 1, source=f"{relative(images, src)}/{image_id}.jpg",
                                     path=images / f"{image_id}.jpg", labels={MOS.name: mean}, split=split))
     protocol = {
         "mos": f"mean of the 1-10 vote counts in {VOTES_FILE}",

@@ -30,7 +30,9 @@ from pathlib import Path
 
 from rankpipe.errors import InputError
 from rankpipe.pipeline.manifest import LabelSpec, SplitSpec
-from rankpipe.pipeline.preparers.common import PrepareConfig, Prepared, check_fraction, first_existing, holdout
+from rankpipe.pipeline.preparers.common import (
+    PrepareConfig, Prepared, check_fraction, first_existing, holdout, relative,
+)
 from rankpipe.pipeline.sources import SampleRecord, sample_key
 
 logger = logging.getLogger(__name__)
@@ -89,7 +91,7 @@ def read_coco_rem(src: Path, config: COCOConfig) -> Prepared:
             image_counts, crowd = counts.get(image["id"], Counter()), crowded.get(image["id"], set())
             labels = _labels(image_counts, crowd, categories, config)
             record = SampleRecord(
-                row=len(records) + 1, source=f"{images.relative_to(src).as_posix()}/{image['file_name']}",
+                row=len(records) + 1, source=f"{relative(images, src)}/{image['file_name']}",
                 path=images / image["file_name"], labels=labels,
                 split="val" if image["file_name"] in held else role,
             )

@@ -10,22 +10,17 @@ Output folder, beside what `write_shards` writes (tars, index.json, manifest.yam
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import json
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
 from rankpipe.errors import InputError
-from rankpipe.pipeline.manifest import LabelSpec, Manifest, load_manifest
+from rankpipe.pipeline.manifest import LabelSpec, Manifest
 from rankpipe.pipeline.preparers import get_preparer
 from rankpipe.pipeline.preparers.common import PrepareConfig
-from rankpipe.pipeline.shards import ShardsResult, SkippedSample, write_shards
+from rankpipe.pipeline.shards import ShardsResult, SkippedSample, shard_pattern, skipped_csv, write_shards
 from rankpipe.pipeline.sources import SampleRecord
 from rankpipe.pipeline.tar_writer import write_text_atomic
 
@@ -106,14 +101,14 @@ def prepare_dataset(name: str, src: str | Path, out_dir: str | Path, config: Pre
         records = _with_attributes(records)
     shards = write_shards(records, out_dir, name, labels, samples_per_tar=config.samples_per_tar,
                           splits=prepared.splits, progress=progress)
-    pattern = load_manifest(shards.manifest_path).shards
+    pattern = shard_pattern(name, len(shards.tars))
     extra = []
     for file_name, splits in prepared.extra_manifests.items():
         Manifest(name=name, shards=pattern, labels=labels, splits=splits).save(out_dir / file_name)
         extra.append(out_dir / file_name)
     for file_name, text in prepared.sidecars.items():
         write_text_atomic(out_dir / file_name, text)
-    write_text_atomic(out_dir / EXCLUDED_FILE, _excluded_csv(prepared.excluded))
+    write_text_atomic(out_dir / EXCLUDED_FILE, skipped_csv(prepared.excluded))
     record = {
         "dataset": name, "source": str(src.resolve()), "config": dataclasses.asdict(config),
         "protocol": prepared.protocol, "written": shards.total, "split_counts": shards.split_counts,
@@ -130,13 +125,13 @@ def _with_attributes(records: Iterable[SampleRecord]) -> Iterator[SampleRecord]:
 
     An image that cannot be read passes unchanged; the writer then skips and reports it.
     """
+    from rankpipe.pipeline.demo_data import decode_rgb
     from rankpipe.pipeline.photo_tasks.attributes import measure_attributes
 
     for record in records:
         try:
             data = record.data if record.data is not None else record.path.read_bytes()
-            with Image.open(io.BytesIO(data)) as image:
-                pixels = np.asarray(image.convert("RGB"))  # [H, W, 3] uint8
+            pixels = decode_rgb(data)  # [H, W, 3] uint8
         except Exception:  # missing or corrupt: the writer reports it with its own reason
             yield record
             continue
@@ -154,11 +149,3 @@ def _convert(key: str, text: str, default):
     except ValueError:
         kind = {bool: "true or false", int: "an integer", float: "a number"}.get(type(default), "a string")
         raise InputError(f"option {key}={text!r}: expected {kind}") from None
-
-
-def _excluded_csv(excluded: list[SkippedSample]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["row", "path", "reason", "detail"])
-    writer.writerows([s.row, s.source, s.reason, s.detail] for s in excluded)
-    return buffer.getvalue()
