@@ -40,11 +40,10 @@ from skimage import data as skdata
 from rankpipe.pipeline.backbone import TINY_VIT, Backbone, BackboneSpec, load_backbone
 from rankpipe.pipeline.block_writer import EmbeddedBatch, WriterThread
 from rankpipe.pipeline.decode import DecodedBatch, TarBatches, TarTask
-from rankpipe.pipeline.embed import absolute_url, embed, open_or_create_store
+from rankpipe.pipeline.embed import embed, input_tars, open_or_create_store, plan_for_backbone
 from rankpipe.pipeline.gpu_decode import GpuPreprocess
 from rankpipe.pipeline.manifest import LabelSpec, Manifest
-from rankpipe.pipeline.store import StoreConfig, plan_store
-from rankpipe.pipeline.tars import list_tars
+from rankpipe.pipeline.store import StoreConfig
 
 # Distinct encoded images; the tars repeat them (decoding cost does not depend on repetition).
 UNIQUE_IMAGES = 64
@@ -141,7 +140,7 @@ def stage_rates(folder: Path, manifest: Manifest, spec: BackboneSpec, args: argp
     on_gpu = backbone.device.type == "cuda"
     gpu_pre = GpuPreprocess(backbone.preprocess_cfg, backbone.image_size, backbone.device) \
         if on_gpu and GpuPreprocess.supports(backbone.preprocess_cfg) else None
-    tars = list_tars([absolute_url(url) for url in manifest.shard_urls()])
+    tars = input_tars(manifest)
     tasks = [TarTask(t, tar.url, tar.count) for t, tar in enumerate(tars)]
     read_rate, kept = read_throughput(tasks, backbone, args.batch_size, args.workers, gpu_pre is not None)
     rows = [("read img/s (alone)", f"{read_rate:,.0f}")]
@@ -186,7 +185,7 @@ def write_throughput(path: Path, manifest: Manifest, tars: list, backbone: Backb
                      batch_size: int) -> tuple[float, float]:
     """Img/s and MB/s of the store writer alone, fed ready-made batches of the model's token shape."""
     config = StoreConfig()
-    plan = plan_store(tars, backbone.num_tokens * backbone.token_dim * 2, config)
+    plan = plan_for_backbone(tars, backbone, config)
     store = open_or_create_store(path, "overwrite", backbone, manifest, plan, config)
     rng = np.random.default_rng(0)
     tokens = torch.from_numpy(rng.standard_normal((batch_size, backbone.num_tokens, backbone.token_dim),

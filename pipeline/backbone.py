@@ -16,7 +16,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import open_clip
@@ -28,7 +28,7 @@ from PIL import Image
 
 import rankpipe
 from rankpipe.errors import InputError
-from rankpipe.pipeline.weights import RANDOM_WEIGHTS, ResolvedWeights, check_model_name, resolve_weights
+from rankpipe.pipeline.weights import FILE_WEIGHTS, RANDOM_WEIGHTS, ResolvedWeights, check_model_name, resolve_weights
 
 logger = logging.getLogger(__name__)
 
@@ -198,29 +198,41 @@ def load_backbone(spec: BackboneSpec, device: str | torch.device = "cpu") -> Bac
     """
     check_model_name(spec.model)
     weights = resolve_weights(spec.model, spec.pretrained)
-    tag = weights.tag_cfg
     if weights.path is None:
         torch.manual_seed(spec.seed)
     try:
-        with _without_random_init_warning():
-            model, _, preprocess = open_clip.create_model_and_transforms(
-            spec.model,
-                pretrained=str(weights.path) if weights.path is not None else None,
-                # The tag's preprocessing and activation travel with its weights; open_clip applies them
-                # only when it downloads the tag itself, so they are passed on explicitly here.
-                image_mean=tag.get("mean"), image_std=tag.get("std"),
-                image_interpolation=tag.get("interpolation"), image_resize_mode=tag.get("resize_mode"),
-                force_quick_gelu=bool(tag.get("quick_gelu", False)),
-                pretrained_text=False,
-                device=device,
-            )
+        model, preprocess = create_frozen_model(spec.model, weights, device)
     except RuntimeError as e:
-        if weights.pretrained == "file":
+        if weights.pretrained == FILE_WEIGHTS:
             raise InputError(f"checkpoint {weights.path} does not fit model {spec.model}: {e}") from e
         raise
+    return Backbone(model, preprocess, open_clip.get_tokenizer(spec.model), spec, weights)
+
+
+def create_frozen_model(model_name: str, weights: ResolvedWeights,
+                        device: str | torch.device) -> tuple[torch.nn.Module, Callable[[Image.Image], torch.Tensor]]:
+    """The frozen open_clip model and its eval transform, from resolved weights.
+
+    Random weights come from torch's current seed; `load_backbone` seeds it.
+
+    Raises:
+        RuntimeError: open_clip's error for a weights file that does not fit the model.
+    """
+    tag = weights.tag_cfg
+    with _without_random_init_warning():
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            model_name,
+            pretrained=str(weights.path) if weights.path is not None else None,
+            # The tag's preprocessing and activation travel with its weights; open_clip applies them
+            # only when it downloads the tag itself, so they are passed on explicitly here.
+            image_mean=tag.get("mean"), image_std=tag.get("std"),
+            image_interpolation=tag.get("interpolation"), image_resize_mode=tag.get("resize_mode"),
+            force_quick_gelu=bool(tag.get("quick_gelu", False)),
+            pretrained_text=False,
+            device=device,
+        )
     model.eval().requires_grad_(False)
-    tokenizer = open_clip.get_tokenizer(spec.model)
-    return Backbone(model, preprocess, tokenizer, spec, weights)
+    return model, preprocess
 
 
 @contextlib.contextmanager
@@ -238,14 +250,14 @@ def _without_random_init_warning() -> Iterator[None]:
         root.removeFilter(keep)
 
 
-def compatibility_problem(a: dict[str, Any], b: dict[str, Any]) -> str | None:
+def compatibility_problem(a: dict[str, Any], b: dict[str, Any],
+                          fields: Sequence[str] = COMPATIBILITY_FIELDS) -> str | None:
     """Why two provenance records cannot share features, or None when they can.
 
-    Compares the fields in COMPATIBILITY_FIELDS; the sentence names the first differing field and
-    both values.
+    Compares `fields`; the sentence names the first differing field and both values.
     """
     a, b = _plain(a), _plain(b)
-    for field in COMPATIBILITY_FIELDS:
+    for field in fields:
         if a.get(field) != b.get(field):
             return f"backbone field '{field}' differs: {a.get(field)!r} vs {b.get(field)!r}"
     return None

@@ -82,18 +82,29 @@ class BlockAccumulator:
             self.meta.labels[name][rows] = batch.labels[:, i]
         if item.ready is not None:
             item.ready.synchronize()
-        S = self.store.shard_rows
-        tokens = item.tokens.numpy() if item.tokens is not None else None
-        embed = item.embed.numpy() if item.embed is not None else None
-        for j, position in enumerate(item.positions):
-            while position >= (self.shard + 1) * S:
-                self._flush()
-            self.tokens[position - self.shard * S] = tokens[j]
-            self.embed[position - self.shard * S] = embed[j]
-            self.meta.valid[position] = True
+        if len(item.positions):
+            self._place(item.positions, item.tokens.numpy(), item.embed.numpy())
         self.seen = rows.stop
-        while self.seen >= (self.shard + 1) * S:
+        while self.seen >= (self.shard + 1) * self.store.shard_rows:
             self._flush()
+
+    def _place(self, positions: np.ndarray, tokens: np.ndarray, embed: np.ndarray) -> None:
+        """Copy features into the shard buffers, one block copy per shard the positions touch.
+
+        Args:
+            positions: [k] ascending tar positions, none in a shard already written.
+            tokens: [k, P, D] and embed: [k, E], in `positions` order.
+        """
+        S = self.store.shard_rows
+        shard_of = positions // S  # [k], ascending
+        for shard in np.unique(shard_of):
+            while self.shard < shard:
+                self._flush()
+            first, stop = np.searchsorted(shard_of, [shard, shard + 1])
+            local = positions[first:stop] - shard * S  # rows within the shard buffer
+            self.tokens[local] = tokens[first:stop]
+            self.embed[local] = embed[first:stop]
+        self.meta.valid[positions] = True
 
     def finish(self, tar_error: str) -> None:
         """Write the remaining shards, the per-row arrays, then mark the tar done."""

@@ -116,7 +116,7 @@ class TarBatches(torch.utils.data.IterableDataset):
 
         def record(exn: Exception) -> bool:
             # A damaged tar ends its stream; the samples read so far are kept.
-            tar_errors.append(f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}")
+            tar_errors.append(tar_error_text(exn))
             logger.warning("reading %s: %s", task.url, tar_errors[-1])
             return True
 
@@ -176,6 +176,11 @@ def unreadable_reason(error: Exception) -> str:
     if isinstance(error, UnidentifiedImageError):
         return "unreadable image: not an image format PIL can identify"
     return f"unreadable image: {type(error).__name__}: {error}"
+
+
+def tar_error_text(error: Exception) -> str:
+    """How a tar read error that webdataset hands to its handler is recorded: type and first argument."""
+    return f"{type(error).__name__}: {error.args[0] if error.args else error}"
 
 
 def parse_json(data: bytes | None, label_names: Sequence[str]) -> tuple[str, np.ndarray, str]:

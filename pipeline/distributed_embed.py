@@ -24,10 +24,10 @@ from typing import Callable
 
 from rankpipe.errors import InputError
 from rankpipe.pipeline.backbone import Backbone, BackboneSpec, load_backbone
-from rankpipe.pipeline.embed import MODES, EmbedSummary, absolute_url, open_or_create_store, torch_device_for
+from rankpipe.pipeline.embed import (MODES, EmbedSummary, embed_tar, input_tars, open_or_create_store,
+                                     plan_for_backbone, torch_device_for)
 from rankpipe.pipeline.manifest import Manifest
-from rankpipe.pipeline.store import StoreConfig, TokenStore, plan_store
-from rankpipe.pipeline.tars import list_tars
+from rankpipe.pipeline.store import StoreConfig, TokenStore
 
 logger = logging.getLogger(__name__)
 
@@ -100,19 +100,15 @@ def embed_distributed(manifest: Manifest, store_path: str | Path, backbone_spec:
 
 def prepare_store(manifest: Manifest, job: TarJob, mode: str, config: StoreConfig) -> tuple[list[int], int]:
     """Create or reopen the store for the manifest's tars (a task); returns (unfinished tar indices, all tars)."""
-    tars = list_tars([absolute_url(url) for url in manifest.shard_urls()])
-    if sum(tar.count for tar in tars) == 0:
-        raise InputError(f"the tars of {manifest.shards} hold no samples; check the shard pattern")
+    tars = input_tars(manifest)
     backbone = _worker_backbone(job)
-    plan = plan_store(tars, backbone.num_tokens * backbone.token_dim * 2, config)
+    plan = plan_for_backbone(tars, backbone, config)
     store = open_or_create_store(job.store, mode, backbone, manifest, plan, config)
     return [t for t, done in enumerate(store.done()) if not done], len(plan.tars)
 
 
 def embed_tar_task(job: TarJob, t: int) -> EmbedSummary:
     """Embed tar `t` into the store (a task); a tar already done is skipped."""
-    from rankpipe.pipeline.embed import embed_tar
-
     store = TokenStore.open(job.store, allow_incomplete=True, writable=True)
     if store.done()[t]:
         return EmbedSummary(store=job.store, tars_skipped=1)

@@ -28,8 +28,9 @@ from rankpipe.pipeline.block_writer import EmbeddedBatch, WriterThread
 from rankpipe.pipeline.decode import DecodedBatch, TarBatches, TarTask
 from rankpipe.pipeline.gpu_decode import GpuPreprocess
 from rankpipe.pipeline.manifest import LabelSpec, Manifest
-from rankpipe.pipeline.store import BlockMeta, StoreConfig, StorePlan, TokenStore, create_store, plan_store
-from rankpipe.pipeline.tars import TarInfo, list_tars
+from rankpipe.pipeline.store import (TOKEN_DTYPE, BlockMeta, StoreConfig, StorePlan, TokenStore, create_store,
+                                     plan_store)
+from rankpipe.pipeline.tars import TarInfo, is_remote, list_tars
 from rankpipe.pipeline.weights import RANDOM_WEIGHTS, file_sha256
 
 logger = logging.getLogger(__name__)
@@ -125,16 +126,14 @@ def embed(manifest: Manifest, store_path: str | Path, backbone_spec: BackboneSpe
         raise InputError(f"need batch size >= 1 and workers >= 0, got {batch_size} and {workers}")
     torch_device = torch_device_for(device)
     config = store_config or StoreConfig(compress=compress)
-    tars = list_tars([absolute_url(url) for url in manifest.shard_urls()])
-    if sum(tar.count for tar in tars) == 0:
-        raise InputError(f"the tars of {manifest.shards} hold no samples; check the shard pattern")
+    tars = input_tars(manifest)
     if mode == "incremental" and finished_with(Path(store_path), manifest, backbone_spec, tars, config.compress):
         # Nothing to embed: skip loading the backbone, which may need weights that are not at hand.
         summary = EmbedSummary(store=Path(store_path), tars_skipped=len(tars))
         summary.seconds = time.perf_counter() - start
         return summary
     backbone = load_backbone(backbone_spec, torch_device)
-    plan = plan_store(tars, backbone.num_tokens * backbone.token_dim * 2, config)
+    plan = plan_for_backbone(tars, backbone, config)
     store = open_or_create_store(Path(store_path), mode, backbone, manifest, plan, config)
     pending = [t for t, done in enumerate(store.done()) if not done]
     summary = EmbedSummary(store=store.path, tars_skipped=len(plan.tars) - len(pending))
@@ -145,6 +144,24 @@ def embed(manifest: Manifest, store_path: str | Path, backbone_spec: BackboneSpe
     summary.seconds = time.perf_counter() - start
     logger.info(summary.line())
     return summary
+
+
+def input_tars(manifest: Manifest) -> list[TarInfo]:
+    """The manifest's tars (local ones by absolute path) with their sample counts.
+
+    Raises:
+        InputError: a tar cannot be listed, or the tars hold no samples at all.
+    """
+    tars = list_tars([absolute_url(url) for url in manifest.shard_urls()])
+    if sum(tar.count for tar in tars) == 0:
+        raise InputError(f"the tars of {manifest.shards} hold no samples; check the shard pattern")
+    return tars
+
+
+def plan_for_backbone(tars: Sequence[TarInfo], backbone: Backbone, config: StoreConfig) -> StorePlan:
+    """The store's row allocation for these tars and this backbone's token size."""
+    bytes_per_row = backbone.num_tokens * backbone.token_dim * np.dtype(TOKEN_DTYPE).itemsize
+    return plan_store(tars, bytes_per_row, config)
 
 
 def embed_tar(store: TokenStore, t: int, backbone: Backbone, batch_size: int = 256, workers: int = 1,
@@ -378,4 +395,4 @@ def torch_device_for(device: str) -> torch.device:
 
 def absolute_url(url: str) -> str:
     # Local tars are recorded by absolute path so the store can be used from any folder.
-    return url if "://" in url or url.startswith("pipe:") else str(Path(url).resolve())
+    return url if is_remote(url) else str(Path(url).resolve())

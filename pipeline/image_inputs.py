@@ -20,7 +20,8 @@ import webdataset as wds
 from PIL import Image
 
 from rankpipe.errors import InputError
-from rankpipe.pipeline.decode import IMAGE_EXTENSIONS, decode_image, unreadable_reason
+from rankpipe.pipeline.decode import IMAGE_EXTENSIONS, decode_image, tar_error_text, unreadable_reason
+from rankpipe.pipeline.tars import is_remote
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def open_images(location: str) -> ImageSource:
             f"--images {location} is neither an existing folder nor a tar pattern; pass a folder of "
             "images or tars such as shards/x-{000000..000009}.tar"
         )
-    missing = [url for url in urls if _is_local(url) and not os.path.isfile(url)]
+    missing = [url for url in urls if not is_remote(url) and not os.path.isfile(url)]
     if missing:
         raise InputError(
             f"{len(missing)} of the {len(urls)} tars of {location} do not exist (first: {missing[0]}); check the pattern"
@@ -162,7 +163,7 @@ def _tar_images(url: str) -> Iterator[tuple[str, str, bytes, str]]:
     tar_errors: list[str] = []
 
     def record(exn: Exception) -> bool:
-        tar_errors.append(f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}")
+        tar_errors.append(tar_error_text(exn))
         return True
 
     samples = wds.WebDataset(url, shardshuffle=False, handler=record, nodesplitter=None,
@@ -176,10 +177,6 @@ def _tar_images(url: str) -> Iterator[tuple[str, str, bytes, str]]:
             yield key, url, sample[ext], ""
     for error in tar_errors:
         yield "", url, b"", f"tar read error: {error}"
-
-
-def _is_local(url: str) -> bool:
-    return "://" not in url and not url.startswith("pipe:")
 
 
 class _Builder:

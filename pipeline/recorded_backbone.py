@@ -18,13 +18,12 @@ import open_clip
 import torch
 
 from rankpipe.errors import InputError
-from rankpipe.pipeline.backbone import Backbone, BackboneSpec, compatibility_problem, load_backbone
-from rankpipe.pipeline.weights import RANDOM_WEIGHTS, ResolvedWeights, check_model_name, file_sha256
+from rankpipe.pipeline.backbone import (COMPATIBILITY_FIELDS, Backbone, BackboneSpec, compatibility_problem,
+                                        create_frozen_model, load_backbone)
+from rankpipe.pipeline.weights import FILE_WEIGHTS, RANDOM_WEIGHTS, ResolvedWeights, check_model_name, file_sha256
 
 logger = logging.getLogger(__name__)
 
-# The provenance value of `pretrained` for weights loaded from a user's file.
-FILE_WEIGHTS = "file"
 # Provenance fields (besides COMPATIBILITY_FIELDS) that fix the token shapes the adapter expects.
 _SHAPE_FIELDS = ("token_grid", "token_dim", "text_token_dim")
 
@@ -59,7 +58,7 @@ def load_recorded_backbone(provenance: dict[str, Any], device: str | torch.devic
         backbone = _from_file(provenance, weights_path, device, what)
     else:
         backbone = _from_tag(model, pretrained, weights_path, device, what)
-    problem = compatibility_problem(provenance, backbone.provenance) or _shape_problem(provenance, backbone.provenance)
+    problem = compatibility_problem(provenance, backbone.provenance, COMPATIBILITY_FIELDS + _SHAPE_FIELDS)
     if problem is not None:
         raise InputError(
             f"the backbone rebuilt for {what} differs from the one it was trained on ({problem}); "
@@ -109,26 +108,9 @@ def _load_tag_file(model_name: str, weights: ResolvedWeights, device: str | torc
     tag whose file the user supplies.
     """
     check_model_name(model_name)
-    tag = weights.tag_cfg
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            model_name,
-            pretrained=str(weights.path),
-            image_mean=tag.get("mean"), image_std=tag.get("std"),
-            image_interpolation=tag.get("interpolation"), image_resize_mode=tag.get("resize_mode"),
-            force_quick_gelu=bool(tag.get("quick_gelu", False)),
-            pretrained_text=False,
-            device=device,
-        )
+        model, preprocess = create_frozen_model(model_name, weights, device)
     except RuntimeError as e:
         raise InputError(f"--backbone-weights {weights.path} does not fit model {model_name}: {e}") from e
-    model.eval().requires_grad_(False)
     spec = BackboneSpec(model_name, weights.pretrained)
     return Backbone(model, preprocess, open_clip.get_tokenizer(model_name), spec, weights)
-
-
-def _shape_problem(recorded: dict[str, Any], rebuilt: dict[str, Any]) -> str | None:
-    for field in _SHAPE_FIELDS:
-        if recorded.get(field) != rebuilt.get(field):
-            return f"backbone field '{field}' differs: {recorded.get(field)!r} vs {rebuilt.get(field)!r}"
-    return None

@@ -47,14 +47,21 @@ def list_tars(urls: list[str]) -> list[TarInfo]:
     tars = []
     for url in urls:
         path = Path(url)
-        index = indexes.setdefault(path.parent, _read_index(path.parent))
+        if path.parent not in indexes:
+            indexes[path.parent] = _read_index(path.parent)  # once per folder, not once per tar
+        index = indexes[path.parent]
         if path.name in index:
             tars.append(TarInfo(url, index[path.name]))
-        elif "://" in url or url.startswith("pipe:"):
+        elif is_remote(url):
             raise InputError(f"cannot count the samples of remote tar {url}; put an {INDEX_FILE} beside it")
         else:
             tars.append(TarInfo(url, count_samples(path)))
     return tars
+
+
+def is_remote(url: str) -> bool:
+    """Whether webdataset reads the tar from a URL or a pipe command rather than a local path."""
+    return "://" in url or url.startswith("pipe:")
 
 
 def count_samples(path: Path) -> int:

@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 # `--pretrained none`: random weights from a seeded initialisation.
 RANDOM_WEIGHTS = "none"
+# The provenance value of `pretrained` for weights loaded from a user's checkpoint file.
+FILE_WEIGHTS = "file"
 # Seconds to wait for a TCP connection to the weights host before calling the machine offline.
 PROBE_TIMEOUT_S = 3.0
 
@@ -72,7 +74,7 @@ def resolve_weights(model: str, pretrained: str) -> ResolvedWeights:
         return ResolvedWeights(RANDOM_WEIGHTS, None, None, {})
     if os.path.isfile(pretrained):
         path = Path(pretrained)
-        return ResolvedWeights("file", path, file_sha256(path), {})
+        return ResolvedWeights(FILE_WEIGHTS, path, file_sha256(path), {})
     tag_cfg = open_clip.get_pretrained_cfg(model, pretrained)
     if not tag_cfg:
         if _looks_like_path(pretrained):

@@ -149,3 +149,10 @@ def test_incompatible_records_name_field_and_values(field, value):
     assert field in COMPATIBILITY_FIELDS
     problem = compatibility_problem(_record(), _record(**{field: value}))
     assert problem is not None and f"'{field}'" in problem and repr(value) in problem
+
+
+def test_compatibility_checks_only_the_fields_asked_for():
+    a, b = _record(), _record(token_grid=[7, 7])
+    assert compatibility_problem(a, b) is None
+    problem = compatibility_problem(a, b, COMPATIBILITY_FIELDS + ("token_grid",))
+    assert problem == "backbone field 'token_grid' differs: [14, 14] vs [7, 7]"

@@ -24,7 +24,7 @@ from rankpipe.pipeline.backbone import TINY_CONVNEXT, TINY_VIT, BackboneSpec
 from rankpipe.pipeline.decode import TarBatches, TarTask, parse_json
 from rankpipe.pipeline.embed import embed, manifest_for_pattern
 from rankpipe.pipeline.manifest import Manifest, load_manifest
-from rankpipe.pipeline.store import TokenStore
+from rankpipe.pipeline.store import StoreConfig, TokenStore
 
 TINY = BackboneSpec(TINY_VIT, "none", seed=0)
 LABEL_NAMES = [label.name for label in TINY_LABELS]
@@ -142,6 +142,24 @@ def test_bad_samples_and_truncated_tar(tmp_path, with_index):
     assert summary.invalid == 5 + count - readable and summary.images_embedded == 3 + readable
     # Invalid rows hold zeros, never stale features.
     assert not store.image_tokens(np.flatnonzero(~valid)).any()
+
+
+def test_several_shards_per_tar_hold_the_same_rows_as_one(tmp_path):
+    # Batches of 3 usable images over tars with invalid samples put each batch's rows across shard borders, with gaps.
+    manifest = write_damaged_shards(tmp_path / "shards", with_index=True)
+    run_embed(manifest, tmp_path / "one.zarr", batch_size=3)
+    row_bytes = 16 * 64 * 2  # P * D * fp16 of the tiny ViT
+    small = StoreConfig(chunk_bytes=row_bytes, shard_bytes=4 * row_bytes)
+    run_embed(manifest, tmp_path / "many.zarr", batch_size=3, store_config=small)
+    one, many = TokenStore.open(tmp_path / "one.zarr"), TokenStore.open(tmp_path / "many.zarr")
+    assert many.shard_rows == 4 and one.shard_rows >= 12
+    for block, (a, _), (b, _) in zip(one.blocks, one.row_blocks(), many.row_blocks()):
+        rows_one, rows_many = slice(a, a + block.count), slice(b, b + block.count)
+        for name in ("keys", "valid", "errors"):
+            np.testing.assert_array_equal(getattr(one, name)()[rows_one], getattr(many, name)()[rows_many])
+        np.testing.assert_array_equal(one.image_tokens(rows_one), many.image_tokens(rows_many))
+        np.testing.assert_array_equal(one.image_embed(rows_one), many.image_embed(rows_many))
+    assert many.valid().sum() == one.valid().sum() > 0
 
 
 # --- resume, refusal, overwrite, determinism --------------------------------------------------------

@@ -16,7 +16,7 @@ from rankpipe.errors import InputError
 from rankpipe.pipeline.backbone import TINY_VIT, BackboneSpec, load_backbone
 from rankpipe.pipeline.manifest import load_manifest
 from rankpipe.pipeline.store import StoreConfig, TokenStore, create_store, plan_store, prompt_id
-from rankpipe.pipeline.tars import TarInfo, list_tars
+from rankpipe.pipeline.tars import TarInfo, _read_index, list_tars
 
 
 @pytest.fixture(scope="module")
@@ -149,3 +149,13 @@ def test_plan_gives_each_tar_whole_shards(counts, bytes_per_row):
     # Chunks reach the target size unless the largest tar is smaller than one chunk.
     assert plan.chunk_rows * bytes_per_row >= config.chunk_bytes or plan.chunk_rows >= max(counts)
     assert plan.shard_rows * bytes_per_row <= config.shard_bytes + plan.chunk_rows * bytes_per_row or plan.shard_rows == plan.chunk_rows
+
+
+def test_list_tars_reads_each_folder_index_once(tmp_path, monkeypatch):
+    tars = [f"x-{i:06d}.tar" for i in range(5)]
+    (tmp_path / "index.json").write_text(json.dumps({"tars": [{"name": n, "count": 3} for n in tars], "total": 15}))
+    reads = []
+    monkeypatch.setattr("rankpipe.pipeline.tars._read_index", lambda folder: reads.append(folder) or _read_index(folder))
+    listed = list_tars([str(tmp_path / name) for name in tars])
+    assert [(t.url, t.count) for t in listed] == [(str(tmp_path / name), 3) for name in tars]
+    assert reads == [tmp_path]
