@@ -33,9 +33,10 @@ from typing import Any
 
 import torch
 
-from rankpipe.adapter.features import BatchSampler, ResidentFeatures
+from rankpipe.adapter.features import BatchSampler
 from rankpipe.adapter.model import RankingAdapter
 from rankpipe.adapter.run_config import RunConfig
+from rankpipe.adapter.streaming import TrainingFeatures
 from rankpipe.errors import InputError
 from rankpipe.pipeline.backbone import compatibility_problem
 from rankpipe.pipeline.manifest import SPLIT_ROLES, SplitSpec
@@ -110,7 +111,7 @@ class CheckpointWriter:
     """Builds and writes a run's best.pt and last.pt in the format above."""
 
     def __init__(
-        self, out_dir: Path, cfg: RunConfig, features: ResidentFeatures, provenance: dict, device: torch.device,
+        self, out_dir: Path, cfg: RunConfig, features: TrainingFeatures, provenance: dict, device: torch.device,
         splits: SplitSpec | None = None,
     ):
         self.out_dir = out_dir

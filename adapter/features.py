@@ -122,7 +122,7 @@ def build_features(
     device = torch.device(device)
     out = []
     for q in queries:
-        scale = fit_target_scale(np.asarray(q["train_labels"]), q["transform"], q["name"])
+        scale, train_targets, val_targets = query_targets(q)
         out.append(
             QueryFeatures(
                 name=q["name"],
@@ -130,13 +130,21 @@ def build_features(
                 text_tokens=torch.as_tensor(np.asarray(q["text_tokens"], dtype=np.float32), device=device),
                 scale=scale,
                 train_index=torch.as_tensor(np.asarray(q["train_rows"], dtype=np.int64), device=device),
-                train_targets=torch.as_tensor(scale.normalise(q["train_labels"]), dtype=torch.float32, device=device),
+                train_targets=torch.as_tensor(train_targets, device=device),
                 val_index=torch.as_tensor(np.asarray(q["val_rows"], dtype=np.int64), device=device),
-                val_targets=transform_target(q["val_labels"], q["transform"]),
+                val_targets=val_targets,
             )
         )
     tokens = torch.as_tensor(image_tokens).to(device=device, dtype=torch.float16)
     return ResidentFeatures(image_tokens=tokens, keys=np.asarray(keys), queries=out)
+
+
+def query_targets(q: dict) -> tuple[TargetScale, np.ndarray, np.ndarray]:
+    """A query's TargetScale fitted on its train labels, [n_train] float32 normalised train targets and
+    [n_val] float64 val targets in target units (q: a query dict of build_features)."""
+    scale = fit_target_scale(np.asarray(q["train_labels"]), q["transform"], q["name"])
+    train_targets = np.asarray(scale.normalise(q["train_labels"]), dtype=np.float32)
+    return scale, train_targets, transform_target(q["val_labels"], q["transform"])
 
 
 def load_features(
@@ -165,6 +173,21 @@ def load_features(
     return read_resident(store, manifest, per_label, device)
 
 
+def labelled_rows(store, manifest: Manifest, labels: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The (train, val) store rows of each label that have a value, ascending.
+
+    The same rows as `store.rows(values, label=name)`, but the split column (a string array, the
+    slowest to read) is read once per split rather than once per label.
+    """
+    train = store.rows(list(manifest.splits.values("train")))
+    val = store.rows(list(manifest.splits.values("val")))
+    per_label = {}
+    for name in labels:
+        has_value = np.isfinite(store.label(name))  # [N]
+        per_label[name] = (train[has_value[train]], val[has_value[val]])
+    return per_label
+
+
 def split_rows(store, manifest: Manifest, labels: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The (train, val) store rows of each label, ascending.
 
@@ -173,10 +196,8 @@ def split_rows(store, manifest: Manifest, labels: list[str]) -> dict[str, tuple[
     """
     train_values = list(manifest.splits.values("train"))
     val_values = list(manifest.splits.values("val"))
-    per_label = {}
-    for name in labels:
-        train_rows = store.rows(train_values, label=name)
-        val_rows = store.rows(val_values, label=name)
+    per_label = labelled_rows(store, manifest, labels)
+    for name, (train_rows, val_rows) in per_label.items():
         if len(train_rows) < 2:
             raise InputError(
                 f"label {name!r} has {len(train_rows)} training image(s) in split values {train_values}; "
@@ -187,7 +208,6 @@ def split_rows(store, manifest: Manifest, labels: list[str]) -> dict[str, tuple[
                 f"label {name!r} has {len(val_rows)} validation image(s) in split values {val_values}; "
                 "at least 2 are needed: map a val split with --manifest"
             )
-        per_label[name] = (train_rows, val_rows)
     return per_label
 
 
@@ -201,9 +221,15 @@ def needed_rows(per_label: dict[str, tuple[np.ndarray, np.ndarray]]) -> np.ndarr
     return np.unique(np.concatenate([np.concatenate(pair) for pair in per_label.values()]))
 
 
+def token_shape(store) -> tuple[int, int]:
+    """(P, D): image tokens per row and their width, from a zero-row read (array metadata, no chunk)."""
+    _, num_tokens, dim = store.image_tokens(slice(0, 0)).shape
+    return num_tokens, dim
+
+
 def token_gigabytes(store, num_rows: int) -> float:
     """GB of fp16 image tokens of `num_rows` rows of the store."""
-    _, num_tokens, dim = store.image_tokens(np.arange(1)).shape
+    num_tokens, dim = token_shape(store)
     return num_rows * num_tokens * dim * 2 / 1e9
 
 
@@ -225,26 +251,24 @@ def read_resident(
     store, manifest: Manifest, per_label: dict[str, tuple[np.ndarray, np.ndarray]], device: torch.device | str
 ) -> ResidentFeatures:
     """Resident features of the rows in `per_label` (from split_rows), read onto the device."""
-    rows = needed_rows(per_label)
+    rows = needed_rows(per_label)  # [R] ascending, so a row's position is its searchsorted index
     tokens = read_rows(store, rows, device)
-    position = {int(r): i for i, r in enumerate(rows)}
     queries = []
     for name, (train_rows, val_rows) in per_label.items():
         queries.append({
             **query_inputs(store, manifest, name, train_rows, val_rows),
-            "train_rows": [position[int(r)] for r in train_rows],
-            "val_rows": [position[int(r)] for r in val_rows],
+            "train_rows": np.searchsorted(rows, train_rows),
+            "val_rows": np.searchsorted(rows, val_rows),
         })
     _, num_tokens, dim = tokens.shape
     log.info("resident image tokens: %d rows x %d x %d (%.2f GB)", len(rows), num_tokens, dim,
-             token_gigabytes(store, len(rows)))
+             tokens.numel() * tokens.element_size() / 1e9)
     return build_features(tokens, store.keys()[rows], queries, device)
 
 
 def read_rows(store, rows: np.ndarray, device: torch.device | str) -> torch.Tensor:
     """[R, P, D] fp16 tokens of sorted `rows`, read one row block at a time into a device tensor."""
-    first = store.image_tokens(rows[:1])
-    out = torch.empty((len(rows), *first.shape[1:]), dtype=torch.float16, device=device)
+    out = torch.empty((len(rows), *token_shape(store)), dtype=torch.float16, device=device)
     for start, stop in store.row_blocks():
         lo, hi = np.searchsorted(rows, [start, stop])
         if hi > lo:

@@ -27,11 +27,11 @@ import numpy as np
 import torch
 
 from rankpipe.adapter.features import (
-    BatchSampler, ResidentFeatures, TrainBatch, needed_rows, query_inputs, read_resident, read_rows, split_rows,
-    token_gigabytes,
+    BatchSampler, ResidentFeatures, TrainBatch, needed_rows, query_inputs, query_targets, read_resident, read_rows,
+    split_rows, token_gigabytes, token_shape,
 )
 from rankpipe.adapter.run_config import TrainConfig
-from rankpipe.adapter.targets import TargetScale, fit_target_scale, transform_target
+from rankpipe.adapter.targets import TargetScale
 from rankpipe.adapter.windows import WindowSchedule
 from rankpipe.errors import InputError
 from rankpipe.pipeline.manifest import Manifest
@@ -109,7 +109,7 @@ class StreamingFeatures:
         self.device = device
         self.rows = needed_rows({q.name: (q.train_rows, q.val_rows) for q in queries})  # [R] store rows
         self.keys = store.keys()[self.rows]  # [R] keys of `rows`, what TrainBatch.rows index
-        self.image_token_dim = int(store.image_tokens(np.arange(1)).shape[-1])
+        self.image_token_dim = token_shape(store)[1]
         self.val_tokens: torch.Tensor | None = None  # [V, P, D] float16 resident val rows, or None
         self.val_index: list[torch.Tensor] = []  # per query: [n_val] int64 indices into val_tokens
         if val_rows is not None:
@@ -228,13 +228,12 @@ def open_features(
     queries = []
     for name, (train_rows, val_rows) in per_label.items():
         inputs = query_inputs(store, manifest, name, train_rows, val_rows)
-        scale = fit_target_scale(np.asarray(inputs["train_labels"]), inputs["transform"], name)
+        scale, train_targets, val_targets = query_targets(inputs)
         queries.append(StreamedQuery(
             name=name, query=inputs["query"],
             text_tokens=torch.as_tensor(inputs["text_tokens"], device=device),
-            scale=scale, train_rows=train_rows,
-            train_targets=np.asarray(scale.normalise(inputs["train_labels"]), dtype=np.float32),
-            val_rows=val_rows, val_targets=transform_target(inputs["val_labels"], inputs["transform"]),
+            scale=scale, train_rows=train_rows, train_targets=train_targets,
+            val_rows=val_rows, val_targets=val_targets,
         ))
 
     all_blocks = store.row_blocks()

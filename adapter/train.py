@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from rankpipe.adapter.checkpoint import BEST, LAST, CheckpointWriter, load_resume_state, set_rng_state
 from rankpipe.adapter.config import LossConfig
-from rankpipe.adapter.features import BatchSampler, autocast
+from rankpipe.adapter.features import BatchSampler, autocast, labelled_rows
 from rankpipe.adapter.losses import LossParts, ranking_loss
 from rankpipe.adapter.model import RankingAdapter
 from rankpipe.adapter.predict import score_batches
@@ -354,8 +354,8 @@ def trainable_labels(store, manifest: Manifest, names: Sequence[str] | None = No
     train_values = list(manifest.splits.values("train"))
     val_values = list(manifest.splits.values("val"))
     labels = []
-    for name in names:
-        counts = len(store.rows(train_values, label=name)), len(store.rows(val_values, label=name))
+    for name, (train_rows, val_rows) in labelled_rows(store, manifest, names).items():
+        counts = len(train_rows), len(val_rows)
         if min(counts) >= 2:
             labels.append(name)
         else:

@@ -95,7 +95,7 @@ class MemoryStore:
     def label(self, name): return self._labels[name]
     def query(self, name): return self._queries[name]
     def text(self, name): return self._text[name]
-    def image_tokens(self, rows): return self._tokens[np.asarray(rows)]
+    def image_tokens(self, rows): return self._tokens[rows if isinstance(rows, slice) else np.asarray(rows)]
     def row_blocks(self): return [(0, len(self._keys))]
     def tar_urls(self): return self._tars
 

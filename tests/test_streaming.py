@@ -66,6 +66,28 @@ def test_the_resident_path_is_unchanged_when_the_store_fits(tmp_path, six_tars):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("settings", [(), VAL_RESIDENT], ids=["resident", "val-resident"])
+def test_opening_reads_each_resident_row_once_and_the_split_column_once_per_split(six_tars, monkeypatch, settings):
+    rows_read, split_reads = [], []
+    image_tokens, splits = six_tars.image_tokens, six_tars.splits
+
+    def counting_image_tokens(rows):
+        tokens = image_tokens(rows)
+        rows_read.append(len(tokens))
+        return tokens
+
+    def counting_splits():
+        split_reads.append(1)
+        return splits()
+
+    monkeypatch.setattr(six_tars, "image_tokens", counting_image_tokens)
+    monkeypatch.setattr(six_tars, "splits", counting_splits)
+    features = open_with(six_tars, *settings)
+    resident = features.image_tokens if isinstance(features, ResidentFeatures) else features.val_tokens
+    assert sum(rows_read) == resident.shape[0]  # no row is read twice, none only for its shape
+    assert len(split_reads) == 2  # train and val, whatever the number of labels
+
+
 def test_the_resume_test_store_streams_in_two_windows(store):
     features = open_with(store, *STREAMED)
     assert isinstance(features, StreamingFeatures) and features.val_tokens is None
