@@ -11,12 +11,11 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-import torch
 
 from rankpipe.adapter.bench_table import BENCH_METRICS
 from rankpipe.adapter.evaluate import EvalConfig, evaluate, split_rows
 from rankpipe.adapter.metrics import MetricConfig, QueryMetrics, compute_metrics
-from rankpipe.adapter.predict import check_compatible, score_batches
+from rankpipe.adapter.predict import adapter_scores, check_compatible, query_tokens
 from rankpipe.errors import InputError
 
 # Point estimates only: the bench's spread is over seeds, not bootstrap resamples.
@@ -66,18 +65,8 @@ def score_unseen(loaded, store, label: str, rows: np.ndarray, batch_size: int = 
     if loaded.model is None:
         raise InputError(f"checkpoint {loaded.path} is a {loaded.method} baseline; only an adapter scores unseen queries")
     check_compatible(loaded.provenance, store, f"checkpoint {loaded.path}")
-    text = store.text(label)
-    text_tokens = torch.as_tensor(np.asarray(text.tokens[: text.length], dtype=np.float32), device=loaded.device)  # [L, Dt]
-    rows = np.asarray(rows, dtype=np.int64)
-    order = np.argsort(rows, kind="stable")  # the store reads ascending rows
-    sorted_rows = rows[order]
-    chunks = (
-        torch.from_numpy(np.ascontiguousarray(store.image_tokens(sorted_rows[i : i + batch_size]), dtype=np.float16))
-        for i in range(0, len(rows), batch_size)
-    )
-    scores = np.empty(len(rows), dtype=np.float64)
-    scores[order] = score_batches(loaded.model, text_tokens, chunks, loaded.device)
-    return scores
+    text_tokens = query_tokens(store.text(label), loaded.device)  # [L, Dt]
+    return adapter_scores(loaded, store, {label: text_tokens}, rows, batch_size)[label]
 
 
 def _query_record(label: str, query: str, unseen: bool, metrics: QueryMetrics) -> dict:

@@ -15,9 +15,8 @@ import io
 import math
 from typing import Sequence
 
-import numpy as np
-
 from rankpipe.adapter.evaluate import markdown_table
+from rankpipe.adapter.folds import fold_stat
 
 # Metric keys of a run's metrics.json -> table heading, in column order.
 BENCH_METRICS: dict[str, str] = {"srcc": "SRCC", "plcc": "PLCC", "krcc": "KRCC", "mae": "MAE"}
@@ -55,8 +54,8 @@ def table_rows(records: Sequence[dict], variant_order: Sequence[str]) -> list[Ta
     for (unseen, label, variant), items in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], rank[kv[0][2]])):
         stats = {}
         for key in BENCH_METRICS:
-            values = np.array([_number(q["metrics"].get(key)) for _, q in items], dtype=np.float64)
-            stats[key] = _mean_std(values)
+            stat = fold_stat([_number(q["metrics"].get(key)) for _, q in items])  # mean ± sample std over seeds
+            stats[key] = (stat.mean, stat.std)
         record, first = items[0]
         rows.append(TableRow(unseen, label, first["query"], variant, record["method"], len(items), first["n"], stats))
     return rows
@@ -90,14 +89,6 @@ def results_csv(rows: Sequence[TableRow]) -> str:
         writer.writerow(["unseen" if row.unseen else "trained", row.label, row.query, row.variant, row.method,
                          row.seeds, row.n, *numbers])
     return buffer.getvalue()
-
-
-def _mean_std(values: np.ndarray) -> tuple[float, float]:
-    finite = values[np.isfinite(values)]
-    if len(finite) == 0:
-        return math.nan, math.nan
-    std = float(np.std(finite, ddof=1)) if len(finite) > 1 else math.nan
-    return float(np.mean(finite)), std
 
 
 def _number(value) -> float:

@@ -106,7 +106,7 @@ class EvalResults:
                     "n": q.metrics.n,
                     "n_missing_label": q.metrics.n_missing,
                     "metrics": {
-                        name: {"value": _json_float(e.value), "low": _json_float(e.low), "high": _json_float(e.high)}
+                        name: {"value": json_float(e.value), "low": json_float(e.low), "high": json_float(e.high)}
                         for name, e in q.metrics.estimates.items()
                     },
                     "notes": list(q.metrics.notes),
@@ -287,18 +287,23 @@ def _class_notes(truth: np.ndarray, classes: Sequence[float] | None) -> tuple[st
     return (f"{off} label(s) are not class values; class metrics use their nearest class",) if off else ()
 
 
+def metric_text(value: float, name: str) -> str:
+    """One metric value as the tables show it: MAE to 4 significant digits, the others to 3 decimals."""
+    return f"{value:.4g}" if name == "mae" else f"{value:.3f}"
+
+
+def json_float(value: float) -> float | None:
+    """A metric value for JSON: NaN becomes None."""
+    return None if math.isnan(value) else float(value)
+
+
 def _cell(value: float, low: float, high: float, name: str) -> str:
-    fmt = "{:.4g}" if name == "mae" else "{:.3f}"
     if math.isnan(value):
         return "NaN"
-    text = fmt.format(value)
+    text = metric_text(value, name)
     if not (math.isnan(low) or math.isnan(high)):
-        text += f" [{fmt.format(low)}, {fmt.format(high)}]"
+        text += f" [{metric_text(low, name)}, {metric_text(high, name)}]"
     return text
-
-
-def _json_float(value: float) -> float | None:
-    return None if math.isnan(value) else float(value)
 
 
 def report_sections(results: EvalResults, prefix: str = "") -> list[ReportSection]:

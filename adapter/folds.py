@@ -12,7 +12,6 @@ and the number of folds used is kept beside them.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 from pathlib import Path
@@ -25,13 +24,15 @@ from rankpipe.adapter.evaluate import (
     EvalConfig,
     EvalResults,
     evaluate,
+    json_float,
     markdown_table,
+    metric_text,
     report_sections,
     results_markdown,
     write_result_files,
 )
 from rankpipe.adapter.metrics import METRICS
-from rankpipe.adapter.predict import LoadedCheckpoint
+from rankpipe.adapter.predict import LoadedCheckpoint, payload_splits
 from rankpipe.errors import InputError
 from rankpipe.pipeline.exports import QueryRanking
 from rankpipe.pipeline.manifest import Manifest, SplitSpec
@@ -103,8 +104,8 @@ class FoldResults:
                         "n": s.n, "n_missing_label": s.n_missing,
                         "metrics": {
                             name: {
-                                "mean": _json_float(stat.mean), "std": _json_float(stat.std),
-                                "n_folds": stat.n_folds, "values": [_json_float(v) for v in stat.values],
+                                "mean": json_float(stat.mean), "std": json_float(stat.std),
+                                "n_folds": stat.n_folds, "values": [json_float(v) for v in stat.values],
                             }
                             for name, stat in s.metrics.items()
                         },
@@ -149,8 +150,7 @@ def summarise_folds(folds: Sequence[EvalResults]) -> tuple[QuerySummary, ...]:
 
 def recorded_splits(path: str | Path) -> SplitSpec | None:
     """The split roles a checkpoint was trained with, or None when it does not record them."""
-    splits = read_checkpoint(path).get("splits")
-    return None if splits is None else SplitSpec(**{role: tuple(values) for role, values in splits.items()})
+    return payload_splits(read_checkpoint(path))
 
 
 def fold_manifest(store, loaded: LoadedCheckpoint, manifest: Manifest | None) -> Manifest:
@@ -161,13 +161,12 @@ def fold_manifest(store, loaded: LoadedCheckpoint, manifest: Manifest | None) ->
     """
     if manifest is not None:
         return manifest
-    splits = recorded_splits(loaded.path)
-    if splits is None:
+    if loaded.splits is None:
         raise InputError(
             f"checkpoint {loaded.path} does not record the split roles it was trained with; "
             "pass one --manifest per --checkpoint to say each fold's splits"
         )
-    return dataclasses.replace(store.manifest, splits=splits)
+    return dataclasses.replace(store.manifest, splits=loaded.splits)
 
 
 def evaluate_folds(
@@ -259,16 +258,11 @@ def _warn_on_shared_splits(values: Sequence[Sequence[str]], role: str) -> None:
 
 
 def _stat_cell(stat: FoldStat, folds: int, name: str) -> str:
-    fmt = "{:.4g}" if name == "mae" else "{:.3f}"
     if math.isnan(stat.mean):
         return "NaN"
-    text = fmt.format(stat.mean)
+    text = metric_text(stat.mean, name)
     if not math.isnan(stat.std):
-        text += f" ± {fmt.format(stat.std)}"
+        text += f" ± {metric_text(stat.std, name)}"
     if stat.n_folds < folds:
         text += f" ({stat.n_folds} of {folds} folds)"
     return text
-
-
-def _json_float(value: float) -> float | None:
-    return None if math.isnan(value) else float(value)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -24,7 +24,8 @@ from rankpipe.adapter.model import RankingAdapter
 from rankpipe.adapter.run_config import RunConfig
 from rankpipe.adapter.targets import TargetScale
 from rankpipe.errors import InputError
-from rankpipe.pipeline.backbone import compatibility_problem
+from rankpipe.pipeline.backbone import TextFeatures, compatibility_problem
+from rankpipe.pipeline.manifest import SplitSpec
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,8 @@ class LoadedCheckpoint:
     val_srcc: dict[str, float]
     # Where the model lives.
     device: torch.device
+    # The split roles it was trained with; None when the checkpoint does not record them.
+    splits: SplitSpec | None = None
     # "adapter", or the name of the baseline method (adapter/baselines) the checkpoint holds.
     method: str = ADAPTER_METHOD
     # The fitted baseline when `method` is not "adapter"; it scores pooled image embeddings.
@@ -91,6 +94,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
         step=int(payload["step"]),
         val_srcc=dict(payload.get("val_srcc", {})),
         device=device,
+        splits=payload_splits(payload),
     )
     if checkpoint_method(payload) != ADAPTER_METHOD:
         return _load_baseline(payload, common)
@@ -109,6 +113,12 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
         for entry in payload["labels"]
     }
     return LoadedCheckpoint(model=model, run_config=run_config, labels=labels, **common)
+
+
+def payload_splits(payload: dict) -> SplitSpec | None:
+    """The split roles a checkpoint's payload records, or None when it does not record them."""
+    splits = payload.get("splits")
+    return None if splits is None else SplitSpec(**{role: tuple(values) for role, values in splits.items()})
 
 
 def _load_baseline(payload: dict, common: dict) -> LoadedCheckpoint:
@@ -187,26 +197,67 @@ def predict_labels(
                 f"checkpoint {loaded.path} was not trained on label {label!r}; its labels are {', '.join(loaded.labels)}"
             )
     check_compatible(loaded.provenance, store, f"checkpoint {loaded.path}")
-    rows = np.asarray(rows, dtype=np.int64)
-    order = np.argsort(rows, kind="stable")  # the store reads ascending rows
-    sorted_rows = rows[order]
-    parts: dict[str, list[np.ndarray]] = {label: [] for label in labels}
-    for i in range(0, len(rows), batch_size):
-        batch_rows = sorted_rows[i : i + batch_size]
-        if loaded.baseline is not None:
+    if loaded.baseline is not None:
+
+        def score_embeddings(batch_rows: np.ndarray) -> dict[str, np.ndarray]:
             embed = store.image_embed(batch_rows)  # [b, E]
-            for label in labels:
-                parts[label].append(loaded.baseline.predict(label, embed))
-            continue
+            return {label: loaded.baseline.predict(label, embed) for label in labels}
+
+        # Baselines predict in target units already.
+        return _in_store_order(rows, batch_size, labels, score_embeddings)
+    texts = {label: loaded.labels[label].text_tokens for label in labels}
+    raw = adapter_scores(loaded, store, texts, rows, batch_size)  # normalised units
+    return {label: loaded.labels[label].scale.to_target_units(raw[label]) for label in labels}
+
+
+def adapter_scores(
+    loaded: LoadedCheckpoint,
+    store,
+    texts: dict[str, torch.Tensor],
+    rows: np.ndarray,
+    batch_size: int = 256,
+) -> dict[str, np.ndarray]:
+    """The adapter's regression scores (normalised units) of the images at `rows` for several queries;
+    each batch of image tokens is read from the store once and scored for every query.
+
+    Args:
+        loaded: an adapter checkpoint from `load_checkpoint`.
+        store: a TokenStore embedded with the checkpoint's backbone.
+        texts: name -> [L, Dt] float32 text tokens of a query, on the checkpoint's device.
+        rows: [n] store rows to score.
+        batch_size: images per forward pass.
+
+    Returns:
+        name -> [n] float64 scores, in the order of `rows`.
+    """
+
+    def score_tokens(batch_rows: np.ndarray) -> dict[str, np.ndarray]:
         tokens = torch.from_numpy(np.ascontiguousarray(store.image_tokens(batch_rows), dtype=np.float16))  # [b, P, D]
-        for label in labels:
-            parts[label].append(score_batches(loaded.model, loaded.labels[label].text_tokens, [tokens], loaded.device))
+        return {name: score_batches(loaded.model, text, [tokens], loaded.device) for name, text in texts.items()}
+
+    return _in_store_order(rows, batch_size, list(texts), score_tokens)
+
+
+def _in_store_order(
+    rows: np.ndarray,
+    batch_size: int,
+    names: Sequence[str],
+    score: Callable[[np.ndarray], dict[str, np.ndarray]],
+) -> dict[str, np.ndarray]:
+    """Run `score` ([b] ascending store rows -> name -> [b] scores) over `rows` in ascending batches, the
+    order the store reads, and return each name's [n] float64 scores in the order of `rows`."""
+    rows = np.asarray(rows, dtype=np.int64)
+    order = np.argsort(rows, kind="stable")
+    sorted_rows = rows[order]
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    for i in range(0, len(rows), batch_size):
+        for name, scores in score(sorted_rows[i : i + batch_size]).items():
+            parts[name].append(scores)
     out = {}
-    for label in labels:
+    for name in names:
         scores = np.empty(len(rows), dtype=np.float64)
-        scores[order] = np.concatenate(parts[label]) if parts[label] else np.zeros(0)
-        # Baselines predict in target units already; adapter scores are in normalised units.
-        out[label] = scores if loaded.baseline is not None else loaded.labels[label].scale.to_target_units(scores)
+        scores[order] = np.concatenate(parts[name]) if parts[name] else np.zeros(0)
+        out[name] = scores
     return out
 
 
@@ -231,6 +282,11 @@ def predict_embeddings(loaded: LoadedCheckpoint, label: str, embed: np.ndarray) 
             f"checkpoint {loaded.path} was not trained on label {label!r}; its labels are {', '.join(loaded.labels)}"
         )
     return loaded.baseline.predict(label, embed)
+
+
+def query_tokens(text: TextFeatures, device: torch.device) -> torch.Tensor:
+    """[L, Dt] float32 text tokens of a query up to and including end-of-text (as training uses them), on `device`."""
+    return torch.from_numpy(np.asarray(text.tokens[: text.length], dtype=np.float32)).to(device)
 
 
 @torch.no_grad()

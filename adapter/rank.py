@@ -16,7 +16,6 @@ combined with a weight per query — with a weighted sum of z-scores (`rankpipe.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 from pathlib import Path
@@ -25,7 +24,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from rankpipe.adapter.predict import LoadedCheckpoint, load_checkpoint, predict_embeddings, score_batches
+from rankpipe.adapter.features import autocast
+from rankpipe.adapter.predict import LoadedCheckpoint, load_checkpoint, predict_embeddings, query_tokens, score_batches
 from rankpipe.adapter.targets import TargetScale
 from rankpipe.errors import InputError
 from rankpipe.pipeline.backbone import Backbone
@@ -107,8 +107,7 @@ def query_texts(loaded: LoadedCheckpoint, backbone: Backbone, queries: tuple[str
                 f"checkpoint {loaded.path} is a {loaded.method} baseline fitted on the queries "
                 f"{', '.join(repr(l.query) for l in loaded.labels.values())}; rank by one of them"
             )
-        text = backbone.encode_text(query)
-        tokens = torch.from_numpy(text.tokens[: text.length].astype(np.float32)).to(loaded.device)  # [L, Dt]
+        tokens = query_tokens(backbone.encode_text(query), loaded.device)  # [L, Dt]
         log.info("query %r is not one of the checkpoint's; its scores are raw adapter outputs", query)
         out.append(QueryText(query, tokens, None, None))
     return out
@@ -151,11 +150,8 @@ def rank_images(
         if batch.images is None:
             continue
         tokens, embed = encode_features(backbone, batch.images)  # [b, P, D], [b, E] float16
-        for q, text in enumerate(texts):
-            if loaded.baseline is not None:  # baselines score the pooled embedding, in label units already
-                parts[q].append(predict_embeddings(loaded, text.label, embed.float().cpu().numpy()))
-            else:
-                parts[q].append(score_batches(loaded.model, text.text_tokens, [tokens], loaded.device))
+        for part, scores in zip(parts, _score_batch(loaded, texts, tokens, embed)):
+            part.append(scores)
         keys.extend(batch.keys)
         paths.extend(batch.paths)
     if not keys:
@@ -178,13 +174,21 @@ def rank_images(
 def encode_features(backbone: Backbone, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[b, 3, H, W] preprocessed images -> [b, P, D] patch tokens and [b, E] pooled embeddings, float16,
     as `rankpipe embed` stores them."""
-    device = backbone.device
-    images = images.to(device, non_blocking=True)
+    images = images.to(backbone.device, non_blocking=True)
     # The same compute dtype as the embed job: bf16 autocast on CUDA, float32 on the CPU.
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    with autocast:
+    with autocast(backbone.device):
         tokens, embed = backbone.encode_images(images)  # [b, P, D], [b, E]
     return tokens.to(torch.float16), embed.to(torch.float16)
+
+
+def _score_batch(loaded: LoadedCheckpoint, texts: list[QueryText], tokens: torch.Tensor,
+                 embed: torch.Tensor) -> list[np.ndarray]:
+    """[b] scores of one batch per query: a baseline's from the [b, E] pooled embeddings (label units),
+    the adapter's from the [b, P, D] patch tokens (normalised units)."""
+    if loaded.baseline is not None:
+        embed = embed.float().cpu().numpy()  # [b, E]
+        return [predict_embeddings(loaded, text.label, embed) for text in texts]
+    return [score_batches(loaded.model, text.text_tokens, [tokens], loaded.device) for text in texts]
 
 
 def _batches(source: ImageSource, backbone: Backbone, config: RankConfig, progress: bool):

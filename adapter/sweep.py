@@ -16,7 +16,6 @@ only when asked, since most failures repeat.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
@@ -37,6 +36,7 @@ from rankpipe.adapter.streaming import TrainingFeatures
 from rankpipe.adapter.sweep_spec import Trial
 from rankpipe.adapter.train import train_adapter
 from rankpipe.pipeline.manifest import Manifest
+from rankpipe.pipeline.tar_writer import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def run_trial(
             config = EvalConfig(split=settings.eval_split, labels=settings.labels,
                                 metrics=MetricConfig(bootstrap=settings.bootstrap),
                                 batch_size=trial.config.train.eval_batch_size)
-            results = evaluate(loaded, with_manifest(store, manifest), config)
+            results = evaluate(loaded, store, config, manifest)
             write_results(results, folder)
             metrics["eval"] = trial_metrics(results)
         metrics["seconds"] = round(time.monotonic() - started, 3)
@@ -183,15 +183,6 @@ def mark_failed(sweep_dir: str | Path, trial: Trial, reason: str) -> TrialRecord
     return TrialRecord(trial.id, folder, FAILED, reason)
 
 
-def with_manifest(store, manifest: Manifest):
-    """A shallow view of `store` whose split roles and targets come from `manifest`."""
-    if manifest is store.manifest:
-        return store
-    view = copy.copy(store)
-    view.manifest = manifest
-    return view
-
-
 def _write_config(folder: Path, trial: Trial) -> None:
     path = folder / CONFIG
     record = {"id": trial.id, "overrides": list(trial.overrides), "values": trial.values,
@@ -211,9 +202,7 @@ def _write_status(folder: Path, state: str, reason: str | None = None) -> None:
 
 def _write_json(path: Path, data: Any) -> None:
     """Write JSON through a temporary file and a rename, so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_plain) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(data, indent=2, default=_plain) + "\n")
 
 
 def _plain(value: Any) -> Any:

@@ -31,9 +31,9 @@ import torch
 
 from rankpipe.adapter.evaluate import split_rows
 from rankpipe.adapter.features import ResidentFeatures, load_features, train_val_gigabytes
-from rankpipe.adapter.streaming import TrainingFeatures, open_features
+from rankpipe.adapter.streaming import open_features
 from rankpipe.adapter.sweep import DONE, FAILED, TrialRecord, TrialSettings, mark_failed, read_record, run_trial, \
-    trial_folder, with_manifest
+    trial_folder
 from rankpipe.adapter.sweep_results import write_results_table
 from rankpipe.adapter.sweep_spec import Trial
 from rankpipe.adapter.train import check_manifest, trainable_labels
@@ -119,7 +119,7 @@ def run_sweep(
     manifest = check_manifest(store, request.manifest)
     labels = _labels(store, manifest, request.trial.labels)
     if request.trial.eval_split is not None:
-        split_rows(with_manifest(store, manifest), request.trial.eval_split)
+        split_rows(store, request.trial.eval_split, manifest.splits)
     out_dir = Path(request.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / TRIALS_FILE).write_text(json.dumps(
@@ -177,25 +177,22 @@ def _run_streamed_here(pending: Sequence[Trial], request: SweepRequest, store: T
     device = torch.device(request.device)
     records = []
     for trial in pending:
-        features = _trial_features(trial, request, store, manifest, labels, device)
-        if isinstance(features, TrialRecord):
-            record = features
-        else:
-            record = run_trial(trial, request.out_dir, features, store, manifest, request.trial, device)
+        record = _run_on_own_features(trial, request, store, manifest, labels, device)
         if progress is not None:
             progress(record)
         records.append(record)
     return records
 
 
-def _trial_features(trial: Trial, request: SweepRequest, store: TokenStore, manifest: Manifest, labels: list[str],
-                    device: torch.device) -> TrainingFeatures | TrialRecord:
-    """The trial's own features (resident or streamed, by its budget), or its failed record when its
-    budget cannot hold a training window (the budget may be a swept field)."""
+def _run_on_own_features(trial: Trial, request: SweepRequest, store: TokenStore, manifest: Manifest,
+                         labels: list[str], device: torch.device) -> TrialRecord:
+    """Run a trial on features of its own (resident or streamed, by its budget); it fails when its budget
+    cannot hold a training window (the budget may be a swept field)."""
     try:
-        return open_features(store, manifest, labels, device, trial.config.train)
+        features = open_features(store, manifest, labels, device, trial.config.train)
     except InputError as e:
         return mark_failed(request.out_dir, trial, f"InputError: {e}")
+    return run_trial(trial, request.out_dir, features, store, manifest, request.trial, device)
 
 
 @contextlib.contextmanager
@@ -250,10 +247,7 @@ def trial_task(trial: Trial, request: SweepRequest) -> TrialRecord:
     device = torch.device(request.device)
     if train_val_gigabytes(store, manifest, labels) > trial.config.train.max_resident_gb:
         # Streamed features are the trial's own (its windows follow its seed): nothing to keep.
-        features = _trial_features(trial, request, store, manifest, labels, device)
-        if isinstance(features, TrialRecord):
-            return features
-        return run_trial(trial, request.out_dir, features, store, manifest, request.trial, device)
+        return _run_on_own_features(trial, request, store, manifest, labels, device)
     key = (str(Path(request.store).resolve()), json.dumps(manifest.to_dict(), sort_keys=True), tuple(labels), str(device))
     with _WORKER_LOCK:
         features = _WORKER_FEATURES.get(key)

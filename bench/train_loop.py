@@ -8,6 +8,7 @@ covers compilation) and the last report before the final validation; the reports
 from the device, so each timestamp follows a synchronisation. "first steps" is the time to that
 first report, compilation included.
 
+\b
     python bench/train_loop.py                                        # CPU: small adapter, seconds
     python bench/train_loop.py --device cuda --images 4000 --tokens 100 --token-dim 1536 \\
         --batch-size 128 --steps 400 --full-adapter                    # H100: default adapter

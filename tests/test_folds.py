@@ -122,9 +122,12 @@ def _args(folds: Folds, out: Path, with_manifests: bool = True, n: int = K) -> l
 def test_checkpoint_records_the_split_roles_it_was_trained_with(folds, tmp_path) -> None:
     for k, checkpoint in enumerate(folds.checkpoints):
         assert recorded_splits(checkpoint) == fold_splits(k)
+        assert load_checkpoint(checkpoint).splits == fold_splits(k)
     payload = read_checkpoint(folds.checkpoints[0])
     del payload["splits"]  # as in checkpoints written before split roles were recorded
-    assert recorded_splits(save_checkpoint(payload, tmp_path / "old.pt")) is None
+    old = save_checkpoint(payload, tmp_path / "old.pt")
+    assert recorded_splits(old) is None
+    assert load_checkpoint(old).splits is None
 
 
 @pytest.mark.parametrize("source", ["manifests", "recorded"])

@@ -122,6 +122,24 @@ def test_class_embeddings_come_from_the_learned_prompts(store, manifest, tower, 
         np.testing.assert_allclose(learned(tower).numpy(), params["class_embeds"].numpy(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_learned_blocks_take_the_places_after_sos(store, manifest, tower, method):
+    """with_context puts the M context tokens, then each further learned block, after [SOS]; the rest stays."""
+    cls = get_method(method)
+    config = method_config(cls, FAST)
+    split = load_label_splits(store, manifest, ["squares"])[0]
+    learned = cls.build(config, rank_classes(split, config.num_bins), tower, torch.Generator().manual_seed(0))
+    k, m = learned.tokens.shape[0], config.context_tokens
+    block = torch.randn(k, 1, tower.width, generator=torch.Generator().manual_seed(1))  # [K, 1, D]
+    with torch.no_grad():
+        tokens = learned.with_context(learned.tokens, block)  # [K, L, D]
+    assert tokens.shape == learned.tokens.shape
+    assert torch.equal(tokens[:, :1], learned.tokens[:, :1])
+    assert torch.equal(tokens[:, 1 : 1 + m], learned.context.detach().expand(k, -1, -1))
+    assert torch.equal(tokens[:, 1 + m], block[:, 0])
+    assert torch.equal(tokens[:, 2 + m :], learned.tokens[:, 2 + m :])
+
+
 def test_encode_matches_open_clip_for_plain_tokens(tower):
     """With no learned tokens the tower reproduces open_clip's encode_text (cut sequences included)."""
     texts = ["a photo of 3 squares.", "a bright photo."]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ from rankpipe.adapter.sweep_spec import SweepSpec, expand_trials, load_sweep_spe
 from rankpipe.adapter.train import train_from_store, trainable_labels
 from rankpipe.cli.main import cli
 from rankpipe.errors import InputError
+from rankpipe.pipeline.manifest import SplitSpec
 from rankpipe.pipeline.store import TokenStore
 
 # A tiny adapter trained for a few steps: each trial takes well under a second on one CPU core.
@@ -191,6 +193,18 @@ def test_sweep_user_errors(tmp_path, tiny_store):
         run_sweep(trials, SweepRequest(store=tiny_store, out_dir=tmp_path / "out", trial=TrialSettings(labels=("nope",))))
     with pytest.raises(InputError, match="concurrency"):
         SweepRequest(store=tiny_store, out_dir=tmp_path / "out", concurrency=0)
+
+
+def test_a_manifest_override_sets_the_split_each_trial_is_evaluated_on(tmp_path, tiny_store):
+    store = TokenStore.open(tiny_store)
+    manifest = dataclasses.replace(store.manifest, splits=SplitSpec(test=("val",)))  # evaluate on the val images
+    spec, trials = trials_of(tmp_path, grid={"train.seed": [0]})
+    outcome = run_sweep(trials, SweepRequest(store=tiny_store, out_dir=tmp_path / "out", manifest=manifest), spec.varied)
+    (record,) = outcome.records
+    assert record.state == DONE
+    results = json.loads((record.folder / "results.json").read_text())
+    assert results["split"] == "test" and results["split_values"] == ["val"]
+    assert all(q["n"] == len(store.rows(["val"], label=q["label"])) for q in results["queries"])
 
 
 # --- a dask cluster ---------------------------------------------------------------------------------------

@@ -13,12 +13,10 @@ from __future__ import annotations
 from typing import Callable, TypeVar
 
 from rankpipe.adapter.baselines.base import Baseline
+from rankpipe.adapter.checkpoint import ADAPTER_METHOD
 from rankpipe.errors import InputError
 
-__all__ = ["ADAPTER", "Baseline", "register_method", "get_method", "method_names"]
-
-# The name of the ranking adapter itself among the methods `rankpipe train --method` accepts.
-ADAPTER = "adapter"
+__all__ = ["Baseline", "register_method", "get_method", "method_names"]
 
 _METHODS: dict[str, type[Baseline]] = {}
 
@@ -29,7 +27,7 @@ def register_method(name: str) -> Callable[[B], B]:
     """Class decorator: make a Baseline subclass selectable as `name`."""
 
     def register(cls: B) -> B:
-        if name == ADAPTER or name in _METHODS:
+        if name == ADAPTER_METHOD or name in _METHODS:
             raise ValueError(f"method name {name!r} is already taken")
         cls.name = name
         _METHODS[name] = cls
@@ -40,7 +38,7 @@ def register_method(name: str) -> Callable[[B], B]:
 
 def method_names() -> list[str]:
     """Every method `rankpipe train --method` accepts: the adapter first, then the baselines."""
-    return [ADAPTER, *sorted(_METHODS)]
+    return [ADAPTER_METHOD, *sorted(_METHODS)]
 
 
 def get_method(name: str) -> type[Baseline]:

@@ -5,13 +5,16 @@ from __future__ import annotations
 import abc
 import dataclasses
 import json
+import logging
 from typing import Any, ClassVar, Sequence
 
 import numpy as np
 
 from rankpipe.adapter.baselines.data import LabelSplits
-from rankpipe.adapter.baselines.prompts import PromptEncoder
+from rankpipe.adapter.baselines.prompts import PromptEncoder, fit_affine
 from rankpipe.errors import InputError
+
+log = logging.getLogger(__name__)
 
 
 class Baseline(abc.ABC):
@@ -77,3 +80,25 @@ class Baseline(abc.ABC):
         if label not in self.params:
             raise InputError(f"the {self.name} baseline was not fitted on label {label!r}; its labels are {', '.join(self.params)}")
         return self.params[label]
+
+
+class AffineBaseline(Baseline):
+    """An untrained score of the embedding (`raw_scores`), mapped to target units by an affine fit on the
+    train split (prompts.fit_affine); each label's params hold its "prompts", "slope" and "intercept"."""
+
+    @abc.abstractmethod
+    def raw_scores(self, label: str, embed: np.ndarray) -> np.ndarray:
+        """[n, E] embeddings -> [n] untrained scores."""
+
+    def fit_affine_maps(self, data: Sequence[LabelSplits]) -> None:
+        """Fit each label's slope and intercept on its train split."""
+        for split in data:
+            raw = self.raw_scores(split.name, split.train_embed)
+            slope, intercept = fit_affine(raw, split.train_targets, f"{self.name} {split.name}")
+            self.params[split.name].update(slope=slope, intercept=intercept)
+            log.info("%s %s: %d prompt(s), target = %.4g * score + %.4g", self.name, split.name,
+                     len(self.params[split.name]["prompts"]), slope, intercept)
+
+    def predict(self, label: str, embed: np.ndarray) -> np.ndarray:
+        p = self.label_params(label)
+        return p["slope"] * self.raw_scores(label, embed) + p["intercept"]

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from rankpipe.adapter.baselines import register_method
-from rankpipe.adapter.baselines.base import Baseline
+from rankpipe.adapter.baselines.base import AffineBaseline
 from rankpipe.adapter.baselines.data import LabelSplits
-from rankpipe.adapter.baselines.prompts import PromptEncoder, cosine, fit_affine, softmax
+from rankpipe.adapter.baselines.prompts import PromptEncoder, cosine, softmax
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class ClipIqaConfig:
 
 
 @register_method("clip-iqa")
-class ClipIqa(Baseline):
+class ClipIqa(AffineBaseline):
     """Untrained antonym-pair probability, affinely mapped to label units."""
 
     config_class = ClipIqaConfig
@@ -86,13 +86,9 @@ class ClipIqa(Baseline):
         for split in data:
             pair = antonym_pair(split.query)
             texts = [pair.positive, pair.negative]
-            params[split.name] = {"prompts": texts, "prompt_embeds": torch.from_numpy(prompts(texts)),  # [2, E]
-                                  "slope": 0.0, "intercept": 0.0}
+            params[split.name] = {"prompts": texts, "prompt_embeds": torch.from_numpy(prompts(texts))}  # [2, E]
         baseline = cls(config, params)
-        for split in data:
-            raw = baseline.raw_scores(split.name, split.train_embed)
-            slope, intercept = fit_affine(raw, split.train_targets, f"clip-iqa {split.name}")
-            params[split.name].update(slope=slope, intercept=intercept)
+        baseline.fit_affine_maps(data)
         return baseline
 
     def raw_scores(self, label: str, embed: np.ndarray) -> np.ndarray:
@@ -100,7 +96,3 @@ class ClipIqa(Baseline):
         p = self.label_params(label)
         sims = cosine(embed, p["prompt_embeds"].numpy())  # [n, 2]
         return softmax(self.config.logit_scale * sims)[:, 0]
-
-    def predict(self, label: str, embed: np.ndarray) -> np.ndarray:
-        p = self.label_params(label)
-        return p["slope"] * self.raw_scores(label, embed) + p["intercept"]

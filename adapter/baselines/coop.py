@@ -34,18 +34,14 @@ class ContextPrompts(ClassPrompts):
 
     def __init__(self, config: CoOpConfig, classes: RankClasses, tower: FrozenTextTower, generator: torch.Generator) -> None:
         super().__init__()
-        self.m = config.context_tokens
         ids = tower.tokenize([context_template(config, f"{name}.") for name in classes.names])  # [K, L]
         self.register_buffer("ids", ids, persistent=False)
         self.register_buffer("tokens", tower.embed_tokens(ids), persistent=False)  # [K, L, D]
         # [M, D] the learned context, shared by every class.
-        self.context = normal_init((self.m, tower.width), config.init_std, generator)
+        self.context = normal_init((config.context_tokens, tower.width), config.init_std, generator)
 
     def forward(self, tower: FrozenTextTower) -> torch.Tensor:
-        k = self.tokens.shape[0]
-        context = self.context.unsqueeze(0).expand(k, -1, -1)  # [K, M, D]
-        tokens = torch.cat([self.tokens[:, :1], context, self.tokens[:, 1 + self.m:]], dim=1)  # [K, L, D]
-        return tower.encode(tokens, self.ids)  # [K, E]
+        return tower.encode(self.with_context(self.tokens), self.ids)  # [K, E]
 
 
 @register_method("coop")

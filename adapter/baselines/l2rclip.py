@@ -96,16 +96,15 @@ class RankFormerPrompts(ClassPrompts):
 
     def __init__(self, config: L2RCLIPConfig, classes: RankClasses, tower: FrozenTextTower, generator: torch.Generator) -> None:
         super().__init__()
-        self.m = config.context_tokens
         self.blend = config.blend
         ids = tower.tokenize([context_template(config, config.template.format(name=n)) for n in classes.names])  # [K, L]
         positions = torch.arange(ids.shape[1], device=ids.device)[None, :]  # [1, L]
-        words = (positions > self.m) & (positions < tower.pooled_index(ids)[:, None])  # [K, L] template words
+        words = (positions > config.context_tokens) & (positions < tower.pooled_index(ids)[:, None])  # [K, L] template words
         self.register_buffer("ids", ids, persistent=False)
         self.register_buffer("tokens", tower.embed_tokens(ids), persistent=False)  # [K, L, D]
         self.register_buffer("words", words, persistent=False)
         # [M, D] the learned global context.
-        self.context = normal_init((self.m, tower.width), config.init_std, generator)
+        self.context = normal_init((config.context_tokens, tower.width), config.init_std, generator)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
             self.rankformer = nn.TransformerEncoderLayer(tower.width, config.heads, 4 * tower.width, dropout=0.0,
@@ -120,10 +119,7 @@ class RankFormerPrompts(ClassPrompts):
         return torch.where(self.words[..., None], blended, self.tokens)
 
     def forward(self, tower: FrozenTextTower) -> torch.Tensor:
-        tokens = self.refined_tokens()  # [K, L, D]
-        context = self.context.unsqueeze(0).expand(tokens.shape[0], -1, -1)  # [K, M, D]
-        tokens = torch.cat([tokens[:, :1], context, tokens[:, 1 + self.m:]], dim=1)  # [K, L, D]
-        return tower.encode(tokens, self.ids)  # [K, E]
+        return tower.encode(self.with_context(self.refined_tokens()), self.ids)  # [K, E]
 
 
 @register_method("l2rclip")

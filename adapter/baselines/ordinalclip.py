@@ -57,22 +57,18 @@ class InterpolatedRankPrompts(ClassPrompts):
     def __init__(self, config: OrdinalCLIPConfig, classes: RankClasses, tower: FrozenTextTower, generator: torch.Generator) -> None:
         super().__init__()
         k = len(classes.values)
-        self.m = config.context_tokens
         ids = tower.tokenize([context_template(config, f"{PLACEHOLDER}.")] * k)  # [K, L]
         self.register_buffer("ids", ids, persistent=False)
         self.register_buffer("tokens", tower.embed_tokens(ids), persistent=False)  # [K, L, D]
         self.register_buffer("weights", interpolation_weights(k, min(config.base_ranks, k)), persistent=False)  # [K, B]
         # [M, D] the learned context.
-        self.context = normal_init((self.m, tower.width), config.init_std, generator)
+        self.context = normal_init((config.context_tokens, tower.width), config.init_std, generator)
         # [B, D] the learned base-rank embeddings.
         self.base = normal_init((self.weights.shape[1], tower.width), config.init_std, generator)
 
     def forward(self, tower: FrozenTextTower) -> torch.Tensor:
-        k = self.tokens.shape[0]
-        context = self.context.unsqueeze(0).expand(k, -1, -1)  # [K, M, D]
         ranks = (self.weights @ self.base).unsqueeze(1)  # [K, 1, D]
-        tokens = torch.cat([self.tokens[:, :1], context, ranks, self.tokens[:, 2 + self.m:]], dim=1)  # [K, L, D]
-        return tower.encode(tokens, self.ids)  # [K, E]
+        return tower.encode(self.with_context(self.tokens, ranks), self.ids)  # [K, E]
 
 
 @register_method("ordinalclip")

@@ -159,11 +159,32 @@ class FrozenTextTower:
 
 
 class ClassPrompts(nn.Module):
-    """The learned part of a method: produces the K class text embeddings through the frozen tower."""
+    """The learned part of a method: produces the K class text embeddings through the frozen tower.
+
+    Subclasses hold `context`, the [M, D] learned context shared by every class prompt.
+    """
+
+    context: nn.Parameter
 
     def forward(self, tower: FrozenTextTower) -> torch.Tensor:  # pragma: no cover - interface
         """[K, E] class text embeddings."""
         raise NotImplementedError
+
+    def with_context(self, tokens: torch.Tensor, *learned: torch.Tensor) -> torch.Tensor:
+        """Template embeddings with their placeholders after [SOS] replaced: first the M context tokens,
+        then each further learned block in order.
+
+        Args:
+            tokens: [K, L, D] token embeddings of the tokenized templates (`context_template`).
+            learned: [K, n, D] blocks that take the places of the placeholders after the context.
+
+        Returns:
+            [K, L, D] token embeddings.
+        """
+        context = self.context.unsqueeze(0).expand(tokens.shape[0], -1, -1)  # [K, M, D]
+        blocks = [context, *learned]
+        end = 1 + sum(block.shape[1] for block in blocks)  # first template token after the placeholders
+        return torch.cat([tokens[:, :1], *blocks, tokens[:, end:]], dim=1)
 
 
 # (logits [B, K], class index [B], class values [K]) -> scalar loss.

@@ -10,7 +10,6 @@ mapped to label units by a least-squares affine fit on the train split (prompts.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import re
 from typing import Any, Sequence
 
@@ -18,11 +17,9 @@ import numpy as np
 import torch
 
 from rankpipe.adapter.baselines import register_method
-from rankpipe.adapter.baselines.base import Baseline
+from rankpipe.adapter.baselines.base import AffineBaseline
 from rankpipe.adapter.baselines.data import LabelSplits
-from rankpipe.adapter.baselines.prompts import PromptEncoder, cosine, fit_affine, softmax
-
-log = logging.getLogger(__name__)
+from rankpipe.adapter.baselines.prompts import PromptEncoder, cosine, softmax
 
 # "Sort images by the number of X." -> X (the counted category).
 _COUNT_QUERY = re.compile(r"^\s*sort images by the number of (?P<category>.+?)\s*\.?\s*$", re.IGNORECASE)
@@ -69,7 +66,7 @@ def label_prompts(query: str, config: ZeroShotConfig) -> tuple[list[str], list[f
 
 
 @register_method("zero-shot")
-class ZeroShot(Baseline):
+class ZeroShot(AffineBaseline):
     """Untrained CLIP similarity with the query (or expected count), affinely mapped to label units."""
 
     config_class = ZeroShotConfig
@@ -83,15 +80,9 @@ class ZeroShot(Baseline):
                 "prompts": texts,
                 "prompt_embeds": torch.from_numpy(prompts(texts)),  # [K, E] float32
                 "values": torch.tensor(values, dtype=torch.float64),  # [K]
-                "slope": 0.0,
-                "intercept": 0.0,
             }
         baseline = cls(config, params)
-        for split in data:
-            raw = baseline.raw_scores(split.name, split.train_embed)
-            slope, intercept = fit_affine(raw, split.train_targets, f"zero-shot {split.name}")
-            params[split.name].update(slope=slope, intercept=intercept)
-            log.info("zero-shot %s: %d prompt(s), target = %.4g * score + %.4g", split.name, len(params[split.name]["prompts"]), slope, intercept)
+        baseline.fit_affine_maps(data)
         return baseline
 
     def raw_scores(self, label: str, embed: np.ndarray) -> np.ndarray:
@@ -101,7 +92,3 @@ class ZeroShot(Baseline):
         if sims.shape[1] == 1:
             return sims[:, 0]
         return softmax(self.config.logit_scale * sims) @ p["values"].numpy()  # [n]
-
-    def predict(self, label: str, embed: np.ndarray) -> np.ndarray:
-        p = self.label_params(label)
-        return p["slope"] * self.raw_scores(label, embed) + p["intercept"]
