@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from rankpipe.adapter.bench_variants import variant_names
+from rankpipe.adapter.experiments.bench.variants import variant_names
 from rankpipe.cli.params import NonEmptyPath
 
 
@@ -46,9 +46,9 @@ def bench(tasks, model, pretrained, variants_text, seeds, out_dir, quick, steps,
     """
     import torch
 
-    from rankpipe.adapter.bench import BenchConfig, run_bench
-    from rankpipe.adapter.bench_variants import parse_variants
-    from rankpipe.pipeline.backbone import BackboneSpec
+    from rankpipe.adapter.experiments.bench.run import BenchConfig, run_bench
+    from rankpipe.adapter.experiments.bench.variants import parse_variants
+    from rankpipe.pipeline.embed.backbone import BackboneSpec
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"

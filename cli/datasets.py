@@ -8,9 +8,9 @@ import click
 from tqdm import tqdm
 
 from rankpipe.cli.params import NonEmptyPath
-from rankpipe.pipeline.photo_tasks.build import SIZES, build_photo_tasks, config_for_size
-from rankpipe.pipeline.preparers import preparer_names
-from rankpipe.pipeline.preparers.prepare import make_config, prepare_dataset
+from rankpipe.pipeline.datasets.photo_tasks.build import SIZES, build_photo_tasks, config_for_size
+from rankpipe.pipeline.datasets.preparers import preparer_names
+from rankpipe.pipeline.datasets.preparers.prepare import make_config, prepare_dataset
 
 
 @click.group()

@@ -28,8 +28,8 @@ def demo(out_dir: Path, n_images: int, steps: int, device: str) -> None:
     """
     from tqdm import tqdm
 
-    from rankpipe.adapter.evaluate import markdown_table, results_table
-    from rankpipe.pipeline.demo import run_demo
+    from rankpipe.adapter.evaluation.evaluate import markdown_table, results_table
+    from rankpipe.adapter.experiments.demo import run_demo
 
     bar: tqdm | None = None
 

@@ -42,11 +42,11 @@ def embed(source: str, store_path: Path, model: str, pretrained: str, seed: int,
     ('shards/x-{000000..000009}.tar') together with --label/--query pairs. Rerunning resumes an
     unfinished store; a finished one is left as it is.
     """
-    from rankpipe.pipeline.backbone import BackboneSpec
+    from rankpipe.pipeline.embed.backbone import BackboneSpec
     from rankpipe.pipeline.cluster import parse_cluster
-    from rankpipe.pipeline.embed import embed as run_embed
-    from rankpipe.pipeline.embed import manifest_for_pattern
-    from rankpipe.pipeline.manifest import load_manifest
+    from rankpipe.pipeline.embed.job import embed as run_embed
+    from rankpipe.pipeline.embed.job import manifest_for_pattern
+    from rankpipe.pipeline.data.manifest import load_manifest
 
     if len(labels) != len(queries):
         raise click.UsageError("give one --query for each --label")
@@ -65,7 +65,7 @@ def embed(source: str, store_path: Path, model: str, pretrained: str, seed: int,
         from tqdm import tqdm
 
         from rankpipe.pipeline.cluster import open_client
-        from rankpipe.pipeline.distributed_embed import embed_distributed
+        from rankpipe.pipeline.embed.distributed import embed_distributed
 
         with open_client(cluster_spec, device) as client, tqdm(unit="tar", disable=no_progress, desc="embed") as bar:
             def show(done: int, total: int) -> None:

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import click
 
-from rankpipe.adapter.eval_command import EvalRequest, run_evaluation
-from rankpipe.adapter.evaluate import EvalConfig
-from rankpipe.adapter.metrics import MetricConfig
+from rankpipe.adapter.evaluation.command import EvalRequest, run_evaluation
+from rankpipe.adapter.evaluation.evaluate import EvalConfig
+from rankpipe.adapter.evaluation.metrics import MetricConfig
 from rankpipe.cli.params import NonEmptyPath
-from rankpipe.pipeline.contact_sheet import SheetConfig
-from rankpipe.pipeline.manifest import SPLIT_ROLES
-from rankpipe.pipeline.report import ReportConfig
+from rankpipe.adapter.evaluation.contact_sheet import SheetConfig
+from rankpipe.pipeline.data.manifest import SPLIT_ROLES
+from rankpipe.adapter.evaluation.report import ReportConfig
 
 
 @click.command("eval")

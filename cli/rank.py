@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 
-from rankpipe.adapter.rank import RankConfig, rank_images
+from rankpipe.adapter.evaluation.rank import RankConfig, rank_images
 from rankpipe.cli.params import NonEmptyPath
-from rankpipe.pipeline.rank_outputs import format_table, query_lines, ranking_format, write_contact_sheets, write_ranking
+from rankpipe.adapter.evaluation.rank_outputs import format_table, query_lines, ranking_format, write_contact_sheets, write_ranking
 
 
 @click.command("rank")

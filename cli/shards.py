@@ -9,8 +9,8 @@ from tqdm import tqdm
 
 from rankpipe.cli.params import NonEmptyPath
 from rankpipe.errors import InputError
-from rankpipe.pipeline.manifest import METRIC_FAMILIES
-from rankpipe.pipeline.shard_plan import ShardsConfig, prepare_shards
+from rankpipe.pipeline.data.manifest import METRIC_FAMILIES
+from rankpipe.pipeline.data.shards import ShardsConfig, prepare_shards
 
 
 def _role_value(text: str) -> tuple[str, str]:

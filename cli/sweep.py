@@ -34,11 +34,11 @@ def sweep(store_path, grid_path, out_dir, manifest_path, overrides, labels, devi
     """
     import torch
 
-    from rankpipe.adapter.sweep import DONE, TrialSettings
-    from rankpipe.adapter.sweep_runner import SweepRequest, run_sweep
-    from rankpipe.adapter.sweep_spec import expand_trials, load_sweep_spec
+    from rankpipe.adapter.experiments.sweep.trial import DONE, TrialSettings
+    from rankpipe.adapter.experiments.sweep.runner import SweepRequest, run_sweep
+    from rankpipe.adapter.experiments.sweep.spec import expand_trials, load_sweep_spec
     from rankpipe.pipeline.cluster import parse_cluster
-    from rankpipe.pipeline.manifest import load_manifest
+    from rankpipe.pipeline.data.manifest import load_manifest
 
     spec = load_sweep_spec(grid_path)
     trials = expand_trials(spec, tuple(overrides))

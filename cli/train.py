@@ -53,10 +53,10 @@ def train(store_path, out_dir, manifest_path, config_path, overrides, labels, ma
         raise click.UsageError("--backbone-weights is for baselines with prompts; the adapter trains from the store alone")
     from tqdm import tqdm
 
-    from rankpipe.adapter.checkpoint import LAST, saved_run_config
-    from rankpipe.adapter.run_config import load_run_config
-    from rankpipe.adapter.train import TrainingDiverged, train_from_store
-    from rankpipe.pipeline.manifest import load_manifest
+    from rankpipe.adapter.training.checkpoint import LAST, saved_run_config
+    from rankpipe.adapter.training.run_config import load_run_config
+    from rankpipe.adapter.training.loop import TrainingDiverged, train_from_store
+    from rankpipe.pipeline.data.manifest import load_manifest
     from rankpipe.pipeline.store import TokenStore
 
     shortcuts = [f"train.{name}={value}" for name, value in (("max_steps", max_steps), ("batch_size", batch_size), ("seed", seed)) if value is not None]
@@ -96,8 +96,8 @@ def train(store_path, out_dir, manifest_path, config_path, overrides, labels, ma
 
 
 def _fit_baseline(store_path, out_dir, manifest_path, overrides, labels, device, method, backbone_weights) -> None:
-    from rankpipe.adapter.baselines.train import train_baseline
-    from rankpipe.pipeline.manifest import load_manifest
+    from rankpipe.adapter.baselines.fit import train_baseline
+    from rankpipe.pipeline.data.manifest import load_manifest
     from rankpipe.pipeline.store import TokenStore
 
     store = TokenStore.open(store_path)

@@ -19,9 +19,9 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from rankpipe.errors import InputError
-from rankpipe.pipeline.backbone import TextFeatures
-from rankpipe.pipeline.manifest import Manifest, ManifestError, manifest_from_dict
-from rankpipe.pipeline.tars import TarInfo
+from rankpipe.pipeline.embed.backbone import TextFeatures
+from rankpipe.pipeline.data.manifest import Manifest, ManifestError, manifest_from_dict
+from rankpipe.pipeline.data.tars import TarInfo
 
 __all__ = ["StoreConfig", "StorePlan", "TarBlock", "BlockMeta", "TokenStore", "TextFeatures", "plan_store",
            "create_store", "prompt_id"]

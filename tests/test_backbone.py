@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rankpipe.errors import InputError
-from rankpipe.pipeline.backbone import (
+from rankpipe.pipeline.embed.backbone import (
     COMPATIBILITY_FIELDS, TINY_CONVNEXT, TINY_VIT, BackboneSpec, compatibility_problem, load_backbone,
 )
 

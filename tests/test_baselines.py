@@ -21,15 +21,15 @@ from rankpipe.adapter.baselines.clip_iqa import antonym_pair
 from rankpipe.adapter.baselines.data import LabelSplits, load_label_splits
 from rankpipe.adapter.baselines.linear_probe import LinearProbeConfig
 from rankpipe.adapter.baselines.prompts import fit_affine
-from rankpipe.adapter.baselines.train import method_config, train_baseline
+from rankpipe.adapter.baselines.fit import method_config, train_baseline
 from rankpipe.adapter.baselines.zero_shot import count_category
-from rankpipe.adapter.folds import recorded_splits
-from rankpipe.adapter.predict import load_checkpoint, predict, predict_embeddings
-from rankpipe.adapter.targets import fit_target_scale
+from rankpipe.adapter.evaluation.folds import recorded_splits
+from rankpipe.adapter.evaluation.scoring import load_checkpoint, predict, predict_embeddings
+from rankpipe.adapter.training.targets import fit_target_scale
 from rankpipe.cli.main import cli
 from rankpipe.errors import InputError
-from rankpipe.pipeline.backbone import TINY_VIT
-from rankpipe.pipeline.manifest import TargetTransform
+from rankpipe.pipeline.embed.backbone import TINY_VIT
+from rankpipe.pipeline.data.manifest import TargetTransform
 from rankpipe.pipeline.store import TokenStore
 
 BASELINES = ["zero-shot", "clip-iqa", "linear-probe"]
@@ -136,7 +136,7 @@ def test_rankpipe_eval_reads_a_baseline_checkpoint(tiny_store, fitted, method, t
 
 @pytest.mark.parametrize("method", BASELINES)
 def test_rankpipe_rank_scores_like_the_store(store, fitted, method):
-    from rankpipe.adapter.rank import RankConfig, rank_images
+    from rankpipe.adapter.evaluation.rank import RankConfig, rank_images
 
     assert_rank_matches_store(fitted[method].path, store, "squares")
     urls = store.tar_urls()

@@ -18,16 +18,16 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from rankpipe.adapter.bench import METRICS_FILE, BenchConfig, run_config_for, trainable_labels
-from rankpipe.adapter.bench_eval import score_unseen
-from rankpipe.adapter.bench_table import table_rows
-from rankpipe.adapter.bench_variants import get_variant, parse_variants, variant_names
-from rankpipe.adapter.predict import load_checkpoint, predict
+from rankpipe.adapter.experiments.bench.run import METRICS_FILE, BenchConfig, run_config_for, trainable_labels
+from rankpipe.adapter.experiments.bench.runs import score_unseen
+from rankpipe.adapter.experiments.bench.table import table_rows
+from rankpipe.adapter.experiments.bench.variants import get_variant, parse_variants, variant_names
+from rankpipe.adapter.evaluation.scoring import load_checkpoint, predict
 from rankpipe.cli.main import cli
 from rankpipe.errors import InputError
-from rankpipe.pipeline.backbone import TINY_VIT, BackboneSpec
-from rankpipe.pipeline.photo_tasks import PhotoTasksConfig, build_photo_tasks
-from rankpipe.pipeline.photo_tasks.sources import SourcesConfig
+from rankpipe.pipeline.embed.backbone import TINY_VIT, BackboneSpec
+from rankpipe.pipeline.datasets.photo_tasks import PhotoTasksConfig, build_photo_tasks
+from rankpipe.pipeline.datasets.photo_tasks.sources import SourcesConfig
 from rankpipe.pipeline.store import TokenStore
 
 VARIANTS = ("default", "regression-only")
@@ -164,7 +164,7 @@ def test_baseline_rows_sit_beside_the_adapter(tasks, tmp_path):
 
 
 def test_seeded_baselines_get_the_bench_seed():
-    from rankpipe.adapter.bench import _baseline_settings
+    from rankpipe.adapter.experiments.bench.run import _baseline_settings
 
     assert _baseline_settings(get_variant("coop"), 2)[-1] == "seed=2"
     assert "seed=2" not in _baseline_settings(get_variant("linear-probe"), 2)
@@ -222,12 +222,12 @@ def test_table_is_mean_and_sample_std_over_seeds():
     assert all(math.isnan(v) for v in row.stats["krcc"])
 
 
-BENCH_SCRIPTS = Path(__file__).resolve().parents[1] / "bench"
+BENCH_SCRIPTS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture
 def bench_scripts(monkeypatch):
-    """bench/ on sys.path, as `python bench/x.py` has it; dask workers started from here inherit it."""
+    """bench/ on sys.path, as `python benchmarks/x.py` has it; dask workers started from here inherit it."""
     monkeypatch.syspath_prepend(str(BENCH_SCRIPTS))
 
 

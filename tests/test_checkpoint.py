@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from rankpipe.adapter.checkpoint import read_checkpoint, save_checkpoint
-from rankpipe.adapter.predict import load_checkpoint, predict, predict_labels
-from rankpipe.adapter.run_config import RunConfig
-from rankpipe.adapter.targets import TargetScale, fit_target_scale, transform_target
-from rankpipe.adapter.train import spearman, train_from_store
+from rankpipe.adapter.training.checkpoint import read_checkpoint, save_checkpoint
+from rankpipe.adapter.evaluation.scoring import load_checkpoint, predict, predict_labels
+from rankpipe.adapter.training.run_config import RunConfig
+from rankpipe.adapter.training.targets import TargetScale, fit_target_scale, transform_target
+from rankpipe.adapter.training.loop import spearman, train_from_store
 from rankpipe.errors import InputError
-from rankpipe.pipeline.manifest import TargetTransform
+from rankpipe.pipeline.data.manifest import TargetTransform
 from test_train import PROVENANCE, one_thread, tiny_config, write_synthetic_store  # noqa: F401 (one_thread is autouse)
 
 

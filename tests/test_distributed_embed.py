@@ -15,11 +15,11 @@ from click.testing import CliRunner
 from conftest import write_tiny_shards
 from rankpipe.cli.main import cli
 from rankpipe.errors import InputError
-from rankpipe.pipeline.backbone import TINY_VIT, BackboneSpec
+from rankpipe.pipeline.embed.backbone import TINY_VIT, BackboneSpec
 from rankpipe.pipeline.cluster import ClusterSpec, parse_cluster
-from rankpipe.pipeline.distributed_embed import embed_distributed
-from rankpipe.pipeline.embed import embed
-from rankpipe.pipeline.manifest import load_manifest
+from rankpipe.pipeline.embed.distributed import embed_distributed
+from rankpipe.pipeline.embed.job import embed
+from rankpipe.pipeline.data.manifest import load_manifest
 from rankpipe.pipeline.store import TokenStore
 
 distributed = pytest.importorskip("distributed")

@@ -20,10 +20,10 @@ from click.testing import CliRunner
 from conftest import TINY_LABELS, encode, tiny_image, write_tiny_shards
 from rankpipe.cli.main import cli
 from rankpipe.errors import InputError
-from rankpipe.pipeline.backbone import TINY_CONVNEXT, TINY_VIT, BackboneSpec
-from rankpipe.pipeline.decode import TarBatches, TarTask, parse_json
-from rankpipe.pipeline.embed import embed, manifest_for_pattern
-from rankpipe.pipeline.manifest import Manifest, load_manifest
+from rankpipe.pipeline.embed.backbone import TINY_CONVNEXT, TINY_VIT, BackboneSpec
+from rankpipe.pipeline.embed.decode import TarBatches, TarTask, parse_json
+from rankpipe.pipeline.embed.job import embed, manifest_for_pattern
+from rankpipe.pipeline.data.manifest import Manifest, load_manifest
 from rankpipe.pipeline.store import StoreConfig, TokenStore
 
 TINY = BackboneSpec(TINY_VIT, "none", seed=0)
@@ -235,7 +235,7 @@ def test_rerun_of_finished_store_does_not_load_the_backbone(tmp_path, tiny_shard
     def no_loading(*args, **kwargs):
         raise AssertionError("the backbone was loaded for a finished store")
 
-    monkeypatch.setattr("rankpipe.pipeline.embed.load_backbone", no_loading)
+    monkeypatch.setattr("rankpipe.pipeline.embed.job.load_backbone", no_loading)
     assert "nothing to do" in run_embed(tiny_shards, path).line()
     # Other weights are not a finished match: the full check runs (and here, loads the backbone).
     with pytest.raises(AssertionError, match="backbone was loaded"):

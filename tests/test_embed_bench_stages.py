@@ -1,4 +1,4 @@
-"""The stage timings of bench/embed_throughput.py process every image they claim to."""
+"""The stage timings of benchmarks/embed_throughput.py process every image they claim to."""
 
 import importlib.util
 from pathlib import Path
@@ -6,12 +6,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rankpipe.pipeline.backbone import TINY_VIT, BackboneSpec, load_backbone
-from rankpipe.pipeline.decode import TarTask
+from rankpipe.pipeline.embed.backbone import TINY_VIT, BackboneSpec, load_backbone
+from rankpipe.pipeline.embed.decode import TarTask
 from rankpipe.pipeline.store import TokenStore
-from rankpipe.pipeline.tars import list_tars
+from rankpipe.pipeline.data.tars import list_tars
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "embed_throughput.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "embed_throughput.py"
 
 
 @pytest.fixture(scope="module")

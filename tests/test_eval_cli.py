@@ -17,19 +17,19 @@ from PIL import Image
 from scipy import stats
 
 from conftest import SYNTHETIC_PROVENANCE, TINY_RUN
-from rankpipe.adapter import eval_command as eval_command_module
-from rankpipe.adapter.eval_command import EvalRequest, run_evaluation
-from rankpipe.adapter.evaluate import EvalConfig, evaluate, results_markdown
-from rankpipe.adapter.metrics import MetricConfig
-from rankpipe.adapter.predict import load_checkpoint, predict
-from rankpipe.adapter.run_config import load_run_config
-from rankpipe.adapter.train import train_from_store
+from rankpipe.adapter.evaluation import command as eval_command_module
+from rankpipe.adapter.evaluation.command import EvalRequest, run_evaluation
+from rankpipe.adapter.evaluation.evaluate import EvalConfig, evaluate, results_markdown
+from rankpipe.adapter.evaluation.metrics import MetricConfig
+from rankpipe.adapter.evaluation.scoring import load_checkpoint, predict
+from rankpipe.adapter.training.run_config import load_run_config
+from rankpipe.adapter.training.loop import train_from_store
 from rankpipe.cli.main import cli
 from rankpipe.errors import InputError
-from rankpipe.pipeline.backbone import TextFeatures
-from rankpipe.pipeline.contact_sheet import read_thumbnails
-from rankpipe.pipeline.exports import read_rankings
-from rankpipe.pipeline.manifest import LabelSpec, Manifest, TargetTransform
+from rankpipe.pipeline.embed.backbone import TextFeatures
+from rankpipe.adapter.evaluation.contact_sheet import read_thumbnails
+from rankpipe.adapter.evaluation.exports import read_rankings
+from rankpipe.pipeline.data.manifest import LabelSpec, Manifest, TargetTransform
 
 TINY = [*TINY_RUN, "optim.warmup_steps=5", "train.eval_every=5", "train.max_steps=10"]
 PROVENANCE = SYNTHETIC_PROVENANCE

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from rankpipe.errors import InputError
-from rankpipe.pipeline.exports import COLUMNS, QueryRanking, rankings_table, read_rankings, write_rankings
+from rankpipe.adapter.evaluation.exports import COLUMNS, QueryRanking, rankings_table, read_rankings, write_rankings
 
 
 def _rankings(seed: int = 0) -> list[QueryRanking]:

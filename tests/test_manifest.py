@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from rankpipe.errors import InputError
-from rankpipe.pipeline.manifest import (
+from rankpipe.pipeline.data.manifest import (
     LabelSpec, Manifest, ManifestError, SplitSpec, TargetTransform, load_manifest,
 )
 

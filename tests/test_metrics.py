@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from rankpipe.adapter import metrics as m
+from rankpipe.adapter.evaluation import metrics as m
 
 
 def _pair(kind: str, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

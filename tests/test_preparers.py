@@ -15,11 +15,11 @@ from PIL import Image
 
 from rankpipe.cli.main import cli
 from rankpipe.errors import InputError
-from rankpipe.pipeline.manifest import load_manifest
-from rankpipe.pipeline.photo_tasks.attributes import measure_attributes
-from rankpipe.pipeline.preparers import PREPARERS, get_preparer
-from rankpipe.pipeline.preparers.adience import age_group
-from rankpipe.pipeline.preparers.prepare import make_config, prepare_dataset
+from rankpipe.pipeline.data.manifest import load_manifest
+from rankpipe.pipeline.datasets.photo_tasks.attributes import measure_attributes
+from rankpipe.pipeline.datasets.preparers import PREPARERS, get_preparer
+from rankpipe.pipeline.datasets.preparers.adience import age_group
+from rankpipe.pipeline.datasets.preparers.prepare import make_config, prepare_dataset
 
 MANIFESTS = Path(__file__).resolve().parents[1] / "manifests"
 

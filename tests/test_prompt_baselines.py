@@ -19,11 +19,11 @@ from rankpipe.adapter.baselines.l2rclip import asymmetric_contrastive, ordinal_p
 from rankpipe.adapter.baselines.ordinalclip import interpolation_weights
 from rankpipe.adapter.baselines.prompt_learning import FrozenTextTower, rank_classes, train_prompts
 from rankpipe.adapter.baselines.prompts import PromptEncoder
-from rankpipe.adapter.baselines.train import method_config, train_baseline
-from rankpipe.adapter.predict import load_checkpoint, predict_embeddings
+from rankpipe.adapter.baselines.fit import method_config, train_baseline
+from rankpipe.adapter.evaluation.scoring import load_checkpoint, predict_embeddings
 from rankpipe.cli.main import cli
 from rankpipe.errors import InputError
-from rankpipe.pipeline.manifest import LabelSpec
+from rankpipe.pipeline.data.manifest import LabelSpec
 from rankpipe.pipeline.store import TokenStore
 
 METHODS = ["coop", "ordinalclip", "l2rclip"]

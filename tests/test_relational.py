@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rankpipe.adapter.config import AdapterConfig
-from rankpipe.adapter.relational import RelationalAttention
-from rankpipe.adapter.relational_reference import naive_pair_logits
+from rankpipe.adapter.model.config import AdapterConfig
+from rankpipe.adapter.model.relational import RelationalAttention
+from rankpipe.adapter.model.relational_reference import naive_pair_logits
 
 N, P, D, H = 6, 9, 32, 4
 

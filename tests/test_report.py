@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rankpipe.pipeline.contact_sheet import SheetConfig, contact_sheet, read_thumbnails
-from rankpipe.pipeline.exports import QueryRanking
-from rankpipe.pipeline.report import ReportConfig, ReportSection, write_report
+from rankpipe.adapter.evaluation.contact_sheet import SheetConfig, contact_sheet, read_thumbnails
+from rankpipe.adapter.evaluation.exports import QueryRanking
+from rankpipe.adapter.evaluation.report import ReportConfig, ReportSection, write_report
 
 CHROMIUM = "/usr/bin/chromium"
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from rankpipe.adapter.config import AdapterConfig, LossConfig
-from rankpipe.adapter.run_config import OptimConfig, RunConfig, TrainConfig, load_run_config
+from rankpipe.adapter.model.config import AdapterConfig, LossConfig
+from rankpipe.adapter.training.run_config import OptimConfig, RunConfig, TrainConfig, load_run_config
 from rankpipe.errors import InputError
 
 

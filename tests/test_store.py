@@ -13,10 +13,10 @@ from PIL import Image
 
 from conftest import read_tar_samples
 from rankpipe.errors import InputError
-from rankpipe.pipeline.backbone import TINY_VIT, BackboneSpec, load_backbone
-from rankpipe.pipeline.manifest import load_manifest
+from rankpipe.pipeline.embed.backbone import TINY_VIT, BackboneSpec, load_backbone
+from rankpipe.pipeline.data.manifest import load_manifest
 from rankpipe.pipeline.store import StoreConfig, TokenStore, create_store, plan_store, prompt_id
-from rankpipe.pipeline.tars import TarInfo, _read_index, list_tars
+from rankpipe.pipeline.data.tars import TarInfo, _read_index, list_tars
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +155,7 @@ def test_list_tars_reads_each_folder_index_once(tmp_path, monkeypatch):
     tars = [f"x-{i:06d}.tar" for i in range(5)]
     (tmp_path / "index.json").write_text(json.dumps({"tars": [{"name": n, "count": 3} for n in tars], "total": 15}))
     reads = []
-    monkeypatch.setattr("rankpipe.pipeline.tars._read_index", lambda folder: reads.append(folder) or _read_index(folder))
+    monkeypatch.setattr("rankpipe.pipeline.data.tars._read_index", lambda folder: reads.append(folder) or _read_index(folder))
     listed = list_tars([str(tmp_path / name) for name in tars])
     assert [(t.url, t.count) for t in listed] == [(str(tmp_path / name), 3) for name in tars]
     assert reads == [tmp_path]

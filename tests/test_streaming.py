@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from rankpipe.adapter.features import BatchSampler, ResidentFeatures, load_features
-from rankpipe.adapter.model import RankingAdapter
-from rankpipe.adapter.streaming import StreamingFeatures, open_features
-from rankpipe.adapter.windows import WindowSchedule
-from rankpipe.adapter.train import train_adapter, train_from_store, validate
+from rankpipe.adapter.training.features import BatchSampler, ResidentFeatures, load_features
+from rankpipe.adapter.model.adapter import RankingAdapter
+from rankpipe.adapter.training.streaming import StreamingFeatures, open_features
+from rankpipe.adapter.training.windows import WindowSchedule
+from rankpipe.adapter.training.loop import train_adapter, train_from_store, validate
 from rankpipe.errors import InputError
 from test_train import STREAMED, tiny_config, weights, write_synthetic_store
 

@@ -12,16 +12,16 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from rankpipe.adapter.folds import recorded_splits
-from rankpipe.adapter import sweep_runner
-from rankpipe.adapter.features import train_val_gigabytes
-from rankpipe.adapter.sweep import DONE, FAILED, RUNNING, STATUS, TrialSettings, trial_folder
-from rankpipe.adapter.sweep_runner import SweepRequest, run_sweep, trial_task
-from rankpipe.adapter.sweep_spec import SweepSpec, expand_trials, load_sweep_spec
-from rankpipe.adapter.train import train_from_store, trainable_labels
+from rankpipe.adapter.evaluation.folds import recorded_splits
+from rankpipe.adapter.experiments.sweep import runner as sweep_runner
+from rankpipe.adapter.training.features import train_val_gigabytes
+from rankpipe.adapter.experiments.sweep.trial import DONE, FAILED, RUNNING, STATUS, TrialSettings, trial_folder
+from rankpipe.adapter.experiments.sweep.runner import SweepRequest, run_sweep, trial_task
+from rankpipe.adapter.experiments.sweep.spec import SweepSpec, expand_trials, load_sweep_spec
+from rankpipe.adapter.training.loop import train_from_store, trainable_labels
 from rankpipe.cli.main import cli
 from rankpipe.errors import InputError
-from rankpipe.pipeline.manifest import SplitSpec
+from rankpipe.pipeline.data.manifest import SplitSpec
 from rankpipe.pipeline.store import TokenStore
 
 # A tiny adapter trained for a few steps: each trial takes well under a second on one CPU core.

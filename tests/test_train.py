@@ -12,17 +12,17 @@ import torch
 from click.testing import CliRunner
 
 from conftest import SYNTHETIC_PROVENANCE, TINY_RUN
-import rankpipe.adapter.train as training
-from rankpipe.adapter.features import BatchSampler, load_features
-from rankpipe.adapter.predict import load_checkpoint, predict
-from rankpipe.adapter.run_config import load_run_config
-from rankpipe.adapter.train import TrainingDiverged, _lr_factor, compile_mode, spearman, train_adapter, train_from_store
+import rankpipe.adapter.training.loop as training
+from rankpipe.adapter.training.features import BatchSampler, load_features
+from rankpipe.adapter.evaluation.scoring import load_checkpoint, predict
+from rankpipe.adapter.training.run_config import load_run_config
+from rankpipe.adapter.training.loop import TrainingDiverged, _lr_factor, compile_mode, spearman, train_adapter, train_from_store
 from rankpipe.cli.main import cli
 from rankpipe.errors import InputError
-from rankpipe.pipeline.backbone import TextFeatures
-from rankpipe.pipeline.manifest import LabelSpec, Manifest, SplitSpec, TargetTransform
+from rankpipe.pipeline.embed.backbone import TextFeatures
+from rankpipe.pipeline.data.manifest import LabelSpec, Manifest, SplitSpec, TargetTransform
 from rankpipe.pipeline.store import BlockMeta, StoreConfig, TokenStore, create_store, plan_store
-from rankpipe.pipeline.tars import TarInfo
+from rankpipe.pipeline.data.tars import TarInfo
 
 # Tiny adapter: every test run stays at a few seconds on two CPU cores.
 TINY = TINY_RUN

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Callable, TypeVar
 
 from rankpipe.adapter.baselines.base import Baseline
-from rankpipe.adapter.checkpoint import ADAPTER_METHOD
+from rankpipe.adapter.training.checkpoint import ADAPTER_METHOD
 from rankpipe.errors import InputError
 
 __all__ = ["Baseline", "register_method", "get_method", "method_names"]

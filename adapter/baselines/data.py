@@ -7,9 +7,9 @@ from typing import Sequence
 
 import numpy as np
 
-from rankpipe.adapter.targets import TargetScale, fit_target_scale, transform_target
+from rankpipe.adapter.training.targets import TargetScale, fit_target_scale, transform_target
 from rankpipe.errors import InputError
-from rankpipe.pipeline.manifest import Manifest
+from rankpipe.pipeline.data.manifest import Manifest
 
 
 @dataclasses.dataclass

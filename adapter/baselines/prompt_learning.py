@@ -24,7 +24,7 @@ from torch import nn
 from rankpipe.adapter.baselines.base import Baseline
 from rankpipe.adapter.baselines.data import LabelSplits
 from rankpipe.adapter.baselines.prompts import PromptEncoder, cosine, softmax
-from rankpipe.adapter.targets import transform_target
+from rankpipe.adapter.training.targets import transform_target
 from rankpipe.errors import InputError
 
 log = logging.getLogger(__name__)

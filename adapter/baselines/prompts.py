@@ -32,13 +32,13 @@ class PromptEncoder:
         self._backbone = None
 
     def backbone(self):
-        """The frozen Backbone (pipeline/backbone.py), rebuilt on the first call.
+        """The frozen Backbone (pipeline/embed/backbone.py), rebuilt on the first call.
 
         Raises:
             InputError: the backbone's weights cannot be loaded (see load_recorded_backbone).
         """
         if self._backbone is None:
-            from rankpipe.pipeline.recorded_backbone import load_recorded_backbone
+            from rankpipe.pipeline.embed.recorded_backbone import load_recorded_backbone
 
             self._backbone = load_recorded_backbone(self.provenance, self.device, self.backbone_weights, self.what)
         return self._backbone

@@ -1,0 +1,204 @@
+"""Ranking new images with a trained checkpoint: images -> frozen CLIP -> adapter scores -> one order.
+
+Images go through the backbone recorded in the checkpoint's provenance, batch by batch, and each
+batch is scored for every query at once, so memory stays bounded whatever the number of images.
+The image tokens are rounded to float16 exactly as the token store keeps them, so an image scores
+the same here as through `rankpipe eval` on a store embedded from it.
+
+Queries. A query the checkpoint was trained on uses its training text tokens and normalisation, and
+its scores come out in label units (target units for a "distance" target). Any other sentence is
+run through the backbone's text tower; the adapter can score it (the paper ranks unseen categories)
+but no normalisation was ever fitted for it, so its scores are raw adapter outputs.
+
+Several queries combine as in the paper's appendix E — one score per query, each normalised, then
+combined with a weight per query — with a weighted sum of z-scores (`rankpipe.adapter.evaluation.ranking`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from rankpipe.adapter.training.features import autocast
+from rankpipe.adapter.evaluation.scoring import LoadedCheckpoint, load_checkpoint, predict_embeddings, query_tokens, score_batches
+from rankpipe.adapter.training.targets import TargetScale
+from rankpipe.errors import InputError
+from rankpipe.pipeline.embed.backbone import Backbone
+from rankpipe.pipeline.embed.job import torch_device_for
+from rankpipe.pipeline.data.image_inputs import ImageBatches, ImageSource, open_images
+from rankpipe.adapter.evaluation.ranking import COMBINE_RULES, QueryScores, Ranking, combine_scores
+from rankpipe.pipeline.embed.recorded_backbone import load_recorded_backbone
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class RankConfig:
+    """What to rank by and how to combine several queries."""
+
+    # The ranking sentences, in order; at least one.
+    queries: tuple[str, ...]
+    # One weight per query for the combined score; empty means equal weights 1/Q.
+    weights: tuple[float, ...] = ()
+    # How several queries combine: "product" (the paper's) or "sum"; see combine_scores.
+    combine: str = "product"
+    # Images per backbone and adapter forward pass.
+    batch_size: int = 64
+    # Decoding processes (0 decodes in the main process).
+    workers: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.queries or any(not q.strip() for q in self.queries):
+            raise InputError("pass at least one non-empty --query \"Sort images by ...\"")
+        if len(set(self.queries)) != len(self.queries):
+            raise InputError(f"a --query is repeated ({list(self.queries)}); pass each query once and weight it with --weight")
+        if self.weights and len(self.weights) != len(self.queries):
+            raise InputError(
+                f"{len(self.weights)} --weight value(s) for {len(self.queries)} --query value(s); "
+                "pass one weight per query, in the same order, or none for equal weights"
+            )
+        if not all(np.isfinite(w) for w in self.weights):
+            raise InputError(f"--weight values must be finite numbers, got {list(self.weights)}")
+        if self.weights and not any(self.weights):
+            raise InputError("every --weight is 0, which ranks nothing; give at least one query a non-zero weight")
+        if self.combine not in COMBINE_RULES:
+            raise InputError(f"--combine must be one of {', '.join(COMBINE_RULES)}, not {self.combine!r}")
+        if self.batch_size < 1 or self.workers < 0:
+            raise InputError(f"need batch size >= 1 and workers >= 0, got {self.batch_size} and {self.workers}")
+
+    @property
+    def query_weights(self) -> np.ndarray:
+        """[Q] float64 weights, equal weights 1/Q when none were given."""
+        if self.weights:
+            return np.asarray(self.weights, dtype=np.float64)
+        return np.full(len(self.queries), 1.0 / len(self.queries))
+
+
+@dataclasses.dataclass(frozen=True)
+class QueryText:
+    """One query as the adapter sees it."""
+
+    # The ranking sentence.
+    query: str
+    # [L, Dt] float32 text tokens up to and including end-of-text, on the adapter's device.
+    text_tokens: torch.Tensor
+    # The checkpoint label whose query this is, or None for a sentence it was not trained on.
+    label: str | None
+    # That label's training normalisation; None for an unseen query (scores stay raw).
+    scale: TargetScale | None
+
+
+def query_texts(loaded: LoadedCheckpoint, backbone: Backbone, queries: tuple[str, ...]) -> list[QueryText]:
+    """Text tokens and normalisation of each query: the checkpoint's for its own queries, else the text tower's."""
+    known = {label.query: label for label in loaded.labels.values()}
+    out = []
+    for query in queries:
+        label = known.get(query)
+        if label is not None:
+            out.append(QueryText(query, label.text_tokens, label.name, label.scale))
+            continue
+        if loaded.baseline is not None:
+            raise InputError(
+                f"checkpoint {loaded.path} is a {loaded.method} baseline fitted on the queries "
+                f"{', '.join(repr(l.query) for l in loaded.labels.values())}; rank by one of them"
+            )
+        tokens = query_tokens(backbone.encode_text(query), loaded.device)  # [L, Dt]
+        log.info("query %r is not one of the checkpoint's; its scores are raw adapter outputs", query)
+        out.append(QueryText(query, tokens, None, None))
+    return out
+
+
+def rank_images(
+    checkpoint: str | Path,
+    images: str,
+    config: RankConfig,
+    device: str = "cpu",
+    backbone_weights: str | Path | None = None,
+    progress: bool = False,
+) -> Ranking:
+    """Rank a folder of images or a set of tars by one or more queries with a trained checkpoint.
+
+    Args:
+        checkpoint: a checkpoint .pt written by `rankpipe train`, or its run folder (best.pt).
+        images: a folder (searched recursively for jpg/jpeg/png/webp) or a brace pattern of tars.
+        config: queries, weights and batch sizes.
+        device: "cpu" or "cuda[:i]"; the backbone and the adapter both run there.
+        backbone_weights: the backbone's weights file when the checkpoint's provenance needs one.
+        progress: show a progress bar.
+
+    Returns:
+        The ranking of every readable image, and the skipped ones.
+
+    Raises:
+        InputError: bad inputs (no images, unknown checkpoint, weights that cannot be loaded...), or
+            no image could be read.
+    """
+    torch_device = torch_device_for(device)
+    source = open_images(images)
+    loaded = load_checkpoint(checkpoint, torch_device)
+    backbone = load_recorded_backbone(loaded.provenance, torch_device, backbone_weights, f"checkpoint {loaded.path}")
+    texts = query_texts(loaded, backbone, config.queries)
+    keys, paths, skipped = [], [], []
+    parts: list[list[np.ndarray]] = [[] for _ in texts]
+    for batch in _batches(source, backbone, config, progress):
+        skipped.extend(batch.skipped)
+        if batch.images is None:
+            continue
+        tokens, embed = encode_features(backbone, batch.images)  # [b, P, D], [b, E] float16
+        for part, scores in zip(parts, _score_batch(loaded, texts, tokens, embed)):
+            part.append(scores)
+        keys.extend(batch.keys)
+        paths.extend(batch.paths)
+    if not keys:
+        reason = skipped[0].reason if skipped else "no samples found"
+        raise InputError(f"none of the images in {images} could be read ({len(skipped)} skipped; first reason: {reason})")
+    if skipped:
+        log.warning("skipped %d unreadable image(s) of %s", len(skipped), images)
+    query_scores = []
+    for text, chunks in zip(texts, parts):
+        raw = np.concatenate(chunks)  # [n] normalised target units (raw for an unseen query)
+        scores = text.scale.to_target_units(raw) if text.scale is not None and loaded.baseline is None else raw
+        query_scores.append(QueryScores(text.query, text.label, scores))
+    weights = config.query_weights
+    combined = combine_scores(np.stack([q.scores for q in query_scores]), weights, config.combine)  # [n]
+    return Ranking(np.asarray(keys, dtype=str), np.asarray(paths, dtype=str), query_scores, weights, combined, skipped,
+                   config.combine)
+
+
+@torch.inference_mode()
+def encode_features(backbone: Backbone, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[b, 3, H, W] preprocessed images -> [b, P, D] patch tokens and [b, E] pooled embeddings, float16,
+    as `rankpipe embed` stores them."""
+    images = images.to(backbone.device, non_blocking=True)
+    # The same compute dtype as the embed job: bf16 autocast on CUDA, float32 on the CPU.
+    with autocast(backbone.device):
+        tokens, embed = backbone.encode_images(images)  # [b, P, D], [b, E]
+    return tokens.to(torch.float16), embed.to(torch.float16)
+
+
+def _score_batch(loaded: LoadedCheckpoint, texts: list[QueryText], tokens: torch.Tensor,
+                 embed: torch.Tensor) -> list[np.ndarray]:
+    """[b] scores of one batch per query: a baseline's from the [b, E] pooled embeddings (label units),
+    the adapter's from the [b, P, D] patch tokens (normalised units)."""
+    if loaded.baseline is not None:
+        embed = embed.float().cpu().numpy()  # [b, E]
+        return [predict_embeddings(loaded, text.label, embed) for text in texts]
+    return [score_batches(loaded.model, text.text_tokens, [tokens], loaded.device) for text in texts]
+
+
+def _batches(source: ImageSource, backbone: Backbone, config: RankConfig, progress: bool):
+    dataset = ImageBatches(source, backbone.preprocess, config.batch_size)
+    workers = min(config.workers, len(source.items))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
+                                         pin_memory=backbone.device.type == "cuda",
+                                         prefetch_factor=4 if workers else None)
+    total = len(source.items) if source.kind == "folder" else None
+    with tqdm(total=total, unit="img", disable=not progress, desc="rank", dynamic_ncols=True) as bar:
+        for batch in loader:
+            bar.update(len(batch.keys) + len(batch.skipped))
+            yield batch

@@ -1,0 +1,78 @@
+"""Evaluating one bench run: its trained queries, and held-out queries it never trained on.
+
+Trained queries go through `rankpipe.adapter.evaluation.evaluate` (scores in label units, so MAE means
+something). A held-out counting query is scored with its text tokens from the token store; those
+scores stay in the adapter's normalised units, since the label was never normalised in training, so
+only the rank and linear correlations (SRCC, KRCC, PLCC) are kept for it.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from rankpipe.adapter.experiments.bench.table import BENCH_METRICS
+from rankpipe.adapter.evaluation.evaluate import EvalConfig, evaluate, split_rows
+from rankpipe.adapter.evaluation.metrics import MetricConfig, QueryMetrics, compute_metrics
+from rankpipe.adapter.evaluation.scoring import adapter_scores, check_compatible, query_tokens
+from rankpipe.errors import InputError
+
+# Point estimates only: the bench's spread is over seeds, not bootstrap resamples.
+NO_BOOTSTRAP = MetricConfig(bootstrap=0)
+
+
+def evaluate_run(loaded, store, unseen: Sequence[str], split: str = "test", batch_size: int = 256) -> list[dict]:
+    """Metrics records of a checkpoint on a split: every trained label, then each label of `unseen`.
+
+    Args:
+        loaded: an adapter checkpoint from `load_checkpoint`.
+        store: the TokenStore it was trained on.
+        unseen: labels of the store the checkpoint was not trained on.
+        split: split role to evaluate.
+        batch_size: images per forward pass.
+
+    Returns:
+        One dict per query: label, query, unseen, n (labelled images) and metrics {srcc, plcc, krcc, mae}
+        (None where undefined; MAE always None for an unseen query).
+    """
+    results = evaluate(loaded, store, EvalConfig(split=split, metrics=NO_BOOTSTRAP, batch_size=batch_size))
+    queries = [_query_record(q.label, q.ranking.query, False, q.metrics) for q in results.queries]
+    _, rows = split_rows(store, split)
+    for name in unseen:
+        truth = np.asarray(store.label(name), dtype=np.float64)[rows]
+        scores = score_unseen(loaded, store, name, rows, batch_size)
+        queries.append(_query_record(name, store.query(name), True, compute_metrics(scores, truth, config=NO_BOOTSTRAP)))
+    return queries
+
+
+def score_unseen(loaded, store, label: str, rows: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Regression scores of the images at `rows` for a query the adapter was not trained on.
+
+    The query's text tokens come from the store (up to and including end-of-text, as training uses
+    them); the scores stay in the adapter's normalised units, since the label was never normalised.
+
+    Args:
+        loaded: an adapter checkpoint from `load_checkpoint`.
+        store: a TokenStore of the checkpoint's backbone that has `label`.
+        label: the label whose query to score by.
+        rows: [n] store rows.
+        batch_size: images per forward pass.
+
+    Returns:
+        [n] float64 scores, higher = ranked higher by the query.
+    """
+    if loaded.model is None:
+        raise InputError(f"checkpoint {loaded.path} is a {loaded.method} baseline; only an adapter scores unseen queries")
+    check_compatible(loaded.provenance, store, f"checkpoint {loaded.path}")
+    text_tokens = query_tokens(store.text(label), loaded.device)  # [L, Dt]
+    return adapter_scores(loaded, store, {label: text_tokens}, rows, batch_size)[label]
+
+
+def _query_record(label: str, query: str, unseen: bool, metrics: QueryMetrics) -> dict:
+    values = {}
+    for name in BENCH_METRICS:
+        estimate = metrics.estimates.get(name)
+        value = None if estimate is None or unseen and name == "mae" else estimate.value
+        values[name] = None if value is None or not np.isfinite(value) else float(value)
+    return {"label": label, "query": query, "unseen": unseen, "n": metrics.n, "metrics": values}

@@ -1,0 +1,268 @@
+"""Running a sweep's trials: concurrently on this machine's device, or as tasks on a dask cluster.
+
+Locally, the store's features are read onto the device once and every trial trains from that one
+resident copy; `concurrency` trials run at once in threads, each with its own model and optimiser
+(and, on a GPU, its own CUDA stream), so small adapters keep the device busy together. A store whose
+train and val tokens exceed `train.max_resident_gb` is streamed instead, as `rankpipe train` streams
+it: each trial reads its own windows, and trials run one at a time so that only one trial's windows
+are in memory.
+
+On a dask cluster each trial is one task (`client.submit`, `pure=False`, `retries=`). A worker opens
+the store itself — it must be reachable at the same path from every worker — and keeps the features
+it loaded for the next trial it runs. The scheduler re-runs the tasks of a worker that died on
+another worker; a trial whose worker was lost too often (dask's KilledWorker) is recorded as failed.
+A trial already done is never submitted, and a retried task finds a finished trial's status and
+returns it without training.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import json
+import logging
+import threading
+import uuid
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from rankpipe.adapter.evaluation.evaluate import split_rows
+from rankpipe.adapter.training.features import ResidentFeatures, load_features, train_val_gigabytes
+from rankpipe.adapter.training.streaming import open_features
+from rankpipe.adapter.experiments.sweep.trial import DONE, FAILED, TrialRecord, TrialSettings, mark_failed, read_record, run_trial, \
+    trial_folder
+from rankpipe.adapter.experiments.sweep.results import write_results_table
+from rankpipe.adapter.experiments.sweep.spec import Trial
+from rankpipe.adapter.training.loop import check_manifest, trainable_labels
+from rankpipe.errors import InputError
+from rankpipe.pipeline.cluster import ClusterSpec, open_client
+from rankpipe.pipeline.data.manifest import Manifest
+from rankpipe.pipeline.store import TokenStore
+
+log = logging.getLogger(__name__)
+
+TRIALS_FILE = "trials.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepRequest:
+    """Where a sweep reads and writes, and how its trials run."""
+
+    # Token store folder; with a cluster, a path every worker can read.
+    store: Path
+    # Sweep folder: one trial-<id>/ per trial, results.csv, results.md, trials.json.
+    out_dir: Path
+    # Manifest overriding the store's split roles and targets (same labels and queries); None = the store's.
+    manifest: Manifest | None = None
+    # Labels, evaluation split and bootstrap of every trial.
+    trial: TrialSettings = TrialSettings()
+    # "cpu" or "cuda"; on a cluster, "cuda" means each worker's own (pinned) GPU.
+    device: str = "cpu"
+    # Trials trained at once on this machine (local runs only; a cluster runs one per worker thread).
+    concurrency: int = 1
+    # Run trials recorded as failed again (by default a failure is final, since most failures repeat).
+    retry_failed: bool = False
+    # Times dask reruns a trial task that raised on a worker (a worker's death is retried by the scheduler).
+    retries: int = 2
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise InputError(f"--concurrency must be >= 1, not {self.concurrency}")
+        if self.retries < 0:
+            raise InputError(f"retries must be >= 0, not {self.retries}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepOutcome:
+    """What a sweep run did and where the table is."""
+
+    # Every trial's record, in the sweep's order.
+    records: list[TrialRecord]
+    # Trials trained (or retried) in this run, and trials skipped because they were done or failed.
+    ran: int
+    skipped: int
+    # results.csv, results.md and the markdown table.
+    csv_path: Path
+    md_path: Path
+    table: str
+
+
+def run_sweep(
+    trials: Sequence[Trial],
+    request: SweepRequest,
+    varied: Sequence[str] = (),
+    client=None,
+    cluster: ClusterSpec | None = None,
+    progress: Callable[[TrialRecord], None] | None = None,
+) -> SweepOutcome:
+    """Run every unfinished trial, then write the results table.
+
+    Args:
+        trials: the trials (from `expand_trials`).
+        request: store, sweep folder and execution settings.
+        varied: the fields that differ between trials (columns of the table).
+        client: a dask `distributed.Client` to run the trials on.
+        cluster: a cluster to start (or connect to) only if some trial is left to run; with neither
+            `client` nor `cluster` the trials run here.
+        progress: called with each trial's record when it finishes in this run.
+
+    Raises:
+        InputError: a missing store, an unknown label, a manifest that does not match the store, an empty
+            evaluation split, or features too large for the device (local runs).
+    """
+    if not trials:
+        raise InputError("the sweep has no trials; give a grid: or random: section")
+    store = TokenStore.open(request.store)
+    manifest = check_manifest(store, request.manifest)
+    labels = _labels(store, manifest, request.trial.labels)
+    if request.trial.eval_split is not None:
+        split_rows(store, request.trial.eval_split, manifest.splits)
+    out_dir = Path(request.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / TRIALS_FILE).write_text(json.dumps(
+        [{"id": t.id, "overrides": list(t.overrides), "folder": trial_folder(out_dir, t.id).name} for t in trials],
+        indent=2) + "\n")
+
+    records = {t.id: read_record(trial_folder(out_dir, t.id), t.id) for t in trials}
+    pending = [t for t in trials if records[t.id].state != DONE and (request.retry_failed or records[t.id].state != FAILED)]
+    log.info("%d trials: %d to run, %d done or failed", len(trials), len(pending), len(trials) - len(pending))
+    if pending:
+        if client is not None:
+            finished = _run_on_cluster(pending, request, client, progress)
+        elif cluster is not None:
+            with open_client(cluster, request.device) as started:
+                finished = _run_on_cluster(pending, request, started, progress)
+        else:
+            finished = _run_here(pending, request, store, manifest, labels, progress)
+        records.update({record.id: record for record in finished})
+    ordered = [records[t.id] for t in trials]
+    values = {t.id: t.values for t in trials}
+    csv_path, md_path, table = write_results_table(out_dir, ordered, values, list(varied))
+    return SweepOutcome(ordered, len(pending), len(trials) - len(pending), csv_path, md_path, table)
+
+
+def _run_here(pending: Sequence[Trial], request: SweepRequest, store: TokenStore, manifest: Manifest,
+              labels: list[str], progress: Callable[[TrialRecord], None] | None) -> list[TrialRecord]:
+    """Trials on this machine's device from one resident copy of the features, `concurrency` at a time."""
+    device = torch.device(request.device)
+    max_gb = max(t.config.train.max_resident_gb for t in pending)
+    if train_val_gigabytes(store, manifest, labels) > max_gb:
+        return _run_streamed_here(pending, request, store, manifest, labels, progress)
+    features = load_features(store, manifest, labels, device, max_gb)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the features are read on other streams from here on
+
+    def one(trial: Trial) -> TrialRecord:
+        with _own_stream(device):
+            record = run_trial(trial, request.out_dir, features, store, manifest, request.trial, device)
+        if progress is not None:
+            progress(record)
+        return record
+
+    if request.concurrency == 1 or len(pending) == 1:
+        return [one(trial) for trial in pending]
+    with concurrent.futures.ThreadPoolExecutor(min(request.concurrency, len(pending)), thread_name_prefix="trial") as pool:
+        return list(pool.map(one, pending))
+
+
+def _run_streamed_here(pending: Sequence[Trial], request: SweepRequest, store: TokenStore, manifest: Manifest,
+                       labels: list[str], progress: Callable[[TrialRecord], None] | None) -> list[TrialRecord]:
+    """Trials of a store larger than their memory budget, one at a time, each streaming its own windows."""
+    if request.concurrency > 1:
+        log.warning("the store's train and val tokens exceed train.max_resident_gb: trials stream it one at a "
+                     "time (--concurrency %d would hold one set of windows per trial in memory)", request.concurrency)
+    device = torch.device(request.device)
+    records = []
+    for trial in pending:
+        record = _run_on_own_features(trial, request, store, manifest, labels, device)
+        if progress is not None:
+            progress(record)
+        records.append(record)
+    return records
+
+
+def _run_on_own_features(trial: Trial, request: SweepRequest, store: TokenStore, manifest: Manifest,
+                         labels: list[str], device: torch.device) -> TrialRecord:
+    """Run a trial on features of its own (resident or streamed, by its budget); it fails when its budget
+    cannot hold a training window (the budget may be a swept field)."""
+    try:
+        features = open_features(store, manifest, labels, device, trial.config.train)
+    except InputError as e:
+        return mark_failed(request.out_dir, trial, f"InputError: {e}")
+    return run_trial(trial, request.out_dir, features, store, manifest, request.trial, device)
+
+
+@contextlib.contextmanager
+def _own_stream(device: torch.device) -> Iterator[None]:
+    """On CUDA, run the block on a new stream and wait for it at the end; elsewhere do nothing."""
+    if device.type != "cuda":
+        yield
+        return
+    stream = torch.cuda.Stream(device)
+    with torch.cuda.stream(stream):
+        yield
+    stream.synchronize()
+
+
+def _run_on_cluster(pending: Sequence[Trial], request: SweepRequest, client,
+                    progress: Callable[[TrialRecord], None] | None) -> list[TrialRecord]:
+    """One dask task per trial; results are gathered as they finish."""
+    import distributed
+
+    run = uuid.uuid4().hex[:8]
+    futures = {
+        client.submit(trial_task, trial, request, key=f"rankpipe-trial-{trial.id}-{run}", pure=False,
+                      retries=request.retries): trial
+        for trial in pending
+    }
+    out = []
+    for future in distributed.as_completed(futures):
+        trial = futures[future]
+        try:
+            record = future.result()
+        except Exception as e:  # the task could not run at all: e.g. its workers kept dying (KilledWorker)
+            record = mark_failed(request.out_dir, trial, f"{type(e).__name__}: {e}")
+        if progress is not None:
+            progress(record)
+        out.append(record)
+    return out
+
+
+# Features a worker process loaded, kept for its next trial: (store, manifest, labels, device) -> features.
+_WORKER_FEATURES: dict[tuple, ResidentFeatures] = {}
+_WORKER_LOCK = threading.Lock()
+
+
+def trial_task(trial: Trial, request: SweepRequest) -> TrialRecord:
+    """Run one trial on a dask worker: open the store, load (or reuse) the features, train, evaluate."""
+    record = read_record(trial_folder(request.out_dir, trial.id), trial.id)
+    if record.state == DONE:
+        return record
+    store = TokenStore.open(request.store)
+    manifest = check_manifest(store, request.manifest)
+    labels = _labels(store, manifest, request.trial.labels)
+    device = torch.device(request.device)
+    if train_val_gigabytes(store, manifest, labels) > trial.config.train.max_resident_gb:
+        # Streamed features are the trial's own (its windows follow its seed): nothing to keep.
+        return _run_on_own_features(trial, request, store, manifest, labels, device)
+    key = (str(Path(request.store).resolve()), json.dumps(manifest.to_dict(), sort_keys=True), tuple(labels), str(device))
+    with _WORKER_LOCK:
+        features = _WORKER_FEATURES.get(key)
+        if features is None:
+            _WORKER_FEATURES.clear()  # one feature set per worker: a new store replaces the old one
+            features = load_features(store, manifest, labels, device, trial.config.train.max_resident_gb)
+            _WORKER_FEATURES[key] = features
+    return run_trial(trial, request.out_dir, features, store, manifest, request.trial, device)
+
+
+def _labels(store: TokenStore, manifest: Manifest, requested: Sequence[str]) -> list[str]:
+    """The labels every trial trains on (as `rankpipe train` picks them); InputError for an unknown one."""
+    labels = list(requested) or trainable_labels(store, manifest)
+    for name in labels:
+        if name not in store.label_names:
+            raise InputError(f"store {store.path} has no label {name!r}; its labels are {', '.join(store.label_names)}")
+        manifest.label(name)
+    return labels

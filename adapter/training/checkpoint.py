@@ -1,0 +1,206 @@
+"""The checkpoint file: what it holds, and writing and reading it safely.
+
+A checkpoint is `torch.save` of a dict holding only tensors, plain dicts/lists, strings and numbers,
+so it opens with `torch.load(path, weights_only=True)` — no pickled code runs. Keys:
+
+    rankpipe_checkpoint  format version (1)
+    method               "adapter" (absent in older files, meaning the same); a baseline's checkpoint
+                         names its method and has the keys listed in adapter/baselines/fit.py
+    kind                 "best" (weights only) or "last" (also optimiser, scheduler and RNG state)
+    step                 optimiser steps done
+    model                the adapter's state_dict
+    dims                 {image_token_dim, text_token_dim} to rebuild the adapter
+    run_config           the RunConfig as a JSON string
+    provenance           the token store's provenance (the frozen backbone the features came from)
+    splits               {train, val, test: [split values]} the run's split roles (absent in older files
+                         and in runs trained from features without a manifest)
+    labels               [{name, query, text_tokens [L, Dt] fp16, text_tokens_shape, target}]
+                         target = the TargetScale as plain data (transform and train mean/std)
+    val_srcc             {label: SRCC} at `step`;  best  {step, mean_srcc, srcc} of the run so far
+    device_type          "cpu" or "cuda": the device whose RNG state is saved
+    optimizer, scheduler, sampler, rng   (last only) what `--resume` needs to continue the same run
+
+Writes go to a temporary file in the same folder that is then renamed over the target, so a crash
+never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rankpipe.adapter.training.features import BatchSampler
+from rankpipe.adapter.model.adapter import RankingAdapter
+from rankpipe.adapter.training.run_config import RunConfig
+from rankpipe.adapter.training.streaming import TrainingFeatures
+from rankpipe.errors import InputError
+from rankpipe.pipeline.embed.backbone import compatibility_problem
+from rankpipe.pipeline.data.manifest import SPLIT_ROLES, SplitSpec
+
+FORMAT_VERSION = 1
+BEST, LAST = "best.pt", "last.pt"
+# The `method` of a ranking adapter's checkpoint.
+ADAPTER_METHOD = "adapter"
+
+
+def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
+    """Write `payload` to `path` atomically (temporary file + rename); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with `weights_only=True`.
+
+    Raises:
+        InputError: the file is missing or is not a rankpipe checkpoint of a known format.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "best.pt"
+    if not path.is_file():
+        raise InputError(f"checkpoint {path} does not exist; pass a .pt file written by `rankpipe train`")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises several types, with pages of advice, for foreign or corrupt files
+        raise InputError(
+            f"{path} is not a readable rankpipe checkpoint ({type(e).__name__}); pass a .pt file written by `rankpipe train`"
+        ) from e
+    if not isinstance(payload, dict) or "rankpipe_checkpoint" not in payload:
+        raise InputError(f"{path} is not a rankpipe checkpoint; pass a .pt file written by `rankpipe train`")
+    if payload["rankpipe_checkpoint"] != FORMAT_VERSION:
+        raise InputError(
+            f"{path} has checkpoint format {payload['rankpipe_checkpoint']}, this rankpipe reads {FORMAT_VERSION}"
+        )
+    return payload
+
+
+def checkpoint_method(payload: dict[str, Any]) -> str:
+    """The method a checkpoint was trained with: "adapter" or a baseline's name."""
+    return str(payload.get("method", ADAPTER_METHOD))
+
+
+def saved_run_config(path: str | Path) -> RunConfig:
+    """The run config stored in an adapter checkpoint (the base of a resumed run).
+
+    Raises:
+        InputError: the checkpoint is a baseline's, which has no run config and cannot be resumed.
+    """
+    payload = read_checkpoint(path)
+    if checkpoint_method(payload) != ADAPTER_METHOD:
+        raise InputError(f"{path} holds a {checkpoint_method(payload)} baseline, not an adapter run; train into another --out")
+    return RunConfig.from_json(payload["run_config"])
+
+
+class CheckpointWriter:
+    """Builds and writes a run's best.pt and last.pt in the format above."""
+
+    def __init__(
+        self, out_dir: Path, cfg: RunConfig, features: TrainingFeatures, provenance: dict, device: torch.device,
+        splits: SplitSpec | None = None,
+    ):
+        self.out_dir = out_dir
+        self.device = device
+        self.common = {
+            "rankpipe_checkpoint": FORMAT_VERSION,
+            "method": ADAPTER_METHOD,
+            "dims": {"image_token_dim": features.image_token_dim, "text_token_dim": features.text_token_dim},
+            "run_config": cfg.to_json(),
+            "provenance": provenance,
+            "labels": [
+                {
+                    "name": q.name,
+                    "query": q.query,
+                    "text_tokens": q.text_tokens.detach().to("cpu", torch.float16),
+                    "text_tokens_shape": list(q.text_tokens.shape),
+                    "target": q.scale.to_dict(),
+                }
+                for q in features.queries
+            ],
+            "device_type": device.type,
+        }
+        if splits is not None:  # lets `rankpipe eval` find each fold's own test split
+            self.common["splits"] = {role: list(splits.values(role)) for role in SPLIT_ROLES}
+        last = out_dir / LAST
+        self.last_good = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+
+    def _payload(self, kind: str, model: RankingAdapter, step: int, val_srcc: dict, best: dict) -> dict:
+        weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        return {**self.common, "kind": kind, "step": step, "model": weights, "val_srcc": dict(val_srcc), "best": best}
+
+    def save_best(self, model: RankingAdapter, step: int, val_srcc: dict, best: dict) -> None:
+        save_checkpoint(self._payload("best", model, step, val_srcc, best), self.out_dir / BEST)
+
+    def save_last(
+        self,
+        model: RankingAdapter,
+        step: int,
+        val_srcc: dict,
+        best: dict,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        sampler: BatchSampler,
+    ) -> None:
+        payload = self._payload("last", model, step, val_srcc, best)
+        payload.update(
+            optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(),
+            sampler=sampler.state_dict(),
+            rng=rng_state(self.device),
+        )
+        save_checkpoint(payload, self.out_dir / LAST)
+        self.last_good = f"the last good checkpoint is {self.out_dir / LAST} (step {step})"
+
+
+def load_resume_state(path: Path, cfg: RunConfig, labels: list[str], provenance: dict, device: torch.device) -> dict:
+    """The last.pt of a run to continue, after checking that this run matches it.
+
+    Raises:
+        InputError: missing file, another backbone, other labels, a changed setting (other than
+            train.max_steps) or another device type.
+    """
+    if not path.exists():
+        raise InputError(f"--resume: {path} does not exist; start the run without --resume")
+    saved = read_checkpoint(path)
+    problem = compatibility_problem(saved["provenance"], provenance)
+    if problem is not None:
+        raise InputError(f"--resume: {path} was trained on features of another backbone ({problem}); use its store")
+    saved_labels = [entry["name"] for entry in saved["labels"]]
+    if saved_labels != labels:
+        raise InputError(f"--resume: {path} trains labels {saved_labels}, this run {labels}; pass the same --label")
+    changed = [f for f in RunConfig.from_json(saved["run_config"]).differences(cfg) if f != "train.max_steps"]
+    if changed:
+        raise InputError(f"--resume: the run config differs from {path} in {', '.join(changed)}; resume with the same settings")
+    if saved["device_type"] != device.type:
+        raise InputError(f"--resume: {path} was trained on {saved['device_type']}; resume it with --device {saved['device_type']}")
+    return saved
+
+
+def rng_state(device: torch.device) -> dict:
+    """The global torch RNG states (CPU, and the CUDA device's) that dropout draws from."""
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    """Restore what `rng_state` saved."""
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)

@@ -1,0 +1,321 @@
+"""Cached features on the training device, and the batches drawn from them.
+
+The image tokens of every row that training or validation needs are read from the store once and
+kept on the device as one fp16 tensor; a step then gathers its batch with an index tensor, so the
+loop does no host work and no host-device copies. Each query (label) keeps its own text tokens,
+row indices and normalised targets on the device. (A store too large for the budget is streamed
+instead: see rankpipe.adapter.training.streaming, which draws its batches through the same interface.)
+
+Queries are mixed by drawing one query per step with probability proportional to its number of
+training images, so every training image is seen about equally often whatever query it belongs to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from rankpipe.adapter.training.targets import TargetScale, fit_target_scale, transform_target
+from rankpipe.errors import InputError
+from rankpipe.pipeline.data.manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+# Steps per block of the precomputed query schedule (one numpy draw per block, cached).
+_SCHEDULE_BLOCK = 4096
+
+
+@dataclasses.dataclass
+class QueryFeatures:
+    """One query (label): its text tokens and the resident rows of its train and val images."""
+
+    # Label name in the store.
+    name: str
+    # The sentence that ranks by the label.
+    query: str
+    # [L, Dt] float32 text tokens up to and including end-of-text, on the device.
+    text_tokens: torch.Tensor
+    # Target transform and training-split normalisation.
+    scale: TargetScale
+    # [n_train] int64 indices into ResidentFeatures.image_tokens, on the device.
+    train_index: torch.Tensor
+    # [n_train] float32 normalised targets, on the device.
+    train_targets: torch.Tensor
+    # [n_val] int64 indices into ResidentFeatures.image_tokens, on the device.
+    val_index: torch.Tensor
+    # [n_val] float64 targets in target units, on the host (validation SRCC is computed there).
+    val_targets: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainBatch:
+    """One training step's batch: images of a single query."""
+
+    # Index of the query in the features' `queries`.
+    query_index: int
+    # [B, P, D] float16 image tokens, on the device.
+    image_tokens: torch.Tensor
+    # [B] float32 normalised targets, on the device.
+    targets: torch.Tensor
+    # [B] int64 indices into the features' `keys` (to name a bad batch).
+    rows: torch.Tensor
+
+
+@dataclasses.dataclass
+class ResidentFeatures:
+    """Image tokens of all needed rows on the device, and the queries that index them."""
+
+    # [R, P, D] float16 image tokens, on the device.
+    image_tokens: torch.Tensor
+    # [R] WebDataset keys of the resident rows (to name a bad batch).
+    keys: np.ndarray
+    # The queries trained together.
+    queries: list[QueryFeatures]
+
+    @property
+    def image_token_dim(self) -> int:
+        return int(self.image_tokens.shape[-1])
+
+    @property
+    def text_token_dim(self) -> int:
+        return int(self.queries[0].text_tokens.shape[-1])
+
+    @property
+    def train_sizes(self) -> list[int]:
+        """Training images of each query."""
+        return [len(q.train_index) for q in self.queries]
+
+    def train_batch(self, step: int, sampler: BatchSampler) -> TrainBatch:
+        """The batch of `step` (1-based): the sampler's query, a random subset of its training rows."""
+        query_index = sampler.query_for(step)
+        query = self.queries[query_index]
+        pos = sampler.sample(len(query.train_index), query.train_index.device)  # [B] positions in the query's train rows
+        rows = query.train_index[pos]  # [B] resident rows
+        return TrainBatch(query_index, self.image_tokens[rows], query.train_targets[pos], rows)
+
+    def val_batches(self, query_index: int, batch_size: int) -> Iterator[torch.Tensor]:
+        """[b, P, D] image tokens of a query's val rows, `batch_size` at a time, in val_targets order."""
+        query = self.queries[query_index]
+        return (self.image_tokens[chunk] for chunk in query.val_index.split(batch_size))
+
+
+def build_features(
+    image_tokens: torch.Tensor,
+    keys: np.ndarray,
+    queries: list[dict],
+    device: torch.device | str,
+) -> ResidentFeatures:
+    """Resident features from in-memory arrays.
+
+    Args:
+        image_tokens: [R, P, D] image tokens of every resident row (any float dtype; kept as fp16).
+        keys: [R] row keys.
+        queries: one dict per query with name, query, text_tokens [L, Dt], transform (TargetTransform),
+            train_rows / val_rows (int indices into the R rows) and train_labels / val_labels (raw labels).
+        device: where to keep everything.
+    """
+    device = torch.device(device)
+    out = []
+    for q in queries:
+        scale, train_targets, val_targets = query_targets(q)
+        out.append(
+            QueryFeatures(
+                name=q["name"],
+                query=q["query"],
+                text_tokens=torch.as_tensor(np.asarray(q["text_tokens"], dtype=np.float32), device=device),
+                scale=scale,
+                train_index=torch.as_tensor(np.asarray(q["train_rows"], dtype=np.int64), device=device),
+                train_targets=torch.as_tensor(train_targets, device=device),
+                val_index=torch.as_tensor(np.asarray(q["val_rows"], dtype=np.int64), device=device),
+                val_targets=val_targets,
+            )
+        )
+    tokens = torch.as_tensor(image_tokens).to(device=device, dtype=torch.float16)
+    return ResidentFeatures(image_tokens=tokens, keys=np.asarray(keys), queries=out)
+
+
+def query_targets(q: dict) -> tuple[TargetScale, np.ndarray, np.ndarray]:
+    """A query's TargetScale fitted on its train labels, [n_train] float32 normalised train targets and
+    [n_val] float64 val targets in target units (q: a query dict of build_features)."""
+    scale = fit_target_scale(np.asarray(q["train_labels"]), q["transform"], q["name"])
+    train_targets = np.asarray(scale.normalise(q["train_labels"]), dtype=np.float32)
+    return scale, train_targets, transform_target(q["val_labels"], q["transform"])
+
+
+def load_features(
+    store,
+    manifest: Manifest,
+    labels: list[str],
+    device: torch.device | str,
+    max_resident_gb: float,
+) -> ResidentFeatures:
+    """Read the train and val rows of `labels` from a TokenStore onto the device.
+
+    Split roles and target transforms come from `manifest` (the store's own or an override).
+
+    Raises:
+        InputError: a label has fewer than 2 train or val images, or the tokens exceed `max_resident_gb`.
+    """
+    per_label = split_rows(store, manifest, labels)
+    rows = needed_rows(per_label)
+    gigabytes = token_gigabytes(store, len(rows))
+    if gigabytes > max_resident_gb:
+        raise InputError(
+            f"the {len(rows)} train/val images need {gigabytes:.1f} GB of image tokens, more than "
+            f"train.max_resident_gb={max_resident_gb}; raise it with --set train.max_resident_gb=N if the "
+            "device has the memory"
+        )
+    return read_resident(store, manifest, per_label, device)
+
+
+def labelled_rows(store, manifest: Manifest, labels: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The (train, val) store rows of each label that have a value, ascending.
+
+    The same rows as `store.rows(values, label=name)`, but the split column (a string array, the
+    slowest to read) is read once per split rather than once per label.
+    """
+    train = store.rows(list(manifest.splits.values("train")))
+    val = store.rows(list(manifest.splits.values("val")))
+    per_label = {}
+    for name in labels:
+        has_value = np.isfinite(store.label(name))  # [N]
+        per_label[name] = (train[has_value[train]], val[has_value[val]])
+    return per_label
+
+
+def split_rows(store, manifest: Manifest, labels: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The (train, val) store rows of each label, ascending.
+
+    Raises:
+        InputError: a label has fewer than 2 train or val images.
+    """
+    train_values = list(manifest.splits.values("train"))
+    val_values = list(manifest.splits.values("val"))
+    per_label = labelled_rows(store, manifest, labels)
+    for name, (train_rows, val_rows) in per_label.items():
+        if len(train_rows) < 2:
+            raise InputError(
+                f"label {name!r} has {len(train_rows)} training image(s) in split values {train_values}; "
+                "at least 2 are needed: check the manifest's train split"
+            )
+        if len(val_rows) < 2:
+            raise InputError(
+                f"label {name!r} has {len(val_rows)} validation image(s) in split values {val_values}; "
+                "at least 2 are needed: map a val split with --manifest"
+            )
+    return per_label
+
+
+def train_val_gigabytes(store, manifest: Manifest, labels: list[str]) -> float:
+    """GB of fp16 image tokens that the train and val rows of `labels` take when resident."""
+    return token_gigabytes(store, len(needed_rows(split_rows(store, manifest, labels))))
+
+
+def needed_rows(per_label: dict[str, tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """[R] sorted store rows that any label trains or validates on."""
+    return np.unique(np.concatenate([np.concatenate(pair) for pair in per_label.values()]))
+
+
+def token_shape(store) -> tuple[int, int]:
+    """(P, D): image tokens per row and their width, from a zero-row read (array metadata, no chunk)."""
+    _, num_tokens, dim = store.image_tokens(slice(0, 0)).shape
+    return num_tokens, dim
+
+
+def token_gigabytes(store, num_rows: int) -> float:
+    """GB of fp16 image tokens of `num_rows` rows of the store."""
+    num_tokens, dim = token_shape(store)
+    return num_rows * num_tokens * dim * 2 / 1e9
+
+
+def query_inputs(store, manifest: Manifest, name: str, train_rows: np.ndarray, val_rows: np.ndarray) -> dict:
+    """A label's query sentence, text tokens, target transform and raw train/val labels (see build_features)."""
+    raw = store.label(name)
+    text = store.text(name)
+    return {
+        "name": name,
+        "query": store.query(name),
+        "text_tokens": np.asarray(text.tokens[: text.length], dtype=np.float32),
+        "transform": manifest.label(name).target,
+        "train_labels": raw[train_rows],
+        "val_labels": raw[val_rows],
+    }
+
+
+def read_resident(
+    store, manifest: Manifest, per_label: dict[str, tuple[np.ndarray, np.ndarray]], device: torch.device | str
+) -> ResidentFeatures:
+    """Resident features of the rows in `per_label` (from split_rows), read onto the device."""
+    rows = needed_rows(per_label)  # [R] ascending, so a row's position is its searchsorted index
+    tokens = read_rows(store, rows, device)
+    queries = []
+    for name, (train_rows, val_rows) in per_label.items():
+        queries.append({
+            **query_inputs(store, manifest, name, train_rows, val_rows),
+            "train_rows": np.searchsorted(rows, train_rows),
+            "val_rows": np.searchsorted(rows, val_rows),
+        })
+    _, num_tokens, dim = tokens.shape
+    log.info("resident image tokens: %d rows x %d x %d (%.2f GB)", len(rows), num_tokens, dim,
+             tokens.numel() * tokens.element_size() / 1e9)
+    return build_features(tokens, store.keys()[rows], queries, device)
+
+
+def read_rows(store, rows: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    """[R, P, D] fp16 tokens of sorted `rows`, read one row block at a time into a device tensor."""
+    out = torch.empty((len(rows), *token_shape(store)), dtype=torch.float16, device=device)
+    for start, stop in store.row_blocks():
+        lo, hi = np.searchsorted(rows, [start, stop])
+        if hi > lo:
+            out[lo:hi] = torch.from_numpy(np.ascontiguousarray(store.image_tokens(rows[lo:hi]), dtype=np.float16)).to(device)
+    return out
+
+
+class BatchSampler:
+    """Draws each step's query and a batch of that query's training images.
+
+    The query of step s is a pure function of (seed, s) — drawn in blocks from numpy with probability
+    proportional to each query's training images — so it needs no state and no device sync. The
+    images are a random subset drawn on the device with a seeded generator whose state is checkpointed.
+    """
+
+    def __init__(self, train_sizes: list[int], batch_size: int, seed: int, device: torch.device | str):
+        sizes = np.asarray(train_sizes, dtype=np.float64)
+        self.weights = sizes / sizes.sum()  # [Q] probability of each query per step
+        self.batch_size = batch_size
+        self.seed = seed
+        self.generator = torch.Generator(device=torch.device(device))
+        self.generator.manual_seed(seed)
+        self._block: tuple[int, np.ndarray] | None = None
+
+    def query_for(self, step: int) -> int:
+        """Index of the query trained at `step` (1-based)."""
+        block = (step - 1) // _SCHEDULE_BLOCK
+        if self._block is None or self._block[0] != block:
+            rng = np.random.default_rng([self.seed, block])
+            self._block = (block, rng.choice(len(self.weights), size=_SCHEDULE_BLOCK, p=self.weights))
+        return int(self._block[1][(step - 1) % _SCHEDULE_BLOCK])
+
+    def sample(self, num_train: int, device: torch.device | str) -> torch.Tensor:
+        """[B] positions into a query's training rows, without repeats; B = min(batch_size, num_train)."""
+        perm = torch.randperm(num_train, generator=self.generator, device=device)  # [num_train]
+        return perm[: self.batch_size]
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+def autocast(device: torch.device | str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA, plain fp32 elsewhere (CPU runs stay bit-reproducible)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()

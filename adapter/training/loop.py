@@ -1,0 +1,410 @@
+"""Training the ranking adapter from cached tokens: the loop, validation, checkpoints, resume.
+
+One step draws a query (see features.BatchSampler), gathers a batch of its training images from the
+resident token tensor (or from the current window of a streamed store, see adapter/training/streaming.py), and
+takes an AdamW step on the regression + pairwise loss. Loss values stay on
+the device between reports: every `train.log_every` steps they are read once, together with a
+device-side record of the first non-finite step, so the loop has no other host syncs.
+
+Every `train.eval_every` steps (and at the last) the val split is scored, SRCC per query is computed
+with scipy, and OUT/last.pt (resumable), OUT/best.pt (best mean val SRCC) and a line of
+OUT/history.jsonl are written.
+
+With `train.compile` the step's forward pass and loss run through torch.compile (the optimiser step
+stays eager). The compiled function closes over the plain module, so validation and checkpoints are
+those of an eager run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import scipy.stats
+import torch
+import torch.nn.functional as F
+
+from rankpipe.adapter.training.checkpoint import BEST, LAST, CheckpointWriter, load_resume_state, set_rng_state
+from rankpipe.adapter.model.config import LossConfig
+from rankpipe.adapter.training.features import BatchSampler, autocast, labelled_rows
+from rankpipe.adapter.model.losses import LossParts, ranking_loss
+from rankpipe.adapter.model.adapter import RankingAdapter
+from rankpipe.adapter.evaluation.scoring import score_batches
+from rankpipe.adapter.training.run_config import OptimConfig, RunConfig
+from rankpipe.adapter.training.streaming import TrainingFeatures, open_features
+from rankpipe.errors import InputError
+from rankpipe.pipeline.data.manifest import Manifest, SplitSpec
+
+log = logging.getLogger(__name__)
+
+HISTORY = "history.jsonl"
+_INIT_LOCK = threading.Lock()
+LOSS_PARTS = ("total", "regression", "pairwise")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the message names the step, the batch and the last good checkpoint."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainEvent:
+    """What the loop reports to its caller every `log_every` steps and after every validation."""
+
+    # Optimiser steps done.
+    step: int
+    # Steps of the whole run.
+    max_steps: int
+    # Learning rate of the last step.
+    lr: float
+    # Mean loss parts (total, regression, pairwise) since the previous report.
+    loss: dict[str, float]
+    # Validation SRCC per query when this event follows a validation, else None.
+    val_srcc: dict[str, float] | None
+    # The latest validation's mean SRCC (NaN before the first).
+    latest_mean_srcc: float
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    """How a run ended."""
+
+    # Optimiser steps done.
+    steps: int
+    # Step of the best checkpoint.
+    best_step: int
+    # Validation SRCC per query of the best checkpoint.
+    best_srcc: dict[str, float]
+    # Their mean.
+    best_mean_srcc: float
+    # OUT/best.pt.
+    best_path: Path
+    # OUT/last.pt.
+    last_path: Path
+
+
+def train_from_store(
+    store,
+    out_dir: str | Path,
+    run_config: RunConfig,
+    labels: list[str] | None = None,
+    manifest: Manifest | None = None,
+    device: str | torch.device = "cpu",
+    resume: bool = False,
+    progress: Callable[[TrainEvent], None] | None = None,
+) -> TrainResult:
+    """Train an adapter on a TokenStore's cached tokens.
+
+    Args:
+        store: an open TokenStore.
+        out_dir: where best.pt, last.pt and history.jsonl go.
+        run_config: the full run configuration.
+        labels: the queries to train together; None = every label of the store.
+        manifest: overrides the store's split roles and target transforms (same labels and queries).
+        device: "cpu" or "cuda[:i]".
+        resume: continue the run in out_dir from its last.pt.
+        progress: called with a TrainEvent at every report.
+
+    Raises:
+        InputError: an unknown label, a manifest that does not match the store, a row block too large
+            for a streaming window of `train.max_resident_gb`, or a resume that does not match the saved run.
+        TrainingDiverged: the loss became non-finite.
+    """
+    manifest = check_manifest(store, manifest)
+    labels = list(labels) if labels else trainable_labels(store, manifest)
+    for name in labels:
+        if name not in store.label_names:
+            raise InputError(f"store {store.path} has no label {name!r}; its labels are {', '.join(store.label_names)}")
+        manifest.label(name)
+    device = torch.device(device)
+    features = open_features(store, manifest, labels, device, run_config.train)
+    return train_adapter(features, out_dir, run_config, store.provenance, device, resume, progress, splits=manifest.splits)
+
+
+def train_adapter(
+    features: TrainingFeatures,
+    out_dir: str | Path,
+    run_config: RunConfig,
+    provenance: dict,
+    device: str | torch.device = "cpu",
+    resume: bool = False,
+    progress: Callable[[TrainEvent], None] | None = None,
+    splits: SplitSpec | None = None,
+) -> TrainResult:
+    """Train an adapter on resident or streamed features (see train_from_store for the arguments).
+
+    `splits`, the split roles the features were drawn with, is recorded in the checkpoints.
+    """
+    out_dir = Path(out_dir)
+    device = torch.device(device)
+    cfg = run_config
+    labels = [q.name for q in features.queries]
+    saved = load_resume_state(out_dir / LAST, cfg, labels, provenance, device) if resume else None
+    if saved is None and (out_dir / LAST).exists():
+        raise InputError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    # Seeding and initialising read the process-wide generator; runs in concurrent threads take turns.
+    with _INIT_LOCK:
+        torch.manual_seed(cfg.train.seed)
+        model = RankingAdapter(cfg.adapter, features.image_token_dim, features.text_token_dim)
+    model = model.to(device)
+    model.train()
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(cfg.optim, cfg.train.max_steps))
+    sampler = BatchSampler(features.train_sizes, cfg.train.batch_size, cfg.train.seed, device)
+    step, best, val_srcc = 0, None, {}
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        sampler.load_state_dict(saved["sampler"])
+        with _INIT_LOCK:
+            set_rng_state(saved["rng"], device)
+        step, best, val_srcc = int(saved["step"]), saved["best"], saved["val_srcc"]
+        _truncate_history(out_dir / HISTORY, step)
+        log.info("resumed %s at step %d", out_dir, step)
+
+    writer = CheckpointWriter(out_dir, cfg, features, provenance, device, splits=splits)
+    monitor = _LossMonitor(device, cfg.train.batch_size)
+    mode = compile_mode(cfg.train.compile, device)
+    step_loss = _step_loss(model, cfg.loss, device, mode)
+    latest_mean = _mean(val_srcc)
+    started = time.monotonic()
+    while step < cfg.train.max_steps:
+        step += 1
+        batch = features.train_batch(step, sampler)  # [B, P, D] fp16 tokens of one query's images
+        # Before the forward pass: the previous step's gradients may live in CUDA-graph memory.
+        optimizer.zero_grad(set_to_none=True)
+        if mode == "reduce-overhead":
+            # CUDA-graph replays reuse their output buffers: this step's overwrites the previous
+            # step's loss parts, which monitor.update has copied; nothing else keeps them.
+            torch.compiler.cudagraph_mark_step_begin()
+        parts = step_loss(batch.image_tokens, features.queries[batch.query_index].text_tokens, batch.targets)
+        parts.total.backward()
+        if cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        monitor.update(step, parts, batch.rows, batch.query_index)  # copies the loss parts
+
+        is_last = step == cfg.train.max_steps
+        is_eval = step % cfg.train.eval_every == 0 or is_last
+        if step % cfg.train.log_every == 0 or is_eval:
+            monitor.raise_if_diverged(features, writer.last_good)
+            loss = monitor.pop_means()
+            new_srcc = None
+            if is_eval:
+                new_srcc = validate(model, features, cfg.train.eval_batch_size, device)
+                val_srcc, latest_mean = new_srcc, _mean(new_srcc)
+                if best is None or _better(latest_mean, best["mean_srcc"]):
+                    best = {"step": step, "mean_srcc": latest_mean, "srcc": dict(new_srcc)}
+                    writer.save_best(model, step, new_srcc, best)
+                writer.save_last(model, step, new_srcc, best, optimizer, scheduler, sampler)
+                _append_history(
+                    out_dir / HISTORY,
+                    {
+                        "step": step, "lr": scheduler.get_last_lr()[0], "loss": loss, "val_srcc": new_srcc,
+                        "mean_val_srcc": latest_mean, "best_step": best["step"],
+                        "seconds": round(time.monotonic() - started, 3),
+                    },
+                )
+                log.info("step %d: val SRCC %s (mean %.4f)", step, new_srcc, latest_mean)
+            if progress is not None:
+                progress(TrainEvent(step, cfg.train.max_steps, scheduler.get_last_lr()[0], loss, new_srcc, latest_mean))
+
+    if best is None:
+        raise InputError(f"{out_dir}/{LAST} records no validation; the run has no best checkpoint to report")
+    return TrainResult(
+        steps=step, best_step=best["step"], best_srcc=dict(best["srcc"]), best_mean_srcc=best["mean_srcc"],
+        best_path=out_dir / BEST, last_path=out_dir / LAST,
+    )
+
+
+def validate(model: RankingAdapter, features: TrainingFeatures, batch_size: int, device: torch.device) -> dict[str, float]:
+    """Spearman correlation between the adapter's scores and the targets of each query's val images."""
+    out = {}
+    for index, query in enumerate(features.queries):
+        scores = score_batches(model, query.text_tokens, features.val_batches(index, batch_size), device)
+        out[query.name] = spearman(scores, query.val_targets)
+    return out
+
+
+def spearman(prediction: np.ndarray, target: np.ndarray) -> float:
+    """scipy's Spearman correlation; NaN (without a warning) when either side is constant or non-finite."""
+    if not (np.isfinite(prediction).all() and np.isfinite(target).all()):
+        return math.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", scipy.stats.ConstantInputWarning)
+        return float(scipy.stats.spearmanr(prediction, target).statistic)
+
+
+def compile_mode(setting: str, device: torch.device) -> str | None:
+    """The torch.compile mode that `train.compile` asks for on `device`; None trains eagerly.
+
+    "reduce-overhead" replays CUDA graphs; on another device it compiles as "default" (logged).
+    """
+    if setting == "off":
+        return None
+    if setting == "reduce-overhead" and device.type != "cuda":
+        log.info("train.compile=reduce-overhead: %s has no CUDA graphs; compiling with mode 'default'", device.type)
+        return "default"
+    return setting
+
+
+def _step_loss(
+    model: RankingAdapter, loss_cfg: LossConfig, device: torch.device, mode: str | None
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], LossParts]:
+    """Forward pass and loss of one step: image tokens [B, P, D], text tokens [L, Dt], targets [B].
+
+    Compiled with `mode` unless it is None. The first new text length recompiles once with the
+    length dynamic. The pairwise branch's chunking fixes the batch size, so each batch size compiles
+    its own graph: one more per query with fewer training images than `train.batch_size`.
+    """
+
+    def loss_of(image_tokens: torch.Tensor, text_tokens: torch.Tensor, targets: torch.Tensor) -> LossParts:
+        with autocast(device):
+            output = model(image_tokens, text_tokens, with_pairs=True)
+        return ranking_loss(output, targets, loss_cfg)
+
+    return loss_of if mode is None else _compile(loss_of, mode)
+
+
+def _compile(fn: Callable, mode: str) -> Callable:
+    """torch.compile with Inductor; a separate function so tests can swap in a faster backend."""
+    return torch.compile(fn, mode=mode)
+
+
+def _lr_factor(optim: OptimConfig, max_steps: int) -> Callable[[int], float]:
+    """Multiplier of the peak lr after `done` steps: linear warm-up, then cosine down to min_lr_ratio."""
+
+    def factor(done: int) -> float:
+        if done < optim.warmup_steps:
+            return (done + 1) / optim.warmup_steps
+        progress = min(1.0, (done - optim.warmup_steps) / max(1, max_steps - optim.warmup_steps))
+        return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class _LossMonitor:
+    """Running loss sums and the first non-finite step, kept on the device until a report reads them."""
+
+    def __init__(self, device: torch.device, batch_size: int):
+        self.batch_size = batch_size
+        self.sums = torch.zeros(len(LOSS_PARTS), device=device)  # [3] sums of finite steps' loss parts
+        self.count = 0
+        self.bad_step = torch.full((), -1, dtype=torch.int64, device=device)  # first non-finite step or -1
+        self.bad_query = torch.full((), -1, dtype=torch.int64, device=device)
+        self.bad_rows = torch.full((batch_size,), -1, dtype=torch.int64, device=device)  # its rows, -1 padded
+
+    def update(self, step: int, parts: LossParts, rows: torch.Tensor, query_index: int) -> None:
+        values = torch.stack([parts.total, parts.regression, parts.pairwise]).detach().float()  # [3]
+        finite = torch.isfinite(values).all()
+        first = finite.logical_not() & (self.bad_step < 0)
+        self.bad_step = torch.where(first, step, self.bad_step)
+        self.bad_query = torch.where(first, query_index, self.bad_query)
+        padded = F.pad(rows, (0, self.batch_size - rows.shape[0]), value=-1)  # [batch_size]
+        self.bad_rows = torch.where(first, padded, self.bad_rows)
+        self.sums += torch.where(finite, values, torch.zeros_like(values))
+        self.count += 1
+
+    def raise_if_diverged(self, features: TrainingFeatures, last_good: str) -> None:
+        bad_step = int(self.bad_step)
+        if bad_step < 0:
+            return
+        rows = self.bad_rows.cpu().numpy()
+        keys = [str(k) for k in features.keys[rows[rows >= 0]]]
+        query = features.queries[int(self.bad_query)].name
+        raise TrainingDiverged(
+            f"the loss became non-finite at step {bad_step} (label {query!r}, batch keys: {', '.join(keys)}); "
+            f"training stopped, {last_good}. Lower optim.lr or check these images' features."
+        )
+
+    def pop_means(self) -> dict[str, float]:
+        means = (self.sums / max(1, self.count)).tolist()
+        self.sums.zero_()
+        self.count = 0
+        return dict(zip(LOSS_PARTS, means))
+
+
+def trainable_labels(store, manifest: Manifest, names: Sequence[str] | None = None) -> list[str]:
+    """The labels among `names` (default: all of the store) with 2 or more train and val images.
+
+    Training needs pairs in both splits; a label short of them — e.g. a query held out of training —
+    is skipped with a warning.
+
+    Raises:
+        InputError: `names` has a label the store lacks, or no label is left.
+    """
+    names = list(names) if names is not None else list(store.label_names)
+    missing = [name for name in names if name not in store.label_names]
+    if missing:
+        raise InputError(f"store {store.path} has no label(s) {', '.join(map(repr, missing))}; "
+                         f"its labels are {', '.join(store.label_names)}")
+    train_values = list(manifest.splits.values("train"))
+    val_values = list(manifest.splits.values("val"))
+    labels = []
+    for name, (train_rows, val_rows) in labelled_rows(store, manifest, names).items():
+        counts = len(train_rows), len(val_rows)
+        if min(counts) >= 2:
+            labels.append(name)
+        else:
+            log.warning("label %r has %d training and %d validation images, fewer than 2 (held out of "
+                        "training?); not trained — pass --label to choose the labels", name, *counts)
+    if not labels:
+        raise InputError(f"no label of store {store.path} has 2 or more images in both the train split "
+                         f"{train_values} and the val split {val_values}; check the manifest's splits")
+    return labels
+
+
+def check_manifest(store, manifest: Manifest | None) -> Manifest:
+    """The manifest to train with: the store's, or an override whose labels' queries match the store's."""
+    if manifest is None:
+        return store.manifest
+    for label in manifest.labels:
+        if label.name not in store.label_names:
+            raise InputError(
+                f"manifest {manifest.path or manifest.name} has label {label.name!r} that store {store.path} "
+                f"does not; its labels are {', '.join(store.label_names)}"
+            )
+        if label.query != store.query(label.name):
+            raise InputError(
+                f"manifest {manifest.path or manifest.name} asks {label.query!r} for label {label.name!r} but the "
+                f"store embedded {store.query(label.name)!r}; re-embed to change a query"
+            )
+    return manifest
+
+
+def _mean(srcc: dict[str, float]) -> float:
+    values = [v for v in srcc.values() if math.isfinite(v)]
+    return float(np.mean(values)) if values else math.nan
+
+
+def _better(new: float, old: float) -> bool:
+    """Whether mean SRCC `new` beats `old`; any finite value beats NaN."""
+    if not math.isfinite(new):
+        return False
+    return not math.isfinite(old) or new > old
+
+
+def _append_history(path: Path, record: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_history(path: Path, step: int) -> None:
+    """Drop history lines written after `step` (by a run interrupted after its last checkpoint)."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in lines))

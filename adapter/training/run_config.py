@@ -1,0 +1,331 @@
+"""The run configuration: everything one training run depends on, in four typed sections.
+
+`adapter` and `loss` are the model's own dataclasses (rankpipe.adapter.model.config); `optim` and `train`
+live here. A run config is built from defaults, then an optional YAML file (`--config`), then
+`--set section.field=value` overrides. Values from either source are converted to the field's
+declared type here, at the boundary; an unknown section or field, or a value of the wrong type, is an
+InputError that names it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from rankpipe.adapter.model.config import AdapterConfig, LossConfig
+from rankpipe.errors import InputError
+
+# train.compile values: "off" trains eagerly; the others are torch.compile modes.
+COMPILE_MODES = ("off", "default", "reduce-overhead")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with a linear warm-up followed by a cosine decay."""
+
+    # Peak learning rate (the released training command uses 5e-5).
+    lr: float = 5e-5
+    # AdamW decoupled weight decay.
+    weight_decay: float = 0.01
+    # AdamW moment coefficients.
+    betas: tuple[float, float] = (0.9, 0.999)
+    # Steps of linear warm-up from 0 to `lr`; the cosine decay spans the remaining steps.
+    warmup_steps: int = 500
+    # Learning rate at the end of the cosine, as a fraction of `lr`.
+    min_lr_ratio: float = 0.0
+    # Clip the global gradient norm to this value; 0 turns clipping off.
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, not {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, not {self.weight_decay}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), not {self.betas}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, not {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], not {self.min_lr_ratio}")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip must be >= 0, not {self.grad_clip}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How long to train, how batches are drawn, and how often to validate and checkpoint."""
+
+    # Total optimiser steps of the run (also the length of the learning-rate schedule).
+    max_steps: int = 10_000
+    # Images per step; every batch holds images of one query. Capped by the query's training images.
+    batch_size: int = 64
+    # Seeds the adapter's initial weights, dropout and batch sampling.
+    seed: int = 0
+    # Validate on the val split, write last.pt and maybe best.pt every this many steps (and at the end).
+    eval_every: int = 500
+    # Report the running loss (and check it is finite) every this many steps.
+    log_every: int = 20
+    # Images per forward pass during validation and prediction (no pairs are computed there).
+    eval_batch_size: int = 256
+    # Largest image-token cache, in GB, kept on the device. Training streams a store whose train/val
+    # tokens exceed it, a window of whole row blocks at a time (see window_steps).
+    max_resident_gb: float = 16.0
+    # Steps trained on one window of a streamed store before the next (read in the background)
+    # replaces it; the mean over an epoch, as each window's share follows its training images.
+    window_steps: int = 500
+    # torch.compile the forward pass and loss of each step (not the optimiser): "off" (eager),
+    # "default" or "reduce-overhead" (also replays CUDA graphs, which cuts launch overhead on a GPU;
+    # elsewhere it compiles as "default"). Validation and checkpoints use the plain module.
+    compile: str = "off"
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "eval_every", "log_every", "eval_batch_size", "window_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, not {getattr(self, name)}")
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size must be >= 2 (pairs need two images), not {self.batch_size}")
+        if self.max_resident_gb <= 0:
+            raise ValueError(f"max_resident_gb must be positive, not {self.max_resident_gb}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, not {self.compile!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """All settings of a training run; saved as JSON inside every checkpoint."""
+
+    # The adapter's architecture.
+    adapter: AdapterConfig = dataclasses.field(default_factory=AdapterConfig)
+    # The regression + pairwise ranking loss.
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    # Optimiser and learning-rate schedule.
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    # Steps, batches, validation and memory budget.
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain data (tuples become lists)."""
+        return json.loads(self.to_json())
+
+    def to_json(self) -> str:
+        """The config as a JSON string, the form stored in checkpoints."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "run config") -> RunConfig:
+        """Build a config from plain data; missing fields keep their defaults.
+
+        Raises:
+            InputError: an unknown section or field, a value of the wrong type, or an invalid setting.
+        """
+        return instantiate_config(cls, merge_settings(cls, {}, data, where, prefix=""), where, prefix="")
+
+    @classmethod
+    def from_json(cls, text: str) -> RunConfig:
+        """Inverse of `to_json`."""
+        return cls.from_dict(json.loads(text), where="checkpoint run config")
+
+    def differences(self, other: RunConfig) -> list[str]:
+        """Dotted names of the fields whose values differ between two configs."""
+        return _diff(self.to_dict(), other.to_dict(), "")
+
+
+# A small adapter for a tiny backbone (width 64, 16 tokens), trained with a larger learning rate: the
+# settings of `rankpipe demo` and of `rankpipe bench --quick`, so either trains in seconds on a CPU.
+# The number of relational tokens is left to the caller (the bench's k-variants set it).
+SMALL_ADAPTER_OVERRIDES = (
+    "adapter.d_model=64",
+    "adapter.heads=4",
+    "adapter.text_extra_tokens=8",
+    "adapter.head_hidden=64",
+    "optim.lr=1e-3",
+    "optim.warmup_steps=30",
+    "train.batch_size=32",
+    "train.eval_every=50",
+    "train.log_every=10",
+)
+
+
+def load_run_config(
+    config_path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    base: RunConfig | None = None,
+    overrides_from: str = "--set",
+) -> RunConfig:
+    """The run config from `base` (or the defaults), then a YAML file, then `--set` overrides.
+
+    Settings are gathered as plain data and the dataclasses are built once at the end, so a field
+    whose default depends on another (e.g. the loss's regression form on `loss.pairwise`) follows
+    the final value of that field unless it was set itself.
+
+    Args:
+        config_path: YAML file with optional sections adapter, loss, optim, train.
+        overrides: `section.field=value` strings, applied in order; values are converted to the field's type.
+        base: the starting config (a resumed run's); None starts from the defaults.
+        overrides_from: where the overrides came from, named in error messages.
+
+    Raises:
+        InputError: the file is missing or not YAML, or a section, field or value is wrong.
+    """
+    data: dict[str, Any] = merge_settings(RunConfig, {}, base.to_dict(), "base config", "") if base is not None else {}
+    if config_path is not None:
+        path = Path(config_path)
+        if not path.is_file():
+            raise InputError(f"config file {path} does not exist; pass the path of a YAML run config")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise InputError(f"{path} is not valid YAML: {e}") from e
+        data = merge_settings(RunConfig, data, loaded if loaded is not None else {}, str(path), prefix="")
+    for item in overrides:
+        dotted, sep, value = item.partition("=")
+        path_parts = dotted.strip().split(".")
+        if not sep or len(path_parts) < 2 or not all(path_parts):
+            raise InputError(
+                f"{overrides_from} {item!r} is not of the form section.field=value "
+                f"(sections: {', '.join(_field_names(RunConfig))})"
+            )
+        update: Any = value.strip()
+        for part in reversed(path_parts):
+            update = {part: update}
+        data = merge_settings(RunConfig, data, update, overrides_from, prefix="")
+    return instantiate_config(RunConfig, data, "run config", prefix="")
+
+
+def merge_settings(cls: type, data: dict[str, Any], update: Any, where: str, prefix: str) -> dict[str, Any]:
+    """`data` (plain values of `cls`'s fields) updated with `update`, each value converted to its field's type."""
+    if not isinstance(update, dict):
+        raise InputError(f"{where}: {prefix.rstrip('.') or 'the config'} must be a mapping of field: value")
+    hints = typing.get_type_hints(cls)
+    known = _field_names(cls)
+    out = dict(data)
+    for key, value in update.items():
+        dotted = f"{prefix}{key}"
+        if key not in known:
+            raise InputError(f"{where}: unknown field '{dotted}'; allowed: {', '.join(prefix + k for k in known)}")
+        field_type = hints[key]
+        if dataclasses.is_dataclass(field_type):
+            if not isinstance(value, dict):
+                raise InputError(f"{where}: '{dotted}' is a section; set its fields as {dotted}.FIELD=VALUE")
+            out[key] = merge_settings(field_type, out.get(key, {}), value, where, dotted + ".")
+        else:
+            out[key] = _coerce(value, field_type, where, dotted)
+    return out
+
+
+def instantiate_config(cls: type, data: dict[str, Any], where: str, prefix: str) -> Any:
+    """Build dataclass `cls` from converted plain values; a failed validation names the section."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {
+        key: instantiate_config(hints[key], value, where, f"{prefix}{key}.") if dataclasses.is_dataclass(hints[key]) else value
+        for key, value in data.items()
+    }
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:  # InputError is a ValueError
+        section = prefix.rstrip(".") or "run config"
+        raise InputError(f"{where}: {section}: {e}") from e
+
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def _coerce(value: Any, tp: Any, where: str, dotted: str) -> Any:
+    """Convert a YAML value or a `--set` string to type `tp`, or raise an InputError naming the field."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+
+    def fail(expected: str) -> InputError:
+        return InputError(f"{where}: field '{dotted}' expects {expected}, got {value!r}")
+
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in args if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
+            if len(options) < len(args):
+                return None
+        for option in options:
+            try:
+                return _coerce(value, option, where, dotted)
+            except InputError:
+                continue
+        raise fail(" or ".join(_type_name(a) for a in args))
+    if origin is typing.Literal:
+        for allowed in args:
+            if value == allowed or (isinstance(value, str) and str(allowed) == value):
+                return allowed
+        raise fail("one of " + ", ".join(repr(a) for a in args))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        raise fail("true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                raise fail("an integer") from None
+            if number.is_integer():
+                return int(number)
+        raise fail("an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise fail("a number") from None
+        raise fail("a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, bool):  # YAML reads a bare off/on/no/yes as a boolean
+            raise fail("a string (quote it: YAML reads a bare off, on, no or yes as true/false)")
+        raise fail("a string")
+    if origin in (tuple, list):
+        items = value
+        if isinstance(value, str):
+            parsed = yaml.safe_load(value) if value.lstrip().startswith("[") else value.split(",")
+            items = parsed if isinstance(parsed, list) else [parsed]
+        if not isinstance(items, (list, tuple)):
+            raise fail("a list")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(items) != len(args):
+                raise fail(f"{len(args)} values")
+            item_types = list(args)
+        else:
+            item_types = [args[0] if args else Any] * len(items)
+        converted = [
+            _coerce(item.strip() if isinstance(item, str) else item, t, where, dotted) for item, t in zip(items, item_types)
+        ]
+        return tuple(converted) if origin is tuple else converted
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    return "none" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _diff(a: Any, b: Any, prefix: str) -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b)):
+            out += _diff(a.get(key), b.get(key), f"{prefix}{key}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]

@@ -1,0 +1,398 @@
+"""The embed job: run the frozen CLIP over every input tar once and cache its tokens in the store.
+
+Tars are the unit of work. Decoding runs in DataLoader workers (one tar per worker at a time), the
+forward pass in the main thread, and store writes in a writer thread. A tar's rows are written,
+then its `done` flag; a rerun skips finished tars and redoes unfinished ones whole, so a killed
+run resumes to the same bytes an uninterrupted run writes.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from rankpipe.errors import InputError
+from rankpipe.pipeline.embed.backbone import Backbone, BackboneSpec, compatibility_problem, load_backbone
+from rankpipe.pipeline.embed.store_writer import EmbeddedBatch, WriterThread
+from rankpipe.pipeline.embed.decode import DecodedBatch, TarBatches, TarTask
+from rankpipe.pipeline.embed.gpu_decode import GpuPreprocess
+from rankpipe.pipeline.data.manifest import LabelSpec, Manifest
+from rankpipe.pipeline.store import (TOKEN_DTYPE, BlockMeta, StoreConfig, StorePlan, TokenStore, create_store,
+                                     plan_store)
+from rankpipe.pipeline.data.tars import TarInfo, is_remote, list_tars
+from rankpipe.pipeline.embed.weights import RANDOM_WEIGHTS, file_sha256
+
+logger = logging.getLogger(__name__)
+
+MODES = ("incremental", "overwrite")
+# Batches between the compute loop and the writer thread; bounds host memory held by pending writes.
+WRITE_QUEUE_BATCHES = 8
+# Shard files written in parallel (each is its own file; one thread writes a few hundred MB/s).
+WRITE_THREADS = 4
+# Batches decoded ahead of the forward pass on the GPU path.
+STAGED_BATCHES = 2
+
+
+@dataclasses.dataclass
+class EmbedSummary:
+    """What an embed run did."""
+
+    # The store written.
+    store: Path
+    # Images run through the backbone in this run.
+    images_embedded: int = 0
+    # Samples of the tars embedded in this run that could not be used (each row keeps its reason).
+    invalid: int = 0
+    # Tars embedded in this run, and tars skipped because an earlier run finished them.
+    tars_embedded: int = 0
+    tars_skipped: int = 0
+    # Wall-clock seconds of the run, and of its streaming part (decode, forward, write) alone.
+    seconds: float = 0.0
+    embed_seconds: float = 0.0
+    # Invalid samples by reason.
+    errors: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+    def line(self) -> str:
+        """One-line summary for the end of a run."""
+        if self.tars_embedded == 0:
+            return f"store {self.store} is complete ({self.tars_skipped} tars): nothing to do"
+        rate = self.images_embedded / self.embed_seconds if self.embed_seconds > 0 else 0.0
+        text = (f"embedded {self.images_embedded} images from {self.tars_embedded} tars "
+                f"({self.invalid} invalid, {self.tars_skipped} tars already done) into {self.store} "
+                f"in {self.seconds:.1f}s ({rate:.0f} img/s)")
+        if self.errors:
+            reason, count = self.errors.most_common(1)[0]
+            text += f"; most common problem: {reason} ({count}x)"
+        return text
+
+    def add_tar(self, meta: BlockMeta, count: int) -> None:
+        valid = int(meta.valid.sum())
+        self.images_embedded += valid
+        self.invalid += count - valid
+        self.tars_embedded += 1
+        for reason in meta.errors[:count][~meta.valid[:count]]:
+            self.errors[str(reason)] += 1
+
+
+def manifest_for_pattern(pattern: str, labels: Sequence[tuple[str, str]]) -> Manifest:
+    """A manifest for a bare shard pattern with (label name, query) pairs given on the command line."""
+    if not labels:
+        raise InputError("a bare shard pattern needs --label NAME --query \"Sort images by ...\" (or pass a manifest)")
+    try:
+        specs = tuple(LabelSpec(name=name, query=query) for name, query in labels)
+        return Manifest(name=Path(pattern.split("{")[0]).name or "shards", shards=pattern, labels=specs)
+    except ValueError as e:
+        raise InputError(f"bad --label/--query: {e}") from e
+
+
+def embed(manifest: Manifest, store_path: str | Path, backbone_spec: BackboneSpec, device: str = "cpu",
+          batch_size: int = 256, workers: int = 4, mode: str = "incremental", compress: bool = False,
+          progress: bool = True, store_config: StoreConfig | None = None) -> EmbedSummary:
+    """Embed every tar of the manifest into the store, resuming an unfinished store.
+
+    Args:
+        manifest: the dataset (tars, labels and their queries).
+        store_path: the Zarr store folder.
+        backbone_spec: which frozen CLIP to run.
+        device: "cpu" or "cuda" (or "cuda:N").
+        batch_size: images per forward pass.
+        workers: decoding processes (0 decodes in the main process).
+        mode: "incremental" resumes a compatible store; "overwrite" replaces it (after the inputs check out).
+        compress: zstd-compress the arrays of a new store.
+        progress: show a progress bar.
+        store_config: chunk and shard sizes (defaults to StoreConfig(compress=compress)).
+
+    Returns:
+        What was embedded; `summary.line()` is the one-line report.
+
+    Raises:
+        InputError: bad arguments, unreadable inputs, or a store made from other inputs (incremental).
+    """
+    start = time.perf_counter()
+    if mode not in MODES:
+        raise InputError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    if batch_size < 1 or workers < 0:
+        raise InputError(f"need batch size >= 1 and workers >= 0, got {batch_size} and {workers}")
+    torch_device = torch_device_for(device)
+    config = store_config or StoreConfig(compress=compress)
+    tars = input_tars(manifest)
+    if mode == "incremental" and finished_with(Path(store_path), manifest, backbone_spec, tars, config.compress):
+        # Nothing to embed: skip loading the backbone, which may need weights that are not at hand.
+        summary = EmbedSummary(store=Path(store_path), tars_skipped=len(tars))
+        summary.seconds = time.perf_counter() - start
+        return summary
+    backbone = load_backbone(backbone_spec, torch_device)
+    plan = plan_for_backbone(tars, backbone, config)
+    store = open_or_create_store(Path(store_path), mode, backbone, manifest, plan, config)
+    pending = [t for t, done in enumerate(store.done()) if not done]
+    summary = EmbedSummary(store=store.path, tars_skipped=len(plan.tars) - len(pending))
+    if pending:
+        streaming = time.perf_counter()
+        _embed_tars(store, pending, backbone, batch_size, workers, progress, summary)
+        summary.embed_seconds = time.perf_counter() - streaming
+    summary.seconds = time.perf_counter() - start
+    logger.info(summary.line())
+    return summary
+
+
+def input_tars(manifest: Manifest) -> list[TarInfo]:
+    """The manifest's tars (local ones by absolute path) with their sample counts.
+
+    Raises:
+        InputError: a tar cannot be listed, or the tars hold no samples at all.
+    """
+    tars = list_tars([absolute_url(url) for url in manifest.shard_urls()])
+    if sum(tar.count for tar in tars) == 0:
+        raise InputError(f"the tars of {manifest.shards} hold no samples; check the shard pattern")
+    return tars
+
+
+def plan_for_backbone(tars: Sequence[TarInfo], backbone: Backbone, config: StoreConfig) -> StorePlan:
+    """The store's row allocation for these tars and this backbone's token size."""
+    bytes_per_row = backbone.num_tokens * backbone.token_dim * np.dtype(TOKEN_DTYPE).itemsize
+    return plan_store(tars, bytes_per_row, config)
+
+
+def embed_tar(store: TokenStore, t: int, backbone: Backbone, batch_size: int = 256, workers: int = 1,
+              progress: bool = False) -> EmbedSummary:
+    """Embed one tar of an allocated store (the unit of work a distributed runner calls per tar).
+
+    Args:
+        store: a store opened for writing (create_store or TokenStore.open(..., writable=True)).
+        t: index of the tar in store.blocks.
+        backbone: the loaded backbone, matching the store's provenance.
+        batch_size: images per forward pass.
+        workers: decoding processes for this tar (0 or 1; a tar is read sequentially).
+        progress: show a progress bar.
+    """
+    problem = compatibility_problem(store.provenance, backbone.provenance) or decoder_problem(store.provenance, backbone)
+    if problem:
+        raise InputError(f"store {store.path} was made with another backbone: {problem}")
+    summary = EmbedSummary(store=store.path)
+    start = time.perf_counter()
+    _embed_tars(store, [t], backbone, batch_size, min(workers, 1), progress, summary)
+    summary.seconds = summary.embed_seconds = time.perf_counter() - start
+    return summary
+
+
+def _embed_tars(store: TokenStore, tars: list[int], backbone: Backbone, batch_size: int, workers: int,
+                progress: bool, summary: EmbedSummary) -> None:
+    device = backbone.device
+    on_gpu = device.type == "cuda"
+    gpu_pre = None
+    if on_gpu and GpuPreprocess.supports(backbone.preprocess_cfg):
+        gpu_pre = GpuPreprocess(backbone.preprocess_cfg, backbone.image_size, device)
+    tasks = [TarTask(t, store.blocks[t].url, store.blocks[t].count) for t in tars]
+    dataset = TarBatches(tasks, store.label_names, batch_size, backbone.preprocess, jpeg_on_gpu=gpu_pre is not None)
+    num_workers = min(workers, len(tasks))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=on_gpu,
+                                         prefetch_factor=4 if num_workers else None)
+    counts = {t: store.blocks[t].count for t in tars}
+    writer = WriterThread(store, lambda t, meta: summary.add_tar(meta, counts[t]), WRITE_QUEUE_BATCHES,
+                          WRITE_THREADS)
+    bar = tqdm(total=sum(counts.values()), unit="img", disable=not progress, desc="embed", dynamic_ncols=True)
+    staged = _staged_on_side_stream(loader, gpu_pre, device) if on_gpu else (_stage(b, gpu_pre, device) for b in loader)
+    try:
+        with torch.inference_mode():
+            for batch, images, positions in staged:
+                writer.put(_encode(batch, images, positions, backbone))
+                bar.update(len(batch.keys))
+    finally:
+        bar.close()
+        writer.close()
+
+
+def _stage(batch: DecodedBatch, gpu_pre: GpuPreprocess | None,
+           device: torch.device) -> tuple[DecodedBatch, torch.Tensor | None, np.ndarray]:
+    """A batch's usable images on the device, [k, 3, H, W] in tar order, and their tar positions [k].
+
+    JPEGs that fail to decode on the GPU get their reason written into batch.errors.
+    """
+    parts, positions = [], []
+    if batch.images is not None:
+        parts.append(batch.images.to(device, non_blocking=True))  # [k1, 3, H, W]
+        positions.append(batch.image_positions)
+    if len(batch.jpeg_positions):
+        images, ok, failures = gpu_pre(batch.jpegs())
+        failed = sorted(set(range(len(batch.jpeg_positions))) - set(ok))
+        for i, reason in zip(failed, failures):
+            batch.errors[batch.jpeg_positions[i] - batch.start] = reason
+        if images is not None:
+            parts.append(images)  # [k2, 3, H, W]
+            positions.append(batch.jpeg_positions[ok])
+    if not parts:
+        return batch, None, np.zeros(0, dtype=np.int64)
+    x = torch.cat(parts)  # [k, 3, H, W]
+    position = np.concatenate(positions)  # [k]
+    order = np.argsort(position, kind="stable")
+    if len(parts) > 1:
+        x = x[torch.from_numpy(order).to(device)]
+    return batch, x, position[order]
+
+
+def _staged_on_side_stream(loader: Iterable[DecodedBatch], gpu_pre: GpuPreprocess | None,
+                           device: torch.device) -> Iterator[tuple[DecodedBatch, torch.Tensor | None, np.ndarray]]:
+    """_stage in a background thread on its own CUDA stream, so decoding overlaps the forward pass.
+
+    nvjpeg does part of its work (Huffman decoding) on the CPU; in a second thread that part runs
+    while the main thread's forward pass keeps the GPU busy.
+    """
+    staged: queue.Queue = queue.Queue(STAGED_BATCHES)
+    stream = torch.cuda.Stream(device)
+    done = object()
+
+    def produce() -> None:
+        try:
+            with torch.inference_mode(), torch.cuda.stream(stream):
+                for batch in loader:
+                    item = _stage(batch, gpu_pre, device)
+                    ready = torch.cuda.Event()
+                    ready.record(stream)
+                    staged.put((item, ready))
+            staged.put((done, None))
+        except BaseException as e:  # re-raised in the consuming thread
+            staged.put((e, None))
+
+    thread = threading.Thread(target=produce, name="gpu-decode", daemon=True)
+    thread.start()
+    while True:
+        item, ready = staged.get()
+        if item is done:
+            break
+        if isinstance(item, BaseException):
+            raise item
+        torch.cuda.current_stream(device).wait_event(ready)
+        batch, images, positions = item
+        if images is not None:
+            # Made on the side stream, used on the main one: keep the allocator from recycling it early.
+            images.record_stream(torch.cuda.current_stream(device))
+        yield batch, images, positions
+    thread.join()
+
+
+def _encode(batch: DecodedBatch, x: torch.Tensor | None, positions: np.ndarray, backbone: Backbone) -> EmbeddedBatch:
+    """Run staged images through the backbone; device-to-host copies are left in flight for the writer."""
+    if x is None:
+        return EmbeddedBatch(batch, positions, None, None)
+    device = backbone.device
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    with autocast:
+        tokens, embed = backbone.encode_images(x)  # [k, P, D], [k, E]
+    tokens, embed = tokens.to(torch.float16), embed.to(torch.float16)
+    if device.type != "cuda":
+        return EmbeddedBatch(batch, positions, tokens.contiguous(), embed.contiguous())
+    host_tokens = torch.empty(tokens.shape, dtype=torch.float16, pin_memory=True)
+    host_embed = torch.empty(embed.shape, dtype=torch.float16, pin_memory=True)
+    host_tokens.copy_(tokens, non_blocking=True)
+    host_embed.copy_(embed, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return EmbeddedBatch(batch, positions, host_tokens, host_embed, ready)
+
+
+def open_or_create_store(path: Path, mode: str, backbone: Backbone, manifest: Manifest, plan: StorePlan,
+                    config: StoreConfig) -> TokenStore:
+    exists = path.exists() and (not path.is_dir() or any(path.iterdir()))
+    if mode == "incremental" and exists:
+        store = TokenStore.open(path, allow_incomplete=True, writable=True)
+        problem = store_mismatch(store, backbone.provenance, manifest, plan, config) or decoder_problem(store.provenance, backbone)
+        if problem:
+            raise InputError(f"store {path} was made from other inputs: {problem}; "
+                             f"pass --mode overwrite to replace it, or choose another --store path")
+        return store
+    if mode == "overwrite" and path.exists() and not (path / "zarr.json").is_file() and path.is_dir():
+        raise InputError(f"{path} exists and is not a Zarr store; refusing to delete it, choose another --store path")
+    texts = {label.query: backbone.encode_text(label.query) for label in manifest.labels}
+    provenance = {**backbone.provenance, "image_decoder": image_decoder(backbone)}
+    return create_store(path, plan, provenance, manifest, texts, config)
+
+
+def finished_with(path: Path, manifest: Manifest, spec: BackboneSpec, tars: Sequence[TarInfo], compress: bool) -> bool:
+    """Whether the store at `path` is complete and was made from these tars, manifest, weights and compression.
+
+    Decided from the store's records alone, without loading the backbone. Anything short of a sure
+    match answers False, and the full check (which loads the backbone) then runs and explains.
+    """
+    if not (path / "zarr.json").is_file():
+        return False
+    try:
+        store = TokenStore.open(path, allow_incomplete=True)
+    except InputError:
+        return False
+    recorded = store.provenance
+    if spec.pretrained.lower() == RANDOM_WEIGHTS:
+        same_weights = recorded.get("pretrained") == RANDOM_WEIGHTS and recorded.get("seed") == spec.seed
+    elif Path(spec.pretrained).is_file():
+        same_weights = recorded.get("checkpoint_sha256") == file_sha256(Path(spec.pretrained))
+    else:
+        same_weights = recorded.get("pretrained") == spec.pretrained
+    return (store.is_complete and recorded.get("model") == spec.model and same_weights and store.compressed == compress
+            and [(b.url, b.count) for b in store.blocks] == [(t.url, t.count) for t in tars]
+            and store.manifest.to_dict() == manifest.to_dict())
+
+
+def image_decoder(backbone: Backbone) -> str:
+    """How this run turns image bytes into pixels: "gpu" (nvJPEG + GPU resize, on CUDA) or "pil".
+
+    The two agree closely but not bit for bit, so a store records which one made its rows and is only
+    resumed with the same one: every row of a store then comes from one decoder.
+    """
+    on_gpu = backbone.device.type == "cuda"
+    return "gpu" if on_gpu and GpuPreprocess.supports(backbone.preprocess_cfg) else "pil"
+
+
+def decoder_problem(recorded: dict, backbone: Backbone) -> str | None:
+    """Why this run's image decoder differs from the one that made the store's rows, or None."""
+    theirs, ours = recorded.get("image_decoder", "pil"), image_decoder(backbone)
+    if theirs == ours:
+        return None
+    return (f"its images were decoded by {theirs!r} and this run would decode by {ours!r} "
+            f"(embed on {'a CUDA device' if theirs == 'gpu' else 'the CPU'} to resume it)")
+
+
+def store_mismatch(store: TokenStore, provenance: dict, manifest: Manifest, plan: StorePlan,
+                   config: StoreConfig) -> str | None:
+    """Why an existing store cannot be resumed with these inputs, or None."""
+    problem = compatibility_problem(store.provenance, provenance)
+    if problem:
+        return problem
+    ours = [(block.url, block.count) for block in plan.tars]
+    theirs = [(block.url, block.count) for block in store.blocks]
+    if ours != theirs:
+        return f"its tars differ ({len(theirs)} tars, first {theirs[:1]}) from the inputs ({len(ours)} tars, first {ours[:1]})"
+    if store.manifest.to_dict() != manifest.to_dict():
+        return "its manifest (name, labels, queries or splits) differs from the given one"
+    if (store.chunk_rows, store.shard_rows) != (plan.chunk_rows, plan.shard_rows):
+        return f"its chunking ({store.chunk_rows}/{store.shard_rows} rows) differs from ({plan.chunk_rows}/{plan.shard_rows})"
+    if store.compressed != config.compress:
+        return f"it was created with compression {'on' if store.compressed else 'off'}"
+    return None
+
+
+def torch_device_for(device: str) -> torch.device:
+    """The torch device named by a --device value; an InputError for an unknown or unavailable one."""
+    try:
+        torch_device = torch.device(device)
+    except RuntimeError as e:
+        raise InputError(f"unknown device {device!r}; use cpu or cuda") from e
+    if torch_device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    if torch_device.type not in ("cpu", "cuda"):
+        raise InputError(f"device {device!r} is not supported; use cpu or cuda")
+    return torch_device
+
+
+def absolute_url(url: str) -> str:
+    # Local tars are recorded by absolute path so the store can be used from any folder.
+    return url if is_remote(url) else str(Path(url).resolve())

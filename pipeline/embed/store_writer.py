@@ -1,0 +1,198 @@
+"""Writing a tar's rows into the store off the compute loop.
+
+Features arrive batch by batch; `BlockAccumulator` places them in a buffer of one Zarr shard and
+writes each shard whole once all its samples have been seen (one write per file, no
+read-modify-write), then the per-row arrays, then the tar's `done` flag. `WriterThread` runs these
+writes in a background thread behind a bounded queue so the GPU never waits on storage.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import queue
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable
+
+import numpy as np
+import torch
+
+from rankpipe.pipeline.embed.decode import DecodedBatch
+from rankpipe.pipeline.store import TOKEN_DTYPE, BlockMeta, TokenStore
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class EmbeddedBatch:
+    """A decoded batch with the features of its usable images."""
+
+    # The batch as read from the tar (metadata of every sample in its run).
+    batch: DecodedBatch
+    # Tar positions of the embedded images, ascending.
+    positions: np.ndarray
+    # [k, P, D] and [k, E] float16 features, in `positions` order (on the host, maybe still being copied).
+    tokens: torch.Tensor | None
+    embed: torch.Tensor | None
+    # Set once the device-to-host copy of tokens/embed has finished (None: already on the host).
+    ready: torch.cuda.Event | None = None
+
+
+class BlockAccumulator:
+    """Collects one tar's rows and writes them shard by shard."""
+
+    def __init__(self, store: TokenStore, t: int, submit: Callable[..., Future] | None = None) -> None:
+        """
+        Args:
+            store: the store to write.
+            t: the tar's index.
+            submit: runs a shard write, maybe in another thread (like ThreadPoolExecutor.submit);
+                None writes in the calling thread.
+        """
+        self.store, self.t = store, t
+        self.submit = submit
+        self.writes: list[Future] = []
+        self.block = store.blocks[t]
+        n = self.block.row_stop - self.block.row_start
+        S = store.shard_rows
+        P = store.provenance["token_grid"][0] * store.provenance["token_grid"][1]
+        D, E = store.provenance["token_dim"], store.provenance["embed_dim"]
+        unread = np.where(np.arange(n) < self.block.count, "sample not read", "")
+        self.meta = BlockMeta(
+            keys=np.full(n, "", dtype=object), valid=np.zeros(n, dtype=bool), errors=unread.astype(object),
+            splits=np.full(n, "", dtype=object),
+            labels={name: np.full(n, np.nan, dtype=np.float32) for name in store.label_names},
+        )
+        self.shape = (S, P, D), (S, E)
+        self.tokens = np.zeros(self.shape[0], dtype=TOKEN_DTYPE)  # [S, P, D] buffer of the current shard
+        self.embed = np.zeros(self.shape[1], dtype=TOKEN_DTYPE)  # [S, E]
+        self.shard = 0  # index (within the block) of the shard being filled
+        self.seen = 0  # samples of the tar covered so far
+
+    def add(self, item: EmbeddedBatch) -> None:
+        """Record a batch; writes every shard it completes."""
+        batch = item.batch
+        rows = slice(batch.start, batch.start + len(batch.keys))
+        self.meta.keys[rows] = batch.keys
+        self.meta.splits[rows] = batch.splits
+        self.meta.errors[rows] = batch.errors
+        for i, name in enumerate(self.store.label_names):
+            self.meta.labels[name][rows] = batch.labels[:, i]
+        if item.ready is not None:
+            item.ready.synchronize()
+        if len(item.positions):
+            self._place(item.positions, item.tokens.numpy(), item.embed.numpy())
+        self.seen = rows.stop
+        while self.seen >= (self.shard + 1) * self.store.shard_rows:
+            self._flush()
+
+    def _place(self, positions: np.ndarray, tokens: np.ndarray, embed: np.ndarray) -> None:
+        """Copy features into the shard buffers, one block copy per shard the positions touch.
+
+        Args:
+            positions: [k] ascending tar positions, none in a shard already written.
+            tokens: [k, P, D] and embed: [k, E], in `positions` order.
+        """
+        S = self.store.shard_rows
+        shard_of = positions // S  # [k], ascending
+        for shard in np.unique(shard_of):
+            while self.shard < shard:
+                self._flush()
+            first, stop = np.searchsorted(shard_of, [shard, shard + 1])
+            local = positions[first:stop] - shard * S  # rows within the shard buffer
+            self.tokens[local] = tokens[first:stop]
+            self.embed[local] = embed[first:stop]
+        self.meta.valid[positions] = True
+
+    def finish(self, tar_error: str) -> None:
+        """Write the remaining shards, the per-row arrays, then mark the tar done."""
+        if self.seen < self.block.count:
+            reason = f"not read: the tar ended after {self.seen} of {self.block.count} samples"
+            reason += f" ({tar_error})" if tar_error else ""
+            self.meta.errors[self.seen:self.block.count] = reason
+        n_shards = (self.block.row_stop - self.block.row_start) // self.store.shard_rows
+        while self.shard < n_shards:
+            self._flush()
+        for write in self.writes:
+            write.result()  # every shard is on disk before the tar can be marked done
+        self.store.write_block_meta(self.t, self.meta)
+        self.store.mark_done(self.t)
+
+    def _flush(self) -> None:
+        row = self.block.row_start + self.shard * self.store.shard_rows
+        if self.submit is None:
+            self.store.write_tokens(row, self.tokens, self.embed)
+            self.tokens[:] = 0
+            self.embed[:] = 0
+        else:
+            # The buffers travel with the write; the next shard gets fresh ones.
+            self.writes.append(self.submit(self.store.write_tokens, row, self.tokens, self.embed))
+            self.tokens = np.zeros(self.shape[0], dtype=TOKEN_DTYPE)
+            self.embed = np.zeros(self.shape[1], dtype=TOKEN_DTYPE)
+        self.shard += 1
+
+
+class WriterThread:
+    """Consumes EmbeddedBatches in a background thread; errors resurface in the caller's thread."""
+
+    def __init__(self, store: TokenStore, on_tar_done: Callable[[int, BlockMeta], None], max_queue: int,
+                 write_threads: int) -> None:
+        """
+        Args:
+            store: the store to write.
+            on_tar_done: called (in the writer thread) with each finished tar's index and metadata.
+            max_queue: batches in flight before `put` blocks (bounds host memory).
+            write_threads: shard files written in parallel (each shard is its own file, so they never
+                conflict); also the most shard buffers waiting to be written.
+        """
+        self.store = store
+        self.pool = ThreadPoolExecutor(write_threads, thread_name_prefix="shard-write")
+        self.pending: collections.deque[Future] = collections.deque()
+        self.max_pending = write_threads
+        self.on_tar_done = on_tar_done
+        self.queue: queue.Queue[EmbeddedBatch | None] = queue.Queue(max_queue)
+        self.error: BaseException | None = None
+        self.blocks: dict[int, BlockAccumulator] = {}
+        self.thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, item: EmbeddedBatch) -> None:
+        self._raise_if_failed()
+        self.queue.put(item)
+
+    def close(self) -> None:
+        """Wait for all writes to finish; re-raise a writer error."""
+        self.queue.put(None)
+        self.thread.join()
+        self.pool.shutdown(wait=True)
+        self._raise_if_failed()
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is not None:
+                continue  # drain so the producer never blocks on a dead writer
+            try:
+                t = item.batch.tar
+                if t not in self.blocks:
+                    self.blocks[t] = BlockAccumulator(self.store, t, self._submit)
+                block = self.blocks[t]
+                block.add(item)
+                if item.batch.last:
+                    block.finish(item.batch.tar_error)
+                    self.on_tar_done(t, block.meta)
+                    del self.blocks[t]
+            except BaseException as e:  # handed to the producer thread, which re-raises it
+                self.error = e
+
+    def _submit(self, fn: Callable, *args) -> Future:
+        while len(self.pending) >= self.max_pending:
+            self.pending.popleft().result()
+        future = self.pool.submit(fn, *args)
+        self.pending.append(future)
+        return future
+
+    def _raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise RuntimeError(f"writing store {self.store.path} failed") from self.error
