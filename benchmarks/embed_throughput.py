@@ -37,12 +37,22 @@ import webdataset as wds
 from PIL import Image
 from skimage import data as skdata
 
-from rankpipe.pipeline.embed.backbone import TINY_VIT, Backbone, BackboneSpec, load_backbone
-from rankpipe.pipeline.embed.store_writer import EmbeddedBatch, WriterThread
-from rankpipe.pipeline.embed.decode import DecodedBatch, TarBatches, TarTask
-from rankpipe.pipeline.embed.job import embed, input_tars, open_or_create_store, plan_for_backbone
-from rankpipe.pipeline.embed.gpu_decode import GpuPreprocess
 from rankpipe.pipeline.data.manifest import LabelSpec, Manifest
+from rankpipe.pipeline.embed.backbone import (
+    TINY_VIT,
+    Backbone,
+    BackboneSpec,
+    load_backbone,
+)
+from rankpipe.pipeline.embed.decode import DecodedBatch, TarBatches, TarTask
+from rankpipe.pipeline.embed.gpu_decode import GpuPreprocess
+from rankpipe.pipeline.embed.job import (
+    embed,
+    input_tars,
+    open_or_create_store,
+    plan_for_backbone,
+)
+from rankpipe.pipeline.embed.store_writer import EmbeddedBatch, WriterThread
 from rankpipe.pipeline.store import StoreConfig
 
 # Distinct encoded images; the tars repeat them (decoding cost does not depend on repetition).

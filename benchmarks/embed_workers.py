@@ -41,13 +41,14 @@ import time
 from pathlib import Path
 
 import torch
-
 from embed_throughput import manifest_subset, write_tars
-from rankpipe.pipeline.embed.backbone import TINY_VIT, BackboneSpec, load_backbone
+
+from rankpipe.devices import torch_device_for
 from rankpipe.pipeline.cluster import ClusterSpec, open_client
-from rankpipe.pipeline.embed.distributed import embed_distributed
-from rankpipe.pipeline.embed.job import embed, torch_device_for
 from rankpipe.pipeline.data.manifest import Manifest
+from rankpipe.pipeline.embed.backbone import TINY_VIT, BackboneSpec, load_backbone
+from rankpipe.pipeline.embed.distributed import embed_distributed
+from rankpipe.pipeline.embed.job import embed
 
 # The arrays holding the backbone's output; the rest of a store is bookkeeping.
 FEATURE_ARRAYS = ("image/tokens", "image/embed")

@@ -34,15 +34,19 @@ import click
 import numpy as np
 import torch
 
-from rankpipe.adapter.training.run_config import SMALL_ADAPTER_OVERRIDES
-from rankpipe.adapter.experiments.sweep.trial import DONE, TrialSettings
-from rankpipe.adapter.experiments.sweep.runner import SweepRequest, run_sweep, trial_task
+from rankpipe.adapter.experiments.sweep.runner import (
+    SweepRequest,
+    run_sweep,
+    trial_task,
+)
 from rankpipe.adapter.experiments.sweep.spec import SweepSpec, expand_trials
-from rankpipe.pipeline.embed.backbone import TextFeatures
+from rankpipe.adapter.experiments.sweep.trial import DONE, TrialSettings
+from rankpipe.adapter.training.run_config import SMALL_ADAPTER_OVERRIDES
 from rankpipe.pipeline.cluster import ClusterSpec, open_client
 from rankpipe.pipeline.data.manifest import LabelSpec, Manifest
-from rankpipe.pipeline.store import BlockMeta, StoreConfig, create_store, plan_store
 from rankpipe.pipeline.data.tars import TarInfo
+from rankpipe.pipeline.embed.backbone import TextFeatures
+from rankpipe.pipeline.store import BlockMeta, StoreConfig, create_store, plan_store
 
 # The small adapter of the CPU run (the --full-adapter run uses the defaults: d_model 768, K 16).
 SMALL_ADAPTER = (*SMALL_ADAPTER_OVERRIDES, "adapter.relational_tokens=4")

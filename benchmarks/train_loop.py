@@ -23,11 +23,11 @@ import time
 from pathlib import Path
 
 import click
-
-from rankpipe.adapter.training.run_config import COMPILE_MODES, load_run_config
-from rankpipe.adapter.training.loop import TrainEvent, train_from_store
-from rankpipe.pipeline.store import TokenStore
 from sweep_throughput import SMALL_ADAPTER, write_store
+
+from rankpipe.adapter.training.loop import TrainEvent, train_from_store
+from rankpipe.adapter.training.run_config import COMPILE_MODES, load_run_config
+from rankpipe.pipeline.store import TokenStore
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import click
 import torch
 
+from rankpipe.adapter.model.adapter import AdapterOutput, RankingAdapter
 from rankpipe.adapter.model.config import AdapterConfig, LossConfig
 from rankpipe.adapter.model.losses import ranking_loss
-from rankpipe.adapter.model.adapter import AdapterOutput, RankingAdapter
 from rankpipe.adapter.model.relational_reference import naive_pair_logits
 
 
@@ -89,7 +89,7 @@ def time_steps(model: RankingAdapter, naive: bool, n: int, args: dict, device: t
     except torch.OutOfMemoryError:
         return Timing(None, None)
     finally:
-        del opt
+        opt.state.clear()  # frees the moments before the next size allocates its own
         model.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -44,14 +44,12 @@ def bench(tasks, model, pretrained, variants_text, seeds, out_dir, quick, steps,
     query SRCC, PLCC, KRCC and MAE as mean ± std over seeds on the test split, and a section for
     held-out counting categories the adapters never trained on. Rerunning skips finished runs.
     """
-    import torch
-
     from rankpipe.adapter.experiments.bench.run import BenchConfig, run_bench
     from rankpipe.adapter.experiments.bench.variants import parse_variants
+    from rankpipe.devices import default_device
     from rankpipe.pipeline.embed.backbone import BackboneSpec
 
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device(device)
     config = BenchConfig(
         out_dir=out_dir, backbone=BackboneSpec(model, pretrained), variants=tuple(parse_variants(variants_text)),
         seeds=seeds, tasks=tasks, quick=quick, steps=steps, overrides=tuple(overrides), device=device,

@@ -8,9 +8,14 @@ import click
 from tqdm import tqdm
 
 from rankpipe.cli.params import NonEmptyPath
-from rankpipe.pipeline.datasets.photo_tasks.build import SIZES, build_photo_tasks, config_for_size
+from rankpipe.pipeline.datasets.photo_tasks.build import (
+    SIZES,
+    build_photo_tasks,
+    config_for_size,
+)
 from rankpipe.pipeline.datasets.preparers import preparer_names
 from rankpipe.pipeline.datasets.preparers.prepare import make_config, prepare_dataset
+from rankpipe.settings import split_assignment
 
 
 @click.group()
@@ -81,12 +86,7 @@ def prepare(name: str, src: Path, out_dir: Path, seed: int, attributes: bool | N
       utkface    age in years, 21-60
       clevr      object counts per colour, material and shape
     """
-    pairs = {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--set")
-        pairs[key.strip()] = value.strip()
+    pairs = dict(split_assignment(item) for item in overrides)
     config = make_config(name, pairs, seed=seed, attributes=attributes, samples_per_tar=samples_per_tar)
     with tqdm(desc=name, unit="img", leave=False) as bar:
         result = prepare_dataset(name, src, out_dir, config, progress=bar.update)

@@ -42,11 +42,11 @@ def embed(source: str, store_path: Path, model: str, pretrained: str, seed: int,
     ('shards/x-{000000..000009}.tar') together with --label/--query pairs. Rerunning resumes an
     unfinished store; a finished one is left as it is.
     """
-    from rankpipe.pipeline.embed.backbone import BackboneSpec
     from rankpipe.pipeline.cluster import parse_cluster
+    from rankpipe.pipeline.data.manifest import load_manifest
+    from rankpipe.pipeline.embed.backbone import BackboneSpec
     from rankpipe.pipeline.embed.job import embed as run_embed
     from rankpipe.pipeline.embed.job import manifest_for_pattern
-    from rankpipe.pipeline.data.manifest import load_manifest
 
     if len(labels) != len(queries):
         raise click.UsageError("give one --query for each --label")

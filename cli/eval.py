@@ -7,12 +7,12 @@ from pathlib import Path
 import click
 
 from rankpipe.adapter.evaluation.command import EvalRequest, run_evaluation
+from rankpipe.adapter.evaluation.contact_sheet import SheetConfig
 from rankpipe.adapter.evaluation.evaluate import EvalConfig
 from rankpipe.adapter.evaluation.metrics import MetricConfig
-from rankpipe.cli.params import NonEmptyPath
-from rankpipe.adapter.evaluation.contact_sheet import SheetConfig
-from rankpipe.pipeline.data.manifest import SPLIT_ROLES
 from rankpipe.adapter.evaluation.report import ReportConfig
+from rankpipe.cli.params import NonEmptyPath
+from rankpipe.pipeline.data.manifest import SPLIT_ROLES
 
 
 @click.command("eval")

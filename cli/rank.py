@@ -7,8 +7,14 @@ from pathlib import Path
 import click
 
 from rankpipe.adapter.evaluation.rank import RankConfig, rank_images
+from rankpipe.adapter.evaluation.rank_outputs import (
+    format_table,
+    query_lines,
+    ranking_format,
+    write_contact_sheets,
+    write_ranking,
+)
 from rankpipe.cli.params import NonEmptyPath
-from rankpipe.adapter.evaluation.rank_outputs import format_table, query_lines, ranking_format, write_contact_sheets, write_ranking
 
 
 @click.command("rank")

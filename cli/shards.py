@@ -11,13 +11,14 @@ from rankpipe.cli.params import NonEmptyPath
 from rankpipe.errors import InputError
 from rankpipe.pipeline.data.manifest import METRIC_FAMILIES
 from rankpipe.pipeline.data.shards import ShardsConfig, prepare_shards
+from rankpipe.settings import split_assignment
 
 
 def _role_value(text: str) -> tuple[str, str]:
-    role, sep, value = text.partition("=")
-    if not sep or not value:
-        raise InputError(f"--split-value {text!r} must look like ROLE=VALUE, e.g. val=holdout")
-    return role.strip(), value.strip()
+    role, value = split_assignment(text, "ROLE=VALUE, e.g. val=holdout", "--split-value")
+    if not value:
+        raise InputError(f"--split-value {text!r} is not of the form ROLE=VALUE, e.g. val=holdout")
+    return role, value
 
 
 @click.command()

@@ -32,22 +32,20 @@ def sweep(store_path, grid_path, out_dir, manifest_path, overrides, labels, devi
     unfinished ones; a failed trial is recorded with its reason and the sweep goes on. The results
     table, best validation SRCC first, is written as results.csv and results.md and printed.
     """
-    import torch
-
-    from rankpipe.adapter.experiments.sweep.trial import DONE, TrialSettings
     from rankpipe.adapter.experiments.sweep.runner import SweepRequest, run_sweep
     from rankpipe.adapter.experiments.sweep.spec import expand_trials, load_sweep_spec
+    from rankpipe.adapter.experiments.sweep.trial import DONE, TrialSettings
+    from rankpipe.devices import default_device, torch_device_for
     from rankpipe.pipeline.cluster import parse_cluster
     from rankpipe.pipeline.data.manifest import load_manifest
 
     spec = load_sweep_spec(grid_path)
     trials = expand_trials(spec, tuple(overrides))
     cluster_spec = parse_cluster(cluster, scheduler)
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device(device)
     # Workers of a remote scheduler have their own GPUs; only this machine's can be checked here.
-    if device == "cuda" and (cluster_spec is None or cluster_spec.scheduler is None) and not torch.cuda.is_available():
-        raise click.UsageError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    if cluster_spec is None or cluster_spec.scheduler is None:
+        torch_device_for(device)
     request = SweepRequest(
         store=store_path.resolve(), out_dir=out_dir.resolve(),
         manifest=load_manifest(manifest_path) if manifest_path is not None else None,

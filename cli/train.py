@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from rankpipe.adapter import ADAPTER_METHOD
 from rankpipe.cli.params import NonEmptyPath
 
 
@@ -21,7 +22,7 @@ from rankpipe.cli.params import NonEmptyPath
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), help="Where to train; default cuda when available.")
 @click.option("--seed", type=int, help="Shortcut for --set train.seed=N.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt (same settings; --max-steps may grow).")
-@click.option("--method", default="adapter", show_default=True, metavar="NAME",
+@click.option("--method", default=ADAPTER_METHOD, show_default=True, metavar="NAME",
               help="adapter, or a baseline: zero-shot, clip-iqa, linear-probe, coop, ordinalclip, l2rclip (docs/baselines.md). "
                    "A baseline takes --set FIELD=VALUE for its own settings.")
 @click.option("--backbone-weights", type=NonEmptyPath(dir_okay=False, path_type=Path),
@@ -34,11 +35,11 @@ def train(store_path, out_dir, manifest_path, config_path, overrides, labels, ma
     the best mean Spearman correlation (SRCC) over the trained queries. With --method NAME a baseline
     is fitted on the store's pooled image embeddings instead and written to OUT/best.pt.
     """
-    import torch
+    from rankpipe.devices import default_device, torch_device_for
 
-    if device == "cuda" and not torch.cuda.is_available():
-        raise click.UsageError("--device cuda was asked for but no CUDA device is available; use --device cpu")
-    if method != "adapter":
+    if device is not None:
+        torch_device_for(device)  # an unknown or absent device is refused before anything is read
+    if method != ADAPTER_METHOD:
         from rankpipe.adapter.baselines import get_method
 
         get_method(method)  # an unknown name is refused before anything is read
@@ -54,8 +55,8 @@ def train(store_path, out_dir, manifest_path, config_path, overrides, labels, ma
     from tqdm import tqdm
 
     from rankpipe.adapter.training.checkpoint import LAST, saved_run_config
-    from rankpipe.adapter.training.run_config import load_run_config
     from rankpipe.adapter.training.loop import TrainingDiverged, train_from_store
+    from rankpipe.adapter.training.run_config import load_run_config
     from rankpipe.pipeline.data.manifest import load_manifest
     from rankpipe.pipeline.store import TokenStore
 
@@ -64,8 +65,7 @@ def train(store_path, out_dir, manifest_path, config_path, overrides, labels, ma
     run_config = load_run_config(config_path, [*overrides, *shortcuts], base=base)
     store = TokenStore.open(store_path)
     manifest = load_manifest(manifest_path) if manifest_path is not None else None
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device(device)
 
     bar: tqdm | None = None  # made at the first step, so that input errors found before it print alone
 

@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 import zlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import distributed
 

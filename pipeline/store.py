@@ -11,17 +11,18 @@ import dataclasses
 import hashlib
 import math
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
 from rankpipe.errors import InputError
-from rankpipe.pipeline.embed.backbone import TextFeatures
 from rankpipe.pipeline.data.manifest import Manifest, ManifestError, manifest_from_dict
 from rankpipe.pipeline.data.tars import TarInfo
+from rankpipe.pipeline.embed.backbone import TextFeatures
 
 __all__ = ["StoreConfig", "StorePlan", "TarBlock", "BlockMeta", "TokenStore", "TextFeatures", "plan_store",
            "create_store", "prompt_id"]
@@ -118,7 +119,7 @@ def prompt_id(prompt: str) -> str:
 
 
 def create_store(path: str | Path, plan: StorePlan, provenance: dict[str, Any], manifest: Manifest,
-                 texts: dict[str, TextFeatures], config: StoreConfig) -> "TokenStore":
+                 texts: dict[str, TextFeatures], config: StoreConfig) -> TokenStore:
     """Create an empty store with every array allocated, the text features written and no tar done.
 
     Args:
@@ -195,7 +196,7 @@ class TokenStore:
             raise InputError(f"store {path} carries a malformed manifest ({e}); embed it again with --mode overwrite") from e
 
     @classmethod
-    def open(cls, path: str | Path, *, allow_incomplete: bool = False, writable: bool = False) -> "TokenStore":
+    def open(cls, path: str | Path, *, allow_incomplete: bool = False, writable: bool = False) -> TokenStore:
         """Open a finished store.
 
         Args:

@@ -86,9 +86,9 @@ def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_store(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished store of tiny_shards embedded with rankpipe-tiny-vit, random weights (seed 0), on CPU."""
+    from rankpipe.pipeline.data.manifest import load_manifest
     from rankpipe.pipeline.embed.backbone import TINY_VIT, BackboneSpec
     from rankpipe.pipeline.embed.job import embed
-    from rankpipe.pipeline.data.manifest import load_manifest
 
     path = tmp_path_factory.mktemp("tiny_store") / "tiny.zarr"
     embed(load_manifest(tiny_shards), path, BackboneSpec(TINY_VIT, "none", seed=0), device="cpu",
@@ -112,8 +112,8 @@ SYNTHETIC_PROVENANCE = {
 
 def assert_rank_matches_store(checkpoint, store, label: str) -> None:
     """`rank_images` on the store's own tars gives, per key, the scores `predict` gives through the store."""
-    from rankpipe.adapter.evaluation.scoring import load_checkpoint, predict
     from rankpipe.adapter.evaluation.rank import RankConfig, rank_images
+    from rankpipe.adapter.evaluation.scoring import load_checkpoint, predict
 
     loaded = load_checkpoint(checkpoint)
     urls = store.tar_urls()

@@ -7,9 +7,9 @@ import dataclasses
 import pytest
 import torch
 
+from rankpipe.adapter.model.adapter import RANKING_HEADS, AdapterOutput, RankingAdapter
 from rankpipe.adapter.model.config import RANKING_HEAD_NAMES, AdapterConfig, LossConfig
 from rankpipe.adapter.model.losses import ranking_loss
-from rankpipe.adapter.model.adapter import RANKING_HEADS, AdapterOutput, RankingAdapter
 from rankpipe.errors import InputError
 
 N, P, L, D_IMG, D_TXT = 5, 9, 7, 24, 20

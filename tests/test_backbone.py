@@ -11,7 +11,12 @@ import torch
 
 from rankpipe.errors import InputError
 from rankpipe.pipeline.embed.backbone import (
-    COMPATIBILITY_FIELDS, TINY_CONVNEXT, TINY_VIT, BackboneSpec, compatibility_problem, load_backbone,
+    COMPATIBILITY_FIELDS,
+    TINY_CONVNEXT,
+    TINY_VIT,
+    BackboneSpec,
+    compatibility_problem,
+    load_backbone,
 )
 
 TINY_MODELS = [TINY_VIT, TINY_CONVNEXT]

@@ -15,22 +15,28 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import assert_rank_matches_store, read_tar_samples
 from rankpipe.adapter.baselines import get_method, method_names
 from rankpipe.adapter.baselines.clip_iqa import antonym_pair
 from rankpipe.adapter.baselines.data import LabelSplits, load_label_splits
+from rankpipe.adapter.baselines.fit import method_config, train_baseline
 from rankpipe.adapter.baselines.linear_probe import LinearProbeConfig
 from rankpipe.adapter.baselines.prompts import fit_affine
-from rankpipe.adapter.baselines.fit import method_config, train_baseline
 from rankpipe.adapter.baselines.zero_shot import count_category
 from rankpipe.adapter.evaluation.folds import recorded_splits
-from rankpipe.adapter.evaluation.scoring import load_checkpoint, predict, predict_embeddings
+from rankpipe.adapter.evaluation.scoring import (
+    load_checkpoint,
+    predict,
+    predict_embeddings,
+)
 from rankpipe.adapter.training.targets import fit_target_scale
 from rankpipe.cli.main import cli
 from rankpipe.errors import InputError
-from rankpipe.pipeline.embed.backbone import TINY_VIT
 from rankpipe.pipeline.data.manifest import TargetTransform
+from rankpipe.pipeline.embed.backbone import TINY_VIT
+from rankpipe.pipeline.labelled_store import LabelledStore
 from rankpipe.pipeline.store import TokenStore
+
+from conftest import assert_rank_matches_store, read_tar_samples
 
 BASELINES = ["zero-shot", "clip-iqa", "linear-probe"]
 
@@ -85,7 +91,7 @@ def test_direct_model_is_the_store_backbone(store, direct):
 @pytest.mark.parametrize("label", ["squares", "brightness"])
 def test_zero_shot_equals_direct_open_clip(fitted, direct, label):
     model, tokenizer, _, embed = direct
-    baseline = load_checkpoint(fitted["zero-shot"].path).baseline
+    baseline = load_checkpoint(fitted["zero-shot"].path).ranker.baseline
     image = F.normalize(embed.double(), dim=-1)  # [n, E]
     if label == "squares":  # a counting query: expected count over "A photo of {k} squares."
         text = _text(model, tokenizer, [f"A photo of {k} squares." for k in range(11)])  # [11, E]
@@ -102,7 +108,7 @@ def test_zero_shot_equals_direct_open_clip(fitted, direct, label):
                                          ("brightness", ("Bright photo.", "Dark photo."))])
 def test_clip_iqa_equals_direct_open_clip(fitted, direct, label, pair):
     model, tokenizer, _, embed = direct
-    baseline = load_checkpoint(fitted["clip-iqa"].path).baseline
+    baseline = load_checkpoint(fitted["clip-iqa"].path).ranker.baseline
     image = F.normalize(embed.double(), dim=-1)
     text = _text(model, tokenizer, list(pair))  # [2, E]
     expected = torch.softmax(100 * image @ text.T, dim=-1)[:, 0]
@@ -113,8 +119,8 @@ def test_clip_iqa_equals_direct_open_clip(fitted, direct, label, pair):
 @pytest.mark.parametrize("method", BASELINES)
 def test_predictions_are_in_label_units(store, fitted, method):
     loaded = load_checkpoint(fitted[method].path)
-    assert loaded.method == method and loaded.model is None
-    for split in load_label_splits(store, store.manifest, store.label_names):
+    assert loaded.method == method and loaded.ranker.reads == "embed"
+    for split in load_label_splits(LabelledStore.open(store, labels=store.label_names)):
         rows = store.rows(["train"], label=split.name)
         pred = predict(loaded, store, split.name, rows[::-1], batch_size=5)[::-1]  # unsorted rows, several batches
         assert np.isfinite(pred).all()
@@ -240,7 +246,7 @@ def test_method_settings_overrides(store, tmp_path):
     with pytest.raises(InputError, match="max_count must be >= 1"):
         method_config(cls, ["max_count=0"])
     result = train_baseline(store, tmp_path, "zero-shot", ["max_count=3"], labels=["squares"])
-    baseline = load_checkpoint(result.path).baseline
+    baseline = load_checkpoint(result.path).ranker.baseline
     assert baseline.params["squares"]["prompts"] == [f"A photo of {k} squares." for k in range(4)]
     assert list(load_checkpoint(result.path).labels) == ["squares"]
 

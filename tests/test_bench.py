@@ -18,16 +18,25 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from rankpipe.adapter.experiments.bench.run import METRICS_FILE, BenchConfig, run_config_for, trainable_labels
+from rankpipe.adapter.evaluation.scoring import load_checkpoint, predict
+from rankpipe.adapter.experiments.bench.run import (
+    METRICS_FILE,
+    BenchConfig,
+    run_config_for,
+)
 from rankpipe.adapter.experiments.bench.runs import score_unseen
 from rankpipe.adapter.experiments.bench.table import table_rows
-from rankpipe.adapter.experiments.bench.variants import get_variant, parse_variants, variant_names
-from rankpipe.adapter.evaluation.scoring import load_checkpoint, predict
+from rankpipe.adapter.experiments.bench.variants import (
+    get_variant,
+    parse_variants,
+    variant_names,
+)
 from rankpipe.cli.main import cli
 from rankpipe.errors import InputError
-from rankpipe.pipeline.embed.backbone import TINY_VIT, BackboneSpec
 from rankpipe.pipeline.datasets.photo_tasks import PhotoTasksConfig, build_photo_tasks
 from rankpipe.pipeline.datasets.photo_tasks.sources import SourcesConfig
+from rankpipe.pipeline.embed.backbone import TINY_VIT, BackboneSpec
+from rankpipe.pipeline.labelled_store import LabelledStore
 from rankpipe.pipeline.store import TokenStore
 
 VARIANTS = ("default", "regression-only")
@@ -68,7 +77,7 @@ def test_quick_bench_tables_every_variant_query_and_the_unseen_categories(tasks,
     record = json.loads((tasks / "photo_tasks.json").read_text())
     held_out = set(record["counting"]["held_out_labels"])
     store = TokenStore.open(out / "store.zarr")
-    trained = set(trainable_labels(store, record["train_labels"]))
+    trained = set(LabelledStore.open(store, among=record["train_labels"]).labels)
     assert trained and not trained & held_out
 
     rows = read_csv(out / "results.csv")
@@ -155,7 +164,7 @@ def test_baseline_rows_sit_beside_the_adapter(tasks, tmp_path):
     rows = read_csv(tmp_path / "bench" / "results.csv")
     store = TokenStore.open(tmp_path / "bench" / "store.zarr")
     record = json.loads((tasks / "photo_tasks.json").read_text())
-    trained = set(trainable_labels(store, record["train_labels"]))
+    trained = set(LabelledStore.open(store, among=record["train_labels"]).labels)
     # Baselines have no score for held-out queries, so they only fill the trained section.
     assert {(r["section"], r["label"], r["variant"]) for r in rows} == {
         ("trained", label, v) for label in trained for v in ("linear-probe", "zero-shot")}

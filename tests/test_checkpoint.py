@@ -8,13 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-from rankpipe.adapter.training.checkpoint import read_checkpoint, save_checkpoint
 from rankpipe.adapter.evaluation.scoring import load_checkpoint, predict, predict_labels
-from rankpipe.adapter.training.run_config import RunConfig
-from rankpipe.adapter.training.targets import TargetScale, fit_target_scale, transform_target
+from rankpipe.adapter.training.checkpoint import read_checkpoint, save_checkpoint
 from rankpipe.adapter.training.loop import spearman, train_from_store
+from rankpipe.adapter.training.run_config import RunConfig
+from rankpipe.adapter.training.targets import (
+    TargetScale,
+    fit_target_scale,
+    transform_target,
+)
 from rankpipe.errors import InputError
 from rankpipe.pipeline.data.manifest import TargetTransform
+
 from test_train import PROVENANCE, one_thread, tiny_config, write_synthetic_store  # noqa: F401 (one_thread is autouse)
 
 
@@ -49,7 +54,7 @@ def test_checkpoints_load_with_weights_only(run, name):
 def test_loaded_checkpoint_reproduces_the_recorded_validation(run):
     store, result = run
     loaded = load_checkpoint(result.best_path)
-    assert not loaded.model.training and loaded.step == result.best_step
+    assert not loaded.ranker.model.training and loaded.step == result.best_step
     for name in ("count", "size"):
         rows = store.rows(store.manifest.splits.values("val"), label=name)
         scores = predict(loaded, store, name, rows, batch_size=7)
@@ -71,7 +76,7 @@ def test_predictions_are_in_label_units_and_row_order(run):
     assert np.corrcoef(scores, labels)[0, 1] > 0.7
     tokens = torch.from_numpy(store.image_tokens(rows))
     with torch.no_grad():
-        normalised = loaded.model(tokens, loaded.labels["count"].text_tokens, with_pairs=False).scores.numpy()
+        normalised = loaded.ranker.model(tokens, loaded.labels["count"].text_tokens, with_pairs=False).scores.numpy()
     scale = loaded.scales["count"]
     np.testing.assert_allclose(scores, normalised * scale.std + scale.mean, rtol=1e-5)
     shuffled = np.random.default_rng(0).permutation(rows)

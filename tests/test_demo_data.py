@@ -10,12 +10,18 @@ import pytest
 import webdataset as wds
 from scipy import ndimage
 
+from rankpipe.pipeline.data.manifest import load_manifest
 from rankpipe.pipeline.datasets import demo_data
 from rankpipe.pipeline.datasets.demo_data import (
-    DemoConfig, build_demo_dataset, colorfulness, decode_rgb, generate_demo_images, load_photo, luma_mean,
+    DemoConfig,
+    build_demo_dataset,
+    colorfulness,
+    decode_rgb,
+    generate_demo_images,
+    load_photo,
+    luma_mean,
     render_background,
 )
-from rankpipe.pipeline.data.manifest import load_manifest
 
 
 @pytest.fixture(scope="module")

@@ -12,15 +12,16 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import write_tiny_shards
 from rankpipe.cli.main import cli
 from rankpipe.errors import InputError
-from rankpipe.pipeline.embed.backbone import TINY_VIT, BackboneSpec
 from rankpipe.pipeline.cluster import ClusterSpec, parse_cluster
+from rankpipe.pipeline.data.manifest import load_manifest
+from rankpipe.pipeline.embed.backbone import TINY_VIT, BackboneSpec
 from rankpipe.pipeline.embed.distributed import embed_distributed
 from rankpipe.pipeline.embed.job import embed
-from rankpipe.pipeline.data.manifest import load_manifest
 from rankpipe.pipeline.store import TokenStore
+
+from conftest import write_tiny_shards
 
 distributed = pytest.importorskip("distributed")
 

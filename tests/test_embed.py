@@ -17,14 +17,15 @@ import webdataset as wds
 import zarr
 from click.testing import CliRunner
 
-from conftest import TINY_LABELS, encode, tiny_image, write_tiny_shards
 from rankpipe.cli.main import cli
 from rankpipe.errors import InputError
+from rankpipe.pipeline.data.manifest import Manifest, load_manifest
 from rankpipe.pipeline.embed.backbone import TINY_CONVNEXT, TINY_VIT, BackboneSpec
 from rankpipe.pipeline.embed.decode import TarBatches, TarTask, parse_json
 from rankpipe.pipeline.embed.job import embed, manifest_for_pattern
-from rankpipe.pipeline.data.manifest import Manifest, load_manifest
 from rankpipe.pipeline.store import StoreConfig, TokenStore
+
+from conftest import TINY_LABELS, encode, tiny_image, write_tiny_shards
 
 TINY = BackboneSpec(TINY_VIT, "none", seed=0)
 LABEL_NAMES = [label.name for label in TINY_LABELS]

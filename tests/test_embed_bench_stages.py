@@ -6,10 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from rankpipe.pipeline.data.tars import list_tars
 from rankpipe.pipeline.embed.backbone import TINY_VIT, BackboneSpec, load_backbone
 from rankpipe.pipeline.embed.decode import TarTask
 from rankpipe.pipeline.store import TokenStore
-from rankpipe.pipeline.data.tars import list_tars
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "embed_throughput.py"
 

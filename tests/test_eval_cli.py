@@ -16,20 +16,21 @@ from click.testing import CliRunner
 from PIL import Image
 from scipy import stats
 
-from conftest import SYNTHETIC_PROVENANCE, TINY_RUN
 from rankpipe.adapter.evaluation import command as eval_command_module
 from rankpipe.adapter.evaluation.command import EvalRequest, run_evaluation
+from rankpipe.adapter.evaluation.contact_sheet import read_thumbnails
 from rankpipe.adapter.evaluation.evaluate import EvalConfig, evaluate, results_markdown
+from rankpipe.adapter.evaluation.exports import read_rankings
 from rankpipe.adapter.evaluation.metrics import MetricConfig
 from rankpipe.adapter.evaluation.scoring import load_checkpoint, predict
-from rankpipe.adapter.training.run_config import load_run_config
 from rankpipe.adapter.training.loop import train_from_store
+from rankpipe.adapter.training.run_config import load_run_config
 from rankpipe.cli.main import cli
 from rankpipe.errors import InputError
-from rankpipe.pipeline.embed.backbone import TextFeatures
-from rankpipe.adapter.evaluation.contact_sheet import read_thumbnails
-from rankpipe.adapter.evaluation.exports import read_rankings
 from rankpipe.pipeline.data.manifest import LabelSpec, Manifest, TargetTransform
+from rankpipe.pipeline.embed.backbone import TextFeatures
+
+from conftest import SYNTHETIC_PROVENANCE, TINY_RUN
 
 TINY = [*TINY_RUN, "optim.warmup_steps=5", "train.eval_every=5", "train.max_steps=10"]
 PROVENANCE = SYNTHETIC_PROVENANCE

@@ -7,8 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from rankpipe.adapter.evaluation.exports import (
+    COLUMNS,
+    QueryRanking,
+    rankings_table,
+    read_rankings,
+    write_rankings,
+)
 from rankpipe.errors import InputError
-from rankpipe.adapter.evaluation.exports import COLUMNS, QueryRanking, rankings_table, read_rankings, write_rankings
 
 
 def _rankings(seed: int = 0) -> list[QueryRanking]:

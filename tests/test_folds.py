@@ -12,21 +12,50 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import SYNTHETIC_PROVENANCE, TINY_RUN
-from rankpipe.adapter.training.checkpoint import read_checkpoint, save_checkpoint
-from rankpipe.adapter.evaluation.evaluate import EvalConfig, evaluate, markdown_table, results_markdown, results_table
-from rankpipe.adapter.evaluation.folds import STD_DDOF, evaluate_folds, fold_stat, recorded_splits
+from rankpipe.adapter.evaluation.evaluate import (
+    EvalConfig,
+    evaluate,
+    markdown_table,
+    results_markdown,
+    results_table,
+)
+from rankpipe.adapter.evaluation.exports import (
+    COLUMNS,
+    FOLD_COLUMN,
+    QueryRanking,
+    read_rankings,
+    write_rankings,
+)
+from rankpipe.adapter.evaluation.folds import (
+    STD_DDOF,
+    evaluate_folds,
+    fold_stat,
+    recorded_splits,
+)
 from rankpipe.adapter.evaluation.metrics import MetricConfig
 from rankpipe.adapter.evaluation.scoring import load_checkpoint
-from rankpipe.adapter.training.run_config import load_run_config
+from rankpipe.adapter.training.checkpoint import read_checkpoint, save_checkpoint
 from rankpipe.adapter.training.loop import train_from_store
+from rankpipe.adapter.training.run_config import load_run_config
 from rankpipe.cli.main import cli
 from rankpipe.errors import InputError
-from rankpipe.pipeline.embed.backbone import TextFeatures
-from rankpipe.adapter.evaluation.exports import COLUMNS, FOLD_COLUMN, QueryRanking, read_rankings, write_rankings
-from rankpipe.pipeline.data.manifest import LabelSpec, Manifest, SplitSpec, load_manifest
-from rankpipe.pipeline.store import BlockMeta, StoreConfig, TokenStore, create_store, plan_store
+from rankpipe.pipeline.data.manifest import (
+    LabelSpec,
+    Manifest,
+    SplitSpec,
+    load_manifest,
+)
 from rankpipe.pipeline.data.tars import TarInfo
+from rankpipe.pipeline.embed.backbone import TextFeatures
+from rankpipe.pipeline.store import (
+    BlockMeta,
+    StoreConfig,
+    TokenStore,
+    create_store,
+    plan_store,
+)
+
+from conftest import SYNTHETIC_PROVENANCE, TINY_RUN
 
 K = 3
 TINY = [*TINY_RUN, "optim.warmup_steps=3", "train.eval_every=5", "train.max_steps=10"]

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
+from rankpipe.adapter.model.adapter import AdapterOutput
 from rankpipe.adapter.model.config import LossConfig
 from rankpipe.adapter.model.losses import ranking_loss
-from rankpipe.adapter.model.adapter import AdapterOutput
 from rankpipe.errors import InputError
 
 

@@ -10,7 +10,12 @@ import yaml
 
 from rankpipe.errors import InputError
 from rankpipe.pipeline.data.manifest import (
-    LabelSpec, Manifest, ManifestError, SplitSpec, TargetTransform, load_manifest,
+    LabelSpec,
+    Manifest,
+    ManifestError,
+    SplitSpec,
+    TargetTransform,
+    load_manifest,
 )
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "manifest.md"

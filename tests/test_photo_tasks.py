@@ -21,14 +21,26 @@ from PIL import Image
 
 from rankpipe.cli.main import cli
 from rankpipe.errors import InputError
-from rankpipe.pipeline.datasets.demo_data import render_background
 from rankpipe.pipeline.data.manifest import load_manifest
-from rankpipe.pipeline.datasets.photo_tasks import PhotoTasksConfig, build_photo_tasks, config_for_size
+from rankpipe.pipeline.datasets.demo_data import render_background
+from rankpipe.pipeline.datasets.photo_tasks import (
+    PhotoTasksConfig,
+    build_photo_tasks,
+    config_for_size,
+)
 from rankpipe.pipeline.datasets.photo_tasks.build import RECORD_FILE, count_label
 from rankpipe.pipeline.datasets.photo_tasks.counting import composite, scaled_cutout
-from rankpipe.pipeline.datasets.photo_tasks.distortions import DISTORTIONS, get_distortion
+from rankpipe.pipeline.datasets.photo_tasks.distortions import (
+    DISTORTIONS,
+    get_distortion,
+)
 from rankpipe.pipeline.datasets.photo_tasks.recipes import read_recipes, render
-from rankpipe.pipeline.datasets.photo_tasks.sources import SCIKIT_IMAGE, SYNTHETIC_SHAPES, SourcesConfig, find_sources
+from rankpipe.pipeline.datasets.photo_tasks.sources import (
+    SCIKIT_IMAGE,
+    SYNTHETIC_SHAPES,
+    SourcesConfig,
+    find_sources,
+)
 
 SIZE = 64
 DEBIAN_FOLDERS = (Path("/usr/share/backgrounds/mate/nature"), Path("/usr/share/wallpapers"),

@@ -449,7 +449,7 @@ def test_unknown_preparer_and_option(tmp_path):
         make_config("coco-rem", {"crowds": "keep"})
     with pytest.raises(InputError, match="crowd must be one of"):
         make_config("coco-rem", {"crowd": "ignore"})
-    with pytest.raises(InputError, match="expected an integer"):
+    with pytest.raises(InputError, match="expects an integer"):
         make_config("hci", {"test_per_decade": "many"})
 
 
@@ -463,7 +463,7 @@ def test_cli_prepare(tmp_path):
     assert "Wrote 30 samples in 5 tars" in result.output
     assert load_manifest(tmp_path / "out" / "manifest.yaml").shards == "hci-{000000..000004}.tar"
     result = runner.invoke(cli, args[:-4] + ["--set", "test_per_decade=lots"])
-    assert result.exit_code == 2 and "expected an integer" in result.output
+    assert result.exit_code == 2 and "expects an integer" in result.output
     result = runner.invoke(cli, ["datasets", "prepare", "hci", "--src", str(tmp_path / "nowhere"), "--out", "x"])
     assert result.exit_code == 2 and "does not exist" in result.output
     result = runner.invoke(cli, ["datasets", "prepare", "imagenet", "--src", ".", "--out", "x"])

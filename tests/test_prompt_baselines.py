@@ -12,19 +12,28 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import assert_rank_matches_store
 from rankpipe.adapter.baselines import get_method
 from rankpipe.adapter.baselines.data import load_label_splits
-from rankpipe.adapter.baselines.l2rclip import asymmetric_contrastive, ordinal_pairwise, ordinal_weights
-from rankpipe.adapter.baselines.ordinalclip import interpolation_weights
-from rankpipe.adapter.baselines.prompt_learning import FrozenTextTower, rank_classes, train_prompts
-from rankpipe.adapter.baselines.prompts import PromptEncoder
 from rankpipe.adapter.baselines.fit import method_config, train_baseline
+from rankpipe.adapter.baselines.l2rclip import (
+    asymmetric_contrastive,
+    ordinal_pairwise,
+    ordinal_weights,
+)
+from rankpipe.adapter.baselines.ordinalclip import interpolation_weights
+from rankpipe.adapter.baselines.prompt_learning import (
+    FrozenTextTower,
+    rank_classes,
+    train_prompts,
+)
+from rankpipe.adapter.baselines.prompts import PromptEncoder
 from rankpipe.adapter.evaluation.scoring import load_checkpoint, predict_embeddings
 from rankpipe.cli.main import cli
 from rankpipe.errors import InputError
-from rankpipe.pipeline.data.manifest import LabelSpec
+from rankpipe.pipeline.labelled_store import LabelledStore
 from rankpipe.pipeline.store import TokenStore
+
+from conftest import assert_rank_matches_store
 
 METHODS = ["coop", "ordinalclip", "l2rclip"]
 # Tiny and short: enough steps to move the prompts, few enough for the CPU.
@@ -62,18 +71,18 @@ def tower(store):
 def test_trains_and_predicts_in_label_units(store, manifest, fitted, method):
     loaded = load_checkpoint(fitted[method].path)  # weights_only loading
     assert loaded.method == method
-    for split in load_label_splits(store, manifest, ["squares", "brightness"]):
-        params = loaded.baseline.label_params(split.name)
+    for split in load_label_splits(LabelledStore.open(store, manifest, ["squares", "brightness"])):
+        params = loaded.ranker.baseline.label_params(split.name)
         values = params["values"].numpy()
         assert params["final_loss"] < params["first_loss"]
         pred = predict_embeddings(loaded, split.name, split.val_embed)
         assert pred.shape == (len(split.val_targets),) and np.isfinite(pred).all()
         # An expectation over class values lies between the smallest and largest class.
         assert values.min() - 1e-9 <= pred.min() and pred.max() <= values.max() + 1e-9
-        probs = loaded.baseline.class_probabilities(split.name, split.val_embed)
+        probs = loaded.ranker.baseline.class_probabilities(split.name, split.val_embed)
         np.testing.assert_allclose(pred, probs @ values, rtol=1e-12)
-        np.testing.assert_array_equal(loaded.baseline.predict_class(split.name, split.val_embed), values[probs.argmax(1)])
-    np.testing.assert_array_equal(loaded.baseline.label_params("squares")["values"].numpy(), SQUARE_CLASSES)
+        np.testing.assert_array_equal(loaded.ranker.baseline.predict_class(split.name, split.val_embed), values[probs.argmax(1)])
+    np.testing.assert_array_equal(loaded.ranker.baseline.label_params("squares")["values"].numpy(), SQUARE_CLASSES)
     assert set(loaded.val_srcc) == {"squares", "brightness"}
 
 
@@ -95,7 +104,7 @@ def test_rankpipe_rank_scores_like_the_store(store, fitted, method):
 def test_gradient_reaches_the_learned_tokens_not_the_tower(store, manifest, tower, method):
     cls = get_method(method)
     config = method_config(cls, ["steps=3", "batch_size=8", "context_tokens=4", "lr=0.01"])
-    split = load_label_splits(store, manifest, ["brightness"])[0]
+    split = load_label_splits(LabelledStore.open(store, manifest, ["brightness"]))[0]
     classes = rank_classes(split, config.num_bins)
     learned = cls.build(config, classes, tower, torch.Generator().manual_seed(0))
     before_learned = {k: v.detach().clone() for k, v in learned.named_parameters()}
@@ -113,7 +122,7 @@ def test_class_embeddings_come_from_the_learned_prompts(store, manifest, tower, 
     """The saved class embeddings are the trained prompts through the tower, so eval needs no backbone."""
     cls = get_method(method)
     config = method_config(cls, FAST)
-    split = load_label_splits(store, manifest, ["squares"])[0]
+    split = load_label_splits(LabelledStore.open(store, manifest, ["squares"]))[0]
     fitted = cls.fit(config, [split], PromptEncoder(store.provenance))
     params = fitted.label_params("squares")
     learned = cls.build(config, rank_classes(split, config.num_bins), tower, torch.Generator())
@@ -127,7 +136,7 @@ def test_learned_blocks_take_the_places_after_sos(store, manifest, tower, method
     """with_context puts the M context tokens, then each further learned block, after [SOS]; the rest stays."""
     cls = get_method(method)
     config = method_config(cls, FAST)
-    split = load_label_splits(store, manifest, ["squares"])[0]
+    split = load_label_splits(LabelledStore.open(store, manifest, ["squares"]))[0]
     learned = cls.build(config, rank_classes(split, config.num_bins), tower, torch.Generator().manual_seed(0))
     k, m = learned.tokens.shape[0], config.context_tokens
     block = torch.randn(k, 1, tower.width, generator=torch.Generator().manual_seed(1))  # [K, 1, D]
@@ -152,7 +161,7 @@ def test_encode_matches_open_clip_for_plain_tokens(tower):
 
 @pytest.mark.parametrize("num_bins", [2, 4])
 def test_continuous_labels_are_binned_by_frequency(store, manifest, num_bins):
-    split = load_label_splits(store, manifest, ["brightness"])[0]
+    split = load_label_splits(LabelledStore.open(store, manifest, ["brightness"]))[0]
     split = dataclasses.replace(split, train_targets=np.arange(8.0))
     classes = rank_classes(split, num_bins)
     size = 8 // num_bins
@@ -161,7 +170,7 @@ def test_continuous_labels_are_binned_by_frequency(store, manifest, num_bins):
 
 
 def test_ordinal_classes_and_tied_bins(store, manifest):
-    split = load_label_splits(store, manifest, ["squares"])[0]
+    split = load_label_splits(LabelledStore.open(store, manifest, ["squares"]))[0]
     classes = rank_classes(split, 3)  # ordinal: the manifest's classes, whatever the bin count
     np.testing.assert_array_equal(classes.values, SQUARE_CLASSES)
     np.testing.assert_array_equal(classes.values[classes.train_class], split.train_targets)

@@ -18,19 +18,20 @@ import torch
 from click.testing import CliRunner
 from scipy import special, stats
 
-from conftest import TINY_LABELS, TINY_RUN, read_tar_samples
-from rankpipe.adapter.evaluation.scoring import load_checkpoint, predict
 from rankpipe.adapter.evaluation.rank import RankConfig, rank_images
-from rankpipe.adapter.training.run_config import load_run_config
-from rankpipe.adapter.training.loop import train_from_store
-from rankpipe.cli.main import cli
-from rankpipe.errors import InputError
-from rankpipe.pipeline.embed import weights as weights_module
-from rankpipe.pipeline.embed.backbone import TINY_VIT, BackboneSpec, load_backbone
-from rankpipe.pipeline.data.image_inputs import open_images
 from rankpipe.adapter.evaluation.rank_outputs import query_lines, write_ranking
 from rankpipe.adapter.evaluation.ranking import QueryScores, Ranking, combine_scores
+from rankpipe.adapter.evaluation.scoring import load_checkpoint, predict
+from rankpipe.adapter.training.loop import train_from_store
+from rankpipe.adapter.training.run_config import load_run_config
+from rankpipe.cli.main import cli
+from rankpipe.errors import InputError
+from rankpipe.pipeline.data.image_inputs import open_images
+from rankpipe.pipeline.embed import weights as weights_module
+from rankpipe.pipeline.embed.backbone import TINY_VIT, BackboneSpec, load_backbone
 from rankpipe.pipeline.store import TokenStore
+
+from conftest import TINY_LABELS, TINY_RUN, read_tar_samples
 
 TINY = [*TINY_RUN, "optim.warmup_steps=5", "train.eval_every=5", "train.max_steps=10"]
 QUERY = {label.name: label.query for label in TINY_LABELS}

@@ -14,7 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rankpipe.adapter.evaluation.contact_sheet import SheetConfig, contact_sheet, read_thumbnails
+from rankpipe.adapter.evaluation.contact_sheet import (
+    SheetConfig,
+    contact_sheet,
+    read_thumbnails,
+)
 from rankpipe.adapter.evaluation.exports import QueryRanking
 from rankpipe.adapter.evaluation.report import ReportConfig, ReportSection, write_report
 

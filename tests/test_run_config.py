@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 
 from rankpipe.adapter.model.config import AdapterConfig, LossConfig
-from rankpipe.adapter.training.run_config import OptimConfig, RunConfig, TrainConfig, load_run_config
+from rankpipe.adapter.training.run_config import (
+    OptimConfig,
+    RunConfig,
+    TrainConfig,
+    load_run_config,
+)
 from rankpipe.errors import InputError
 
 

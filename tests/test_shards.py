@@ -14,11 +14,11 @@ from PIL import Image
 
 from rankpipe.cli.main import cli
 from rankpipe.errors import InputError
+from rankpipe.files import atomic_target
 from rankpipe.pipeline.data.manifest import LabelSpec, load_manifest
-from rankpipe.pipeline.data.shards import ShardsConfig, prepare_shards, split_spec
 from rankpipe.pipeline.data.shard_writer import AutoSplit, write_shards
+from rankpipe.pipeline.data.shards import ShardsConfig, prepare_shards, split_spec
 from rankpipe.pipeline.data.sources import SampleRecord, records_from_folder, sample_key
-from rankpipe.pipeline.data.tar_writer import atomic_target
 
 N_IMAGES = 7
 

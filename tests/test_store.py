@@ -11,12 +11,19 @@ import torch
 import zarr
 from PIL import Image
 
-from conftest import read_tar_samples
 from rankpipe.errors import InputError
-from rankpipe.pipeline.embed.backbone import TINY_VIT, BackboneSpec, load_backbone
 from rankpipe.pipeline.data.manifest import load_manifest
-from rankpipe.pipeline.store import StoreConfig, TokenStore, create_store, plan_store, prompt_id
 from rankpipe.pipeline.data.tars import TarInfo, _read_index, list_tars
+from rankpipe.pipeline.embed.backbone import TINY_VIT, BackboneSpec, load_backbone
+from rankpipe.pipeline.store import (
+    StoreConfig,
+    TokenStore,
+    create_store,
+    plan_store,
+    prompt_id,
+)
+
+from conftest import read_tar_samples
 
 
 @pytest.fixture(scope="module")

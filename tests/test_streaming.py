@@ -8,12 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-from rankpipe.adapter.training.features import BatchSampler, ResidentFeatures, load_features
 from rankpipe.adapter.model.adapter import RankingAdapter
+from rankpipe.adapter.training.features import (
+    BatchSampler,
+    ResidentFeatures,
+    load_features,
+)
+from rankpipe.adapter.training.loop import train_adapter, train_from_store, validate
 from rankpipe.adapter.training.streaming import StreamingFeatures, open_features
 from rankpipe.adapter.training.windows import WindowSchedule
-from rankpipe.adapter.training.loop import train_adapter, train_from_store, validate
 from rankpipe.errors import InputError
+from rankpipe.pipeline.labelled_store import LabelledStore
+
 from test_train import STREAMED, tiny_config, weights, write_synthetic_store
 
 # The six-tar store below holds about 31 kB of tokens (200 train, 39 val rows of 128 bytes; 33 or
@@ -42,7 +48,7 @@ def six_tars(tmp_path):
 
 
 def open_with(store, *settings: str):
-    return open_features(store, store.manifest, ["count", "size"], "cpu", tiny_config(*settings).train)
+    return open_features(LabelledStore.open(store, labels=["count", "size"]), "cpu", tiny_config(*settings).train)
 
 
 @pytest.mark.parametrize(
@@ -60,7 +66,7 @@ def test_streaming_only_when_the_tokens_exceed_the_budget(six_tars, settings, ki
 def test_the_resident_path_is_unchanged_when_the_store_fits(tmp_path, six_tars):
     config = tiny_config("train.max_steps=12", "adapter.dropout=0.1")
     via_store = train_from_store(six_tars, tmp_path / "store", config)
-    resident = load_features(six_tars, six_tars.manifest, ["count", "size"], "cpu", 1.0)
+    resident = load_features(LabelledStore.open(six_tars, labels=["count", "size"]), "cpu", 1.0)
     direct = train_adapter(resident, tmp_path / "direct", config, six_tars.provenance)
     a, b = weights(via_store.last_path), weights(direct.last_path)
     assert all(torch.equal(a[k], b[k]) for k in a)

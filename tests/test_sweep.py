@@ -14,14 +14,30 @@ from click.testing import CliRunner
 
 from rankpipe.adapter.evaluation.folds import recorded_splits
 from rankpipe.adapter.experiments.sweep import runner as sweep_runner
+from rankpipe.adapter.experiments.sweep.runner import (
+    SweepRequest,
+    run_sweep,
+    trial_task,
+)
+from rankpipe.adapter.experiments.sweep.spec import (
+    SweepSpec,
+    expand_trials,
+    load_sweep_spec,
+)
+from rankpipe.adapter.experiments.sweep.trial import (
+    DONE,
+    FAILED,
+    RUNNING,
+    STATUS,
+    TrialSettings,
+    trial_folder,
+)
 from rankpipe.adapter.training.features import train_val_gigabytes
-from rankpipe.adapter.experiments.sweep.trial import DONE, FAILED, RUNNING, STATUS, TrialSettings, trial_folder
-from rankpipe.adapter.experiments.sweep.runner import SweepRequest, run_sweep, trial_task
-from rankpipe.adapter.experiments.sweep.spec import SweepSpec, expand_trials, load_sweep_spec
-from rankpipe.adapter.training.loop import train_from_store, trainable_labels
+from rankpipe.adapter.training.loop import train_from_store
 from rankpipe.cli.main import cli
 from rankpipe.errors import InputError
 from rankpipe.pipeline.data.manifest import SplitSpec
+from rankpipe.pipeline.labelled_store import LabelledStore
 from rankpipe.pipeline.store import TokenStore
 
 # A tiny adapter trained for a few steps: each trial takes well under a second on one CPU core.
@@ -257,8 +273,8 @@ def test_cli_sweep_user_errors_exit_2(tmp_path, tiny_store, extra, message):
 
 def test_a_store_over_the_budget_streams_each_trial_as_train_does(tmp_path, tiny_store, caplog):
     store = TokenStore.open(tiny_store)
-    labels = trainable_labels(store, store.manifest)
-    budget = f"{0.8 * train_val_gigabytes(store, store.manifest, labels):.3g}"  # streams in windows of one tar
+    labels = list(LabelledStore.open(store).labels)
+    budget = f"{0.8 * train_val_gigabytes(LabelledStore.open(store, labels=labels)):.3g}"  # streams in windows of one tar
     spec = load_sweep_spec(write_grid(tmp_path / "grid.yaml", grid={"train.max_resident_gb": [budget, "1e-7"]}))
     trials = expand_trials(spec, ["train.window_steps=4"])
     fits, too_small = sorted(trials, key=lambda t: -t.config.train.max_resident_gb)

@@ -11,18 +11,38 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import SYNTHETIC_PROVENANCE, TINY_RUN
 import rankpipe.adapter.training.loop as training
-from rankpipe.adapter.training.features import BatchSampler, load_features
 from rankpipe.adapter.evaluation.scoring import load_checkpoint, predict
+from rankpipe.adapter.training.features import BatchSampler, load_features
+from rankpipe.adapter.training.loop import (
+    TrainingDiverged,
+    _lr_factor,
+    compile_mode,
+    spearman,
+    train_adapter,
+    train_from_store,
+)
 from rankpipe.adapter.training.run_config import load_run_config
-from rankpipe.adapter.training.loop import TrainingDiverged, _lr_factor, compile_mode, spearman, train_adapter, train_from_store
 from rankpipe.cli.main import cli
 from rankpipe.errors import InputError
-from rankpipe.pipeline.embed.backbone import TextFeatures
-from rankpipe.pipeline.data.manifest import LabelSpec, Manifest, SplitSpec, TargetTransform
-from rankpipe.pipeline.store import BlockMeta, StoreConfig, TokenStore, create_store, plan_store
+from rankpipe.pipeline.data.manifest import (
+    LabelSpec,
+    Manifest,
+    SplitSpec,
+    TargetTransform,
+)
 from rankpipe.pipeline.data.tars import TarInfo
+from rankpipe.pipeline.embed.backbone import TextFeatures
+from rankpipe.pipeline.labelled_store import LabelledStore
+from rankpipe.pipeline.store import (
+    BlockMeta,
+    StoreConfig,
+    TokenStore,
+    create_store,
+    plan_store,
+)
+
+from conftest import SYNTHETIC_PROVENANCE, TINY_RUN
 
 # Tiny adapter: every test run stays at a few seconds on two CPU cores.
 TINY = TINY_RUN
@@ -190,7 +210,7 @@ def test_huge_learning_rate_stops_before_any_checkpoint(tmp_path, store):
 @pytest.mark.parametrize("log_every", [1, 7])
 def test_nan_features_stop_training_and_keep_the_last_good_checkpoint(tmp_path, store, log_every):
     config = tiny_config("train.max_steps=60", f"train.log_every={log_every}")
-    features = load_features(store, store.manifest, ["count", "size"], "cpu", 1.0)
+    features = load_features(LabelledStore.open(store, labels=["count", "size"]), "cpu", 1.0)
 
     def poison(event):
         if event.step == 20 and event.val_srcc is not None:
@@ -387,7 +407,7 @@ def test_compiled_step_with_varying_batch_shapes_trains_like_eager(tmp_path, mon
     """Two queries whose batches differ in size and text length; aot_eager keeps the test fast."""
     monkeypatch.setattr(training, "_compile", lambda fn, mode: torch.compile(fn, backend="aot_eager"))
     store = write_synthetic_store(tmp_path / "small.zarr", n=48)
-    features = load_features(store, store.manifest, ["count", "size"], "cpu", 1.0)
+    features = load_features(LabelledStore.open(store, labels=["count", "size"]), "cpu", 1.0)
     batch_size = max(features.train_sizes) - 1  # the smaller query's batches hold all its images
     assert min(features.train_sizes) < batch_size
     assert len({q.text_tokens.shape[0] for q in features.queries}) == 2

@@ -10,10 +10,11 @@ name up and names the known ones when it is unknown (docs/baselines.md describes
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
+from rankpipe.adapter import ADAPTER_METHOD
 from rankpipe.adapter.baselines.base import Baseline
-from rankpipe.adapter.training.checkpoint import ADAPTER_METHOD
 from rankpipe.errors import InputError
 
 __all__ = ["Baseline", "register_method", "get_method", "method_names"]
@@ -53,4 +54,11 @@ def get_method(name: str) -> type[Baseline]:
 
 
 # Importing the method modules registers them.
-from rankpipe.adapter.baselines import clip_iqa, coop, l2rclip, linear_probe, ordinalclip, zero_shot  # noqa: E402,F401
+from rankpipe.adapter.baselines import (  # noqa: E402,F401
+    clip_iqa,
+    coop,
+    l2rclip,
+    linear_probe,
+    ordinalclip,
+    zero_shot,
+)

@@ -6,7 +6,8 @@ import abc
 import dataclasses
 import json
 import logging
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 

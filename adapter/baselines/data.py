@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
 
 import numpy as np
 
-from rankpipe.adapter.training.targets import TargetScale, fit_target_scale, transform_target
-from rankpipe.errors import InputError
-from rankpipe.pipeline.data.manifest import Manifest
+from rankpipe.adapter.training.targets import (
+    TargetScale,
+    fit_target_scale,
+    transform_target,
+)
+from rankpipe.pipeline.labelled_store import LabelledStore
 
 
 @dataclasses.dataclass
@@ -34,29 +36,18 @@ class LabelSplits:
     classes: tuple[float, ...] | None = None
 
 
-def load_label_splits(store, manifest: Manifest, labels: Sequence[str]) -> list[LabelSplits]:
-    """Read the train and val embeddings and targets of `labels` from a TokenStore.
+def load_label_splits(data: LabelledStore) -> list[LabelSplits]:
+    """Read the train and val embeddings and targets of the labels of `data`.
 
-    Split roles and target transforms come from `manifest` (the store's own or an override).
+    Split roles and target transforms come from `data.manifest` (the store's own or an override).
 
     Raises:
-        InputError: an unknown label, or a label with fewer than 2 train or val images.
+        InputError: a label with fewer than 2 train or val images.
     """
-    train_values = list(manifest.splits.values("train"))
-    val_values = list(manifest.splits.values("val"))
+    store, manifest = data.store, data.manifest
     out = []
-    for name in labels:
-        if name not in store.label_names:
-            raise InputError(f"store {store.path} has no label {name!r}; its labels are {', '.join(store.label_names)}")
+    for name, (train_rows, val_rows) in data.split_rows().items():
         transform = manifest.label(name).target
-        train_rows = store.rows(train_values, label=name)
-        val_rows = store.rows(val_values, label=name)
-        for role, rows, values in (("training", train_rows, train_values), ("validation", val_rows, val_values)):
-            if len(rows) < 2:
-                raise InputError(
-                    f"label {name!r} has {len(rows)} {role} image(s) in split values {values}; "
-                    "at least 2 are needed: check the manifest's splits or map them with --manifest"
-                )
         raw = store.label(name)
         out.append(
             LabelSplits(

@@ -18,8 +18,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import scipy.stats
@@ -30,10 +31,16 @@ from rankpipe.adapter.baselines.base import Baseline
 from rankpipe.adapter.baselines.data import LabelSplits, load_label_splits
 from rankpipe.adapter.baselines.prompts import PromptEncoder
 from rankpipe.adapter.training.checkpoint import BEST, FORMAT_VERSION, save_checkpoint
-from rankpipe.adapter.training.run_config import instantiate_config, merge_settings
-from rankpipe.adapter.training.loop import check_manifest
 from rankpipe.errors import InputError
 from rankpipe.pipeline.data.manifest import SPLIT_ROLES, Manifest
+from rankpipe.pipeline.labelled_store import LabelledStore
+from rankpipe.pipeline.store import TokenStore
+from rankpipe.settings import (
+    field_names,
+    instantiate_config,
+    merge_settings,
+    split_assignment,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,17 +67,17 @@ def method_config(cls: type[Baseline], overrides: Sequence[str] = ()) -> Any:
     """
     where = f"{cls.name} settings"
     data: dict[str, Any] = {}
+    form = f"FIELD=VALUE for method {cls.name} (fields: {', '.join(field_names(cls.config_class))})"
     for item in overrides:
-        field, sep, value = item.partition("=")
-        if not sep or not field.strip() or "." in field:
-            names = ", ".join(f.name for f in dataclasses.fields(cls.config_class))
-            raise InputError(f"--set {item!r} is not of the form FIELD=VALUE for method {cls.name} (fields: {names})")
-        data = merge_settings(cls.config_class, data, {field.strip(): value.strip()}, "--set", prefix="")
+        field, value = split_assignment(item, form)
+        if "." in field:
+            raise InputError(f"--set {item!r} is not of the form {form}")
+        data = merge_settings(cls.config_class, data, {field: value}, "--set", prefix="")
     return instantiate_config(cls.config_class, data, where, prefix="")
 
 
 def train_baseline(
-    store,
+    store: TokenStore,
     out_dir: str | Path,
     method: str,
     overrides: Sequence[str] = (),
@@ -97,8 +104,9 @@ def train_baseline(
     """
     cls = get_method(method)
     config = method_config(cls, overrides)
-    manifest = check_manifest(store, manifest)
-    data = load_label_splits(store, manifest, list(labels) if labels else list(store.label_names))
+    labelled = LabelledStore.open(store, manifest, labels or ())
+    manifest = labelled.manifest
+    data = load_label_splits(labelled)
     prompts = PromptEncoder(store.provenance, device, backbone_weights, f"store {store.path}")
     baseline = cls.fit(config, data, prompts)
     val_srcc = {split.name: validation_srcc(baseline, split) for split in data}

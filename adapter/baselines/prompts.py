@@ -8,8 +8,9 @@ backbone. Untrained scores are brought to label units by an affine map fitted on
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -4,8 +4,8 @@ results, ranking exports and the report; nothing is written unless every input c
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from rankpipe.adapter.evaluation import folds
 from rankpipe.adapter.evaluation.evaluate import (
@@ -17,12 +17,12 @@ from rankpipe.adapter.evaluation.evaluate import (
     results_text,
     write_results,
 )
-from rankpipe.adapter.evaluation.scoring import load_checkpoint
-from rankpipe.errors import InputError
-from rankpipe.pipeline.embed.job import torch_device_for
 from rankpipe.adapter.evaluation.exports import export_format, write_rankings
-from rankpipe.pipeline.data.manifest import load_manifest
 from rankpipe.adapter.evaluation.report import ReportConfig, write_report
+from rankpipe.adapter.evaluation.scoring import load_checkpoint
+from rankpipe.devices import torch_device_for
+from rankpipe.errors import InputError
+from rankpipe.pipeline.data.manifest import load_manifest
 
 
 @dataclasses.dataclass(frozen=True)

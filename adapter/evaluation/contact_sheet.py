@@ -11,7 +11,7 @@ import dataclasses
 import io
 import logging
 import tarfile
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from webdataset import gopen

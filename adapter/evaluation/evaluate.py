@@ -18,18 +18,28 @@ import dataclasses
 import json
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from rankpipe.adapter.evaluation.metrics import METRICS, MetricConfig, QueryMetrics, compute_metrics
-from rankpipe.adapter.evaluation.scoring import LoadedCheckpoint, check_compatible, predict_labels
+from rankpipe.adapter.evaluation.exports import QueryRanking
+from rankpipe.adapter.evaluation.metrics import (
+    METRICS,
+    MetricConfig,
+    QueryMetrics,
+    compute_metrics,
+)
+from rankpipe.adapter.evaluation.report import ReportSection
+from rankpipe.adapter.evaluation.scoring import (
+    LoadedCheckpoint,
+    check_compatible,
+    predict_labels,
+)
 from rankpipe.adapter.training.targets import transform_target
 from rankpipe.errors import InputError
-from rankpipe.adapter.evaluation.exports import QueryRanking
 from rankpipe.pipeline.data.manifest import SPLIT_ROLES, LabelSpec, Manifest, SplitSpec
-from rankpipe.adapter.evaluation.report import ReportSection
 
 log = logging.getLogger(__name__)
 

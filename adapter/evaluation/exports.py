@@ -14,13 +14,13 @@ import csv
 import dataclasses
 import json
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
 from rankpipe.errors import InputError
-from rankpipe.pipeline.data.tar_writer import atomic_target
+from rankpipe.files import atomic_target
 
 # Column names in file order: image key, query sentence, predicted score, rank within the query,
 # label in label units (NaN when missing) and the sample's split value.

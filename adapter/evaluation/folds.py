@@ -14,12 +14,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from rankpipe.adapter.training.checkpoint import read_checkpoint
 from rankpipe.adapter.evaluation.evaluate import (
     EvalConfig,
     EvalResults,
@@ -31,12 +31,13 @@ from rankpipe.adapter.evaluation.evaluate import (
     results_markdown,
     write_result_files,
 )
-from rankpipe.adapter.evaluation.metrics import METRICS
-from rankpipe.adapter.evaluation.scoring import LoadedCheckpoint, payload_splits
-from rankpipe.errors import InputError
 from rankpipe.adapter.evaluation.exports import QueryRanking
-from rankpipe.pipeline.data.manifest import Manifest, SplitSpec
+from rankpipe.adapter.evaluation.metrics import METRICS
 from rankpipe.adapter.evaluation.report import ReportConfig, write_report
+from rankpipe.adapter.evaluation.scoring import LoadedCheckpoint, payload_splits
+from rankpipe.adapter.training.checkpoint import read_checkpoint
+from rankpipe.errors import InputError
+from rankpipe.pipeline.data.manifest import Manifest, SplitSpec
 
 log = logging.getLogger(__name__)
 

@@ -24,14 +24,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from rankpipe.adapter.training.features import autocast
-from rankpipe.adapter.evaluation.scoring import LoadedCheckpoint, load_checkpoint, predict_embeddings, query_tokens, score_batches
-from rankpipe.adapter.training.targets import TargetScale
+from rankpipe.adapter.evaluation.rankers import FeatureKind, Query
+from rankpipe.adapter.evaluation.ranking import (
+    COMBINE_RULES,
+    QueryScores,
+    Ranking,
+    combine_scores,
+)
+from rankpipe.adapter.evaluation.scoring import LoadedCheckpoint, load_checkpoint, query_tokens
+from rankpipe.devices import autocast, torch_device_for
 from rankpipe.errors import InputError
-from rankpipe.pipeline.embed.backbone import Backbone
-from rankpipe.pipeline.embed.job import torch_device_for
 from rankpipe.pipeline.data.image_inputs import ImageBatches, ImageSource, open_images
-from rankpipe.adapter.evaluation.ranking import COMBINE_RULES, QueryScores, Ranking, combine_scores
+from rankpipe.pipeline.embed.backbone import Backbone
 from rankpipe.pipeline.embed.recorded_backbone import load_recorded_backbone
 
 log = logging.getLogger(__name__)
@@ -79,37 +83,21 @@ class RankConfig:
         return np.full(len(self.queries), 1.0 / len(self.queries))
 
 
-@dataclasses.dataclass(frozen=True)
-class QueryText:
-    """One query as the adapter sees it."""
-
-    # The ranking sentence.
-    query: str
-    # [L, Dt] float32 text tokens up to and including end-of-text, on the adapter's device.
-    text_tokens: torch.Tensor
-    # The checkpoint label whose query this is, or None for a sentence it was not trained on.
-    label: str | None
-    # That label's training normalisation; None for an unseen query (scores stay raw).
-    scale: TargetScale | None
-
-
-def query_texts(loaded: LoadedCheckpoint, backbone: Backbone, queries: tuple[str, ...]) -> list[QueryText]:
-    """Text tokens and normalisation of each query: the checkpoint's for its own queries, else the text tower's."""
-    known = {label.query: label for label in loaded.labels.values()}
+def query_texts(loaded: LoadedCheckpoint, backbone: Backbone, queries: tuple[str, ...]) -> list[Query]:
+    """Each query as the ranker scores it: the checkpoint's own for its trained queries, else the text tower's tokens."""
+    known = {label.query: name for name, label in loaded.labels.items()}
     out = []
-    for query in queries:
-        label = known.get(query)
-        if label is not None:
-            out.append(QueryText(query, label.text_tokens, label.name, label.scale))
+    for sentence in queries:
+        if sentence in known:
+            out.append(loaded.query(known[sentence]))
             continue
-        if loaded.baseline is not None:
-            raise InputError(
-                f"checkpoint {loaded.path} is a {loaded.method} baseline fitted on the queries "
-                f"{', '.join(repr(l.query) for l in loaded.labels.values())}; rank by one of them"
-            )
-        tokens = query_tokens(backbone.encode_text(query), loaded.device)  # [L, Dt]
-        log.info("query %r is not one of the checkpoint's; its scores are raw adapter outputs", query)
-        out.append(QueryText(query, tokens, None, None))
+        trained = ", ".join(repr(label.query) for label in loaded.labels.values())
+        try:
+            query = loaded.ranker.unseen_query(sentence, query_tokens(backbone.encode_text(sentence), loaded.device))
+        except InputError as e:
+            raise InputError(f"checkpoint {loaded.path}: {e}; rank by one of them ({trained})") from e
+        log.info("query %r is not one of the checkpoint's; its scores are raw adapter outputs", sentence)
+        out.append(query)
     return out
 
 
@@ -149,8 +137,8 @@ def rank_images(
         skipped.extend(batch.skipped)
         if batch.images is None:
             continue
-        tokens, embed = encode_features(backbone, batch.images)  # [b, P, D], [b, E] float16
-        for part, scores in zip(parts, _score_batch(loaded, texts, tokens, embed)):
+        features = encode_features(backbone, batch.images)  # [b, P, D] tokens, [b, E] embed, float16
+        for part, scores in zip(parts, loaded.ranker.score(features[loaded.ranker.reads], texts)):
             part.append(scores)
         keys.extend(batch.keys)
         paths.extend(batch.paths)
@@ -161,9 +149,7 @@ def rank_images(
         log.warning("skipped %d unreadable image(s) of %s", len(skipped), images)
     query_scores = []
     for text, chunks in zip(texts, parts):
-        raw = np.concatenate(chunks)  # [n] normalised target units (raw for an unseen query)
-        scores = text.scale.to_target_units(raw) if text.scale is not None and loaded.baseline is None else raw
-        query_scores.append(QueryScores(text.query, text.label, scores))
+        query_scores.append(QueryScores(text.sentence, text.label, np.concatenate(chunks)))  # [n]
     weights = config.query_weights
     combined = combine_scores(np.stack([q.scores for q in query_scores]), weights, config.combine)  # [n]
     return Ranking(np.asarray(keys, dtype=str), np.asarray(paths, dtype=str), query_scores, weights, combined, skipped,
@@ -171,24 +157,14 @@ def rank_images(
 
 
 @torch.inference_mode()
-def encode_features(backbone: Backbone, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[b, 3, H, W] preprocessed images -> [b, P, D] patch tokens and [b, E] pooled embeddings, float16,
-    as `rankpipe embed` stores them."""
+def encode_features(backbone: Backbone, images: torch.Tensor) -> dict[FeatureKind, torch.Tensor]:
+    """[b, 3, H, W] preprocessed images -> {"tokens": [b, P, D] patch tokens, "embed": [b, E] pooled
+    embeddings}, float16, as `rankpipe embed` stores them."""
     images = images.to(backbone.device, non_blocking=True)
     # The same compute dtype as the embed job: bf16 autocast on CUDA, float32 on the CPU.
     with autocast(backbone.device):
         tokens, embed = backbone.encode_images(images)  # [b, P, D], [b, E]
-    return tokens.to(torch.float16), embed.to(torch.float16)
-
-
-def _score_batch(loaded: LoadedCheckpoint, texts: list[QueryText], tokens: torch.Tensor,
-                 embed: torch.Tensor) -> list[np.ndarray]:
-    """[b] scores of one batch per query: a baseline's from the [b, E] pooled embeddings (label units),
-    the adapter's from the [b, P, D] patch tokens (normalised units)."""
-    if loaded.baseline is not None:
-        embed = embed.float().cpu().numpy()  # [b, E]
-        return [predict_embeddings(loaded, text.label, embed) for text in texts]
-    return [score_batches(loaded.model, text.text_tokens, [tokens], loaded.device) for text in texts]
+    return {"tokens": tokens.to(torch.float16), "embed": embed.to(torch.float16)}
 
 
 def _batches(source: ImageSource, backbone: Backbone, config: RankConfig, progress: bool):

@@ -13,16 +13,21 @@ import csv
 import io
 import json
 import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image
 
-from rankpipe.errors import InputError
-from rankpipe.adapter.evaluation.contact_sheet import SheetConfig, contact_sheet, read_thumbnails, thumbnail
+from rankpipe.adapter.evaluation.contact_sheet import (
+    SheetConfig,
+    contact_sheet,
+    read_thumbnails,
+    thumbnail,
+)
 from rankpipe.adapter.evaluation.ranking import Ranking
-from rankpipe.pipeline.data.tar_writer import atomic_target
+from rankpipe.errors import InputError
+from rankpipe.files import atomic_target
 
 log = logging.getLogger(__name__)
 

@@ -12,14 +12,18 @@ import dataclasses
 import html
 import logging
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from rankpipe.adapter.evaluation.contact_sheet import SheetConfig, contact_sheet, read_thumbnails
+from rankpipe.adapter.evaluation.contact_sheet import (
+    SheetConfig,
+    contact_sheet,
+    read_thumbnails,
+)
 from rankpipe.adapter.evaluation.exports import QueryRanking
 
 log = logging.getLogger(__name__)

@@ -1,31 +1,32 @@
-"""Scoring images with a trained checkpoint: load it, predict in label units.
+"""Scoring a store's images with a trained checkpoint: load it as a ranker, predict in label units.
 
-An adapter checkpoint scores patch tokens with the regression head only (no pairs), and the scores
-are mapped back through the query's training normalisation. A baseline checkpoint (a `method` other
-than "adapter", see adapter/baselines) scores the pooled image embeddings and predicts target units
-itself. Either way an "identity" target comes out in label units, a "distance" target in target units
-(-|label - reference|; higher = closer to the reference).
+The checkpoint becomes a `Ranker` (adapter/evaluation/rankers.py): an adapter scores patch tokens
+with its regression head and maps them back through the query's training normalisation; a baseline
+(a `method` other than "adapter", see adapter/baselines) scores the pooled image embeddings and
+predicts target units itself. Either way an "identity" target comes out in label units, a "distance"
+target in target units (-|label - reference|; higher = closer to the reference).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 
-from rankpipe.adapter.baselines import Baseline, get_method
-from rankpipe.adapter.training.checkpoint import ADAPTER_METHOD, checkpoint_method, read_checkpoint
-from rankpipe.adapter.training.features import autocast
+from rankpipe.adapter import ADAPTER_METHOD
+from rankpipe.adapter.baselines import get_method
+from rankpipe.adapter.evaluation.rankers import AdapterRanker, BaselineRanker, FeatureKind, Query, Ranker
 from rankpipe.adapter.model.adapter import RankingAdapter
+from rankpipe.adapter.training.checkpoint import checkpoint_method, read_checkpoint
 from rankpipe.adapter.training.run_config import RunConfig
 from rankpipe.adapter.training.targets import TargetScale
 from rankpipe.errors import InputError
-from rankpipe.pipeline.embed.backbone import TextFeatures, compatibility_problem
 from rankpipe.pipeline.data.manifest import SplitSpec
+from rankpipe.pipeline.embed.backbone import TextFeatures, compatibility_problem
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +48,12 @@ class CheckpointLabel:
 
 @dataclasses.dataclass
 class LoadedCheckpoint:
-    """A trained adapter ready to score images."""
+    """A trained ranker and what it was trained on."""
 
     # Where it was read from.
     path: Path
-    # The adapter, in eval mode, on `device`; None for a baseline.
-    model: RankingAdapter | None
+    # What scores images: the adapter, in eval mode on `device`, or a fitted baseline.
+    ranker: Ranker
     # The run config it was trained with; None for a baseline.
     run_config: RunConfig | None
     # The token store's provenance it was trained on; stores must match it.
@@ -63,19 +64,33 @@ class LoadedCheckpoint:
     step: int
     # Validation SRCC per label at `step`.
     val_srcc: dict[str, float]
-    # Where the model lives.
+    # Where the ranker runs.
     device: torch.device
     # The split roles it was trained with; None when the checkpoint does not record them.
     splits: SplitSpec | None = None
-    # "adapter", or the name of the baseline method (adapter/baselines) the checkpoint holds.
-    method: str = ADAPTER_METHOD
-    # The fitted baseline when `method` is not "adapter"; it scores pooled image embeddings.
-    baseline: Baseline | None = None
+
+    @property
+    def method(self) -> str:
+        """"adapter", or the name of the baseline method (adapter/baselines) the checkpoint holds."""
+        return self.ranker.method
 
     @property
     def scales(self) -> dict[str, TargetScale]:
         """Target normalisation per label."""
         return {name: label.scale for name, label in self.labels.items()}
+
+    def query(self, label: str) -> Query:
+        """The ranker's query for one of its labels.
+
+        Raises:
+            InputError: the checkpoint was not trained on `label`.
+        """
+        if label not in self.labels:
+            raise InputError(
+                f"checkpoint {self.path} was not trained on label {label!r}; its labels are {', '.join(self.labels)}"
+            )
+        entry = self.labels[label]
+        return self.ranker.query(entry.query, label, entry.text_tokens, entry.scale)
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
@@ -112,7 +127,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
         )
         for entry in payload["labels"]
     }
-    return LoadedCheckpoint(model=model, run_config=run_config, labels=labels, **common)
+    return LoadedCheckpoint(ranker=AdapterRanker(model, device), run_config=run_config, labels=labels, **common)
 
 
 def payload_splits(payload: dict) -> SplitSpec | None:
@@ -132,8 +147,8 @@ def _load_baseline(payload: dict, common: dict) -> LoadedCheckpoint:
         entry["name"]: CheckpointLabel(entry["name"], entry["query"], None, TargetScale.from_dict(entry["target"]))
         for entry in payload["labels"]
     }
-    baseline = cls.from_state(payload["method_config"], payload["model"])
-    return LoadedCheckpoint(model=None, run_config=None, labels=labels, method=method, baseline=baseline, **common)
+    ranker = BaselineRanker(method, cls.from_state(payload["method_config"], payload["model"]))
+    return LoadedCheckpoint(ranker=ranker, run_config=None, labels=labels, **common)
 
 
 def check_compatible(provenance: dict, store, what: str) -> None:
@@ -191,81 +206,60 @@ def predict_labels(
     Returns:
         label -> [n] float64 scores in label units, in the order of `rows`.
     """
-    for label in labels:
-        if label not in loaded.labels:
-            raise InputError(
-                f"checkpoint {loaded.path} was not trained on label {label!r}; its labels are {', '.join(loaded.labels)}"
-            )
+    queries = [loaded.query(label) for label in labels]
     check_compatible(loaded.provenance, store, f"checkpoint {loaded.path}")
-    if loaded.baseline is not None:
-
-        def score_embeddings(batch_rows: np.ndarray) -> dict[str, np.ndarray]:
-            embed = store.image_embed(batch_rows)  # [b, E]
-            return {label: loaded.baseline.predict(label, embed) for label in labels}
-
-        # Baselines predict in target units already.
-        return _in_store_order(rows, batch_size, labels, score_embeddings)
-    texts = {label: loaded.labels[label].text_tokens for label in labels}
-    raw = adapter_scores(loaded, store, texts, rows, batch_size)  # normalised units
-    return {label: loaded.labels[label].scale.to_target_units(raw[label]) for label in labels}
+    return store_scores(loaded.ranker, store, queries, rows, batch_size)
 
 
-def adapter_scores(
-    loaded: LoadedCheckpoint,
+def store_scores(
+    ranker: Ranker,
     store,
-    texts: dict[str, torch.Tensor],
+    queries: Sequence[Query],
     rows: np.ndarray,
     batch_size: int = 256,
 ) -> dict[str, np.ndarray]:
-    """The adapter's regression scores (normalised units) of the images at `rows` for several queries;
-    each batch of image tokens is read from the store once and scored for every query.
+    """A ranker's scores of the images at `rows` of a store for several queries; each batch of features
+    is read from the store once, in ascending row order (the order the store reads), and scored for
+    every query.
 
     Args:
-        loaded: an adapter checkpoint from `load_checkpoint`.
-        store: a TokenStore embedded with the checkpoint's backbone.
-        texts: name -> [L, Dt] float32 text tokens of a query, on the checkpoint's device.
+        ranker: from `load_checkpoint`, of the store's backbone.
+        store: a TokenStore.
+        queries: the queries, each named by its label (or its sentence for an unseen query).
         rows: [n] store rows to score.
         batch_size: images per forward pass.
 
     Returns:
-        name -> [n] float64 scores, in the order of `rows`.
+        query name -> [n] float64 scores, in the order of `rows`.
     """
-
-    def score_tokens(batch_rows: np.ndarray) -> dict[str, np.ndarray]:
-        tokens = torch.from_numpy(np.ascontiguousarray(store.image_tokens(batch_rows), dtype=np.float16))  # [b, P, D]
-        return {name: score_batches(loaded.model, text, [tokens], loaded.device) for name, text in texts.items()}
-
-    return _in_store_order(rows, batch_size, list(texts), score_tokens)
-
-
-def _in_store_order(
-    rows: np.ndarray,
-    batch_size: int,
-    names: Sequence[str],
-    score: Callable[[np.ndarray], dict[str, np.ndarray]],
-) -> dict[str, np.ndarray]:
-    """Run `score` ([b] ascending store rows -> name -> [b] scores) over `rows` in ascending batches, the
-    order the store reads, and return each name's [n] float64 scores in the order of `rows`."""
+    names = [q.label or q.sentence for q in queries]
     rows = np.asarray(rows, dtype=np.int64)
     order = np.argsort(rows, kind="stable")
     sorted_rows = rows[order]
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    parts: list[list[np.ndarray]] = [[] for _ in queries]
     for i in range(0, len(rows), batch_size):
-        for name, scores in score(sorted_rows[i : i + batch_size]).items():
-            parts[name].append(scores)
+        features = read_features(store, sorted_rows[i : i + batch_size], ranker.reads)
+        for part, scores in zip(parts, ranker.score(features, queries)):
+            part.append(scores)
     out = {}
-    for name in names:
+    for name, part in zip(names, parts):
         scores = np.empty(len(rows), dtype=np.float64)
-        scores[order] = np.concatenate(parts[name]) if parts[name] else np.zeros(0)
+        scores[order] = np.concatenate(part) if part else np.zeros(0)
         out[name] = scores
     return out
+
+
+def read_features(store, rows: np.ndarray, kind: FeatureKind) -> torch.Tensor:
+    """[b, P, D] patch tokens or [b, E] pooled embeddings of ascending store `rows`, float16 as stored."""
+    values = store.image_tokens(rows) if kind == "tokens" else store.image_embed(rows)
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float16))
 
 
 def predict_embeddings(loaded: LoadedCheckpoint, label: str, embed: np.ndarray) -> np.ndarray:
     """A baseline checkpoint's scores of pooled image embeddings, in label units.
 
     Args:
-        loaded: a baseline checkpoint from `load_checkpoint`.
+        loaded: a checkpoint from `load_checkpoint` whose ranker reads pooled embeddings.
         label: one of its label names.
         embed: [n, E] CLIP's pooled, projected image embeddings (as the store's image/embed).
 
@@ -275,49 +269,12 @@ def predict_embeddings(loaded: LoadedCheckpoint, label: str, embed: np.ndarray) 
     Raises:
         InputError: an adapter checkpoint (it scores patch tokens), or an unknown label.
     """
-    if loaded.baseline is None:
+    if loaded.ranker.reads != "embed":
         raise InputError(f"checkpoint {loaded.path} is a ranking adapter, which scores patch tokens, not pooled embeddings")
-    if label not in loaded.labels:
-        raise InputError(
-            f"checkpoint {loaded.path} was not trained on label {label!r}; its labels are {', '.join(loaded.labels)}"
-        )
-    return loaded.baseline.predict(label, embed)
+    (scores,) = loaded.ranker.score(torch.as_tensor(np.asarray(embed)), [loaded.query(label)])
+    return scores
 
 
 def query_tokens(text: TextFeatures, device: torch.device) -> torch.Tensor:
     """[L, Dt] float32 text tokens of a query up to and including end-of-text (as training uses them), on `device`."""
     return torch.from_numpy(np.asarray(text.tokens[: text.length], dtype=np.float32)).to(device)
-
-
-@torch.no_grad()
-def score_batches(
-    model: RankingAdapter,
-    text_tokens: torch.Tensor,
-    image_batches: Iterable[torch.Tensor],
-    device: torch.device,
-) -> np.ndarray:
-    """Regression scores (normalised units) of image-token batches, concatenated.
-
-    Args:
-        model: the adapter; put in eval mode for the call and restored afterwards.
-        text_tokens: [L, Dt] the query's text tokens, on `device`.
-        image_batches: [n_i, P, D] image tokens per batch (any device, any float dtype).
-        device: where the model runs.
-
-    Returns:
-        [sum n_i] float64 scores.
-    """
-    was_training = model.training
-    model.eval()
-    out = []
-    try:
-        for tokens in image_batches:
-            tokens = tokens.to(device=device, non_blocking=True).float()  # [n, P, D]
-            with autocast(device):
-                scores = model(tokens, text_tokens, with_pairs=False).scores  # [n]
-            out.append(scores.float())
-    finally:
-        model.train(was_training)
-    if not out:
-        return np.zeros(0, dtype=np.float64)
-    return torch.cat(out).cpu().numpy().astype(np.float64)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from rankpipe.errors import InputError
 
@@ -79,12 +79,15 @@ def run_demo(out_dir: Path, n_images: int = 240, steps: int = 300, device: str =
     from rankpipe.adapter.evaluation.command import EvalRequest, run_evaluation
     from rankpipe.adapter.evaluation.evaluate import EvalConfig
     from rankpipe.adapter.evaluation.metrics import MetricConfig
-    from rankpipe.adapter.training.run_config import SMALL_ADAPTER_OVERRIDES, load_run_config
     from rankpipe.adapter.training.loop import train_from_store
-    from rankpipe.pipeline.embed.backbone import TINY_VIT, BackboneSpec
-    from rankpipe.pipeline.datasets.demo_data import build_demo_dataset
-    from rankpipe.pipeline.embed.job import embed
+    from rankpipe.adapter.training.run_config import (
+        SMALL_ADAPTER_OVERRIDES,
+        load_run_config,
+    )
     from rankpipe.pipeline.data.manifest import load_manifest
+    from rankpipe.pipeline.datasets.demo_data import build_demo_dataset
+    from rankpipe.pipeline.embed.backbone import TINY_VIT, BackboneSpec
+    from rankpipe.pipeline.embed.job import embed
     from rankpipe.pipeline.store import TokenStore
 
     paths = demo_paths(out_dir)

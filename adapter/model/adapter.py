@@ -8,8 +8,9 @@ batch it gives the logit that image i ranks above image j.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable, Iterable
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -17,6 +18,7 @@ from rankpipe.adapter.model.config import AdapterConfig
 from rankpipe.adapter.model.encoder import AdapterEncoder
 from rankpipe.adapter.model.heads import RegressionHead, SubtractionHead
 from rankpipe.adapter.model.relational import RelationalAttention
+from rankpipe.devices import autocast
 from rankpipe.errors import InputError
 
 # ranking_head name -> constructor of the pairwise branch (None: regression only).
@@ -101,3 +103,37 @@ class RankingAdapter(nn.Module):
         scores = self.regression_head(x)  # (N,)
         pair_logits = self.ranking_head(x) if with_pairs and self.ranking_head is not None else None
         return AdapterOutput(scores=scores, pair_logits=pair_logits)
+
+
+@torch.no_grad()
+def score_batches(
+    model: RankingAdapter,
+    text_tokens: torch.Tensor,
+    image_batches: Iterable[torch.Tensor],
+    device: torch.device,
+) -> np.ndarray:
+    """Regression scores (normalised units) of image-token batches, concatenated.
+
+    Args:
+        model: the adapter; put in eval mode for the call and restored afterwards.
+        text_tokens: [L, Dt] the query's text tokens, on `device`.
+        image_batches: [n_i, P, D] image tokens per batch (any device, any float dtype).
+        device: where the model runs.
+
+    Returns:
+        [sum n_i] float64 scores.
+    """
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for tokens in image_batches:
+            tokens = tokens.to(device=device, non_blocking=True).float()  # [n, P, D]
+            with autocast(device):
+                scores = model(tokens, text_tokens, with_pairs=False).scores  # [n]
+            out.append(scores.float())
+    finally:
+        model.train(was_training)
+    if not out:
+        return np.zeros(0, dtype=np.float64)
+    return torch.cat(out).cpu().numpy().astype(np.float64)

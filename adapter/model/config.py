@@ -115,7 +115,7 @@ class AdapterConfig:
         return self.head_hidden if self.head_hidden is not None else self.d_model
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "AdapterConfig":
+    def from_dict(cls, d: dict[str, Any]) -> AdapterConfig:
         """Build from a plain dict (YAML or a checkpoint); unknown keys raise InputError naming them."""
         return _from_dict(cls, d)
 
@@ -163,6 +163,6 @@ class LossConfig:
             raise InputError("ties 'half' needs pairwise 'bce'; use ties 'exclude' with the hinge loss.")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "LossConfig":
+    def from_dict(cls, d: dict[str, Any]) -> LossConfig:
         """Build from a plain dict (YAML or a checkpoint); unknown keys raise InputError naming them."""
         return _from_dict(cls, d)

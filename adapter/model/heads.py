@@ -7,7 +7,7 @@ each block in the backward pass (activation checkpointing) so nothing per-pair i
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn

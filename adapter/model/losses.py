@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rankpipe.adapter.model.config import LossConfig
 from rankpipe.adapter.model.adapter import AdapterOutput
+from rankpipe.adapter.model.config import LossConfig
 
 
 @dataclasses.dataclass

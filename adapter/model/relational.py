@@ -26,7 +26,7 @@ pair's own 2P tokens be the queries (the paper's self-attention ablation) and av
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn

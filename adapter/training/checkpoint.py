@@ -26,41 +26,30 @@ never leaves a half-written checkpoint.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from rankpipe.adapter.training.features import BatchSampler
+from rankpipe.adapter import ADAPTER_METHOD
 from rankpipe.adapter.model.adapter import RankingAdapter
+from rankpipe.adapter.training.features import BatchSampler
 from rankpipe.adapter.training.run_config import RunConfig
 from rankpipe.adapter.training.streaming import TrainingFeatures
 from rankpipe.errors import InputError
-from rankpipe.pipeline.embed.backbone import compatibility_problem
+from rankpipe.files import atomic_target
 from rankpipe.pipeline.data.manifest import SPLIT_ROLES, SplitSpec
+from rankpipe.pipeline.embed.backbone import compatibility_problem
 
 FORMAT_VERSION = 1
 BEST, LAST = "best.pt", "last.pt"
-# The `method` of a ranking adapter's checkpoint.
-ADAPTER_METHOD = "adapter"
 
 
 def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
     """Write `payload` to `path` atomically (temporary file + rename); returns the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_target(path) as partial:
+        torch.save(payload, partial)
     return path
 
 

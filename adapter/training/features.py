@@ -12,17 +12,21 @@ training images, so every training image is seen about equally often whatever qu
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 
-from rankpipe.adapter.training.targets import TargetScale, fit_target_scale, transform_target
+from rankpipe.adapter.training.targets import (
+    TargetScale,
+    fit_target_scale,
+    transform_target,
+)
 from rankpipe.errors import InputError
-from rankpipe.pipeline.data.manifest import Manifest
+from rankpipe.pipeline.labelled_store import LabelledStore, TrainValRows
+from rankpipe.pipeline.store import TokenStore
 
 log = logging.getLogger(__name__)
 
@@ -147,73 +151,27 @@ def query_targets(q: dict) -> tuple[TargetScale, np.ndarray, np.ndarray]:
     return scale, train_targets, transform_target(q["val_labels"], q["transform"])
 
 
-def load_features(
-    store,
-    manifest: Manifest,
-    labels: list[str],
-    device: torch.device | str,
-    max_resident_gb: float,
-) -> ResidentFeatures:
-    """Read the train and val rows of `labels` from a TokenStore onto the device.
-
-    Split roles and target transforms come from `manifest` (the store's own or an override).
+def load_features(data: LabelledStore, device: torch.device | str, max_resident_gb: float) -> ResidentFeatures:
+    """Read the train and val rows of the labels of `data` onto the device.
 
     Raises:
         InputError: a label has fewer than 2 train or val images, or the tokens exceed `max_resident_gb`.
     """
-    per_label = split_rows(store, manifest, labels)
+    per_label = data.split_rows()
     rows = needed_rows(per_label)
-    gigabytes = token_gigabytes(store, len(rows))
+    gigabytes = token_gigabytes(data.store, len(rows))
     if gigabytes > max_resident_gb:
         raise InputError(
             f"the {len(rows)} train/val images need {gigabytes:.1f} GB of image tokens, more than "
             f"train.max_resident_gb={max_resident_gb}; raise it with --set train.max_resident_gb=N if the "
             "device has the memory"
         )
-    return read_resident(store, manifest, per_label, device)
+    return read_resident(data, per_label, device)
 
 
-def labelled_rows(store, manifest: Manifest, labels: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """The (train, val) store rows of each label that have a value, ascending.
-
-    The same rows as `store.rows(values, label=name)`, but the split column (a string array, the
-    slowest to read) is read once per split rather than once per label.
-    """
-    train = store.rows(list(manifest.splits.values("train")))
-    val = store.rows(list(manifest.splits.values("val")))
-    per_label = {}
-    for name in labels:
-        has_value = np.isfinite(store.label(name))  # [N]
-        per_label[name] = (train[has_value[train]], val[has_value[val]])
-    return per_label
-
-
-def split_rows(store, manifest: Manifest, labels: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """The (train, val) store rows of each label, ascending.
-
-    Raises:
-        InputError: a label has fewer than 2 train or val images.
-    """
-    train_values = list(manifest.splits.values("train"))
-    val_values = list(manifest.splits.values("val"))
-    per_label = labelled_rows(store, manifest, labels)
-    for name, (train_rows, val_rows) in per_label.items():
-        if len(train_rows) < 2:
-            raise InputError(
-                f"label {name!r} has {len(train_rows)} training image(s) in split values {train_values}; "
-                "at least 2 are needed: check the manifest's train split"
-            )
-        if len(val_rows) < 2:
-            raise InputError(
-                f"label {name!r} has {len(val_rows)} validation image(s) in split values {val_values}; "
-                "at least 2 are needed: map a val split with --manifest"
-            )
-    return per_label
-
-
-def train_val_gigabytes(store, manifest: Manifest, labels: list[str]) -> float:
-    """GB of fp16 image tokens that the train and val rows of `labels` take when resident."""
-    return token_gigabytes(store, len(needed_rows(split_rows(store, manifest, labels))))
+def train_val_gigabytes(data: LabelledStore) -> float:
+    """GB of fp16 image tokens that the train and val rows of the labels of `data` take when resident."""
+    return token_gigabytes(data.store, len(needed_rows(data.split_rows())))
 
 
 def needed_rows(per_label: dict[str, tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
@@ -221,52 +179,50 @@ def needed_rows(per_label: dict[str, tuple[np.ndarray, np.ndarray]]) -> np.ndarr
     return np.unique(np.concatenate([np.concatenate(pair) for pair in per_label.values()]))
 
 
-def token_shape(store) -> tuple[int, int]:
+def token_shape(store: TokenStore) -> tuple[int, int]:
     """(P, D): image tokens per row and their width, from a zero-row read (array metadata, no chunk)."""
     _, num_tokens, dim = store.image_tokens(slice(0, 0)).shape
     return num_tokens, dim
 
 
-def token_gigabytes(store, num_rows: int) -> float:
+def token_gigabytes(store: TokenStore, num_rows: int) -> float:
     """GB of fp16 image tokens of `num_rows` rows of the store."""
     num_tokens, dim = token_shape(store)
     return num_rows * num_tokens * dim * 2 / 1e9
 
 
-def query_inputs(store, manifest: Manifest, name: str, train_rows: np.ndarray, val_rows: np.ndarray) -> dict:
+def query_inputs(data: LabelledStore, name: str, train_rows: np.ndarray, val_rows: np.ndarray) -> dict:
     """A label's query sentence, text tokens, target transform and raw train/val labels (see build_features)."""
-    raw = store.label(name)
-    text = store.text(name)
+    raw = data.store.label(name)
+    text = data.store.text(name)
     return {
         "name": name,
-        "query": store.query(name),
+        "query": data.store.query(name),
         "text_tokens": np.asarray(text.tokens[: text.length], dtype=np.float32),
-        "transform": manifest.label(name).target,
+        "transform": data.manifest.label(name).target,
         "train_labels": raw[train_rows],
         "val_labels": raw[val_rows],
     }
 
 
-def read_resident(
-    store, manifest: Manifest, per_label: dict[str, tuple[np.ndarray, np.ndarray]], device: torch.device | str
-) -> ResidentFeatures:
-    """Resident features of the rows in `per_label` (from split_rows), read onto the device."""
+def read_resident(data: LabelledStore, per_label: dict[str, TrainValRows], device: torch.device | str) -> ResidentFeatures:
+    """Resident features of the rows in `per_label` (from `data.split_rows()`), read onto the device."""
     rows = needed_rows(per_label)  # [R] ascending, so a row's position is its searchsorted index
-    tokens = read_rows(store, rows, device)
+    tokens = read_rows(data.store, rows, device)
     queries = []
     for name, (train_rows, val_rows) in per_label.items():
         queries.append({
-            **query_inputs(store, manifest, name, train_rows, val_rows),
+            **query_inputs(data, name, train_rows, val_rows),
             "train_rows": np.searchsorted(rows, train_rows),
             "val_rows": np.searchsorted(rows, val_rows),
         })
     _, num_tokens, dim = tokens.shape
     log.info("resident image tokens: %d rows x %d x %d (%.2f GB)", len(rows), num_tokens, dim,
              tokens.numel() * tokens.element_size() / 1e9)
-    return build_features(tokens, store.keys()[rows], queries, device)
+    return build_features(tokens, data.store.keys()[rows], queries, device)
 
 
-def read_rows(store, rows: np.ndarray, device: torch.device | str) -> torch.Tensor:
+def read_rows(store: TokenStore, rows: np.ndarray, device: torch.device | str) -> torch.Tensor:
     """[R, P, D] fp16 tokens of sorted `rows`, read one row block at a time into a device tensor."""
     out = torch.empty((len(rows), *token_shape(store)), dtype=torch.float16, device=device)
     for start, stop in store.row_blocks():
@@ -311,11 +267,3 @@ class BatchSampler:
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
-
-
-def autocast(device: torch.device | str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA, plain fp32 elsewhere (CPU runs stay bit-reproducible)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()

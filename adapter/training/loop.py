@@ -24,24 +24,32 @@ import math
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import scipy.stats
 import torch
 import torch.nn.functional as F
 
-from rankpipe.adapter.training.checkpoint import BEST, LAST, CheckpointWriter, load_resume_state, set_rng_state
+from rankpipe.adapter.model.adapter import RankingAdapter, score_batches
 from rankpipe.adapter.model.config import LossConfig
-from rankpipe.adapter.training.features import BatchSampler, autocast, labelled_rows
 from rankpipe.adapter.model.losses import LossParts, ranking_loss
-from rankpipe.adapter.model.adapter import RankingAdapter
-from rankpipe.adapter.evaluation.scoring import score_batches
+from rankpipe.adapter.training.checkpoint import (
+    BEST,
+    LAST,
+    CheckpointWriter,
+    load_resume_state,
+    set_rng_state,
+)
+from rankpipe.adapter.training.features import BatchSampler
 from rankpipe.adapter.training.run_config import OptimConfig, RunConfig
 from rankpipe.adapter.training.streaming import TrainingFeatures, open_features
+from rankpipe.devices import autocast
 from rankpipe.errors import InputError
 from rankpipe.pipeline.data.manifest import Manifest, SplitSpec
+from rankpipe.pipeline.labelled_store import LabelledStore
+from rankpipe.pipeline.store import TokenStore
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +99,7 @@ class TrainResult:
 
 
 def train_from_store(
-    store,
+    store: TokenStore,
     out_dir: str | Path,
     run_config: RunConfig,
     labels: list[str] | None = None,
@@ -117,15 +125,10 @@ def train_from_store(
             for a streaming window of `train.max_resident_gb`, or a resume that does not match the saved run.
         TrainingDiverged: the loss became non-finite.
     """
-    manifest = check_manifest(store, manifest)
-    labels = list(labels) if labels else trainable_labels(store, manifest)
-    for name in labels:
-        if name not in store.label_names:
-            raise InputError(f"store {store.path} has no label {name!r}; its labels are {', '.join(store.label_names)}")
-        manifest.label(name)
+    data = LabelledStore.open(store, manifest, labels or ())
     device = torch.device(device)
-    features = open_features(store, manifest, labels, device, run_config.train)
-    return train_adapter(features, out_dir, run_config, store.provenance, device, resume, progress, splits=manifest.splits)
+    features = open_features(data, device, run_config.train)
+    return train_adapter(features, out_dir, run_config, data.provenance, device, resume, progress, splits=data.manifest.splits)
 
 
 def train_adapter(
@@ -335,54 +338,6 @@ class _LossMonitor:
         self.sums.zero_()
         self.count = 0
         return dict(zip(LOSS_PARTS, means))
-
-
-def trainable_labels(store, manifest: Manifest, names: Sequence[str] | None = None) -> list[str]:
-    """The labels among `names` (default: all of the store) with 2 or more train and val images.
-
-    Training needs pairs in both splits; a label short of them — e.g. a query held out of training —
-    is skipped with a warning.
-
-    Raises:
-        InputError: `names` has a label the store lacks, or no label is left.
-    """
-    names = list(names) if names is not None else list(store.label_names)
-    missing = [name for name in names if name not in store.label_names]
-    if missing:
-        raise InputError(f"store {store.path} has no label(s) {', '.join(map(repr, missing))}; "
-                         f"its labels are {', '.join(store.label_names)}")
-    train_values = list(manifest.splits.values("train"))
-    val_values = list(manifest.splits.values("val"))
-    labels = []
-    for name, (train_rows, val_rows) in labelled_rows(store, manifest, names).items():
-        counts = len(train_rows), len(val_rows)
-        if min(counts) >= 2:
-            labels.append(name)
-        else:
-            log.warning("label %r has %d training and %d validation images, fewer than 2 (held out of "
-                        "training?); not trained — pass --label to choose the labels", name, *counts)
-    if not labels:
-        raise InputError(f"no label of store {store.path} has 2 or more images in both the train split "
-                         f"{train_values} and the val split {val_values}; check the manifest's splits")
-    return labels
-
-
-def check_manifest(store, manifest: Manifest | None) -> Manifest:
-    """The manifest to train with: the store's, or an override whose labels' queries match the store's."""
-    if manifest is None:
-        return store.manifest
-    for label in manifest.labels:
-        if label.name not in store.label_names:
-            raise InputError(
-                f"manifest {manifest.path or manifest.name} has label {label.name!r} that store {store.path} "
-                f"does not; its labels are {', '.join(store.label_names)}"
-            )
-        if label.query != store.query(label.name):
-            raise InputError(
-                f"manifest {manifest.path or manifest.name} asks {label.query!r} for label {label.name!r} but the "
-                f"store embedded {store.query(label.name)!r}; re-embed to change a query"
-            )
-    return manifest
 
 
 def _mean(srcc: dict[str, float]) -> float:

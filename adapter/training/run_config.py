@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import types
-import typing
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
-
-import yaml
+from typing import Any
 
 from rankpipe.adapter.model.config import AdapterConfig, LossConfig
 from rankpipe.errors import InputError
+from rankpipe.settings import (
+    field_names,
+    instantiate_config,
+    load_yaml,
+    merge_settings,
+    split_assignment,
+)
 
 # train.compile values: "off" trains eagerly; the others are torch.compile modes.
 COMPILE_MODES = ("off", "default", "reduce-overhead")
@@ -175,151 +179,19 @@ def load_run_config(
     """
     data: dict[str, Any] = merge_settings(RunConfig, {}, base.to_dict(), "base config", "") if base is not None else {}
     if config_path is not None:
-        path = Path(config_path)
-        if not path.is_file():
-            raise InputError(f"config file {path} does not exist; pass the path of a YAML run config")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise InputError(f"{path} is not valid YAML: {e}") from e
-        data = merge_settings(RunConfig, data, loaded if loaded is not None else {}, str(path), prefix="")
+        loaded = load_yaml(config_path, "config file", "pass the path of a YAML run config")
+        data = merge_settings(RunConfig, data, loaded if loaded is not None else {}, str(config_path), prefix="")
+    form = f"section.field=value (sections: {', '.join(field_names(RunConfig))})"
     for item in overrides:
-        dotted, sep, value = item.partition("=")
-        path_parts = dotted.strip().split(".")
-        if not sep or len(path_parts) < 2 or not all(path_parts):
-            raise InputError(
-                f"{overrides_from} {item!r} is not of the form section.field=value "
-                f"(sections: {', '.join(_field_names(RunConfig))})"
-            )
-        update: Any = value.strip()
+        dotted, value = split_assignment(item, form, overrides_from)
+        path_parts = dotted.split(".")
+        if len(path_parts) < 2 or not all(path_parts):
+            raise InputError(f"{overrides_from} {item!r} is not of the form {form}")
+        update: Any = value
         for part in reversed(path_parts):
             update = {part: update}
         data = merge_settings(RunConfig, data, update, overrides_from, prefix="")
     return instantiate_config(RunConfig, data, "run config", prefix="")
-
-
-def merge_settings(cls: type, data: dict[str, Any], update: Any, where: str, prefix: str) -> dict[str, Any]:
-    """`data` (plain values of `cls`'s fields) updated with `update`, each value converted to its field's type."""
-    if not isinstance(update, dict):
-        raise InputError(f"{where}: {prefix.rstrip('.') or 'the config'} must be a mapping of field: value")
-    hints = typing.get_type_hints(cls)
-    known = _field_names(cls)
-    out = dict(data)
-    for key, value in update.items():
-        dotted = f"{prefix}{key}"
-        if key not in known:
-            raise InputError(f"{where}: unknown field '{dotted}'; allowed: {', '.join(prefix + k for k in known)}")
-        field_type = hints[key]
-        if dataclasses.is_dataclass(field_type):
-            if not isinstance(value, dict):
-                raise InputError(f"{where}: '{dotted}' is a section; set its fields as {dotted}.FIELD=VALUE")
-            out[key] = merge_settings(field_type, out.get(key, {}), value, where, dotted + ".")
-        else:
-            out[key] = _coerce(value, field_type, where, dotted)
-    return out
-
-
-def instantiate_config(cls: type, data: dict[str, Any], where: str, prefix: str) -> Any:
-    """Build dataclass `cls` from converted plain values; a failed validation names the section."""
-    hints = typing.get_type_hints(cls)
-    kwargs = {
-        key: instantiate_config(hints[key], value, where, f"{prefix}{key}.") if dataclasses.is_dataclass(hints[key]) else value
-        for key, value in data.items()
-    }
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as e:  # InputError is a ValueError
-        section = prefix.rstrip(".") or "run config"
-        raise InputError(f"{where}: {section}: {e}") from e
-
-
-_TRUE = {"true", "yes", "on", "1"}
-_FALSE = {"false", "no", "off", "0"}
-
-
-def _coerce(value: Any, tp: Any, where: str, dotted: str) -> Any:
-    """Convert a YAML value or a `--set` string to type `tp`, or raise an InputError naming the field."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-
-    def fail(expected: str) -> InputError:
-        return InputError(f"{where}: field '{dotted}' expects {expected}, got {value!r}")
-
-    if origin in (typing.Union, types.UnionType):
-        options = [a for a in args if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
-            if len(options) < len(args):
-                return None
-        for option in options:
-            try:
-                return _coerce(value, option, where, dotted)
-            except InputError:
-                continue
-        raise fail(" or ".join(_type_name(a) for a in args))
-    if origin is typing.Literal:
-        for allowed in args:
-            if value == allowed or (isinstance(value, str) and str(allowed) == value):
-                return allowed
-        raise fail("one of " + ", ".join(repr(a) for a in args))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
-            return value.lower() in _TRUE
-        raise fail("true or false")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                number = float(value)
-            except ValueError:
-                raise fail("an integer") from None
-            if number.is_integer():
-                return int(number)
-        raise fail("an integer")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise fail("a number") from None
-        raise fail("a number")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, bool):  # YAML reads a bare off/on/no/yes as a boolean
-            raise fail("a string (quote it: YAML reads a bare off, on, no or yes as true/false)")
-        raise fail("a string")
-    if origin in (tuple, list):
-        items = value
-        if isinstance(value, str):
-            parsed = yaml.safe_load(value) if value.lstrip().startswith("[") else value.split(",")
-            items = parsed if isinstance(parsed, list) else [parsed]
-        if not isinstance(items, (list, tuple)):
-            raise fail("a list")
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(items) != len(args):
-                raise fail(f"{len(args)} values")
-            item_types = list(args)
-        else:
-            item_types = [args[0] if args else Any] * len(items)
-        converted = [
-            _coerce(item.strip() if isinstance(item, str) else item, t, where, dotted) for item, t in zip(items, item_types)
-        ]
-        return tuple(converted) if origin is tuple else converted
-    return value
-
-
-def _type_name(tp: Any) -> str:
-    return "none" if tp is type(None) else getattr(tp, "__name__", str(tp))
-
-
-def _field_names(cls: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls)]
 
 
 def _diff(a: Any, b: Any, prefix: str) -> list[str]:

@@ -21,20 +21,29 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import logging
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 
 from rankpipe.adapter.training.features import (
-    BatchSampler, ResidentFeatures, TrainBatch, needed_rows, query_inputs, query_targets, read_resident, read_rows,
-    split_rows, token_gigabytes, token_shape,
+    BatchSampler,
+    ResidentFeatures,
+    TrainBatch,
+    needed_rows,
+    query_inputs,
+    query_targets,
+    read_resident,
+    read_rows,
+    token_gigabytes,
+    token_shape,
 )
 from rankpipe.adapter.training.run_config import TrainConfig
 from rankpipe.adapter.training.targets import TargetScale
 from rankpipe.adapter.training.windows import WindowSchedule
 from rankpipe.errors import InputError
-from rankpipe.pipeline.data.manifest import Manifest
+from rankpipe.pipeline.labelled_store import LabelledStore
+from rankpipe.pipeline.store import TokenStore
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +94,7 @@ class StreamingFeatures:
 
     def __init__(
         self,
-        store,
+        store: TokenStore,
         queries: list[StreamedQuery],
         blocks: list[tuple[int, int]],
         schedule: WindowSchedule,
@@ -204,20 +213,19 @@ def _to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.
 TrainingFeatures = ResidentFeatures | StreamingFeatures
 
 
-def open_features(
-    store, manifest: Manifest, labels: list[str], device: torch.device | str, train: TrainConfig
-) -> TrainingFeatures:
-    """The train and val rows of `labels`: resident when they fit `train.max_resident_gb`, else streamed.
+def open_features(data: LabelledStore, device: torch.device | str, train: TrainConfig) -> TrainingFeatures:
+    """The train and val rows of the labels of `data`: resident when they fit `train.max_resident_gb`, else streamed.
 
     Raises:
         InputError: a label has fewer than 2 train or val images, a block's training rows alone exceed
             a window's share of the budget, or no window can hold a pair of one label.
     """
     device = torch.device(device)
-    per_label = split_rows(store, manifest, labels)
+    store = data.store
+    per_label = data.split_rows()
     budget = train.max_resident_gb
     if token_gigabytes(store, len(needed_rows(per_label))) <= budget:
-        return read_resident(store, manifest, per_label, device)
+        return read_resident(data, per_label, device)
 
     all_val_rows = np.unique(np.concatenate([val for _, val in per_label.values()]))  # [V] ascending
     val_gb = token_gigabytes(store, len(all_val_rows))
@@ -227,7 +235,7 @@ def open_features(
 
     queries = []
     for name, (train_rows, val_rows) in per_label.items():
-        inputs = query_inputs(store, manifest, name, train_rows, val_rows)
+        inputs = query_inputs(data, name, train_rows, val_rows)
         scale, train_targets, val_targets = query_targets(inputs)
         queries.append(StreamedQuery(
             name=name, query=inputs["query"],

@@ -11,8 +11,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import braceexpand
 import torch
@@ -20,8 +20,13 @@ import webdataset as wds
 from PIL import Image
 
 from rankpipe.errors import InputError
-from rankpipe.pipeline.embed.decode import IMAGE_EXTENSIONS, decode_image, tar_error_text, unreadable_reason
 from rankpipe.pipeline.data.tars import is_remote
+from rankpipe.pipeline.embed.decode import (
+    IMAGE_EXTENSIONS,
+    decode_image,
+    tar_error_text,
+    unreadable_reason,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +77,7 @@ class ImageBatch:
     # Images of this run that could not be decoded.
     skipped: list[SkippedImage]
 
-    def pin_memory(self) -> "ImageBatch":
+    def pin_memory(self) -> ImageBatch:
         # Called by the DataLoader's pinning thread when pin_memory=True.
         if self.images is not None:
             self.images = self.images.pin_memory()

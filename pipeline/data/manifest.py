@@ -15,6 +15,7 @@ import braceexpand
 import yaml
 
 from rankpipe.errors import InputError
+from rankpipe.settings import load_yaml
 
 METRIC_FAMILIES = ("correlation", "ordinal")
 SPLIT_ROLES = ("train", "val", "test")
@@ -153,12 +154,7 @@ def load_manifest(path: str | Path) -> Manifest:
         ManifestError: the file is missing, not YAML, or a field is wrong (the message names it).
     """
     path = Path(path)
-    if not path.is_file():
-        raise ManifestError(f"manifest {path} does not exist; pass the path of a manifest YAML file")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ManifestError(f"{path} is not valid YAML: {e}") from e
+    data = load_yaml(path, "manifest", "pass the path of a manifest YAML file", error=ManifestError)
     return manifest_from_dict(data, path=path)
 
 

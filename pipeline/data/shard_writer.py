@@ -30,9 +30,10 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from rankpipe.errors import InputError
+from rankpipe.files import write_text_atomic
 from rankpipe.pipeline.data.manifest import SPLIT_ROLES, LabelSpec, Manifest, SplitSpec
 from rankpipe.pipeline.data.sources import SampleRecord, sample_key
-from rankpipe.pipeline.data.tar_writer import TarEntry, TarSequence, remove_stale_tars, write_text_atomic
+from rankpipe.pipeline.data.tar_writer import TarEntry, TarSequence, remove_stale_tars
 
 logger = logging.getLogger(__name__)
 

@@ -14,8 +14,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 from rankpipe.errors import InputError
-from rankpipe.pipeline.data.manifest import METRIC_FAMILIES, SPLIT_ROLES, LabelSpec, SplitSpec
-from rankpipe.pipeline.data.shard_writer import AutoSplit, SampleError, ShardsResult, parse_label, write_shards
+from rankpipe.pipeline.data.manifest import (
+    METRIC_FAMILIES,
+    SPLIT_ROLES,
+    LabelSpec,
+    SplitSpec,
+)
+from rankpipe.pipeline.data.shard_writer import (
+    AutoSplit,
+    SampleError,
+    ShardsResult,
+    parse_label,
+    write_shards,
+)
 from rankpipe.pipeline.data.sources import SampleRecord, read_input
 
 logger = logging.getLogger(__name__)

@@ -6,21 +6,19 @@ outputs stay readable until the new ones replace them.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import webdataset as wds
 
+from rankpipe.files import PARTIAL_SUFFIX
+
 logger = logging.getLogger(__name__)
 
-# Suffix of files still being written; they are also hidden (leading dot) so globs skip them.
-PARTIAL_SUFFIX = ".partial"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,26 +86,6 @@ class TarSequence:
 def tar_name(name: str, index: int) -> str:
     """The file name of tar `index` of dataset `name`, e.g. "koniq-000003.tar"."""
     return f"{name}-{index:06d}.tar"
-
-
-@contextlib.contextmanager
-def atomic_target(path: Path) -> Iterator[Path]:
-    """A hidden temporary path beside `path` to write to: renamed onto `path` when the block succeeds.
-
-    Readers of `path` see the old file or the new one, never half; a failed write leaves no temporary behind.
-    """
-    partial = path.with_name(f".{path.name}{PARTIAL_SUFFIX}")
-    try:
-        yield partial
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `path` through a temporary file, so readers see the old or the new text, never half."""
-    with atomic_target(path) as partial:
-        partial.write_text(text)
 
 
 def remove_stale_tars(out_dir: Path, name: str, n_tars: int) -> None:

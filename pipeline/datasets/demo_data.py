@@ -23,12 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import skimage.data
-import yaml
 from PIL import Image
 
 from rankpipe.pipeline.data.manifest import SPLIT_ROLES, manifest_from_dict
 from rankpipe.pipeline.data.shard_writer import write_shards
 from rankpipe.pipeline.data.sources import SampleRecord
+from rankpipe.settings import parse_yaml
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def decode_rgb(data: bytes) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_photo(name: str) -> np.ndarray:
     """A bundled sample photo as RGB [H, W, 3] uint8, read-only; cached, so each photo is decoded once."""
     pixels = PHOTOS[name]()
@@ -200,7 +200,7 @@ def build_demo_dataset(out_dir: Path, n_images: int = 240, image_size: int = 96,
         The path of the written manifest.yaml.
     """
     template_file = importlib.resources.files("rankpipe") / "manifests" / "demo.yaml"
-    template = manifest_from_dict(yaml.safe_load(template_file.read_text()))
+    template = manifest_from_dict(parse_yaml(template_file.read_text(), "the demo manifest"))
     records = []
     for index, image in enumerate(generate_demo_images(n_images, image_size, seed, config)):
         pixels = decode_rgb(image.jpeg)

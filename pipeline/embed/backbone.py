@@ -15,8 +15,9 @@ import contextlib
 import dataclasses
 import json
 import logging
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import open_clip
@@ -28,7 +29,13 @@ from PIL import Image
 
 import rankpipe
 from rankpipe.errors import InputError
-from rankpipe.pipeline.embed.weights import FILE_WEIGHTS, RANDOM_WEIGHTS, ResolvedWeights, check_model_name, resolve_weights
+from rankpipe.pipeline.embed.weights import (
+    FILE_WEIGHTS,
+    RANDOM_WEIGHTS,
+    ResolvedWeights,
+    check_model_name,
+    resolve_weights,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,8 @@ import io
 import json
 import logging
 import math
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -77,7 +78,7 @@ class DecodedBatch:
         o = self.jpeg_offsets
         return [self.jpeg_bytes[o[i]:o[i + 1]] for i in range(len(self.jpeg_positions))]
 
-    def pin_memory(self) -> "DecodedBatch":
+    def pin_memory(self) -> DecodedBatch:
         # Called by the DataLoader's pinning thread when pin_memory=True.
         if self.images is not None:
             self.images = self.images.pin_memory()
@@ -137,7 +138,7 @@ class TarBatches(torch.utils.data.IterableDataset):
         batch.tar_error = tar_errors[-1] if tar_errors else ""
         yield batch
 
-    def _add_sample(self, builder: "_BatchBuilder", position: int, sample: dict[str, Any]) -> None:
+    def _add_sample(self, builder: _BatchBuilder, position: int, sample: dict[str, Any]) -> None:
         key = str(sample.get("__key__", ""))
         split, labels, error = parse_json(sample.get("json"), self.label_names)
         ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)

@@ -19,14 +19,21 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from rankpipe.errors import InputError
-from rankpipe.pipeline.embed.backbone import Backbone, BackboneSpec, load_backbone
-from rankpipe.pipeline.embed.job import (MODES, EmbedSummary, embed_tar, input_tars, open_or_create_store,
-                                     plan_for_backbone, torch_device_for)
 from rankpipe.pipeline.data.manifest import Manifest
+from rankpipe.pipeline.embed.backbone import Backbone, BackboneSpec, load_backbone
+from rankpipe.pipeline.embed.job import (
+    MODES,
+    EmbedSummary,
+    embed_tar,
+    input_tars,
+    open_or_create_store,
+    plan_for_backbone,
+    torch_device_for,
+)
 from rankpipe.pipeline.store import StoreConfig, TokenStore
 
 logger = logging.getLogger(__name__)

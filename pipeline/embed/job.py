@@ -9,29 +9,41 @@ run resumes to the same bytes an uninterrupted run writes.
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import logging
 import queue
 import threading
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from rankpipe.devices import autocast, torch_device_for
 from rankpipe.errors import InputError
-from rankpipe.pipeline.embed.backbone import Backbone, BackboneSpec, compatibility_problem, load_backbone
-from rankpipe.pipeline.embed.store_writer import EmbeddedBatch, WriterThread
+from rankpipe.pipeline.data.manifest import LabelSpec, Manifest
+from rankpipe.pipeline.data.tars import TarInfo, is_remote, list_tars
+from rankpipe.pipeline.embed.backbone import (
+    Backbone,
+    BackboneSpec,
+    compatibility_problem,
+    load_backbone,
+)
 from rankpipe.pipeline.embed.decode import DecodedBatch, TarBatches, TarTask
 from rankpipe.pipeline.embed.gpu_decode import GpuPreprocess
-from rankpipe.pipeline.data.manifest import LabelSpec, Manifest
-from rankpipe.pipeline.store import (TOKEN_DTYPE, BlockMeta, StoreConfig, StorePlan, TokenStore, create_store,
-                                     plan_store)
-from rankpipe.pipeline.data.tars import TarInfo, is_remote, list_tars
+from rankpipe.pipeline.embed.store_writer import EmbeddedBatch, WriterThread
 from rankpipe.pipeline.embed.weights import RANDOM_WEIGHTS, file_sha256
+from rankpipe.pipeline.store import (
+    TOKEN_DTYPE,
+    BlockMeta,
+    StoreConfig,
+    StorePlan,
+    TokenStore,
+    create_store,
+    plan_store,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -286,8 +298,7 @@ def _encode(batch: DecodedBatch, x: torch.Tensor | None, positions: np.ndarray, 
     if x is None:
         return EmbeddedBatch(batch, positions, None, None)
     device = backbone.device
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    with autocast:
+    with autocast(device):
         tokens, embed = backbone.encode_images(x)  # [k, P, D], [k, E]
     tokens, embed = tokens.to(torch.float16), embed.to(torch.float16)
     if device.type != "cuda":
@@ -378,19 +389,6 @@ def store_mismatch(store: TokenStore, provenance: dict, manifest: Manifest, plan
     if store.compressed != config.compress:
         return f"it was created with compression {'on' if store.compressed else 'off'}"
     return None
-
-
-def torch_device_for(device: str) -> torch.device:
-    """The torch device named by a --device value; an InputError for an unknown or unavailable one."""
-    try:
-        torch_device = torch.device(device)
-    except RuntimeError as e:
-        raise InputError(f"unknown device {device!r}; use cpu or cuda") from e
-    if torch_device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
-    if torch_device.type not in ("cpu", "cuda"):
-        raise InputError(f"device {device!r} is not supported; use cpu or cuda")
-    return torch_device
 
 
 def absolute_url(url: str) -> str:

@@ -18,9 +18,21 @@ import open_clip
 import torch
 
 from rankpipe.errors import InputError
-from rankpipe.pipeline.embed.backbone import (COMPATIBILITY_FIELDS, Backbone, BackboneSpec, compatibility_problem,
-                                        create_frozen_model, load_backbone)
-from rankpipe.pipeline.embed.weights import FILE_WEIGHTS, RANDOM_WEIGHTS, ResolvedWeights, check_model_name, file_sha256
+from rankpipe.pipeline.embed.backbone import (
+    COMPATIBILITY_FIELDS,
+    Backbone,
+    BackboneSpec,
+    compatibility_problem,
+    create_frozen_model,
+    load_backbone,
+)
+from rankpipe.pipeline.embed.weights import (
+    FILE_WEIGHTS,
+    RANDOM_WEIGHTS,
+    ResolvedWeights,
+    check_model_name,
+    file_sha256,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ import dataclasses
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable
 
 import numpy as np
 import torch

@@ -19,14 +19,18 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
-import torch
-
-from rankpipe.adapter.experiments.bench.table import results_csv, results_markdown, table_rows
-from rankpipe.adapter.experiments.bench.variants import ADAPTER_METHOD, Variant
+from rankpipe.adapter import ADAPTER_METHOD
+from rankpipe.adapter.experiments.bench.table import (
+    results_csv,
+    results_markdown,
+    table_rows,
+)
+from rankpipe.adapter.experiments.bench.variants import Variant
 from rankpipe.adapter.training.run_config import SMALL_ADAPTER_OVERRIDES
+from rankpipe.devices import torch_device_for
 from rankpipe.errors import InputError
 from rankpipe.pipeline.embed.backbone import RANDOM_WEIGHTS, BackboneSpec
 
@@ -117,11 +121,12 @@ def run_bench(config: BenchConfig, on_stage: Callable[[str], None] = lambda line
         InputError: a missing task set, an unusable device, a store or earlier run made with other
             settings, or a mistake in the overrides.
     """
-    from rankpipe.pipeline.embed.job import embed
     from rankpipe.pipeline.data.manifest import load_manifest
+    from rankpipe.pipeline.embed.job import embed
+    from rankpipe.pipeline.labelled_store import LabelledStore
     from rankpipe.pipeline.store import TokenStore
 
-    _check_device(config.device)
+    torch_device_for(config.device)
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # Every run config is resolved before any work, so a bad override fails at once.
@@ -133,7 +138,7 @@ def run_bench(config: BenchConfig, on_stage: Callable[[str], None] = lambda line
     embed(load_manifest(tasks.manifest), store_path, config.backbone, device=config.device,
           batch_size=config.embed_batch_size, workers=config.workers, progress=False)
     store = TokenStore.open(store_path)
-    train_labels = trainable_labels(store, tasks.train_labels)
+    train_labels = list(LabelledStore.open(store, among=tasks.train_labels).labels)
     unseen = [name for name in tasks.unseen_labels if name in store.label_names and name not in train_labels]
 
     records, trained = [], 0
@@ -185,7 +190,10 @@ def resolve_tasks(config: BenchConfig, on_stage: Callable[[str], None]) -> TaskS
     if folder is None:
         folder = Path(config.out_dir) / "photo-tasks"
         if not (folder / TASKS_RECORD).is_file():
-            from rankpipe.pipeline.datasets.photo_tasks import build_photo_tasks, config_for_size
+            from rankpipe.pipeline.datasets.photo_tasks import (
+                build_photo_tasks,
+                config_for_size,
+            )
 
             size = "small" if config.quick else "full"
             on_stage(f"building photo-tasks ({size}) into {folder}")
@@ -201,23 +209,6 @@ def resolve_tasks(config: BenchConfig, on_stage: Callable[[str], None]) -> TaskS
     record = json.loads(record_path.read_text())
     return TaskSet(manifest, tuple(record["train_labels"]), tuple(record["counting"]["held_out_labels"]),
                    record.get("sources", {}))
-
-
-def trainable_labels(store, requested: Sequence[str] | None) -> list[str]:
-    """The labels to train: those requested (or all) with at least 2 train and 2 val images in the store.
-
-    A label short of them (a tiny task set) is left out with a warning.
-
-    Raises:
-        InputError: a requested label is not in the store (the task set changed), or no label is left.
-    """
-    from rankpipe.adapter.training.loop import trainable_labels as labels_with_pairs
-
-    missing = [name for name in requested or () if name not in store.label_names]
-    if missing:
-        raise InputError(f"store {store.path} lacks label(s) {', '.join(missing)} of the task set; "
-                         "embed the task set again into a fresh --out")
-    return labels_with_pairs(store, store.manifest, requested)
 
 
 def finished_run(run_dir: Path, run_config) -> dict | None:
@@ -246,11 +237,11 @@ def run_one(store, variant: Variant, seed: int, run_config, train_labels: Sequen
     A run folder with a last.pt but no metrics.json was interrupted: training continues from it.
     """
     from rankpipe.adapter.baselines.fit import train_baseline
+    from rankpipe.adapter.evaluation.scoring import load_checkpoint
     from rankpipe.adapter.experiments.bench.runs import evaluate_run
     from rankpipe.adapter.training.checkpoint import LAST
-    from rankpipe.adapter.evaluation.scoring import load_checkpoint
     from rankpipe.adapter.training.loop import train_from_store
-    from rankpipe.pipeline.data.tar_writer import write_text_atomic
+    from rankpipe.files import write_text_atomic
 
     started = time.monotonic()
     if variant.method == ADAPTER_METHOD:
@@ -311,8 +302,3 @@ def header_lines(config: BenchConfig, store, tasks: TaskSet, steps: int) -> list
 
 def _weights(spec: BackboneSpec) -> str:
     return "random weights" if spec.pretrained == RANDOM_WEIGHTS else f"weights {spec.pretrained}"
-
-
-def _check_device(device: str) -> None:
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {device} was asked for but no CUDA device is available; use --device cpu")

@@ -8,15 +8,22 @@ only the rank and linear correlations (SRCC, KRCC, PLCC) are kept for it.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-from rankpipe.adapter.experiments.bench.table import BENCH_METRICS
 from rankpipe.adapter.evaluation.evaluate import EvalConfig, evaluate, split_rows
-from rankpipe.adapter.evaluation.metrics import MetricConfig, QueryMetrics, compute_metrics
-from rankpipe.adapter.evaluation.scoring import adapter_scores, check_compatible, query_tokens
-from rankpipe.errors import InputError
+from rankpipe.adapter.evaluation.metrics import (
+    MetricConfig,
+    QueryMetrics,
+    compute_metrics,
+)
+from rankpipe.adapter.evaluation.scoring import (
+    check_compatible,
+    query_tokens,
+    store_scores,
+)
+from rankpipe.adapter.experiments.bench.table import BENCH_METRICS
 
 # Point estimates only: the bench's spread is over seeds, not bootstrap resamples.
 NO_BOOTSTRAP = MetricConfig(bootstrap=0)
@@ -62,11 +69,9 @@ def score_unseen(loaded, store, label: str, rows: np.ndarray, batch_size: int = 
     Returns:
         [n] float64 scores, higher = ranked higher by the query.
     """
-    if loaded.model is None:
-        raise InputError(f"checkpoint {loaded.path} is a {loaded.method} baseline; only an adapter scores unseen queries")
     check_compatible(loaded.provenance, store, f"checkpoint {loaded.path}")
-    text_tokens = query_tokens(store.text(label), loaded.device)  # [L, Dt]
-    return adapter_scores(loaded, store, {label: text_tokens}, rows, batch_size)[label]
+    query = loaded.ranker.unseen_query(store.query(label), query_tokens(store.text(label), loaded.device))  # [L, Dt] tokens
+    return store_scores(loaded.ranker, store, [query], rows, batch_size)[query.sentence]
 
 
 def _query_record(label: str, query: str, unseen: bool, metrics: QueryMetrics) -> dict:

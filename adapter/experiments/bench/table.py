@@ -13,7 +13,7 @@ import csv
 import dataclasses
 import io
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 from rankpipe.adapter.evaluation.evaluate import markdown_table
 from rankpipe.adapter.evaluation.folds import fold_stat

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from rankpipe.adapter import ADAPTER_METHOD
 from rankpipe.errors import InputError
-
-# The method name of the ranking adapter itself (as `rankpipe train --method`).
-ADAPTER_METHOD = "adapter"
 
 
 @dataclasses.dataclass(frozen=True)

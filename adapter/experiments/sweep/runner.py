@@ -24,22 +24,34 @@ import json
 import logging
 import threading
 import uuid
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import torch
 
 from rankpipe.adapter.evaluation.evaluate import split_rows
-from rankpipe.adapter.training.features import ResidentFeatures, load_features, train_val_gigabytes
-from rankpipe.adapter.training.streaming import open_features
-from rankpipe.adapter.experiments.sweep.trial import DONE, FAILED, TrialRecord, TrialSettings, mark_failed, read_record, run_trial, \
-    trial_folder
 from rankpipe.adapter.experiments.sweep.results import write_results_table
 from rankpipe.adapter.experiments.sweep.spec import Trial
-from rankpipe.adapter.training.loop import check_manifest, trainable_labels
+from rankpipe.adapter.experiments.sweep.trial import (
+    DONE,
+    FAILED,
+    TrialRecord,
+    TrialSettings,
+    mark_failed,
+    read_record,
+    run_trial,
+    trial_folder,
+)
+from rankpipe.adapter.training.features import (
+    ResidentFeatures,
+    load_features,
+    train_val_gigabytes,
+)
+from rankpipe.adapter.training.streaming import open_features
 from rankpipe.errors import InputError
 from rankpipe.pipeline.cluster import ClusterSpec, open_client
 from rankpipe.pipeline.data.manifest import Manifest
+from rankpipe.pipeline.labelled_store import LabelledStore
 from rankpipe.pipeline.store import TokenStore
 
 log = logging.getLogger(__name__)
@@ -115,11 +127,9 @@ def run_sweep(
     """
     if not trials:
         raise InputError("the sweep has no trials; give a grid: or random: section")
-    store = TokenStore.open(request.store)
-    manifest = check_manifest(store, request.manifest)
-    labels = _labels(store, manifest, request.trial.labels)
+    data = LabelledStore.open(TokenStore.open(request.store), request.manifest, request.trial.labels)
     if request.trial.eval_split is not None:
-        split_rows(store, request.trial.eval_split, manifest.splits)
+        split_rows(data.store, request.trial.eval_split, data.manifest.splits)
     out_dir = Path(request.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / TRIALS_FILE).write_text(json.dumps(
@@ -136,7 +146,7 @@ def run_sweep(
             with open_client(cluster, request.device) as started:
                 finished = _run_on_cluster(pending, request, started, progress)
         else:
-            finished = _run_here(pending, request, store, manifest, labels, progress)
+            finished = _run_here(pending, request, data, progress)
         records.update({record.id: record for record in finished})
     ordered = [records[t.id] for t in trials]
     values = {t.id: t.values for t in trials}
@@ -144,20 +154,20 @@ def run_sweep(
     return SweepOutcome(ordered, len(pending), len(trials) - len(pending), csv_path, md_path, table)
 
 
-def _run_here(pending: Sequence[Trial], request: SweepRequest, store: TokenStore, manifest: Manifest,
-              labels: list[str], progress: Callable[[TrialRecord], None] | None) -> list[TrialRecord]:
+def _run_here(pending: Sequence[Trial], request: SweepRequest, data: LabelledStore,
+              progress: Callable[[TrialRecord], None] | None) -> list[TrialRecord]:
     """Trials on this machine's device from one resident copy of the features, `concurrency` at a time."""
     device = torch.device(request.device)
     max_gb = max(t.config.train.max_resident_gb for t in pending)
-    if train_val_gigabytes(store, manifest, labels) > max_gb:
-        return _run_streamed_here(pending, request, store, manifest, labels, progress)
-    features = load_features(store, manifest, labels, device, max_gb)
+    if train_val_gigabytes(data) > max_gb:
+        return _run_streamed_here(pending, request, data, progress)
+    features = load_features(data, device, max_gb)
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # the features are read on other streams from here on
 
     def one(trial: Trial) -> TrialRecord:
         with _own_stream(device):
-            record = run_trial(trial, request.out_dir, features, store, manifest, request.trial, device)
+            record = run_trial(trial, request.out_dir, features, data, request.trial, device)
         if progress is not None:
             progress(record)
         return record
@@ -168,8 +178,8 @@ def _run_here(pending: Sequence[Trial], request: SweepRequest, store: TokenStore
         return list(pool.map(one, pending))
 
 
-def _run_streamed_here(pending: Sequence[Trial], request: SweepRequest, store: TokenStore, manifest: Manifest,
-                       labels: list[str], progress: Callable[[TrialRecord], None] | None) -> list[TrialRecord]:
+def _run_streamed_here(pending: Sequence[Trial], request: SweepRequest, data: LabelledStore,
+                       progress: Callable[[TrialRecord], None] | None) -> list[TrialRecord]:
     """Trials of a store larger than their memory budget, one at a time, each streaming its own windows."""
     if request.concurrency > 1:
         log.warning("the store's train and val tokens exceed train.max_resident_gb: trials stream it one at a "
@@ -177,22 +187,21 @@ def _run_streamed_here(pending: Sequence[Trial], request: SweepRequest, store: T
     device = torch.device(request.device)
     records = []
     for trial in pending:
-        record = _run_on_own_features(trial, request, store, manifest, labels, device)
+        record = _run_on_own_features(trial, request, data, device)
         if progress is not None:
             progress(record)
         records.append(record)
     return records
 
 
-def _run_on_own_features(trial: Trial, request: SweepRequest, store: TokenStore, manifest: Manifest,
-                         labels: list[str], device: torch.device) -> TrialRecord:
+def _run_on_own_features(trial: Trial, request: SweepRequest, data: LabelledStore, device: torch.device) -> TrialRecord:
     """Run a trial on features of its own (resident or streamed, by its budget); it fails when its budget
     cannot hold a training window (the budget may be a swept field)."""
     try:
-        features = open_features(store, manifest, labels, device, trial.config.train)
+        features = open_features(data, device, trial.config.train)
     except InputError as e:
         return mark_failed(request.out_dir, trial, f"InputError: {e}")
-    return run_trial(trial, request.out_dir, features, store, manifest, request.trial, device)
+    return run_trial(trial, request.out_dir, features, data, request.trial, device)
 
 
 @contextlib.contextmanager
@@ -241,28 +250,16 @@ def trial_task(trial: Trial, request: SweepRequest) -> TrialRecord:
     record = read_record(trial_folder(request.out_dir, trial.id), trial.id)
     if record.state == DONE:
         return record
-    store = TokenStore.open(request.store)
-    manifest = check_manifest(store, request.manifest)
-    labels = _labels(store, manifest, request.trial.labels)
+    data = LabelledStore.open(TokenStore.open(request.store), request.manifest, request.trial.labels)
     device = torch.device(request.device)
-    if train_val_gigabytes(store, manifest, labels) > trial.config.train.max_resident_gb:
+    if train_val_gigabytes(data) > trial.config.train.max_resident_gb:
         # Streamed features are the trial's own (its windows follow its seed): nothing to keep.
-        return _run_on_own_features(trial, request, store, manifest, labels, device)
-    key = (str(Path(request.store).resolve()), json.dumps(manifest.to_dict(), sort_keys=True), tuple(labels), str(device))
+        return _run_on_own_features(trial, request, data, device)
+    key = (str(Path(request.store).resolve()), json.dumps(data.manifest.to_dict(), sort_keys=True), data.labels, str(device))
     with _WORKER_LOCK:
         features = _WORKER_FEATURES.get(key)
         if features is None:
             _WORKER_FEATURES.clear()  # one feature set per worker: a new store replaces the old one
-            features = load_features(store, manifest, labels, device, trial.config.train.max_resident_gb)
+            features = load_features(data, device, trial.config.train.max_resident_gb)
             _WORKER_FEATURES[key] = features
-    return run_trial(trial, request.out_dir, features, store, manifest, request.trial, device)
-
-
-def _labels(store: TokenStore, manifest: Manifest, requested: Sequence[str]) -> list[str]:
-    """The labels every trial trains on (as `rankpipe train` picks them); InputError for an unknown one."""
-    labels = list(requested) or trainable_labels(store, manifest)
-    for name in labels:
-        if name not in store.label_names:
-            raise InputError(f"store {store.path} has no label {name!r}; its labels are {', '.join(store.label_names)}")
-        manifest.label(name)
-    return labels
+    return run_trial(trial, request.out_dir, features, data, request.trial, device)

@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from rankpipe.adapter.training.run_config import RunConfig, load_run_config
 from rankpipe.errors import InputError
+from rankpipe.settings import load_yaml
 
 # Hex digits of the config hash used as a trial id (48 bits: collisions are negligible for any sweep).
 TRIAL_ID_DIGITS = 12
@@ -107,12 +107,7 @@ def load_sweep_spec(path: str | Path) -> SweepSpec:
         InputError: the file is missing or not YAML, an unknown key, or a malformed grid/random entry.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"sweep file {path} does not exist; pass a YAML file with grid: and/or random: sections")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise InputError(f"sweep file {path} is not valid YAML: {e}") from e
+    data = load_yaml(path, "sweep file", "pass a YAML file with grid: and/or random: sections")
     if not isinstance(data, dict):
         raise InputError(f"sweep file {path} must be a mapping with keys {', '.join(_KEYS)}")
     unknown = sorted(set(data) - set(_KEYS))

@@ -28,15 +28,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from rankpipe.adapter.training.checkpoint import LAST
 from rankpipe.adapter.evaluation.evaluate import EvalConfig, evaluate, write_results
 from rankpipe.adapter.evaluation.metrics import MetricConfig
 from rankpipe.adapter.evaluation.scoring import load_checkpoint
-from rankpipe.adapter.training.streaming import TrainingFeatures
 from rankpipe.adapter.experiments.sweep.spec import Trial
+from rankpipe.adapter.training.checkpoint import LAST
 from rankpipe.adapter.training.loop import train_adapter
-from rankpipe.pipeline.data.manifest import Manifest
-from rankpipe.pipeline.data.tar_writer import write_text_atomic
+from rankpipe.adapter.training.streaming import TrainingFeatures
+from rankpipe.files import write_text_atomic
+from rankpipe.pipeline.labelled_store import LabelledStore
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +94,7 @@ def run_trial(
     trial: Trial,
     sweep_dir: str | Path,
     features: TrainingFeatures,
-    store,
-    manifest: Manifest,
+    data: LabelledStore,
     settings: TrialSettings,
     device: str | torch.device = "cpu",
 ) -> TrialRecord:
@@ -106,8 +105,8 @@ def run_trial(
         sweep_dir: the sweep's folder.
         features: the training features: resident ones may be shared by concurrent trials (only read);
             streamed ones belong to this trial.
-        store: the open TokenStore the features came from (its provenance goes into checkpoints).
-        manifest: the split roles and targets to evaluate with (the store's own or an override).
+        data: the labelled store the features came from (its provenance goes into checkpoints; its
+            manifest gives the split roles and targets to evaluate with).
         settings: labels and evaluation settings.
         device: where to train and evaluate.
 
@@ -124,8 +123,8 @@ def run_trial(
     started = time.monotonic()
     try:
         resume = (folder / LAST).is_file()
-        result = train_adapter(features, folder, trial.config, store.provenance, device, resume=resume,
-                               splits=manifest.splits)
+        result = train_adapter(features, folder, trial.config, data.provenance, device, resume=resume,
+                               splits=data.manifest.splits)
         metrics = {
             "best_step": result.best_step,
             "steps": result.steps,
@@ -139,7 +138,7 @@ def run_trial(
             config = EvalConfig(split=settings.eval_split, labels=settings.labels,
                                 metrics=MetricConfig(bootstrap=settings.bootstrap),
                                 batch_size=trial.config.train.eval_batch_size)
-            results = evaluate(loaded, store, config, manifest)
+            results = evaluate(loaded, data.store, config, data.manifest)
             write_results(results, folder)
             metrics["eval"] = trial_metrics(results)
         metrics["seconds"] = round(time.monotonic() - started, 3)

@@ -6,7 +6,10 @@ record of how every image was made: distortion strength (quality), measured attr
 """
 
 from rankpipe.pipeline.datasets.photo_tasks.build import (
-    PhotoTasksConfig, PhotoTasksResult, build_photo_tasks, config_for_size,
+    PhotoTasksConfig,
+    PhotoTasksResult,
+    build_photo_tasks,
+    config_for_size,
 )
 
 __all__ = ["PhotoTasksConfig", "PhotoTasksResult", "build_photo_tasks", "config_for_size"]

@@ -27,16 +27,33 @@ import numpy as np
 from PIL import Image
 
 from rankpipe.errors import InputError
-from rankpipe.pipeline.datasets.demo_data import deal_splits
+from rankpipe.files import write_text_atomic
 from rankpipe.pipeline.data.manifest import SPLIT_ROLES, LabelSpec
-from rankpipe.pipeline.datasets.photo_tasks.attributes import ATTRIBUTES, JitterRange, measure_attributes
-from rankpipe.pipeline.datasets.photo_tasks.counting import PlacementConfig, counts, place_cutouts
-from rankpipe.pipeline.datasets.photo_tasks.distortions import DISTORTIONS, QUALITY_LABEL, QUALITY_QUERY
-from rankpipe.pipeline.datasets.photo_tasks.recipes import RECIPES_FILE, Recipe, render
-from rankpipe.pipeline.datasets.photo_tasks.sources import BasePhoto, PhotoSources, SourcesConfig, find_sources
 from rankpipe.pipeline.data.shard_writer import ShardsResult, write_shards
 from rankpipe.pipeline.data.sources import SampleRecord, sample_key
-from rankpipe.pipeline.data.tar_writer import write_text_atomic
+from rankpipe.pipeline.datasets.demo_data import deal_splits
+from rankpipe.pipeline.datasets.photo_tasks.attributes import (
+    ATTRIBUTES,
+    JitterRange,
+    measure_attributes,
+)
+from rankpipe.pipeline.datasets.photo_tasks.counting import (
+    PlacementConfig,
+    counts,
+    place_cutouts,
+)
+from rankpipe.pipeline.datasets.photo_tasks.distortions import (
+    DISTORTIONS,
+    QUALITY_LABEL,
+    QUALITY_QUERY,
+)
+from rankpipe.pipeline.datasets.photo_tasks.recipes import RECIPES_FILE, Recipe, render
+from rankpipe.pipeline.datasets.photo_tasks.sources import (
+    BasePhoto,
+    PhotoSources,
+    SourcesConfig,
+    find_sources,
+)
 
 logger = logging.getLogger(__name__)
 

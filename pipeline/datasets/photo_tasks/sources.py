@@ -23,8 +23,17 @@ import numpy as np
 from PIL import Image
 
 from rankpipe.pipeline.datasets.demo_data import load_photo
-from rankpipe.pipeline.datasets.photo_tasks.catalog import DEBIAN_PHOTOS, SCIKIT_PHOTOS, TUXPAINT_CATEGORIES, TUXPAINT_STAMPS
-from rankpipe.pipeline.datasets.photo_tasks.shapes import SHAPE_CATEGORIES, SHAPE_COLORS, draw_shape
+from rankpipe.pipeline.datasets.photo_tasks.catalog import (
+    DEBIAN_PHOTOS,
+    SCIKIT_PHOTOS,
+    TUXPAINT_CATEGORIES,
+    TUXPAINT_STAMPS,
+)
+from rankpipe.pipeline.datasets.photo_tasks.shapes import (
+    SHAPE_CATEGORIES,
+    SHAPE_COLORS,
+    draw_shape,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -22,11 +22,15 @@ from pathlib import Path
 
 from rankpipe.errors import InputError
 from rankpipe.pipeline.data.manifest import LabelSpec, SplitSpec
-from rankpipe.pipeline.datasets.preparers.common import (
-    PrepareConfig, Prepared, first_existing, read_table, require_file,
-)
 from rankpipe.pipeline.data.shard_writer import SkippedSample
 from rankpipe.pipeline.data.sources import SampleRecord
+from rankpipe.pipeline.datasets.preparers.common import (
+    PrepareConfig,
+    Prepared,
+    first_existing,
+    read_table,
+    require_file,
+)
 
 FOLDS = 5
 FOLD_FILE = "fold_{k}_data.txt"

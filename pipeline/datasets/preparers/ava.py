@@ -20,10 +20,16 @@ from pathlib import Path
 
 from rankpipe.errors import InputError
 from rankpipe.pipeline.data.manifest import LabelSpec, SplitSpec
-from rankpipe.pipeline.datasets.preparers.common import (
-    PrepareConfig, Prepared, check_fraction, first_existing, holdout, relative, require_file,
-)
 from rankpipe.pipeline.data.sources import SampleRecord
+from rankpipe.pipeline.datasets.preparers.common import (
+    PrepareConfig,
+    Prepared,
+    check_fraction,
+    first_existing,
+    holdout,
+    relative,
+    require_file,
+)
 
 VOTES_FILE = "AVA.txt"
 TEST_LIST = "aesthetics_image_lists/generic_test.jpgl"

@@ -21,8 +21,14 @@ from pathlib import Path
 
 from rankpipe.errors import InputError
 from rankpipe.pipeline.data.manifest import LabelSpec, SplitSpec
-from rankpipe.pipeline.datasets.preparers.common import PrepareConfig, Prepared, check_fraction, holdout, require_dir
 from rankpipe.pipeline.data.sources import SampleRecord
+from rankpipe.pipeline.datasets.preparers.common import (
+    PrepareConfig,
+    Prepared,
+    check_fraction,
+    holdout,
+    require_dir,
+)
 
 COLORS = ("gray", "red", "blue", "green", "brown", "purple", "cyan", "yellow")
 MATERIALS = ("rubber", "metal")

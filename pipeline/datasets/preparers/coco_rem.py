@@ -30,10 +30,15 @@ from pathlib import Path
 
 from rankpipe.errors import InputError
 from rankpipe.pipeline.data.manifest import LabelSpec, SplitSpec
-from rankpipe.pipeline.datasets.preparers.common import (
-    PrepareConfig, Prepared, check_fraction, first_existing, holdout, relative,
-)
 from rankpipe.pipeline.data.sources import SampleRecord, sample_key
+from rankpipe.pipeline.datasets.preparers.common import (
+    PrepareConfig,
+    Prepared,
+    check_fraction,
+    first_existing,
+    holdout,
+    relative,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -19,8 +19,13 @@ import numpy as np
 
 from rankpipe.errors import InputError
 from rankpipe.pipeline.data.manifest import LabelSpec, SplitSpec
-from rankpipe.pipeline.datasets.preparers.common import PrepareConfig, Prepared, first_existing, relative
 from rankpipe.pipeline.data.sources import SampleRecord
+from rankpipe.pipeline.datasets.preparers.common import (
+    PrepareConfig,
+    Prepared,
+    first_existing,
+    relative,
+)
 
 DECADES = (1930, 1940, 1950, 1960, 1970)
 ROOTS = (".", "data/imgs/decade_database", "HistoricalColor-ECCV2012/data/imgs/decade_database", "decade_database")

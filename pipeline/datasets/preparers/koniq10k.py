@@ -18,11 +18,15 @@ from pathlib import Path
 
 from rankpipe.errors import InputError
 from rankpipe.pipeline.data.manifest import LabelSpec, SplitSpec
-from rankpipe.pipeline.datasets.preparers.common import (
-    PrepareConfig, Prepared, first_existing, read_table, require_dir,
-)
 from rankpipe.pipeline.data.shard_writer import AutoSplit
 from rankpipe.pipeline.data.sources import SampleRecord
+from rankpipe.pipeline.datasets.preparers.common import (
+    PrepareConfig,
+    Prepared,
+    first_existing,
+    read_table,
+    require_dir,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -17,12 +17,19 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 from rankpipe.errors import InputError
+from rankpipe.files import write_text_atomic
 from rankpipe.pipeline.data.manifest import LabelSpec, Manifest
+from rankpipe.pipeline.data.shard_writer import (
+    ShardsResult,
+    SkippedSample,
+    shard_pattern,
+    skipped_csv,
+    write_shards,
+)
+from rankpipe.pipeline.data.sources import SampleRecord
 from rankpipe.pipeline.datasets.preparers import get_preparer
 from rankpipe.pipeline.datasets.preparers.common import PrepareConfig
-from rankpipe.pipeline.data.shard_writer import ShardsResult, SkippedSample, shard_pattern, skipped_csv, write_shards
-from rankpipe.pipeline.data.sources import SampleRecord
-from rankpipe.pipeline.data.tar_writer import write_text_atomic
+from rankpipe.settings import field_names, instantiate_config, merge_settings
 
 logger = logging.getLogger(__name__)
 
@@ -60,14 +67,13 @@ def make_config(name: str, overrides: Mapping[str, str] | None = None, **values:
         InputError: an unknown field or a value of the wrong type.
     """
     config_type = get_preparer(name).config_type
-    fields = {f.name: f for f in dataclasses.fields(config_type)}
-    defaults = config_type()
-    parsed = {}
-    for key, text in (overrides or {}).items():
+    fields = field_names(config_type)
+    for key in overrides or {}:
         if key not in fields:
             raise InputError(f"{name} has no option {key!r}; options are: {', '.join(fields)}")
-        parsed[key] = _convert(key, text, getattr(defaults, key))
-    return config_type(**{k: v for k, v in values.items() if v is not None} | parsed)
+    data = merge_settings(config_type, {}, {k: v for k, v in values.items() if v is not None}, f"{name} options")
+    data = merge_settings(config_type, data, dict(overrides or {}), f"{name} options")
+    return instantiate_config(config_type, data, f"{name} options")
 
 
 def prepare_dataset(name: str, src: str | Path, out_dir: str | Path, config: PrepareConfig | None = None,
@@ -137,15 +143,3 @@ def _with_attributes(records: Iterable[SampleRecord]) -> Iterator[SampleRecord]:
             continue
         # The bytes travel with the record so the writer does not read the file a second time.
         yield dataclasses.replace(record, labels=record.labels | measure_attributes(pixels), data=data)
-
-
-def _convert(key: str, text: str, default):
-    try:
-        if isinstance(default, bool):
-            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(text)
-            return text.lower() in ("true", "1", "yes")
-        return type(default)(text)
-    except ValueError:
-        kind = {bool: "true or false", int: "an integer", float: "a number"}.get(type(default), "a string")
-        raise InputError(f"option {key}={text!r}: expected {kind}") from None

@@ -22,9 +22,14 @@ from pathlib import Path
 
 from rankpipe.errors import InputError
 from rankpipe.pipeline.data.manifest import LabelSpec, SplitSpec
-from rankpipe.pipeline.datasets.preparers.common import PrepareConfig, Prepared, check_fraction, relative
 from rankpipe.pipeline.data.shard_writer import AutoSplit, SkippedSample
 from rankpipe.pipeline.data.sources import SampleRecord
+from rankpipe.pipeline.datasets.preparers.common import (
+    PrepareConfig,
+    Prepared,
+    check_fraction,
+    relative,
+)
 
 NAME_PATTERN = re.compile(r"^(\d+)_([01])_([0-4])_(\d+)\.jpg(\.chip\.jpg)?$")
 IMAGE_SUFFIXES = (".jpg", ".jpeg")

@@ -1,0 +1,160 @@
+"""A token store as a learning job sees it: the store, the manifest that assigns its split roles and
+target transforms, and the labels the job uses.
+
+Training, baseline fitting and sweeps all start from one `LabelledStore`, so the manifest check and
+the choice of labels happen once, in one place, with the same messages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from rankpipe.errors import InputError
+from rankpipe.pipeline.data.manifest import Manifest
+from rankpipe.pipeline.store import TokenStore
+
+log = logging.getLogger(__name__)
+
+# (train rows, val rows) of one label, each ascending.
+TrainValRows = tuple[np.ndarray, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelledStore:
+    """A TokenStore, the manifest to read it with, and the labels a job uses."""
+
+    # The open token store.
+    store: TokenStore
+    # Split roles and target transforms: the store's own manifest or an override whose labels'
+    # queries match the store's (see `open`).
+    manifest: Manifest
+    # The labels the job uses, in order; each is a label of the store.
+    labels: tuple[str, ...]
+
+    @classmethod
+    def open(
+        cls,
+        store: TokenStore,
+        manifest: Manifest | None = None,
+        labels: Sequence[str] = (),
+        among: Sequence[str] | None = None,
+    ) -> LabelledStore:
+        """The labelled view of `store`.
+
+        Args:
+            store: an open TokenStore.
+            manifest: overrides the store's split roles and target transforms (same labels and queries).
+            labels: the labels asked for; each must be in the store (too few images is an error later,
+                when its rows are read).
+            among: without `labels`, the candidates (default: every label of the store); those with
+                fewer than 2 train or val images (a query held out of training) are left out with a warning.
+
+        Raises:
+            InputError: the manifest does not match the store, a label is not in the store, or no
+                candidate has 2 or more images in both the train and val splits.
+        """
+        manifest = _matching_manifest(store, manifest)
+        if labels:
+            _require_labels(store, labels)
+            for name in labels:
+                manifest.label(name)
+            return cls(store, manifest, tuple(dict.fromkeys(labels)))
+        candidates = list(among) if among is not None else list(store.label_names)
+        _require_labels(store, candidates)
+        return cls(store, manifest, tuple(_labels_with_pairs(store, manifest, candidates)))
+
+    @property
+    def path(self) -> Path:
+        """The store's folder."""
+        return self.store.path
+
+    @property
+    def provenance(self) -> dict:
+        """The store's provenance (backbone, weights, preprocessing)."""
+        return self.store.provenance
+
+    def labelled_rows(self) -> dict[str, TrainValRows]:
+        """The (train, val) store rows of each label that have a value, ascending."""
+        return _labelled_rows(self.store, self.manifest, self.labels)
+
+    def split_rows(self) -> dict[str, TrainValRows]:
+        """`labelled_rows`, checked: every label has 2 or more train and val images.
+
+        Raises:
+            InputError: a label has fewer than 2 train or val images.
+        """
+        train_values = list(self.manifest.splits.values("train"))
+        val_values = list(self.manifest.splits.values("val"))
+        per_label = self.labelled_rows()
+        for name, (train_rows, val_rows) in per_label.items():
+            if len(train_rows) < 2:
+                raise InputError(
+                    f"label {name!r} has {len(train_rows)} training image(s) in split values {train_values}; "
+                    "at least 2 are needed: check the manifest's train split"
+                )
+            if len(val_rows) < 2:
+                raise InputError(
+                    f"label {name!r} has {len(val_rows)} validation image(s) in split values {val_values}; "
+                    "at least 2 are needed: map a val split with --manifest"
+                )
+        return per_label
+
+
+def _labelled_rows(store: TokenStore, manifest: Manifest, labels: Sequence[str]) -> dict[str, TrainValRows]:
+    """The same rows as `store.rows(values, label=name)` for train and val, but the split column (a
+    string array, the slowest to read) is read once per split rather than once per label."""
+    train = store.rows(list(manifest.splits.values("train")))
+    val = store.rows(list(manifest.splits.values("val")))
+    per_label = {}
+    for name in labels:
+        has_value = np.isfinite(store.label(name))  # [N]
+        per_label[name] = (train[has_value[train]], val[has_value[val]])
+    return per_label
+
+
+def _labels_with_pairs(store: TokenStore, manifest: Manifest, names: Sequence[str]) -> list[str]:
+    """The labels among `names` with 2 or more train and val images; the others are logged and left out."""
+    labels = []
+    for name, (train_rows, val_rows) in _labelled_rows(store, manifest, names).items():
+        counts = len(train_rows), len(val_rows)
+        if min(counts) >= 2:
+            labels.append(name)
+        else:
+            log.warning("label %r has %d training and %d validation images, fewer than 2 (held out of "
+                        "training?); not trained — pass --label to choose the labels", name, *counts)
+    if not labels:
+        train_values = list(manifest.splits.values("train"))
+        val_values = list(manifest.splits.values("val"))
+        raise InputError(f"no label of store {store.path} has 2 or more images in both the train split "
+                         f"{train_values} and the val split {val_values}; check the manifest's splits")
+    return labels
+
+
+def _require_labels(store: TokenStore, names: Sequence[str]) -> None:
+    missing = [name for name in names if name not in store.label_names]
+    if missing:
+        raise InputError(f"store {store.path} has no label{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}; "
+                         f"its labels are {', '.join(store.label_names)}")
+
+
+def _matching_manifest(store: TokenStore, manifest: Manifest | None) -> Manifest:
+    """The manifest to read the store with: its own, or an override whose labels' queries match the store's."""
+    if manifest is None:
+        return store.manifest
+    for label in manifest.labels:
+        if label.name not in store.label_names:
+            raise InputError(
+                f"manifest {manifest.path or manifest.name} has label {label.name!r} that store {store.path} "
+                f"does not; its labels are {', '.join(store.label_names)}"
+            )
+        if label.query != store.query(label.name):
+            raise InputError(
+                f"manifest {manifest.path or manifest.name} asks {label.query!r} for label {label.name!r} but the "
+                f"store embedded {store.query(label.name)!r}; re-embed to change a query"
+            )
+    return manifest
