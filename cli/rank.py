@@ -6,14 +6,9 @@ from pathlib import Path
 
 import click
 
+from rankpipe.adapter.evaluation.exports import export_format
 from rankpipe.adapter.evaluation.rank import RankConfig, rank_images
-from rankpipe.adapter.evaluation.rank_outputs import (
-    format_table,
-    query_lines,
-    ranking_format,
-    write_contact_sheets,
-    write_ranking,
-)
+from rankpipe.adapter.evaluation.rank_outputs import format_table, query_lines, write_contact_sheets, write_ranking
 from rankpipe.cli.params import NonEmptyPath
 
 
@@ -32,7 +27,7 @@ from rankpipe.cli.params import NonEmptyPath
 @click.option("--top", type=click.IntRange(min=1), default=20, show_default=True,
               help="Images shown in the printed table and on each contact sheet of --report.")
 @click.option("--out", "out", type=NonEmptyPath(dir_okay=False, path_type=Path), default=None,
-              help="Write every image's scores and rank to this file; .csv or .jsonl picks the format.")
+              help="Write every image's scores and rank to this file; .csv, .jsonl or .h5 picks the format.")
 @click.option("--report", "report_dir", type=NonEmptyPath(file_okay=False, path_type=Path), default=None,
               help="Write contact sheets of the top and bottom images (top.png, bottom.png) into this folder.")
 @click.option("--device", default="cpu", show_default=True, help="Where the backbone and adapter run: cpu or cuda[:i].")
@@ -61,7 +56,7 @@ def rank(checkpoint: Path, images: str, queries: tuple[str, ...], weights: tuple
     With one query the score is that query's score. Unreadable images are skipped and listed.
     """
     if out is not None:
-        ranking_format(out)  # refuse a bad suffix before the long work
+        export_format(out)  # refuse a bad suffix before the long work
     config = RankConfig(queries=queries, weights=weights, combine=combine, batch_size=batch_size, workers=workers)
     ranking = rank_images(checkpoint, images, config, device=device, backbone_weights=backbone_weights, progress=True)
     for line in query_lines(ranking):

@@ -20,8 +20,8 @@ from rankpipe.adapter.evaluation import command as eval_command_module
 from rankpipe.adapter.evaluation.command import EvalRequest, run_evaluation
 from rankpipe.adapter.evaluation.contact_sheet import read_thumbnails
 from rankpipe.adapter.evaluation.evaluate import EvalConfig, evaluate, results_markdown
-from rankpipe.adapter.evaluation.exports import read_rankings
 from rankpipe.adapter.evaluation.metrics import MetricConfig
+from rankpipe.adapter.evaluation.query_rankings import read_rankings
 from rankpipe.adapter.evaluation.scoring import load_checkpoint, predict
 from rankpipe.adapter.training.loop import train_from_store
 from rankpipe.adapter.training.run_config import load_run_config

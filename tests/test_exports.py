@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rankpipe.adapter.evaluation.exports import (
+from rankpipe.adapter.evaluation.exports import Table, read_table, write_table
+from rankpipe.adapter.evaluation.query_rankings import (
     COLUMNS,
     QueryRanking,
     rankings_table,
@@ -91,3 +92,24 @@ def test_reading_a_foreign_file_is_an_input_error(tmp_path: Path) -> None:
         read_rankings(path)
     with pytest.raises(InputError, match="does not exist"):
         read_rankings(tmp_path / "missing.csv")
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".h5"])
+def test_one_table_round_trips_through_every_format(tmp_path: Path, suffix: str) -> None:
+    """The stack both `eval --export` and `rank --out` write through: text, integers with gaps, floats."""
+    table = Table(
+        "rankpipe-test",
+        {"rank": np.array([1, 2, 0]), "key": np.array(["a", "b", "é"]), "score": np.array([0.1, np.nan, 1 / 3])},
+        missing={"rank": np.array([False, False, True])},
+    )
+    back = read_table(write_table(tmp_path / f"t{suffix}", table), "rankpipe-test")
+    assert list(back) == ["rank", "key", "score"]
+    assert [None if v is None else int(v) for v in back["rank"]] == [1, 2, None]
+    assert [str(v) for v in back["key"]] == ["a", "b", "é"]
+    assert [None if v is None else float(v) for v in back["score"]] == [0.1, None, 1 / 3]
+
+
+def test_an_hdf5_file_of_another_table_is_refused(tmp_path: Path) -> None:
+    path = write_table(tmp_path / "t.h5", Table("rankpipe-rank", {"key": np.array(["a"])}))
+    with pytest.raises(InputError, match="not a rankpipe-rankings HDF5 file"):
+        read_rankings(path)

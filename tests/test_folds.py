@@ -19,13 +19,6 @@ from rankpipe.adapter.evaluation.evaluate import (
     results_markdown,
     results_table,
 )
-from rankpipe.adapter.evaluation.exports import (
-    COLUMNS,
-    FOLD_COLUMN,
-    QueryRanking,
-    read_rankings,
-    write_rankings,
-)
 from rankpipe.adapter.evaluation.folds import (
     STD_DDOF,
     evaluate_folds,
@@ -33,6 +26,13 @@ from rankpipe.adapter.evaluation.folds import (
     recorded_splits,
 )
 from rankpipe.adapter.evaluation.metrics import MetricConfig
+from rankpipe.adapter.evaluation.query_rankings import (
+    COLUMNS,
+    FOLD_COLUMN,
+    QueryRanking,
+    read_rankings,
+    write_rankings,
+)
 from rankpipe.adapter.evaluation.scoring import load_checkpoint
 from rankpipe.adapter.training.checkpoint import read_checkpoint, save_checkpoint
 from rankpipe.adapter.training.loop import train_from_store

@@ -19,7 +19,7 @@ from rankpipe.adapter.evaluation.contact_sheet import (
     contact_sheet,
     read_thumbnails,
 )
-from rankpipe.adapter.evaluation.exports import QueryRanking
+from rankpipe.adapter.evaluation.query_rankings import QueryRanking
 from rankpipe.adapter.evaluation.report import ReportConfig, ReportSection, write_report
 
 CHROMIUM = "/usr/bin/chromium"

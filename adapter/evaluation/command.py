@@ -17,7 +17,8 @@ from rankpipe.adapter.evaluation.evaluate import (
     results_text,
     write_results,
 )
-from rankpipe.adapter.evaluation.exports import export_format, write_rankings
+from rankpipe.adapter.evaluation.exports import export_format
+from rankpipe.adapter.evaluation.query_rankings import write_rankings
 from rankpipe.adapter.evaluation.report import ReportConfig, write_report
 from rankpipe.adapter.evaluation.scoring import load_checkpoint
 from rankpipe.devices import torch_device_for

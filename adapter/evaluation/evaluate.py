@@ -24,13 +24,13 @@ from typing import Any
 
 import numpy as np
 
-from rankpipe.adapter.evaluation.exports import QueryRanking
 from rankpipe.adapter.evaluation.metrics import (
     METRICS,
     MetricConfig,
     QueryMetrics,
     compute_metrics,
 )
+from rankpipe.adapter.evaluation.query_rankings import QueryRanking
 from rankpipe.adapter.evaluation.report import ReportSection
 from rankpipe.adapter.evaluation.scoring import (
     LoadedCheckpoint,

@@ -31,8 +31,8 @@ from rankpipe.adapter.evaluation.evaluate import (
     results_markdown,
     write_result_files,
 )
-from rankpipe.adapter.evaluation.exports import QueryRanking
 from rankpipe.adapter.evaluation.metrics import METRICS
+from rankpipe.adapter.evaluation.query_rankings import QueryRanking
 from rankpipe.adapter.evaluation.report import ReportConfig, write_report
 from rankpipe.adapter.evaluation.scoring import LoadedCheckpoint, payload_splits
 from rankpipe.adapter.training.checkpoint import read_checkpoint

@@ -1,19 +1,15 @@
-"""What `rankpipe rank` hands back: the printed table, a CSV or JSONL file, and contact sheets.
+"""What `rankpipe rank` hands back: the printed table, a ranking file, and contact sheets.
 
 A ranking file holds one row per image: the ranked ones in rank order, then the skipped ones with
 an empty rank and score and the reason in `error`, so the file accounts for every image found.
-CSV columns are `FIXED_COLUMNS` with one `score[<query>]` column per query inserted before `error`;
-a JSONL record has the same fields with the per-query scores as one object {query: score}. Files
-are written to a temporary name and renamed, so a failed write never leaves half a file.
+Columns: rank, key, path, score, one `score[<query>]` per query, error; a JSONL record has the same
+fields with the per-query scores as one object {query: score}. Files are written through the export
+stack (rankpipe.adapter.evaluation.exports), in any of its formats.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import logging
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,36 +21,41 @@ from rankpipe.adapter.evaluation.contact_sheet import (
     read_thumbnails,
     thumbnail,
 )
+from rankpipe.adapter.evaluation.exports import Table, write_table
 from rankpipe.adapter.evaluation.ranking import Ranking
-from rankpipe.errors import InputError
-from rankpipe.files import atomic_target
 
 log = logging.getLogger(__name__)
 
 # rank (1 = best; empty when skipped), key, path (file or tar), combined score, why it was skipped.
 FIXED_COLUMNS = ("rank", "key", "path", "score", "error")
+# The table's kind: the `format` attribute of its HDF5 files.
+KIND = "rankpipe-rank"
 
 
-def ranking_format(path: str | Path) -> str:
-    """"csv" or "jsonl" from the file's suffix.
+def ranking_table(ranking: Ranking) -> Table:
+    """Every image of `ranking` as a table: ranked ones in rank order, then skipped ones.
 
-    Raises:
-        InputError: any other suffix.
+    Columns: rank, key, path, score, one `score[<query>]` per query, error. A JSONL record gathers the
+    per-query scores into one object {query: score}.
     """
-    suffix = Path(path).suffix.lower()
-    if suffix not in _WRITERS:
-        raise InputError(f"cannot write rankings to {path}: use a file name ending in {', '.join(_WRITERS)}")
-    return suffix[1:]
+    order = ranking.order()
+    n, skipped = len(order), ranking.skipped
+    query_columns = {f"score[{q.query}]": q for q in ranking.queries}
+    columns = {
+        "rank": np.concatenate([np.arange(1, n + 1), np.zeros(len(skipped))]).astype(np.int64),
+        "key": np.array([*ranking.keys[order].tolist(), *(s.key for s in skipped)], dtype=str),
+        "path": np.array([*ranking.paths[order].tolist(), *(s.path for s in skipped)], dtype=str),
+        "score": np.concatenate([ranking.combined[order], np.full(len(skipped), np.nan)]),
+        **{name: np.concatenate([q.scores[order], np.full(len(skipped), np.nan)]) for name, q in query_columns.items()},
+        "error": np.array([""] * n + [s.reason for s in skipped], dtype=str),
+    }
+    missing = {"rank": np.arange(n + len(skipped)) >= n}
+    return Table(KIND, columns, missing, {"scores": {name: q.query for name, q in query_columns.items()}})
 
 
 def write_ranking(path: str | Path, ranking: Ranking) -> Path:
-    """Write every image of `ranking` (ranked, then skipped) as CSV or JSONL, chosen by the suffix."""
-    path = Path(path)
-    writer = _WRITERS[f".{ranking_format(path)}"]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_target(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
-        writer(f, ranking)
-    return path
+    """Write every image of `ranking` (ranked, then skipped) in the export format chosen by the suffix."""
+    return write_table(path, ranking_table(ranking))
 
 
 def query_lines(ranking: Ranking) -> list[str]:
@@ -132,41 +133,3 @@ def _thumbnails(ranking: Ranking, rows: np.ndarray, max_px: int) -> dict[int, Im
         except OSError as e:
             log.warning("cannot make a thumbnail of %s: %s", ranking.paths[i], e)
     return out
-
-
-def _records(ranking: Ranking) -> Iterator[dict]:
-    """One dict per image: ranked ones in rank order, then skipped ones (rank and scores None)."""
-    for rank, i in enumerate(ranking.order(), start=1):
-        yield {
-            "rank": rank, "key": str(ranking.keys[i]), "path": str(ranking.paths[i]),
-            "score": float(ranking.combined[i]),
-            "scores": {q.query: float(q.scores[i]) for q in ranking.queries},
-            "error": "",
-        }
-    for skipped in ranking.skipped:
-        yield {
-            "rank": None, "key": skipped.key, "path": skipped.path, "score": None,
-            "scores": {q.query: None for q in ranking.queries}, "error": skipped.reason,
-        }
-
-
-def _number(value: float | int | None) -> str:
-    # repr of a Python float is the shortest text that reads back to the same float.
-    return "" if value is None else repr(value)
-
-
-def _write_csv(f: io.TextIOBase, ranking: Ranking) -> None:
-    writer = csv.writer(f)
-    query_columns = [f"score[{q.query}]" for q in ranking.queries]
-    writer.writerow([*FIXED_COLUMNS[:-1], *query_columns, FIXED_COLUMNS[-1]])
-    for r in _records(ranking):
-        writer.writerow([_number(r["rank"]), r["key"], r["path"], _number(r["score"]),
-                         *(_number(v) for v in r["scores"].values()), r["error"]])
-
-
-def _write_jsonl(f: io.TextIOBase, ranking: Ranking) -> None:
-    for record in _records(ranking):
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
-
-
-_WRITERS: dict[str, Callable[[io.TextIOBase, Ranking], None]] = {".csv": _write_csv, ".jsonl": _write_jsonl}

@@ -24,7 +24,7 @@ from rankpipe.adapter.evaluation.contact_sheet import (
     contact_sheet,
     read_thumbnails,
 )
-from rankpipe.adapter.evaluation.exports import QueryRanking
+from rankpipe.adapter.evaluation.query_rankings import QueryRanking
 
 log = logging.getLogger(__name__)
 
