@@ -16,8 +16,8 @@ shows what bounds the pipeline:
     write img/s      the store writer alone (WriterThread, shard writes), fed ready-made fp16 token
                      batches of the model's shape; also given in MB/s
 
-    python benchmarks/embed_throughput.py                                   # CPU, tiny model, seconds
-    python benchmarks/embed_throughput.py --model ViT-B-16 --device cuda --batch-size 256 --images 20000 --workers 16 --stages
+    python -m rankpipe.benchmarks.embed_throughput                                   # CPU, tiny model, seconds
+    python -m rankpipe.benchmarks.embed_throughput --model ViT-B-16 --device cuda --batch-size 256 --images 20000 --workers 16 --stages
 """
 
 from __future__ import annotations

@@ -24,8 +24,8 @@ With --device cuda every worker is pinned to a visible GPU (round robin), so on 
 workers share it. dask starts its workers with OMP_NUM_THREADS=1; the header prints the torch thread
 count of this process and of the workers, since on the CPU that decides most of the difference.
 
-    python benchmarks/embed_workers.py                                      # CPU, tiny model, well under a minute
-    python benchmarks/embed_workers.py --model ViT-B-16 --device cuda --batch-size 256 --images 20000 --tars 16
+    python -m rankpipe.benchmarks.embed_workers                                      # CPU, tiny model, well under a minute
+    python -m rankpipe.benchmarks.embed_workers --model ViT-B-16 --device cuda --batch-size 256 --images 20000 --tars 16
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ import time
 from pathlib import Path
 
 import torch
-from embed_throughput import manifest_subset, write_tars
 
+from rankpipe.benchmarks.embed_throughput import manifest_subset, write_tars
 from rankpipe.devices import torch_device_for
 from rankpipe.pipeline.cluster import ClusterSpec, open_client
 from rankpipe.pipeline.data.manifest import Manifest

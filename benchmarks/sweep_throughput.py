@@ -17,9 +17,9 @@ ratio to the first W. With --device cuda the workers share the visible GPUs roun
 one-GPU machine, all of them share it). dask starts workers with OMP_NUM_THREADS=1; the header
 prints the torch thread counts, which decide most of what a CPU run shows.
 
-    python benchmarks/sweep_throughput.py                          # CPU: tiny store and adapter, seconds
-    python benchmarks/sweep_throughput.py --workers-list 1,2       # ... and the same trials on 1 and 2 workers
-    python benchmarks/sweep_throughput.py --device cuda --images 4000 --tokens 100 --token-dim 1536 \
+    python -m rankpipe.benchmarks.sweep_throughput                          # CPU: tiny store and adapter, seconds
+    python -m rankpipe.benchmarks.sweep_throughput --workers-list 1,2       # ... and the same trials on 1 and 2 workers
+    python -m rankpipe.benchmarks.sweep_throughput --device cuda --images 4000 --tokens 100 --token-dim 1536 \
         --trials 16 --concurrency 16 --steps 300 --full-adapter
 """
 

@@ -9,8 +9,8 @@ from the device, so each timestamp follows a synchronisation. "first steps" is t
 first report, compilation included.
 
 \b
-    python benchmarks/train_loop.py                                        # CPU: small adapter, seconds
-    python benchmarks/train_loop.py --device cuda --images 4000 --tokens 100 --token-dim 1536 \\
+    python -m rankpipe.benchmarks.train_loop                                        # CPU: small adapter, seconds
+    python -m rankpipe.benchmarks.train_loop --device cuda --images 4000 --tokens 100 --token-dim 1536 \\
         --batch-size 128 --steps 400 --full-adapter                    # H100: default adapter
 """
 
@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 
 import click
-from sweep_throughput import SMALL_ADAPTER, write_store
 
 from rankpipe.adapter.training.loop import TrainEvent, train_from_store
 from rankpipe.adapter.training.run_config import COMPILE_MODES, load_run_config
+from rankpipe.benchmarks.sweep_throughput import SMALL_ADAPTER, write_store
 from rankpipe.pipeline.store import TokenStore
 
 

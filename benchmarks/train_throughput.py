@@ -4,8 +4,8 @@ One step = AdamW zero_grad + forward + loss + backward + step on random tokens (
 CUDA). For each batch size N the same model runs once with the factorised relational attention and
 once with the naive reference that materialises every pair's [2P, D] keys/values.
 
-    python benchmarks/train_throughput.py                      # H100 defaults: d_model 768, P=100 x 1536, K=16
-    python benchmarks/train_throughput.py --device cpu --d-model 128 --tokens 16 --sizes 8,16,32
+    python -m rankpipe.benchmarks.train_throughput                      # H100 defaults: d_model 768, P=100 x 1536, K=16
+    python -m rankpipe.benchmarks.train_throughput --device cpu --d-model 128 --tokens 16 --sizes 8,16,32
 
 Columns: N, factorised ms/step, images/s, peak GiB (torch.cuda.max_memory_allocated), naive ms/step,
 naive peak GiB ("OOM" when it does not fit), speed-up (naive ms / factorised ms).

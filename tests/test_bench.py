@@ -1,6 +1,6 @@
 """`rankpipe bench`: embed once, train and evaluate variants × seeds, one table with an unseen-category section.
 
-Also the scale-out scripts of bench/ in their smallest configurations.
+Also the scale-out scripts of rankpipe.benchmarks in their smallest configurations.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from rankpipe.adapter.experiments.bench.variants import (
     parse_variants,
     variant_names,
 )
+from rankpipe.benchmarks import embed_workers, sweep_throughput, train_loop
 from rankpipe.cli.main import cli
 from rankpipe.errors import InputError
 from rankpipe.pipeline.datasets.photo_tasks import PhotoTasksConfig, build_photo_tasks
@@ -231,15 +232,6 @@ def test_table_is_mean_and_sample_std_over_seeds():
     assert all(math.isnan(v) for v in row.stats["krcc"])
 
 
-BENCH_SCRIPTS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-@pytest.fixture
-def bench_scripts(monkeypatch):
-    """bench/ on sys.path, as `python benchmarks/x.py` has it; dask workers started from here inherit it."""
-    monkeypatch.syspath_prepend(str(BENCH_SCRIPTS))
-
-
 def printed_rows(output: str, header_start: str) -> list[list[str]]:
     """The whitespace-split rows under the table header that starts with `header_start`."""
     lines = output.splitlines()
@@ -252,8 +244,7 @@ def printed_rows(output: str, header_start: str) -> list[list[str]]:
     return rows
 
 
-def test_embed_workers_script_shows_byte_equal_stores_for_every_mode(bench_scripts, monkeypatch, capsys):
-    import embed_workers
+def test_embed_workers_script_shows_byte_equal_stores_for_every_mode(monkeypatch, capsys):
 
     monkeypatch.setattr(sys, "argv", ["embed_workers.py", "--images", "12", "--tars", "2", "--batch-size", "4",
                                       "--image-source-size", "64x48", "--workers-list", "1"])
@@ -266,8 +257,7 @@ def test_embed_workers_script_shows_byte_equal_stores_for_every_mode(bench_scrip
     assert re.search(r"^# torch threads: this process \d+, each dask worker \d+$", output, re.MULTILINE)
 
 
-def test_sweep_throughput_script_adds_a_row_per_worker_count(bench_scripts):
-    import sweep_throughput
+def test_sweep_throughput_script_adds_a_row_per_worker_count():
 
     args = ["--images", "40", "--tokens", "4", "--token-dim", "8", "--trials", "2", "--concurrency", "2",
             "--steps", "2", "--batch-size", "8", "--workers-list", "1"]
@@ -280,16 +270,14 @@ def test_sweep_throughput_script_adds_a_row_per_worker_count(bench_scripts):
     assert float(cluster[0][3]) > 0  # trials per minute
 
 
-def test_sweep_throughput_refuses_a_bad_worker_list(bench_scripts):
-    import sweep_throughput
+def test_sweep_throughput_refuses_a_bad_worker_list():
 
     result = CliRunner().invoke(sweep_throughput.main, ["--workers-list", "1,0"])
     assert result.exit_code == 2
     assert "worker counts must be >= 1" in result.output
 
 
-def test_embed_workers_compares_every_feature_byte(bench_scripts, tiny_store, tmp_path):
-    import embed_workers
+def test_embed_workers_compares_every_feature_byte(tiny_store, tmp_path):
 
     copy = shutil.copytree(tiny_store, tmp_path / "copy.zarr")
     assert embed_workers.same_features(tiny_store, copy)
@@ -300,8 +288,7 @@ def test_embed_workers_compares_every_feature_byte(bench_scripts, tiny_store, tm
     assert not embed_workers.same_features(tiny_store, copy)
 
 
-def test_train_loop_script_times_steps_after_the_warm_up(bench_scripts):
-    import train_loop
+def test_train_loop_script_times_steps_after_the_warm_up():
 
     args = ["--images", "40", "--tokens", "4", "--token-dim", "8", "--batch-size", "8", "--steps", "9",
             "--warmup", "3", "--modes", "off"]
@@ -313,8 +300,7 @@ def test_train_loop_script_times_steps_after_the_warm_up(bench_scripts):
     assert ms > 0 and images_per_s == pytest.approx(8 * 1e3 / ms, rel=0.01, abs=0.5)  # printed rounded
 
 
-def test_train_loop_script_refuses_unknown_modes_and_short_runs(bench_scripts):
-    import train_loop
+def test_train_loop_script_refuses_unknown_modes_and_short_runs():
 
     assert CliRunner().invoke(train_loop.main, ["--modes", "fast"]).exit_code == 2
     assert CliRunner().invoke(train_loop.main, ["--steps", "10", "--warmup", "5"]).exit_code == 2

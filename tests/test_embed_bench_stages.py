@@ -1,25 +1,14 @@
 """The stage timings of benchmarks/embed_throughput.py process every image they claim to."""
 
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from rankpipe.benchmarks import embed_throughput as bench
 from rankpipe.pipeline.data.tars import list_tars
 from rankpipe.pipeline.embed.backbone import TINY_VIT, BackboneSpec, load_backbone
 from rankpipe.pipeline.embed.decode import TarTask
 from rankpipe.pipeline.store import TokenStore
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "embed_throughput.py"
-
-
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("embed_throughput", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +16,7 @@ def backbone():
     return load_backbone(BackboneSpec(TINY_VIT, "none"), "cpu")
 
 
-def test_read_stage_reads_every_image_of_every_tar(bench, backbone, tmp_path):
+def test_read_stage_reads_every_image_of_every_tar(backbone, tmp_path):
     manifest = bench.write_tars(tmp_path, 40, 2, (64, 48))
     tars = list_tars(manifest.shard_urls())
     tasks = [TarTask(t, tar.url, tar.count) for t, tar in enumerate(tars)]
@@ -37,7 +26,7 @@ def test_read_stage_reads_every_image_of_every_tar(bench, backbone, tmp_path):
     assert all(batch.images.shape[1:] == (3, *backbone.image_size) for batch in kept)
 
 
-def test_write_stage_fills_and_finishes_the_store(bench, backbone, tmp_path):
+def test_write_stage_fills_and_finishes_the_store(backbone, tmp_path):
     manifest = bench.write_tars(tmp_path, 37, 2, (64, 48))
     tars = list_tars(manifest.shard_urls())
     rate, megabytes = bench.write_throughput(tmp_path / "w.zarr", manifest, tars, backbone, batch_size=8)
