@@ -20,7 +20,10 @@ from rankpipe.adapter.training.targets import (
 from rankpipe.errors import InputError
 from rankpipe.pipeline.data.manifest import TargetTransform
 
-from test_train import PROVENANCE, one_thread, tiny_config, write_synthetic_store  # noqa: F401 (one_thread is autouse)
+from conftest import SYNTHETIC_PROVENANCE as PROVENANCE
+from conftest import tiny_config, write_synthetic_store
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -45,17 +45,12 @@ from rankpipe.pipeline.data.manifest import (
     SplitSpec,
     load_manifest,
 )
-from rankpipe.pipeline.data.tars import TarInfo
 from rankpipe.pipeline.embed.backbone import TextFeatures
 from rankpipe.pipeline.store import (
-    BlockMeta,
-    StoreConfig,
     TokenStore,
-    create_store,
-    plan_store,
 )
 
-from conftest import SYNTHETIC_PROVENANCE, TINY_RUN
+from conftest import SYNTHETIC_PROVENANCE, TINY_RUN, write_store_rows
 
 K = 3
 TINY = [*TINY_RUN, "optim.warmup_steps=3", "train.eval_every=5", "train.max_steps=10"]
@@ -95,24 +90,8 @@ def write_fold_store(path: Path, n: int = 96, seed: int = 0) -> TokenStore:
         for label in LABELS
     }
     half = n // 2
-    plan = plan_store([TarInfo("x-000000.tar", half), TarInfo("x-000001.tar", n - half)], P * D * 2, StoreConfig())
-    store = create_store(path, plan, PROVENANCE, manifest, texts, StoreConfig())
-    for t, block in enumerate(plan.tars):
-        size = block.row_stop - block.row_start
-        src = slice(t * half, t * half + block.count)
-
-        def padded(values, fill):
-            out = np.full((size, *values.shape[1:]), fill, dtype=values.dtype)
-            out[: block.count] = values[src]
-            return out
-
-        store.write_tokens(block.row_start, padded(tokens.astype(np.float16), 0), np.zeros((size, 8), np.float16))
-        store.write_block_meta(t, BlockMeta(
-            keys=padded(keys, ""), valid=padded(np.ones(n, bool), False), errors=np.full(size, ""),
-            splits=padded(splits, ""), labels={name: padded(values, np.nan) for name, values in labels.items()},
-        ))
-        store.mark_done(t)
-    return TokenStore.open(path)
+    columns = {"tokens": tokens, "keys": keys, "valid": np.ones(n, bool), "splits": splits}
+    return write_store_rows(path, PROVENANCE, manifest, texts, [half, n - half], columns, labels)
 
 
 @dataclasses.dataclass

@@ -38,13 +38,7 @@ QUERY = {label.name: label.query for label in TINY_LABELS}
 UNSEEN = "Sort images by the number of circles."
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices run fastest on one thread; several threads contend on a small shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from rankpipe.adapter.training.windows import WindowSchedule
 from rankpipe.errors import InputError
 from rankpipe.pipeline.labelled_store import LabelledStore
 
-from test_train import STREAMED, tiny_config, weights, write_synthetic_store
+from conftest import STREAMED, tiny_config, weights, write_synthetic_store
 
 # The six-tar store below holds about 31 kB of tokens (200 train, 39 val rows of 128 bytes; 33 or
 # 34 train rows per tar). 24 kB keeps its val rows resident (5 kB <= a quarter) and 19 kB streams
@@ -29,12 +29,7 @@ VAL_RESIDENT = ("train.max_resident_gb=2.4e-5", "train.window_steps=8")
 VAL_STREAMED = ("train.max_resident_gb=1.9e-5", "train.window_steps=8")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

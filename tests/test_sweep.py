@@ -50,12 +50,7 @@ BASE = [
 GRID = {"optim.lr": [2e-3, 1e30], "train.seed": [0, 1]}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

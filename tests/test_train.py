@@ -27,102 +27,25 @@ from rankpipe.cli.main import cli
 from rankpipe.errors import InputError
 from rankpipe.pipeline.data.manifest import (
     LabelSpec,
-    Manifest,
     SplitSpec,
-    TargetTransform,
 )
-from rankpipe.pipeline.data.tars import TarInfo
-from rankpipe.pipeline.embed.backbone import TextFeatures
 from rankpipe.pipeline.labelled_store import LabelledStore
 from rankpipe.pipeline.store import (
-    BlockMeta,
-    StoreConfig,
     TokenStore,
-    create_store,
-    plan_store,
 )
 
-from conftest import SYNTHETIC_PROVENANCE, TINY_RUN
+from conftest import STREAMED, SYNTHETIC_PROVENANCE, TINY_RUN, tiny_config, weights, write_synthetic_store
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Tiny adapter: every test run stays at a few seconds on two CPU cores.
 TINY = TINY_RUN
 PROVENANCE = SYNTHETIC_PROVENANCE
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices run fastest on one thread; several threads contend on a small shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def write_synthetic_store(path, n: int = 120, seed: int = 0, provenance: dict | None = None,
-                          distance_ref: float | None = None, held_out: str | None = None,
-                          tars: int = 2, val_every: int = 3) -> TokenStore:
-    """A learnable token store of `tars` tars written with the store API.
-
-    Label "count" is written into channel 0 of every image token and label "size" into channel 1
-    (plus noise), so an adapter can learn both; the other channels are noise. Every `val_every`-th
-    row is val, the rest train; one row is invalid and some "size" labels are missing.
-    """
-    rng = np.random.default_rng(seed)
-    provenance = dict(provenance or PROVENANCE)
-    P, D, L, Dt = 4, 16, 6, 12
-    labels = {"count": rng.uniform(0, 10, n).astype(np.float32), "size": rng.uniform(-1, 1, n).astype(np.float32)}
-    tokens = rng.normal(0, 1, (n, P, D))
-    tokens[:, :, 0] = (labels["count"][:, None] - 5) / 3 + rng.normal(0, 0.2, (n, P))
-    tokens[:, :, 1] = labels["size"][:, None] * 1.5 + rng.normal(0, 0.2, (n, P))
-    labels["size"][::17] = np.nan
-    valid = np.ones(n, bool)
-    valid[5] = False
-    splits = np.where(np.arange(n) % val_every == val_every - 1, "val", "train")
-    if held_out is not None:  # a query kept out of training: labelled on val rows only
-        labels[held_out][splits == "train"] = np.nan
-    keys = np.array([f"img{i:04d}" for i in range(n)])
-    count_target = TargetTransform("distance", distance_ref) if distance_ref is not None else TargetTransform()
-    manifest = Manifest(
-        name="synthetic", shards=f"x-{{000000..{tars - 1:06d}}}.tar",
-        labels=(LabelSpec("count", "Sort images by the number of dots.", target=count_target),
-                LabelSpec("size", "Sort images by size.")),
-    )
-    texts = {
-        label.query: TextFeatures(tokens=rng.normal(0, 1, (L, Dt)).astype(np.float16), length=4 + i, embed=np.zeros(8, np.float16))
-        for i, label in enumerate(manifest.labels)
-    }
-    sizes = [n // tars] * (tars - 1) + [n - (tars - 1) * (n // tars)]
-    plan = plan_store([TarInfo(f"x-{t:06d}.tar", size) for t, size in enumerate(sizes)], P * D * 2, StoreConfig())
-    store = create_store(path, plan, provenance, manifest, texts, StoreConfig())
-    for t, block in enumerate(plan.tars):
-        size = block.row_stop - block.row_start
-        src = slice(t * (n // tars), t * (n // tars) + block.count)
-
-        def padded(values, fill):
-            out = np.full((size, *values.shape[1:]), fill, dtype=values.dtype)
-            out[: block.count] = values[src]
-            return out
-
-        store.write_tokens(block.row_start, padded(tokens.astype(np.float16), 0), np.zeros((size, 8), np.float16))
-        store.write_block_meta(t, BlockMeta(
-            keys=padded(keys, ""), valid=padded(valid, False), errors=np.full(size, ""), splits=padded(splits, ""),
-            labels={name: padded(values, np.nan) for name, values in labels.items()},
-        ))
-        store.mark_done(t)
-    return TokenStore.open(path)
-
-
 @pytest.fixture
 def store(tmp_path) -> TokenStore:
     return write_synthetic_store(tmp_path / "synthetic.zarr")
-
-
-def tiny_config(*extra: str):
-    return load_run_config(None, [*TINY, *extra])
-
-
-def weights(path) -> dict[str, torch.Tensor]:
-    return torch.load(path, weights_only=True)["model"]
 
 
 def test_training_learns_the_synthetic_ranking(tmp_path, store):
@@ -154,7 +77,6 @@ def test_same_seed_gives_identical_weights_and_other_seed_does_not(tmp_path, sto
 
 
 # A budget under the synthetic store's 15 kB of tokens: training streams windows of one tar each.
-STREAMED = ("train.max_resident_gb=1.2e-5", "train.window_steps=7")
 
 
 @pytest.mark.parametrize("budget", [(), STREAMED], ids=["resident", "streamed"])
