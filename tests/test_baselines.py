@@ -28,6 +28,7 @@ from rankpipe.adapter.evaluation.scoring import (
     predict,
     predict_embeddings,
 )
+from rankpipe.adapter.training.loop import train_from_store
 from rankpipe.adapter.training.targets import fit_target_scale
 from rankpipe.cli.main import cli
 from rankpipe.errors import InputError
@@ -36,7 +37,7 @@ from rankpipe.pipeline.embed.backbone import TINY_VIT
 from rankpipe.pipeline.labelled_store import LabelledStore
 from rankpipe.pipeline.store import TokenStore
 
-from conftest import assert_rank_matches_store, read_tar_samples
+from conftest import assert_rank_matches_store, read_tar_samples, tiny_config
 
 BASELINES = ["zero-shot", "clip-iqa", "linear-probe"]
 
@@ -271,3 +272,22 @@ def test_cli_fits_a_baseline(tiny_store, tmp_path):
     assert "fitted linear-probe; val SRCC: brightness" in result.output
     loaded = load_checkpoint(tmp_path)
     assert loaded.method == "linear-probe" and list(loaded.labels) == ["brightness"]
+
+
+def test_a_fit_never_replaces_an_existing_run(store, fitted, tmp_path):
+    """Baseline over an adapter run, baseline over baseline, adapter over baseline: refused, files untouched."""
+    adapter_run = tmp_path / "adapter"
+    train_from_store(store, adapter_run, tiny_config("train.max_steps=2", "train.eval_every=1"))
+    before = {p.name: p.read_bytes() for p in adapter_run.iterdir()}
+    with pytest.raises(InputError, match="already holds an adapter run"):
+        train_baseline(store, adapter_run, "linear-probe")
+    assert {p.name: p.read_bytes() for p in adapter_run.iterdir()} == before
+
+    baseline_run = fitted["zero-shot"].path.parent
+    best = (baseline_run / "best.pt").read_bytes()
+    with pytest.raises(InputError, match="already holds a zero-shot baseline"):
+        train_baseline(store, baseline_run, "linear-probe")
+    with pytest.raises(InputError, match="already holds a zero-shot baseline"):
+        train_from_store(store, baseline_run, tiny_config("train.max_steps=2"))
+    assert (baseline_run / "best.pt").read_bytes() == best
+    assert sorted(p.name for p in baseline_run.iterdir()) == ["best.pt"]

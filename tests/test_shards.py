@@ -393,3 +393,34 @@ def test_atomic_target_replaces_a_file_only_when_the_write_succeeds(tmp_path):
         partial.write_text("new")
     assert path.read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+
+
+def test_one_image_spelled_two_ways_gets_one_hashed_split():
+    split = AutoSplit(seed=0)
+    names = [f"img/{i:03d}.jpg" for i in range(60)]
+    assert [split.assign(f"./{n}") for n in names] == [split.assign(n) for n in names]
+    assert [split.assign(f"img/x/../{n[4:]}") for n in names] == [split.assign(n) for n in names]
+
+
+def test_repeated_images_and_rows_are_warned_about(dataset, caplog):
+    root, rows, _ = dataset
+    rows = [*rows, {**rows[0], "path": f"./{rows[0]['path']}"}, dict(rows[1])]
+    _write_table(root / "labels.csv", rows)
+    with caplog.at_level("WARNING"):
+        plan = prepare_shards(_config(root / "labels.csv", root / "out", split_col=None))
+    assert len(plan.records) == len(rows)  # every row is still a sample
+    assert "2 image(s) are named by more than one row" in caplog.text
+    assert "1 row(s) repeat an earlier row exactly" in caplog.text
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_a_column_named_twice_is_refused(dataset, suffix):
+    root, rows, _ = dataset
+    table = root / f"labels{suffix}"
+    if suffix == ".csv":
+        table.write_text("path,mos,mos,split\n" + "".join(f"{r['path']},{r['mos']},1,{r['split']}\n" for r in rows))
+    else:
+        table.write_text("".join(f'{{"path": "{r["path"]}", "mos": {r["mos"]}, "mos": 1, "split": "{r["split"]}"}}\n'
+                                 for r in rows))
+    with pytest.raises(InputError, match="names column 'mos' more than once"):
+        prepare_shards(_config(table, root / "out", labels=("mos",), queries=("Sort by quality.",)))

@@ -30,7 +30,7 @@ from rankpipe.adapter.baselines import get_method
 from rankpipe.adapter.baselines.base import Baseline
 from rankpipe.adapter.baselines.data import LabelSplits, load_label_splits
 from rankpipe.adapter.baselines.prompts import PromptEncoder
-from rankpipe.adapter.training.checkpoint import BEST, FORMAT_VERSION, save_checkpoint
+from rankpipe.adapter.training.checkpoint import BEST, FORMAT_VERSION, refuse_existing_run, save_checkpoint
 from rankpipe.errors import InputError
 from rankpipe.pipeline.data.manifest import SPLIT_ROLES, Manifest
 from rankpipe.pipeline.labelled_store import LabelledStore
@@ -104,6 +104,8 @@ def train_baseline(
     """
     cls = get_method(method)
     config = method_config(cls, overrides)
+    # A fit never replaces a run's best.pt: the folder's other files would no longer match it.
+    refuse_existing_run(out_dir)
     labelled = LabelledStore.open(store, manifest, labels or ())
     manifest = labelled.manifest
     data = load_label_splits(labelled)

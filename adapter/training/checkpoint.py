@@ -96,6 +96,32 @@ def saved_run_config(path: str | Path) -> RunConfig:
     return RunConfig.from_json(payload["run_config"])
 
 
+def run_method(out_dir: str | Path) -> str | None:
+    """The method of the run folder `out_dir` already holds ("adapter" or a baseline's name), or None.
+
+    Raises:
+        InputError: the folder holds a best.pt that is not a readable checkpoint.
+    """
+    out_dir = Path(out_dir)
+    if (out_dir / LAST).exists():
+        return ADAPTER_METHOD
+    if not (out_dir / BEST).exists():
+        return None
+    return checkpoint_method(read_checkpoint(out_dir / BEST))
+
+
+def refuse_existing_run(out_dir: str | Path, allowed: str | None = None) -> None:
+    """Refuse to start a run in `out_dir` when it already holds one, unless of method `allowed`.
+
+    Raises:
+        InputError: naming what the folder holds.
+    """
+    held = run_method(out_dir)
+    if held is not None and held != allowed:
+        what = "an adapter run" if held == ADAPTER_METHOD else f"a {held} baseline"
+        raise InputError(f"{out_dir} already holds {what}; choose another --out")
+
+
 class CheckpointWriter:
     """Builds and writes a run's best.pt and last.pt in the format above."""
 

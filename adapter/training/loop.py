@@ -32,6 +32,7 @@ import scipy.stats
 import torch
 import torch.nn.functional as F
 
+from rankpipe.adapter import ADAPTER_METHOD
 from rankpipe.adapter.model.adapter import RankingAdapter, score_batches
 from rankpipe.adapter.model.config import LossConfig
 from rankpipe.adapter.model.losses import LossParts, ranking_loss
@@ -40,6 +41,7 @@ from rankpipe.adapter.training.checkpoint import (
     LAST,
     CheckpointWriter,
     load_resume_state,
+    refuse_existing_run,
     set_rng_state,
 )
 from rankpipe.adapter.training.features import BatchSampler
@@ -152,6 +154,8 @@ def train_adapter(
     saved = load_resume_state(out_dir / LAST, cfg, labels, provenance, device) if resume else None
     if saved is None and (out_dir / LAST).exists():
         raise InputError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
+    # An adapter's best.pt without last.pt is a first run killed early: it starts again.
+    refuse_existing_run(out_dir, allowed=ADAPTER_METHOD)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     # Seeding and initialising read the process-wide generator; runs in concurrent threads take turns.

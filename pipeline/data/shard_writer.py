@@ -21,6 +21,7 @@ import io
 import json
 import logging
 import math
+import os
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -67,8 +68,12 @@ class AutoSplit:
             raise InputError(f"split fractions must sum to 1, got {self.fractions} (sum {sum(self.fractions)})")
 
     def assign(self, source: str) -> str:
-        """The split role ("train", "val" or "test") of the image at `source`."""
-        digest = hashlib.sha256(f"{self.seed}:{source}".encode()).digest()
+        """The split role ("train", "val" or "test") of the image at `source`.
+
+        The path is normalised first (`./a.jpg` and `x/../a.jpg` are `a.jpg`), so one image spelled
+        two ways cannot land in two splits; an already normal path hashes as it always did.
+        """
+        digest = hashlib.sha256(f"{self.seed}:{os.path.normpath(source)}".encode()).digest()
         u = int.from_bytes(digest[:8], "big") / 2**64  # uniform in [0, 1)
         bound = 0.0
         for role, fraction in zip(SPLIT_ROLES, self.fractions):

@@ -126,6 +126,7 @@ def prepare_shards(config: ShardsConfig) -> ShardsPlan:
         InputError: missing input or column, bad label settings, or an ordinal label with too many values.
     """
     records = tuple(read_input(config.input, config.image_col, list(config.labels), config.split_col))
+    _warn_repeated_images(records)
     metrics = config.metrics * len(config.labels) if len(config.metrics) == 1 else config.metrics
     labels = []
     for name, query, metric in zip(config.labels, config.queries, metrics):
@@ -138,6 +139,27 @@ def prepare_shards(config: ShardsConfig) -> ShardsPlan:
     if any(r.split is None for r in records):
         seen |= set(SPLIT_ROLES)  # the hashed split hands out exactly the role names
     return ShardsPlan(config, records, tuple(labels), split_spec(seen, config.split_values))
+
+
+def _warn_repeated_images(records: tuple[SampleRecord, ...]) -> None:
+    """Log images that more than one row names (however the path is spelled), and rows repeated whole.
+
+    Each row still becomes a sample: a repeated image may carry other labels on purpose. Without a
+    split column, all rows of one image get one split (the path is normalised before it is hashed).
+    """
+    rows_of: dict[Path, list[int]] = {}
+    for record in records:
+        if record.path is not None:
+            rows_of.setdefault(record.path.resolve(), []).append(record.row)
+    repeated = {path: rows for path, rows in rows_of.items() if len(rows) > 1}
+    if repeated:
+        path, rows = next(iter(repeated.items()))
+        logger.warning("%d image(s) are named by more than one row, e.g. %s by rows %s; each row becomes a sample",
+                       len(repeated), path, ", ".join(map(str, rows)))
+    whole = [(r.source, tuple(sorted(r.labels.items(), key=lambda kv: kv[0])), r.split) for r in records]
+    duplicates = len(whole) - len(set(map(repr, whole)))
+    if duplicates:
+        logger.warning("%d row(s) repeat an earlier row exactly (image, labels and split)", duplicates)
 
 
 def ordinal_classes(records: tuple[SampleRecord, ...], name: str, limit: int) -> tuple[float, ...]:

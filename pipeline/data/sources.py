@@ -166,10 +166,18 @@ def _read_delimited(path: Path, suffix: str) -> tuple[list[dict[str, Any]], list
         with path.open(newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f, delimiter=delimiter)
             columns = list(reader.fieldnames or [])
+            _refuse_repeated_columns(path, columns)
             rows = list(reader)
     except (UnicodeDecodeError, csv.Error) as e:
         raise InputError(f"{path} is not a readable UTF-8 table: {e}") from e
     return rows, columns
+
+
+def _refuse_repeated_columns(path: Path, names: list[str], where: str = "its header") -> None:
+    """A table whose header names a column twice would silently keep one of the two: refuse it."""
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise InputError(f"{path}: {where} names column {repeated[0]!r} more than once; give each column its own name")
 
 
 def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
@@ -178,11 +186,13 @@ def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            pairs = json.loads(line, object_pairs_hook=lambda items: items)
+            row = dict(pairs) if isinstance(pairs, list) else pairs
         except json.JSONDecodeError as e:
             raise InputError(f"{path} line {number} is not JSON ({e}); write one JSON object per line") from e
         if not isinstance(row, dict):
             raise InputError(f"{path} line {number} is not a JSON object; write one object per line")
+        _refuse_repeated_columns(path, [key for key, _ in pairs], f"line {number}")
         rows.append(row)
         columns.update(dict.fromkeys(row))
     return rows, list(columns)
