@@ -8,6 +8,8 @@ the choice of labels happen once, in one place, with the same messages.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -77,6 +79,13 @@ class LabelledStore:
     def provenance(self) -> dict:
         """The store's provenance (backbone, weights, preprocessing)."""
         return self.store.provenance
+
+    @property
+    def identity(self) -> str:
+        """The store's identity (TokenStore.identity) combined with the manifest it is read with: what a
+        run's split roles and target normalisation depend on."""
+        made_from = json.dumps([self.store.identity, self.manifest.to_dict()], sort_keys=True, default=str)
+        return hashlib.sha256(made_from.encode()).hexdigest()
 
     def labelled_rows(self) -> dict[str, TrainValRows]:
         """The (train, val) store rows of each label that have a value, ascending."""

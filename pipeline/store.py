@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 import shutil
 from collections.abc import Sequence
@@ -59,6 +60,9 @@ class TarBlock:
     row_start: int
     # One past the last row; row_stop - row_start is a multiple of the shard rows.
     row_stop: int
+    # The tar's identity when it was planned (see rankpipe.pipeline.data.tars.TarInfo.identity); None
+    # in stores made before identities were recorded, and for remote tars without a digest.
+    identity: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +112,7 @@ def plan_store(tars: Sequence[TarInfo], bytes_per_row: int, config: StoreConfig)
     blocks, row = [], 0
     for tar in tars:
         rows = _round_up(tar.count, shard_rows)
-        blocks.append(TarBlock(tar.url, tar.count, row, row + rows))
+        blocks.append(TarBlock(tar.url, tar.count, row, row + rows, tar.identity))
         row += rows
     return StorePlan(tuple(blocks), chunk_rows, shard_rows)
 
@@ -305,6 +309,20 @@ class TokenStore:
         if label is not None:
             keep &= np.isfinite(self.label(label))
         return np.flatnonzero(keep).astype(np.int64)
+
+    @property
+    def identity(self) -> str:
+        """A digest of what the store's rows were made from: backbone, manifest, and each tar with its identity.
+
+        Two stores of the same backbone and labels but other images have different identities, so a
+        run records it and refuses to resume on another store. A copied store keeps its identity.
+        """
+        made_from = {
+            "provenance": self.provenance,
+            "manifest": self._manifest_dict,
+            "tars": [(block.url, block.count, block.identity) for block in self.blocks],
+        }
+        return hashlib.sha256(json.dumps(made_from, sort_keys=True, default=str).encode()).hexdigest()
 
     def tar_urls(self) -> list[str]:
         """The input tars, in row order."""

@@ -154,14 +154,18 @@ def weights(path) -> dict[str, torch.Tensor]:
 
 
 def write_store_rows(path, provenance: dict, manifest: Manifest, texts: dict, sizes: list[int],
-                     columns: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> TokenStore:
+                     columns: dict[str, np.ndarray], labels: dict[str, np.ndarray],
+                     tars_made_by: str | None = None) -> TokenStore:
     """A finished token store written with the store API, one tar of `sizes[t]` rows after another.
 
     `columns` holds [n, P, D] "tokens", and [n] "keys", "valid" and "splits"; `labels` [n] values per label.
+    `tars_made_by` names what generated the (imaginary) tars: it makes their recorded identities.
     """
     tokens = columns["tokens"]
     _, P, D = tokens.shape
-    plan = plan_store([TarInfo(f"x-{t:06d}.tar", size) for t, size in enumerate(sizes)], P * D * 2, StoreConfig())
+    tars = [TarInfo(f"x-{t:06d}.tar", size, f"sha256:{tars_made_by}-{t}" if tars_made_by else None)
+            for t, size in enumerate(sizes)]
+    plan = plan_store(tars, P * D * 2, StoreConfig())
     store = create_store(path, plan, provenance, manifest, texts, StoreConfig())
     starts = np.cumsum([0, *sizes])
     for t, block in enumerate(plan.tars):
@@ -217,4 +221,4 @@ def write_synthetic_store(path, n: int = 120, seed: int = 0, provenance: dict | 
     }
     sizes = [n // tars] * (tars - 1) + [n - (tars - 1) * (n // tars)]
     columns = {"tokens": tokens, "keys": keys, "valid": valid, "splits": splits}
-    return write_store_rows(path, provenance, manifest, texts, sizes, columns, labels)
+    return write_store_rows(path, provenance, manifest, texts, sizes, columns, labels, tars_made_by=f"seed{seed}")

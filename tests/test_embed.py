@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -374,3 +375,31 @@ def test_index_listing_too_few_samples_is_a_user_error(tmp_path, workers):
     (manifest.parent / "index.json").write_text(json.dumps(index))
     with pytest.raises(InputError, match="more than the 4 samples"):
         run_embed(manifest, tmp_path / "x.zarr", workers=workers)
+
+
+def _write_index_with_digests(folder: Path) -> None:
+    tars = sorted(folder.glob("*.tar"))
+    entries = [{"name": p.name, "count": 12, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()} for p in tars]
+    (folder / "index.json").write_text(json.dumps({"tars": entries, "total": 12 * len(tars)}))
+
+
+@pytest.mark.parametrize("with_digests", [False, True], ids=["stat", "digest"])
+def test_tars_rebuilt_under_the_same_names_are_not_taken_for_the_embedded_ones(tmp_path, with_digests):
+    """Same names and counts, new images and labels: a finished store is not 'complete', a resumed one not mixed."""
+    shards = tmp_path / "shards"
+    manifest = write_tiny_shards(shards, seed=0)
+    if with_digests:
+        _write_index_with_digests(shards)
+    path = tmp_path / "x.zarr"
+    run_embed(manifest, path)
+    before = store_files(path)
+    time.sleep(0.01)  # a new modification time even on coarse clocks
+    write_tiny_shards(shards, seed=1)
+    if with_digests:
+        _write_index_with_digests(shards)
+    with pytest.raises(InputError, match=r"tiny-000000\.tar changed since it was embedded.*--mode overwrite"):
+        run_embed(manifest, path)
+    assert store_files(path) == before
+    run_embed(manifest, path, mode="overwrite")
+    assert TokenStore.open(path).keys()[0] == "t0-0000" and store_files(path) != before
+

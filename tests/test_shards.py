@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from rankpipe.pipeline.data.manifest import LabelSpec, load_manifest
 from rankpipe.pipeline.data.shard_writer import AutoSplit, write_shards
 from rankpipe.pipeline.data.shards import ShardsConfig, prepare_shards, split_spec
 from rankpipe.pipeline.data.sources import SampleRecord, records_from_folder, sample_key
+from rankpipe.pipeline.data.tars import list_tars
 
 N_IMAGES = 7
 
@@ -424,3 +426,17 @@ def test_a_column_named_twice_is_refused(dataset, suffix):
                                  for r in rows))
     with pytest.raises(InputError, match="names column 'mos' more than once"):
         prepare_shards(_config(table, root / "out", labels=("mos",), queries=("Sort by quality.",)))
+
+
+def test_index_records_each_tars_digest_which_embed_takes_as_its_identity(dataset):
+    root, rows, _ = dataset
+    _write_table(root / "labels.csv", rows)
+    write = prepare_shards(_config(root / "labels.csv", root / "out", samples_per_tar=3))
+    out = root / "out"
+    write_shards(list(write.records), out, "x", list(write.labels), samples_per_tar=3)
+    index = json.loads((out / "index.json").read_text())
+    assert len(index["tars"]) > 1
+    for entry in index["tars"]:
+        assert entry["sha256"] == hashlib.sha256((out / entry["name"]).read_bytes()).hexdigest()
+    tars = list_tars([str(out / entry["name"]) for entry in index["tars"]])
+    assert [t.identity for t in tars] == [f"sha256:{e['sha256']}" for e in index["tars"]]

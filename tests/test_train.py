@@ -374,3 +374,16 @@ def test_cuda_training_learns_and_its_checkpoint_loads_on_cpu(tmp_path, store):
         train_from_store(store, tmp_path / "run", tiny_config("train.max_steps=170"), device="cpu", resume=True)
     resumed = train_from_store(store, tmp_path / "run", tiny_config("train.max_steps=170"), device="cuda", resume=True)
     assert resumed.steps == 170
+
+
+def test_resume_refuses_another_store_of_the_same_backbone_and_labels(tmp_path, store):
+    train_from_store(store, tmp_path / "run", tiny_config("train.max_steps=4", "train.eval_every=2"))
+    other = write_synthetic_store(tmp_path / "other.zarr", seed=1)  # same backbone, labels and queries
+    assert other.provenance == store.provenance and other.label_names == store.label_names
+    config = tiny_config("train.max_steps=8", "train.eval_every=2")
+    with pytest.raises(InputError, match="trained on another store"):
+        train_from_store(other, tmp_path / "run", config, resume=True)
+    moved_split = dataclasses.replace(store.manifest, splits=SplitSpec(train=("val",), val=("train",)))
+    with pytest.raises(InputError, match="trained on another store"):
+        train_from_store(store, tmp_path / "run", config, manifest=moved_split, resume=True)
+    assert train_from_store(store, tmp_path / "run", config, resume=True).steps == 8

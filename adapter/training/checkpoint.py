@@ -127,7 +127,7 @@ class CheckpointWriter:
 
     def __init__(
         self, out_dir: Path, cfg: RunConfig, features: TrainingFeatures, provenance: dict, device: torch.device,
-        splits: SplitSpec | None = None,
+        splits: SplitSpec | None = None, store_identity: str | None = None,
     ):
         self.out_dir = out_dir
         self.device = device
@@ -149,6 +149,8 @@ class CheckpointWriter:
             ],
             "device_type": device.type,
         }
+        if store_identity is not None:  # a resumed run must read the same store (TokenStore.identity)
+            self.common["store_identity"] = store_identity
         if splits is not None:  # lets `rankpipe eval` find each fold's own test split
             self.common["splits"] = {role: list(splits.values(role)) for role in SPLIT_ROLES}
         last = out_dir / LAST
@@ -182,7 +184,8 @@ class CheckpointWriter:
         self.last_good = f"the last good checkpoint is {self.out_dir / LAST} (step {step})"
 
 
-def load_resume_state(path: Path, cfg: RunConfig, labels: list[str], provenance: dict, device: torch.device) -> dict:
+def load_resume_state(path: Path, cfg: RunConfig, labels: list[str], provenance: dict, device: torch.device,
+                      store_identity: str | None = None) -> dict:
     """The last.pt of a run to continue, after checking that this run matches it.
 
     Raises:
@@ -195,6 +198,10 @@ def load_resume_state(path: Path, cfg: RunConfig, labels: list[str], provenance:
     problem = compatibility_problem(saved["provenance"], provenance)
     if problem is not None:
         raise InputError(f"--resume: {path} was trained on features of another backbone ({problem}); use its store")
+    recorded = saved.get("store_identity")
+    if recorded is not None and store_identity is not None and recorded != store_identity:
+        raise InputError(f"--resume: {path} was trained on another store (same backbone, other images, labels or "
+                         "splits), and its target normalisation belongs to that one; resume with its store")
     saved_labels = [entry["name"] for entry in saved["labels"]]
     if saved_labels != labels:
         raise InputError(f"--resume: {path} trains labels {saved_labels}, this run {labels}; pass the same --label")

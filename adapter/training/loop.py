@@ -130,7 +130,8 @@ def train_from_store(
     data = LabelledStore.open(store, manifest, labels or ())
     device = torch.device(device)
     features = open_features(data, device, run_config.train)
-    return train_adapter(features, out_dir, run_config, data.provenance, device, resume, progress, splits=data.manifest.splits)
+    return train_adapter(features, out_dir, run_config, data.provenance, device, resume, progress,
+                         splits=data.manifest.splits, store_identity=data.identity)
 
 
 def train_adapter(
@@ -142,16 +143,19 @@ def train_adapter(
     resume: bool = False,
     progress: Callable[[TrainEvent], None] | None = None,
     splits: SplitSpec | None = None,
+    store_identity: str | None = None,
 ) -> TrainResult:
     """Train an adapter on resident or streamed features (see train_from_store for the arguments).
 
-    `splits`, the split roles the features were drawn with, is recorded in the checkpoints.
+    `splits`, the split roles the features were drawn with, and `store_identity`, the identity of the
+    store they came from (TokenStore.identity), are recorded in the checkpoints; a resumed run must
+    come from a store of the same identity.
     """
     out_dir = Path(out_dir)
     device = torch.device(device)
     cfg = run_config
     labels = [q.name for q in features.queries]
-    saved = load_resume_state(out_dir / LAST, cfg, labels, provenance, device) if resume else None
+    saved = load_resume_state(out_dir / LAST, cfg, labels, provenance, device, store_identity) if resume else None
     if saved is None and (out_dir / LAST).exists():
         raise InputError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
     # An adapter's best.pt without last.pt is a first run killed early: it starts again.
@@ -181,7 +185,7 @@ def train_adapter(
         _truncate_history(out_dir / HISTORY, step)
         log.info("resumed %s at step %d", out_dir, step)
 
-    writer = CheckpointWriter(out_dir, cfg, features, provenance, device, splits=splits)
+    writer = CheckpointWriter(out_dir, cfg, features, provenance, device, splits=splits, store_identity=store_identity)
     monitor = _LossMonitor(device, cfg.train.batch_size)
     mode = compile_mode(cfg.train.compile, device)
     step_loss = _step_loss(model, cfg.loss, device, mode)

@@ -290,7 +290,7 @@ def shard_pattern(name: str, n_tars: int) -> str:
 
 
 def _index_json(entries: list[TarEntry]) -> str:
-    tars = [{"name": e.name, "count": e.count} for e in entries]
+    tars = [{"name": e.name, "count": e.count, "sha256": e.sha256} for e in entries]
     return json.dumps({"tars": tars, "total": sum(e.count for e in entries)}, indent=1) + "\n"
 
 

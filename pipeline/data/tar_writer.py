@@ -7,6 +7,7 @@ outputs stay readable until the new ones replace them.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 import re
@@ -29,6 +30,8 @@ class TarEntry:
     name: str
     # Number of samples in it.
     count: int
+    # SHA-256 of the tar's bytes (hex): its identity in index.json, which embed records and checks.
+    sha256: str
 
 
 class TarSequence:
@@ -79,7 +82,9 @@ class TarSequence:
         assert self._writer is not None
         self._writer.close()
         self._writer = None
-        self.entries.append(TarEntry(tar_name(self.name, len(self.entries)), self._count))
+        with self.partials[-1].open("rb") as f:  # just written: read back from the page cache
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        self.entries.append(TarEntry(tar_name(self.name, len(self.entries)), self._count, digest))
         self._count = 0
 
 

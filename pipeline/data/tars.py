@@ -1,8 +1,12 @@
 """The input tars of an embed run and how many samples each holds.
 
 The store allocates every tar's rows before any image is decoded, so the sample counts are needed
-up front. A shard folder's `index.json` ({"tars": [{"name", "count"}], "total"}) gives them for free;
-otherwise they are counted from tar member headers, which reads no image data.
+up front. A shard folder's `index.json` ({"tars": [{"name", "count", "sha256"}], "total"}) gives them
+for free; otherwise they are counted from tar member headers, which reads no image data.
+
+Each tar also has an identity the store records, so a tar rebuilt under the same name is noticed: the
+content digest `rankpipe shards` wrote into the index, or else the file's size and modification time
+(reading every tar in full on each run to digest it would cost as much as the decoding).
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ class TarInfo:
     url: str
     # Samples in the tar (consecutive members sharing a key).
     count: int
+    # "sha256:<hex>" from index.json, else "stat:<bytes>:<mtime ns>" of a local file; None for a
+    # remote tar without a digest (its identity cannot be checked).
+    identity: str | None = None
 
 
 def list_tars(urls: list[str]) -> list[TarInfo]:
@@ -43,7 +50,7 @@ def list_tars(urls: list[str]) -> list[TarInfo]:
     """
     if not urls:
         raise InputError("the shard pattern expands to no tars; check the manifest's 'shards' field")
-    indexes: dict[Path, dict[str, int]] = {}
+    indexes: dict[Path, dict[str, tuple[int, str | None]]] = {}
     tars = []
     for url in urls:
         path = Path(url)
@@ -51,12 +58,23 @@ def list_tars(urls: list[str]) -> list[TarInfo]:
             indexes[path.parent] = _read_index(path.parent)  # once per folder, not once per tar
         index = indexes[path.parent]
         if path.name in index:
-            tars.append(TarInfo(url, index[path.name]))
+            count, digest = index[path.name]
+            identity = f"sha256:{digest}" if digest else None if is_remote(url) else stat_identity(path)
+            tars.append(TarInfo(url, count, identity))
         elif is_remote(url):
             raise InputError(f"cannot count the samples of remote tar {url}; put an {INDEX_FILE} beside it")
         else:
-            tars.append(TarInfo(url, count_samples(path)))
+            tars.append(TarInfo(url, count_samples(path), stat_identity(path)))
     return tars
+
+
+def stat_identity(path: Path) -> str | None:
+    """The size and modification time of a local tar, as its identity when no digest is known."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None  # a missing tar is reported when it is read
+    return f"stat:{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def is_remote(url: str) -> bool:
@@ -84,12 +102,13 @@ def count_samples(path: Path) -> int:
     return count
 
 
-def _read_index(folder: Path) -> dict[str, int]:
+def _read_index(folder: Path) -> dict[str, tuple[int, str | None]]:
+    """Name -> (sample count, sha256 hex or None) of the tars an index.json lists."""
     index_path = folder / INDEX_FILE
     if not index_path.is_file():
         return {}
     try:
         data = json.loads(index_path.read_text())
-        return {str(entry["name"]): int(entry["count"]) for entry in data["tars"]}
+        return {str(e["name"]): (int(e["count"]), str(e["sha256"]) if e.get("sha256") else None) for e in data["tars"]}
     except (ValueError, KeyError, TypeError) as e:
         raise InputError(f"{index_path} is malformed ({e}); expected {{\"tars\": [{{\"name\", \"count\"}}], \"total\"}}") from e

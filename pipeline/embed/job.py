@@ -40,6 +40,7 @@ from rankpipe.pipeline.store import (
     BlockMeta,
     StoreConfig,
     StorePlan,
+    TarBlock,
     TokenStore,
     create_store,
     plan_store,
@@ -350,7 +351,24 @@ def finished_with(path: Path, manifest: Manifest, spec: BackboneSpec, tars: Sequ
         same_weights = recorded.get("pretrained") == spec.pretrained
     return (store.is_complete and recorded.get("model") == spec.model and same_weights and store.compressed == compress
             and [(b.url, b.count) for b in store.blocks] == [(t.url, t.count) for t in tars]
-            and store.manifest.to_dict() == manifest.to_dict())
+            and changed_tar(store.blocks, tars) is None and store.manifest.to_dict() == manifest.to_dict())
+
+
+def changed_tar(recorded: Sequence[TarBlock], current: Sequence[TarInfo | TarBlock]) -> str | None:
+    """Why a tar the store was made from is no longer the same file, or None.
+
+    A tar with no recorded identity (a store made before identities were recorded, a remote tar
+    without a digest) cannot be checked and passes.
+    """
+    for block, tar in zip(recorded, current):
+        if block.identity is None or tar.identity is None:
+            continue
+        # An identity of another kind (a digest now, the file's stat then) cannot be compared.
+        if block.identity.split(":")[0] == tar.identity.split(":")[0] and block.identity != tar.identity:
+            kind = "content digest" if block.identity.startswith("sha256:") else "size or modification time"
+            return (f"tar {block.url} changed since it was embedded (its {kind} differs), so the store would "
+                    "mix old and new images")
+    return None
 
 
 def image_decoder(backbone: Backbone) -> str:
@@ -382,6 +400,9 @@ def store_mismatch(store: TokenStore, provenance: dict, manifest: Manifest, plan
     theirs = [(block.url, block.count) for block in store.blocks]
     if ours != theirs:
         return f"its tars differ ({len(theirs)} tars, first {theirs[:1]}) from the inputs ({len(ours)} tars, first {ours[:1]})"
+    changed = changed_tar(store.blocks, plan.tars)
+    if changed:
+        return changed
     if store.manifest.to_dict() != manifest.to_dict():
         return "its manifest (name, labels, queries or splits) differs from the given one"
     if (store.chunk_rows, store.shard_rows) != (plan.chunk_rows, plan.shard_rows):

@@ -124,7 +124,7 @@ def run_trial(
     try:
         resume = (folder / LAST).is_file()
         result = train_adapter(features, folder, trial.config, data.provenance, device, resume=resume,
-                               splits=data.manifest.splits)
+                               splits=data.manifest.splits, store_identity=data.identity)
         metrics = {
             "best_step": result.best_step,
             "steps": result.steps,
