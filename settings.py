@@ -8,6 +8,7 @@ a sweep's overrides) is built here, so one spelling of a value means the same ev
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -145,14 +146,20 @@ def coerce(value: Any, tp: Any, where: str, dotted: str) -> Any:
                 return int(number)
         raise fail("an integer")
     if tp is float:
+        # No setting means anything at NaN or infinity, and NaN passes every `x > 0` check downstream.
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 raise fail("a number") from None
-        raise fail("a number")
+        if number is None:
+            raise fail("a number")
+        if not math.isfinite(number):
+            raise fail("a finite number")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value

@@ -29,6 +29,8 @@ __all__ = ["StoreConfig", "StorePlan", "TarBlock", "BlockMeta", "TokenStore", "T
            "create_store", "prompt_id"]
 
 STORE_FORMAT = 1
+# The attribute a store carries from the start of its creation (the format marker comes last).
+CREATING_MARK = "rankpipe_store_creating"
 TOKEN_DTYPE = np.float16
 
 
@@ -138,6 +140,8 @@ def create_store(path: str | Path, plan: StorePlan, provenance: dict[str, Any], 
     if path.exists():
         shutil.rmtree(path)
     root = zarr.open_group(path, mode="w")
+    # Marks the folder as a store being created: if the creation is killed, the next run recreates it.
+    root.attrs.update({CREATING_MARK: STORE_FORMAT})
     compressors = (ZstdCodec(level=3),) if config.compress else None
     N, S = plan.num_rows, plan.shard_rows
     P = provenance["token_grid"][0] * provenance["token_grid"][1]
@@ -177,6 +181,18 @@ def create_store(path: str | Path, plan: StorePlan, provenance: dict[str, Any], 
         "rankpipe_store": STORE_FORMAT,
     })
     return TokenStore.open(path, allow_incomplete=True, writable=True)
+
+
+def interrupted_creation(path: str | Path) -> bool:
+    """Whether `path` is a store whose creation was killed before it was complete (nothing to keep)."""
+    path = Path(path)
+    if not (path / "zarr.json").is_file():
+        return False
+    try:
+        attrs = zarr.open_group(path, mode="r").attrs
+    except Exception:  # an unreadable group is not ours to delete
+        return False
+    return CREATING_MARK in attrs and "rankpipe_store" not in attrs
 
 
 class TokenStore:

@@ -161,3 +161,22 @@ def test_compatibility_checks_only_the_fields_asked_for():
     assert compatibility_problem(a, b) is None
     problem = compatibility_problem(a, b, COMPATIBILITY_FIELDS + ("token_grid",))
     assert problem == "backbone field 'token_grid' differs: [14, 14] vs [7, 7]"
+
+
+@pytest.mark.parametrize("content", [b"hello\n", b"\x80\x02}q\x00."], ids=["text", "empty-pickle"])
+def test_a_weights_file_that_is_no_checkpoint_is_an_input_error(tmp_path, content):
+    path = tmp_path / "open_clip_pytorch_model.bin"
+    path.write_bytes(content)
+    with pytest.raises(InputError, match=f"weights file {path} does not fit model {TINY_VIT}"):
+        load_backbone(BackboneSpec(TINY_VIT, str(path)), "cpu")
+
+
+def test_a_query_longer_than_the_text_context_is_cut_with_a_warning(backbone, caplog):
+    context = backbone.tokenizer.context_length
+    long_query = "Sort images by " + " ".join(["colour"] * context) + "."
+    with caplog.at_level("WARNING"):
+        backbone.encode_text("Sort images by brightness.")
+    assert "cut to fit" not in caplog.text
+    with caplog.at_level("WARNING"):
+        backbone.encode_text(long_query)
+    assert f"more than the {context} the text tower reads: it is cut to fit" in caplog.text

@@ -64,6 +64,8 @@ def assert_same_store(a: Path, b: Path) -> None:
     (b'{"labels": {"other": 1}}', "", [np.nan, np.nan], "no value for any label"),
     (b'{"labels": {"brightness": 0.5}, "split": "test"}', "test", [np.nan, 0.5], ""),
     (b'{"labels": {"squares": 3, "brightness": null}}', "", [3.0, np.nan], ""),
+    (b'{"labels": {"squares": 1' + b"0" * 400 + b'}}', "", [np.nan, np.nan], "label 'squares' is not finite"),
+    (b'{"labels": {"brightness": 1e400}}', "", [np.nan, np.nan], "label 'brightness' is not finite"),
 ])
 def test_parse_json(meta, split, labels, error):
     got_split, got_labels, got_error = parse_json(meta, LABEL_NAMES)

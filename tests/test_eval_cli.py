@@ -47,6 +47,7 @@ class MemoryStore:
     def __init__(self, tar_dir: Path, n: int = 90, seed: int = 0, provenance: dict | None = None):
         rng = np.random.default_rng(seed)
         self.path = f"memory://eval-{seed}"
+        self.identity = f"memory-{seed}"  # what TokenStore.identity digests: here, the generator seed
         self.provenance = dict(provenance or PROVENANCE)
         self._labels = {
             "count": rng.uniform(0, 10, n).astype(np.float32),

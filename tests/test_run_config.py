@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from click.testing import CliRunner
 
 from rankpipe.adapter.model.config import AdapterConfig, LossConfig
 from rankpipe.adapter.training.run_config import (
@@ -11,6 +12,7 @@ from rankpipe.adapter.training.run_config import (
     TrainConfig,
     load_run_config,
 )
+from rankpipe.cli.main import cli
 from rankpipe.errors import InputError
 
 
@@ -130,3 +132,21 @@ def test_empty_yaml_file_means_defaults(tmp_path):
     path = tmp_path / "empty.yaml"
     path.write_text("")
     assert load_run_config(path) == RunConfig()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=nan", "'optim.lr' expects a finite number"),
+    ("optim.weight_decay=nan", "'optim.weight_decay' expects a finite number"),
+    ("optim.lr=inf", "'optim.lr' expects a finite number"),
+    ("train.seed=-1", "seed must be a non-negative integer"),
+])
+def test_non_finite_numbers_and_negative_seeds_are_input_errors(override, message):
+    with pytest.raises(InputError, match=message):
+        load_run_config(None, [override])
+
+
+def test_cli_seed_minus_one_exits_2_without_a_traceback(tmp_path):
+    result = CliRunner().invoke(cli, ["train", "--store", str(tmp_path / "s.zarr"), "--out", str(tmp_path / "r"),
+                                      "--seed", "-1"])
+    assert result.exit_code == 2 and "seed must be a non-negative integer" in result.output
+    assert "Traceback" not in result.output

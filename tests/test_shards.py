@@ -17,7 +17,7 @@ from rankpipe.cli.main import cli
 from rankpipe.errors import InputError
 from rankpipe.files import atomic_target
 from rankpipe.pipeline.data.manifest import LabelSpec, load_manifest
-from rankpipe.pipeline.data.shard_writer import AutoSplit, write_shards
+from rankpipe.pipeline.data.shard_writer import AutoSplit, SampleError, parse_label, write_shards
 from rankpipe.pipeline.data.shards import ShardsConfig, prepare_shards, split_spec
 from rankpipe.pipeline.data.sources import SampleRecord, records_from_folder, sample_key
 from rankpipe.pipeline.data.tars import list_tars
@@ -440,3 +440,8 @@ def test_index_records_each_tars_digest_which_embed_takes_as_its_identity(datase
         assert entry["sha256"] == hashlib.sha256((out / entry["name"]).read_bytes()).hexdigest()
     tars = list_tars([str(out / entry["name"]) for entry in index["tars"]])
     assert [t.identity for t in tars] == [f"sha256:{e['sha256']}" for e in index["tars"]]
+
+
+def test_an_integer_label_too_large_for_a_float_is_a_skipped_row():
+    with pytest.raises(SampleError, match="non-finite label"):
+        parse_label("mos", 10**400)

@@ -141,6 +141,12 @@ def test_spec_needs_positive_trials():
         SweepSpec(trials=0)
 
 
+def test_an_absurd_number_of_trials_is_refused_up_front(tmp_path):  # 4 grid points x 10**9 draws
+    path = write_grid(tmp_path / "huge.yaml", random={"optim.lr": {"loguniform": [1e-5, 1e-3]}}, trials=10**9)
+    with pytest.raises(InputError, match="4,000,000,000 trials is more than 10,000"):
+        load_sweep_spec(path)
+
+
 # --- running trials here --------------------------------------------------------------------------------
 
 

@@ -32,6 +32,7 @@ from rankpipe.adapter.baselines.data import LabelSplits, load_label_splits
 from rankpipe.adapter.baselines.prompts import PromptEncoder
 from rankpipe.adapter.training.checkpoint import BEST, FORMAT_VERSION, refuse_existing_run, save_checkpoint
 from rankpipe.errors import InputError
+from rankpipe.files import exclusive_output
 from rankpipe.pipeline.data.manifest import SPLIT_ROLES, Manifest
 from rankpipe.pipeline.labelled_store import LabelledStore
 from rankpipe.pipeline.store import TokenStore
@@ -104,32 +105,34 @@ def train_baseline(
     """
     cls = get_method(method)
     config = method_config(cls, overrides)
-    # A fit never replaces a run's best.pt: the folder's other files would no longer match it.
-    refuse_existing_run(out_dir)
-    labelled = LabelledStore.open(store, manifest, labels or ())
-    manifest = labelled.manifest
-    data = load_label_splits(labelled)
-    prompts = PromptEncoder(store.provenance, device, backbone_weights, f"store {store.path}")
-    baseline = cls.fit(config, data, prompts)
-    val_srcc = {split.name: validation_srcc(baseline, split) for split in data}
-    finite = [v for v in val_srcc.values() if math.isfinite(v)]
-    mean = float(np.mean(finite)) if finite else math.nan
-    payload = {
-        "rankpipe_checkpoint": FORMAT_VERSION,
-        "method": method,
-        "kind": "best",
-        "step": 0,
-        "method_config": baseline.config_json(),
-        "provenance": store.provenance,
-        "labels": [{"name": s.name, "query": s.query, "target": s.scale.to_dict()} for s in data],
-        "model": baseline.state(),
-        "val_srcc": val_srcc,
-        "best": {"step": 0, "mean_srcc": mean, "srcc": dict(val_srcc)},
-        # The split roles it was fitted with, as adapter checkpoints record them (for k-fold eval).
-        "splits": {role: list(manifest.splits.values(role)) for role in SPLIT_ROLES},
-    }
-    path = save_checkpoint(payload, Path(out_dir) / BEST)
-    return BaselineResult(method, val_srcc, mean, path)
+    # A fit never replaces a run's best.pt: the folder's other files would no longer match it. The lock
+    # keeps a second job from starting in the folder between this check and the write.
+    with exclusive_output(out_dir, f"rankpipe train --method {method}"):
+        refuse_existing_run(out_dir)
+        labelled = LabelledStore.open(store, manifest, labels or ())
+        manifest = labelled.manifest
+        data = load_label_splits(labelled)
+        prompts = PromptEncoder(store.provenance, device, backbone_weights, f"store {store.path}")
+        baseline = cls.fit(config, data, prompts)
+        val_srcc = {split.name: validation_srcc(baseline, split) for split in data}
+        finite = [v for v in val_srcc.values() if math.isfinite(v)]
+        mean = float(np.mean(finite)) if finite else math.nan
+        payload = {
+            "rankpipe_checkpoint": FORMAT_VERSION,
+            "method": method,
+            "kind": "best",
+            "step": 0,
+            "method_config": baseline.config_json(),
+            "provenance": store.provenance,
+            "labels": [{"name": s.name, "query": s.query, "target": s.scale.to_dict()} for s in data],
+            "model": baseline.state(),
+            "val_srcc": val_srcc,
+            "best": {"step": 0, "mean_srcc": mean, "srcc": dict(val_srcc)},
+            # The split roles it was fitted with, as adapter checkpoints record them (for k-fold eval).
+            "splits": {role: list(manifest.splits.values(role)) for role in SPLIT_ROLES},
+        }
+        path = save_checkpoint(payload, Path(out_dir) / BEST)
+        return BaselineResult(method, val_srcc, mean, path)
 
 
 def validation_srcc(baseline: Baseline, split: LabelSplits) -> float:

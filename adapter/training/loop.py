@@ -49,6 +49,7 @@ from rankpipe.adapter.training.run_config import OptimConfig, RunConfig
 from rankpipe.adapter.training.streaming import TrainingFeatures, open_features
 from rankpipe.devices import autocast
 from rankpipe.errors import InputError
+from rankpipe.files import exclusive_output
 from rankpipe.pipeline.data.manifest import Manifest, SplitSpec
 from rankpipe.pipeline.labelled_store import LabelledStore
 from rankpipe.pipeline.store import TokenStore
@@ -151,6 +152,21 @@ def train_adapter(
     store they came from (TokenStore.identity), are recorded in the checkpoints; a resumed run must
     come from a store of the same identity.
     """
+    with exclusive_output(out_dir, "rankpipe train"):  # a second run into this folder is refused meanwhile
+        return _train_adapter(features, out_dir, run_config, provenance, device, resume, progress, splits, store_identity)
+
+
+def _train_adapter(
+    features: TrainingFeatures,
+    out_dir: str | Path,
+    run_config: RunConfig,
+    provenance: dict,
+    device: str | torch.device,
+    resume: bool,
+    progress: Callable[[TrainEvent], None] | None,
+    splits: SplitSpec | None,
+    store_identity: str | None,
+) -> TrainResult:
     out_dir = Path(out_dir)
     device = torch.device(device)
     cfg = run_config

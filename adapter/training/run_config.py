@@ -94,6 +94,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, not {getattr(self, name)}")
         if self.batch_size < 2:
             raise ValueError(f"batch_size must be >= 2 (pairs need two images), not {self.batch_size}")
+        if not 0 <= self.seed < 2**63:  # numpy's and torch's generators take non-negative 64-bit seeds
+            raise ValueError(f"seed must be a non-negative integer below 2**63, not {self.seed}")
         if self.max_resident_gb <= 0:
             raise ValueError(f"max_resident_gb must be positive, not {self.max_resident_gb}")
         if self.compile not in COMPILE_MODES:

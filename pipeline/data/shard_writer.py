@@ -31,7 +31,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from rankpipe.errors import InputError
-from rankpipe.files import write_text_atomic
+from rankpipe.files import exclusive_output, write_text_atomic
 from rankpipe.pipeline.data.manifest import SPLIT_ROLES, LabelSpec, Manifest, SplitSpec
 from rankpipe.pipeline.data.sources import SampleRecord, sample_key
 from rankpipe.pipeline.data.tar_writer import TarEntry, TarSequence, remove_stale_tars
@@ -153,6 +153,8 @@ def parse_label(name: str, value: Any) -> float | None:
         number = float(value)
     except ValueError:
         raise SampleError("non-numeric label", f"{name}={value!r}") from None
+    except OverflowError:  # an integer too large for a float, e.g. 10**400 in a JSONL table
+        number = math.inf
     if math.isnan(number):
         return None
     if math.isinf(number):
@@ -200,39 +202,41 @@ def write_shards(
         raise InputError(f"samples per tar must be at least 1, got {samples_per_tar}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    label_names = [label.name for label in labels]
-    writer = TarSequence(out_dir, name, samples_per_tar)
-    skipped: list[SkippedSample] = []
-    split_counts: Counter[str] = Counter()
-    try:
-        for record in records:
-            try:
-                sample, split = _make_sample(record, label_names, auto_split)
-            except SampleError as skip:
-                logger.debug("skipping row %d (%s): %s", record.row, record.source, skip)
-                skipped.append(SkippedSample(record.row, record.source, skip.reason, skip.detail))
-            else:
-                writer.write(sample)
-                split_counts[split] += 1
-            if progress is not None:
-                progress(1)
-        writer.close()
-        if not writer.entries:
-            reasons = ", ".join(f"{n} {r}" for r, n in Counter(s.reason for s in skipped).items())
-            first = f"; first: row {skipped[0].row} {skipped[0].source!r}: {skipped[0].detail}" if skipped else ""
-            raise InputError(
-                f"no sample could be written ({reasons or 'the input is empty'}){first}; fix the input and rerun"
-            )
-        manifest = Manifest(name=name, shards=shard_pattern(name, len(writer.entries)), labels=tuple(labels),
-                            splits=splits)
-        write_text_atomic(out_dir / INDEX_FILE, _index_json(writer.entries))
-        write_text_atomic(out_dir / SKIPPED_FILE, skipped_csv(skipped))
-        writer.commit()
-        # The manifest goes last, once the tars it names exist under their final names.
-        write_text_atomic(out_dir / MANIFEST_FILE, manifest.to_yaml())
-    finally:
-        writer.discard()
-    remove_stale_tars(out_dir, name, len(writer.entries))
+    # One writer per shard folder: a second job into it is refused while this one runs.
+    with exclusive_output(out_dir, "rankpipe shards"):
+        label_names = [label.name for label in labels]
+        writer = TarSequence(out_dir, name, samples_per_tar)
+        skipped: list[SkippedSample] = []
+        split_counts: Counter[str] = Counter()
+        try:
+            for record in records:
+                try:
+                    sample, split = _make_sample(record, label_names, auto_split)
+                except SampleError as skip:
+                    logger.debug("skipping row %d (%s): %s", record.row, record.source, skip)
+                    skipped.append(SkippedSample(record.row, record.source, skip.reason, skip.detail))
+                else:
+                    writer.write(sample)
+                    split_counts[split] += 1
+                if progress is not None:
+                    progress(1)
+            writer.close()
+            if not writer.entries:
+                reasons = ", ".join(f"{n} {r}" for r, n in Counter(s.reason for s in skipped).items())
+                first = f"; first: row {skipped[0].row} {skipped[0].source!r}: {skipped[0].detail}" if skipped else ""
+                raise InputError(
+                    f"no sample could be written ({reasons or 'the input is empty'}){first}; fix the input and rerun"
+                )
+            manifest = Manifest(name=name, shards=shard_pattern(name, len(writer.entries)), labels=tuple(labels),
+                                splits=splits)
+            write_text_atomic(out_dir / INDEX_FILE, _index_json(writer.entries))
+            write_text_atomic(out_dir / SKIPPED_FILE, skipped_csv(skipped))
+            writer.commit()
+            # The manifest goes last, once the tars it names exist under their final names.
+            write_text_atomic(out_dir / MANIFEST_FILE, manifest.to_yaml())
+        finally:
+            writer.discard()
+        remove_stale_tars(out_dir, name, len(writer.entries))
     result = ShardsResult(
         out_dir=out_dir, manifest_path=out_dir / MANIFEST_FILE, tars=tuple(writer.entries),
         skipped=tuple(skipped), split_counts=dict(split_counts),

@@ -30,7 +30,6 @@ from PIL import Image
 import rankpipe
 from rankpipe.errors import InputError
 from rankpipe.pipeline.embed.weights import (
-    FILE_WEIGHTS,
     RANDOM_WEIGHTS,
     ResolvedWeights,
     check_model_name,
@@ -142,6 +141,7 @@ class Backbone:
     @torch.inference_mode()
     def encode_text(self, prompt: str) -> TextFeatures:
         """Text tokens (after ln_final) and projected embedding of one prompt, computed in float32."""
+        _warn_if_truncated(self.tokenizer, prompt)
         ids = self.tokenizer([prompt]).to(self.device)  # [1, L]
         captured: list[torch.Tensor] = []
         # encode_text applies ln_final to all tokens before pooling; the hook keeps that output.
@@ -207,12 +207,7 @@ def load_backbone(spec: BackboneSpec, device: str | torch.device = "cpu") -> Bac
     weights = resolve_weights(spec.model, spec.pretrained)
     if weights.path is None:
         torch.manual_seed(spec.seed)
-    try:
-        model, preprocess = create_frozen_model(spec.model, weights, device)
-    except RuntimeError as e:
-        if weights.pretrained == FILE_WEIGHTS:
-            raise InputError(f"checkpoint {weights.path} does not fit model {spec.model}: {e}") from e
-        raise
+    model, preprocess = create_frozen_model(spec.model, weights, device)
     return Backbone(model, preprocess, open_clip.get_tokenizer(spec.model), spec, weights)
 
 
@@ -223,9 +218,24 @@ def create_frozen_model(model_name: str, weights: ResolvedWeights,
     Random weights come from torch's current seed; `load_backbone` seeds it.
 
     Raises:
-        RuntimeError: open_clip's error for a weights file that does not fit the model.
+        InputError: a weights file that is not a checkpoint of this model (wrong shapes, another
+            model, or no checkpoint at all: torch and open_clip raise many types for those).
     """
     tag = weights.tag_cfg
+    try:
+        model, preprocess = _create(model_name, weights, tag, device)
+    except Exception as e:
+        if weights.path is None:
+            raise  # random weights: nothing the user gave can be wrong here
+        detail = f"{type(e).__name__}: {str(e)[:200]}"
+        raise InputError(f"weights file {weights.path} does not fit model {model_name} ({detail}); "
+                         "pass an open_clip checkpoint of this model") from e
+    model.eval().requires_grad_(False)
+    return model, preprocess
+
+
+def _create(model_name: str, weights: ResolvedWeights, tag: dict,
+            device: str | torch.device) -> tuple[torch.nn.Module, Callable[[Image.Image], torch.Tensor]]:
     with _without_random_init_warning():
         model, _, preprocess = open_clip.create_model_and_transforms(
             model_name,
@@ -238,7 +248,6 @@ def create_frozen_model(model_name: str, weights: ResolvedWeights,
             pretrained_text=False,
             device=device,
         )
-    model.eval().requires_grad_(False)
     return model, preprocess
 
 
@@ -296,3 +305,14 @@ def _text_length(ids: torch.Tensor, tokenizer: Callable) -> int:
         if len(hits):
             return int(hits[0, 0]) + 1
     return int((ids != 0).sum())
+
+
+def _warn_if_truncated(tokenizer: Callable, prompt: str) -> None:
+    """Say when a query is longer than the text tower reads: the tokenizer cuts it without a word."""
+    encode, context = getattr(tokenizer, "encode", None), getattr(tokenizer, "context_length", None)
+    if encode is None or context is None:
+        return  # a tokenizer without a plain encode (e.g. Hugging Face's) is not measured
+    length = len(encode(prompt)) + 2  # with the start and end markers
+    if length > context:
+        logger.warning("query %r is %d tokens long, more than the %d the text tower reads: it is cut to fit, "
+                       "so its end plays no part; shorten it", prompt, length, context)

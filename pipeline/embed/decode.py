@@ -207,9 +207,17 @@ def parse_json(data: bytes | None, label_names: Sequence[str]) -> tuple[str, np.
         value = values.get(name)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(float(value)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             return split, labels, f"label {name!r} is not a number: {value!r}"
-        labels[i] = float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer too large for a float, e.g. 10**400
+            number = math.inf
+        if math.isnan(number):
+            return split, labels, f"label {name!r} is not a number: {value!r}"
+        if math.isinf(number):
+            return split, labels, f"label {name!r} is not finite: {str(value)[:24]}"
+        labels[i] = number
     if np.isnan(labels).all():
         return split, labels, f"no value for any label ({', '.join(label_names)})"
     return split, labels, ""

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from rankpipe.errors import InputError
+from rankpipe.files import exclusive_output
 from rankpipe.pipeline.data.manifest import Manifest
 from rankpipe.pipeline.embed.backbone import Backbone, BackboneSpec, load_backbone
 from rankpipe.pipeline.embed.job import (
@@ -87,22 +88,24 @@ def embed_distributed(manifest: Manifest, store_path: str | Path, backbone_spec:
         raise InputError(f"need batch size >= 1, got {batch_size}")
     config = store_config or StoreConfig(compress=compress)
     job = TarJob(Path(store_path).resolve(), backbone_spec, device, batch_size)
-    run = uuid.uuid4().hex[:8]
-    prepare = client.submit(prepare_store, manifest, job, mode, config, key=f"rankpipe-embed-prepare-{run}",
-                            pure=False, retries=retries)
-    pending, total = prepare.result()
-    summary = EmbedSummary(store=job.store, tars_skipped=total - len(pending))
-    streaming = time.perf_counter()
-    futures = [client.submit(embed_tar_task, job, t, key=f"rankpipe-embed-tar-{t}-{run}", pure=False, retries=retries)
-               for t in pending]
-    for finished, future in enumerate(distributed.as_completed(futures), start=1):
-        _add(summary, future.result())
-        if progress is not None:
-            progress(finished, len(pending))
-    summary.embed_seconds = time.perf_counter() - streaming
-    summary.seconds = time.perf_counter() - start
-    logger.info(summary.line())
-    return summary
+    # The coordinator holds the store's lock for its workers: another embed into it is refused.
+    with exclusive_output(job.store, "rankpipe embed (distributed)"):
+        run = uuid.uuid4().hex[:8]
+        prepare = client.submit(prepare_store, manifest, job, mode, config, key=f"rankpipe-embed-prepare-{run}",
+                                pure=False, retries=retries)
+        pending, total = prepare.result()
+        summary = EmbedSummary(store=job.store, tars_skipped=total - len(pending))
+        streaming = time.perf_counter()
+        futures = [client.submit(embed_tar_task, job, t, key=f"rankpipe-embed-tar-{t}-{run}", pure=False, retries=retries)
+                   for t in pending]
+        for finished, future in enumerate(distributed.as_completed(futures), start=1):
+            _add(summary, future.result())
+            if progress is not None:
+                progress(finished, len(pending))
+        summary.embed_seconds = time.perf_counter() - streaming
+        summary.seconds = time.perf_counter() - start
+        logger.info(summary.line())
+        return summary
 
 
 def prepare_store(manifest: Manifest, job: TarJob, mode: str, config: StoreConfig) -> tuple[list[int], int]:

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from rankpipe.devices import autocast, torch_device_for
 from rankpipe.errors import InputError
+from rankpipe.files import exclusive_output
 from rankpipe.pipeline.data.manifest import LabelSpec, Manifest
 from rankpipe.pipeline.data.tars import TarInfo, is_remote, list_tars
 from rankpipe.pipeline.embed.backbone import (
@@ -43,6 +44,7 @@ from rankpipe.pipeline.store import (
     TarBlock,
     TokenStore,
     create_store,
+    interrupted_creation,
     plan_store,
 )
 
@@ -139,24 +141,26 @@ def embed(manifest: Manifest, store_path: str | Path, backbone_spec: BackboneSpe
         raise InputError(f"need batch size >= 1 and workers >= 0, got {batch_size} and {workers}")
     torch_device = torch_device_for(device)
     config = store_config or StoreConfig(compress=compress)
-    tars = input_tars(manifest)
-    if mode == "incremental" and finished_with(Path(store_path), manifest, backbone_spec, tars, config.compress):
-        # Nothing to embed: skip loading the backbone, which may need weights that are not at hand.
-        summary = EmbedSummary(store=Path(store_path), tars_skipped=len(tars))
+    # One job at a time per store: a second embed into it is refused (distributed runs hold it in the coordinator).
+    with exclusive_output(store_path, "rankpipe embed"):
+        tars = input_tars(manifest)
+        if mode == "incremental" and finished_with(Path(store_path), manifest, backbone_spec, tars, config.compress):
+            # Nothing to embed: skip loading the backbone, which may need weights that are not at hand.
+            summary = EmbedSummary(store=Path(store_path), tars_skipped=len(tars))
+            summary.seconds = time.perf_counter() - start
+            return summary
+        backbone = load_backbone(backbone_spec, torch_device)
+        plan = plan_for_backbone(tars, backbone, config)
+        store = open_or_create_store(Path(store_path), mode, backbone, manifest, plan, config)
+        pending = [t for t, done in enumerate(store.done()) if not done]
+        summary = EmbedSummary(store=store.path, tars_skipped=len(plan.tars) - len(pending))
+        if pending:
+            streaming = time.perf_counter()
+            _embed_tars(store, pending, backbone, batch_size, workers, progress, summary)
+            summary.embed_seconds = time.perf_counter() - streaming
         summary.seconds = time.perf_counter() - start
+        logger.info(summary.line())
         return summary
-    backbone = load_backbone(backbone_spec, torch_device)
-    plan = plan_for_backbone(tars, backbone, config)
-    store = open_or_create_store(Path(store_path), mode, backbone, manifest, plan, config)
-    pending = [t for t, done in enumerate(store.done()) if not done]
-    summary = EmbedSummary(store=store.path, tars_skipped=len(plan.tars) - len(pending))
-    if pending:
-        streaming = time.perf_counter()
-        _embed_tars(store, pending, backbone, batch_size, workers, progress, summary)
-        summary.embed_seconds = time.perf_counter() - streaming
-    summary.seconds = time.perf_counter() - start
-    logger.info(summary.line())
-    return summary
 
 
 def input_tars(manifest: Manifest) -> list[TarInfo]:
@@ -316,6 +320,9 @@ def _encode(batch: DecodedBatch, x: torch.Tensor | None, positions: np.ndarray, 
 def open_or_create_store(path: Path, mode: str, backbone: Backbone, manifest: Manifest, plan: StorePlan,
                     config: StoreConfig) -> TokenStore:
     exists = path.exists() and (not path.is_dir() or any(path.iterdir()))
+    if exists and interrupted_creation(path):
+        logger.info("store %s was being created when a run stopped; creating it again", path)
+        exists = False  # create_store replaces the folder
     if mode == "incremental" and exists:
         store = TokenStore.open(path, allow_incomplete=True, writable=True)
         problem = store_mismatch(store, backbone.provenance, manifest, plan, config) or decoder_problem(store.provenance, backbone)

@@ -120,9 +120,6 @@ def _load_tag_file(model_name: str, weights: ResolvedWeights, device: str | torc
     tag whose file the user supplies.
     """
     check_model_name(model_name)
-    try:
-        model, preprocess = create_frozen_model(model_name, weights, device)
-    except RuntimeError as e:
-        raise InputError(f"--backbone-weights {weights.path} does not fit model {model_name}: {e}") from e
+    model, preprocess = create_frozen_model(model_name, weights, device)
     spec = BackboneSpec(model_name, weights.pretrained)
     return Backbone(model, preprocess, open_clip.get_tokenizer(model_name), spec, weights)

@@ -49,6 +49,7 @@ from rankpipe.adapter.training.features import (
 )
 from rankpipe.adapter.training.streaming import open_features
 from rankpipe.errors import InputError
+from rankpipe.files import exclusive_output, write_text_atomic
 from rankpipe.pipeline.cluster import ClusterSpec, open_client
 from rankpipe.pipeline.data.manifest import Manifest
 from rankpipe.pipeline.labelled_store import LabelledStore
@@ -130,28 +131,30 @@ def run_sweep(
     data = LabelledStore.open(TokenStore.open(request.store), request.manifest, request.trial.labels)
     if request.trial.eval_split is not None:
         split_rows(data.store, request.trial.eval_split, data.manifest.splits)
-    out_dir = Path(request.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / TRIALS_FILE).write_text(json.dumps(
-        [{"id": t.id, "overrides": list(t.overrides), "folder": trial_folder(out_dir, t.id).name} for t in trials],
-        indent=2) + "\n")
+    # One sweep at a time per folder (trials on dask workers lock their own trial folders).
+    with exclusive_output(request.out_dir, "rankpipe sweep"):
+        out_dir = Path(request.out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out_dir / TRIALS_FILE, json.dumps(
+            [{"id": t.id, "overrides": list(t.overrides), "folder": trial_folder(out_dir, t.id).name} for t in trials],
+            indent=2) + "\n")
 
-    records = {t.id: read_record(trial_folder(out_dir, t.id), t.id) for t in trials}
-    pending = [t for t in trials if records[t.id].state != DONE and (request.retry_failed or records[t.id].state != FAILED)]
-    log.info("%d trials: %d to run, %d done or failed", len(trials), len(pending), len(trials) - len(pending))
-    if pending:
-        if client is not None:
-            finished = _run_on_cluster(pending, request, client, progress)
-        elif cluster is not None:
-            with open_client(cluster, request.device) as started:
-                finished = _run_on_cluster(pending, request, started, progress)
-        else:
-            finished = _run_here(pending, request, data, progress)
-        records.update({record.id: record for record in finished})
-    ordered = [records[t.id] for t in trials]
-    values = {t.id: t.values for t in trials}
-    csv_path, md_path, table = write_results_table(out_dir, ordered, values, list(varied))
-    return SweepOutcome(ordered, len(pending), len(trials) - len(pending), csv_path, md_path, table)
+        records = {t.id: read_record(trial_folder(out_dir, t.id), t.id) for t in trials}
+        pending = [t for t in trials if records[t.id].state != DONE and (request.retry_failed or records[t.id].state != FAILED)]
+        log.info("%d trials: %d to run, %d done or failed", len(trials), len(pending), len(trials) - len(pending))
+        if pending:
+            if client is not None:
+                finished = _run_on_cluster(pending, request, client, progress)
+            elif cluster is not None:
+                with open_client(cluster, request.device) as started:
+                    finished = _run_on_cluster(pending, request, started, progress)
+            else:
+                finished = _run_here(pending, request, data, progress)
+            records.update({record.id: record for record in finished})
+        ordered = [records[t.id] for t in trials]
+        values = {t.id: t.values for t in trials}
+        csv_path, md_path, table = write_results_table(out_dir, ordered, values, list(varied))
+        return SweepOutcome(ordered, len(pending), len(trials) - len(pending), csv_path, md_path, table)
 
 
 def _run_here(pending: Sequence[Trial], request: SweepRequest, data: LabelledStore,

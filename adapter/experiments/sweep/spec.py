@@ -40,6 +40,8 @@ TRIAL_ID_DIGITS = 12
 # Significant digits kept of a drawn uniform/loguniform value, so configs and tables stay readable.
 DRAWN_DIGITS = 4
 DISTRIBUTIONS = ("choice", "uniform", "loguniform")
+# The most trials one sweep file may expand to.
+MAX_TRIALS = 10_000
 _KEYS = ("config", "set", "grid", "random", "trials", "seed")
 
 
@@ -66,6 +68,10 @@ class SweepSpec:
         for field, values in self.grid.items():
             if not values:
                 raise InputError(f"sweep: grid field {field!r} lists no values; give at least one")
+        count = math.prod(len(values) for values in self.grid.values()) * (self.trials if self.random else 1)
+        if count > MAX_TRIALS:  # refused before any config is built: expanding them alone would take hours
+            raise InputError(f"sweep: {count:,} trials is more than {MAX_TRIALS:,}; shrink the grid or 'trials', "
+                             "or split the sweep into several files")
         for field, (kind, args) in self.random.items():
             if kind not in DISTRIBUTIONS:
                 raise InputError(f"sweep: random field {field!r} uses {kind!r}; use one of {', '.join(DISTRIBUTIONS)}")
