@@ -61,6 +61,9 @@ class LabelledStore:
                 candidate has 2 or more images in both the train and val splits.
         """
         manifest = _matching_manifest(store, manifest)
+        note = store.invalid_note()
+        if note:
+            log.warning(note)
         if labels:
             _require_labels(store, labels)
             for name in labels:

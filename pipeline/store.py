@@ -284,6 +284,16 @@ class TokenStore:
         """[N] str: why each row is invalid ("" when valid)."""
         return self._strings("image/error")
 
+    def invalid_note(self) -> str | None:
+        """A sentence on the images that are invalid rows (left out of training and evaluation), or None."""
+        errors = self.errors()  # [N]; padding rows have no image and no error
+        invalid = np.flatnonzero(errors != "")
+        if not len(invalid):
+            return None
+        first = int(invalid[0])
+        return (f"{len(invalid)} image(s) of store {self.path} are invalid rows and left out, "
+                f"e.g. {self.keys()[first] or 'row ' + str(first)}: {errors[first]}")
+
     def splits(self) -> np.ndarray:
         """[N] str: each row's split value."""
         return self._strings("image/split")

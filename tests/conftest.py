@@ -188,7 +188,7 @@ def write_store_rows(path, provenance: dict, manifest: Manifest, texts: dict, si
 
 def write_synthetic_store(path, n: int = 120, seed: int = 0, provenance: dict | None = None,
                           distance_ref: float | None = None, held_out: str | None = None,
-                          tars: int = 2, val_every: int = 3) -> TokenStore:
+                          tars: int = 2, val_every: int = 3, nan_row: int | None = None) -> TokenStore:
     """A learnable token store of `tars` tars written with the store API.
 
     Label "count" is written into channel 0 of every image token and label "size" into channel 1
@@ -203,6 +203,8 @@ def write_synthetic_store(path, n: int = 120, seed: int = 0, provenance: dict | 
     tokens[:, :, 0] = (labels["count"][:, None] - 5) / 3 + rng.normal(0, 0.2, (n, P))
     tokens[:, :, 1] = labels["size"][:, None] * 1.5 + rng.normal(0, 0.2, (n, P))
     labels["size"][::17] = np.nan
+    if nan_row is not None:  # what a store embedded before non-finite rows were made invalid can hold
+        tokens[nan_row, 0, 0] = np.nan
     valid = np.ones(n, bool)
     valid[5] = False
     splits = np.where(np.arange(n) % val_every == val_every - 1, "val", "train")

@@ -167,3 +167,19 @@ def test_normalisation_round_trip(transform):
 def test_normalisation_refuses_unlearnable_labels(raw, match):
     with pytest.raises(InputError, match=match):
         fit_target_scale(np.array(raw), TargetTransform(), "x")
+
+
+def test_a_tampered_checkpoint_is_refused_before_anything_is_allocated(run, tmp_path):
+    _, result = run
+    payload = torch.load(result.best_path, weights_only=True)
+
+    missing = {k: v for k, v in payload.items() if k != "dims"}
+    torch.save(missing, tmp_path / "missing.pt")
+    with pytest.raises(InputError, match="lacks or garbles its 'dims' field"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+    config = json.loads(payload["run_config"])
+    config["adapter"]["d_model"] = 32768  # at the real sizes this adapter would take many GB
+    torch.save({**payload, "run_config": json.dumps(config)}, tmp_path / "huge.pt")
+    with pytest.raises(InputError, match=r"has shape \(.*\) where its run config gives \(.*(32768|65536)"):
+        load_checkpoint(tmp_path / "huge.pt")

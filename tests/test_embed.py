@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import signal
@@ -17,13 +18,24 @@ import torch
 import webdataset as wds
 import zarr
 from click.testing import CliRunner
+from PIL import Image
 
 from rankpipe.cli.main import cli
 from rankpipe.errors import InputError
 from rankpipe.pipeline.data.manifest import Manifest, load_manifest
-from rankpipe.pipeline.embed.backbone import TINY_CONVNEXT, TINY_VIT, BackboneSpec
-from rankpipe.pipeline.embed.decode import TarBatches, TarTask, parse_json
+from rankpipe.pipeline.embed.backbone import TINY_CONVNEXT, TINY_VIT, Backbone, BackboneSpec
+from rankpipe.pipeline.embed.decode import (
+    ALPHA_BACKGROUND,
+    ORIENTATION_TAG,
+    PIXEL_RULE,
+    TarBatches,
+    TarTask,
+    parse_json,
+    to_rgb,
+)
 from rankpipe.pipeline.embed.job import embed, manifest_for_pattern
+from rankpipe.pipeline.embed.store_writer import NON_FINITE_REASON
+from rankpipe.pipeline.labelled_store import LabelledStore
 from rankpipe.pipeline.store import StoreConfig, TokenStore
 
 from conftest import TINY_LABELS, encode, tiny_image, write_tiny_shards
@@ -405,3 +417,66 @@ def test_tars_rebuilt_under_the_same_names_are_not_taken_for_the_embedded_ones(t
     run_embed(manifest, path, mode="overwrite")
     assert TokenStore.open(path).keys()[0] == "t0-0000" and store_files(path) != before
 
+
+
+# --- pixels as people see them --------------------------------------------------------------------------
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_a_16_bit_gradient_keeps_its_levels():
+    ramp = np.tile(np.linspace(0, 65535, 256).astype(np.uint16), (8, 1))  # [8, 256] full range
+    image = Image.open(io.BytesIO(_png(Image.fromarray(ramp))))
+    assert image.mode.startswith("I")
+    pixels = np.asarray(to_rgb(image))  # [8, 256, 3]
+    assert pixels.shape == (8, 256, 3) and pixels[..., 0].mean() == pytest.approx(127.5, abs=1)
+    np.testing.assert_array_equal(pixels[0, :, 0], np.rint(ramp[0] / 257).astype(np.uint8))
+
+
+def test_transparent_pixels_show_the_background_not_their_hidden_colour():
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., 0] = 255  # hidden red under full transparency
+    rgba[:2, :, 3] = 255  # the top half is opaque red
+    pixels = np.asarray(to_rgb(Image.open(io.BytesIO(_png(Image.fromarray(rgba, mode="RGBA"))))))
+    assert (pixels[:2] == [255, 0, 0]).all() and (pixels[2:] == ALPHA_BACKGROUND).all()
+
+
+def test_exif_orientation_is_applied():
+    wide = Image.fromarray(np.zeros((10, 30, 3), np.uint8))
+    exif = Image.Exif()
+    exif[ORIENTATION_TAG] = 6  # stored sideways: shown rotated by 90 degrees
+    buffer = io.BytesIO()
+    wide.save(buffer, format="JPEG", exif=exif)
+    assert to_rgb(Image.open(io.BytesIO(buffer.getvalue()))).size == (10, 30)
+
+
+def test_the_pixel_rule_is_part_of_the_provenance(tmp_path, tiny_shards):
+    run_embed(tiny_shards, tmp_path / "x.zarr")
+    assert TokenStore.open(tmp_path / "x.zarr").provenance["preprocess"]["pixels"] == PIXEL_RULE
+
+
+def test_an_image_the_backbone_turns_into_nan_is_an_invalid_row(tmp_path, tiny_shards, monkeypatch, caplog):
+    encode = Backbone.encode_images
+    poisoned: list[bool] = []
+
+    def first_image_nan(self, images):
+        tokens, embed = encode(self, images)
+        if not poisoned:  # the first image of the first batch
+            tokens, poisoned[:] = tokens.clone(), [True]
+            tokens[0, 0, 0] = float("nan")
+        return tokens, embed
+
+    monkeypatch.setattr(Backbone, "encode_images", first_image_nan)
+    run_embed(tiny_shards, tmp_path / "x.zarr")
+    store = TokenStore.open(tmp_path / "x.zarr")
+    row = int(np.flatnonzero(store.keys() == "t0-0000")[0])
+    assert not store.valid()[row] and store.errors()[row] == NON_FINITE_REASON
+    assert not store.image_tokens(np.array([row])).any()  # zeros, like every invalid row
+    assert store.valid().sum() == 35 and np.isfinite(store.image_tokens(store.rows())).all()
+    with caplog.at_level("WARNING"):
+        LabelledStore.open(store)
+    assert "1 image(s) of store" in caplog.text and "non-finite features" in caplog.text

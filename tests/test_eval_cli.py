@@ -100,6 +100,7 @@ class MemoryStore:
     def image_tokens(self, rows): return self._tokens[rows if isinstance(rows, slice) else np.asarray(rows)]
     def row_blocks(self): return [(0, len(self._keys))]
     def tar_urls(self): return self._tars
+    def invalid_note(self): return f"{(~self._valid).sum()} image(s) are invalid" if not self._valid.all() else None
 
     def rows(self, split_values=None, label=None):
         keep = self._valid.copy()

@@ -445,3 +445,14 @@ def test_index_records_each_tars_digest_which_embed_takes_as_its_identity(datase
 def test_an_integer_label_too_large_for_a_float_is_a_skipped_row():
     with pytest.raises(SampleError, match="non-finite label"):
         parse_label("mos", 10**400)
+
+
+def test_a_truncated_jpeg_is_skipped_by_shards_not_found_by_embed(tmp_path):
+    rng = np.random.default_rng(0)
+    good, cut = tmp_path / "good.jpg", tmp_path / "cut.jpg"
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(good, quality=95)
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    records = [SampleRecord(row=i + 1, source=p.name, path=p, labels={"mos": 1.0}) for i, p in enumerate([good, cut])]
+    result = write_shards(records, tmp_path / "out", "x", [LabelSpec("mos", "Sort by quality.")])
+    assert result.total == 1
+    assert [(s.source, s.reason) for s in result.skipped] == [("cut.jpg", "unreadable image")]

@@ -387,3 +387,10 @@ def test_resume_refuses_another_store_of_the_same_backbone_and_labels(tmp_path, 
     with pytest.raises(InputError, match="trained on another store"):
         train_from_store(store, tmp_path / "run", config, manifest=moved_split, resume=True)
     assert train_from_store(store, tmp_path / "run", config, resume=True).steps == 8
+
+
+def test_a_store_row_of_nan_tokens_is_refused_not_averaged_into_nan(tmp_path):
+    store = write_synthetic_store(tmp_path / "nan.zarr", nan_row=2)  # row 2 is a val row (val_every=3)
+    for budget in [(), STREAMED]:
+        with pytest.raises(InputError, match=r"1 row\(s\) with NaN or infinite image tokens, e.g. 'img0002'"):
+            train_from_store(store, tmp_path / f"run{len(budget)}", tiny_config("train.max_steps=4", *budget))

@@ -17,6 +17,8 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from webdataset import gopen
 from webdataset.tariterators import base_plus_ext
 
+from rankpipe.pipeline.embed.decode import to_rgb
+
 log = logging.getLogger(__name__)
 
 # Tar member extensions (lower case) that hold the sample's image.
@@ -101,7 +103,7 @@ def thumbnail(image: Image.Image, max_px: int) -> Image.Image:
     """`image` as RGB, scaled up or down to fit max_px × max_px."""
     # draft() lets JPEG decode at a reduced scale; contain() then scales up or down to fit.
     image.draft("RGB", (max_px, max_px))
-    return ImageOps.contain(image.convert("RGB"), (max_px, max_px))
+    return ImageOps.contain(to_rgb(image), (max_px, max_px))
 
 
 def contact_sheet(

@@ -189,6 +189,9 @@ def evaluate(
     labels = select_labels(loaded, store, config.labels)
     specs = {name: _label_spec(manifest, store, name) for name in labels}
     values, rows = split_rows(store, config.split, manifest.splits)
+    note = store.invalid_note()
+    if note:
+        log.warning(note)
     keys = np.asarray(store.keys(), dtype=str)[rows]
     splits = np.asarray(store.splits(), dtype=str)[rows]
     queries = []

@@ -19,9 +19,10 @@ import torch
 
 from rankpipe.adapter import ADAPTER_METHOD
 from rankpipe.adapter.baselines import get_method
-from rankpipe.adapter.evaluation.rankers import AdapterRanker, BaselineRanker, FeatureKind, Query, Ranker
+from rankpipe.adapter.evaluation.rankers import AdapterRanker, BaselineRanker, Query, Ranker
 from rankpipe.adapter.model.adapter import RankingAdapter
 from rankpipe.adapter.training.checkpoint import checkpoint_method, read_checkpoint
+from rankpipe.adapter.training.features import read_features
 from rankpipe.adapter.training.run_config import RunConfig
 from rankpipe.adapter.training.targets import TargetScale
 from rankpipe.errors import InputError
@@ -103,8 +104,19 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     device = torch.device(device)
     payload = read_checkpoint(path, map_location="cpu")
     path = Path(path)
+    path = path / "best.pt" if path.is_dir() else path
+    try:
+        return _load(payload, path, device)
+    except (KeyError, TypeError, ValueError) as e:  # a field missing, or of the wrong type
+        if isinstance(e, InputError):
+            raise
+        raise InputError(f"checkpoint {path} lacks or garbles its {e} field ({type(e).__name__}); it was not written "
+                         "by `rankpipe train` as it is now: train it again") from e
+
+
+def _load(payload: dict, path: Path, device: torch.device) -> LoadedCheckpoint:
     common = dict(
-        path=path / "best.pt" if path.is_dir() else path,
+        path=path,
         provenance=payload["provenance"],
         step=int(payload["step"]),
         val_srcc=dict(payload.get("val_srcc", {})),
@@ -115,7 +127,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
         return _load_baseline(payload, common)
     run_config = RunConfig.from_json(payload["run_config"])
     dims = payload["dims"]
-    model = RankingAdapter(run_config.adapter, int(dims["image_token_dim"]), int(dims["text_token_dim"]))
+    image_dim, text_dim = int(dims["image_token_dim"]), int(dims["text_token_dim"])
+    _check_shapes(path, payload["model"], run_config, image_dim, text_dim)
+    model = RankingAdapter(run_config.adapter, image_dim, text_dim)  # allocates only after the shapes agree
     model.load_state_dict(payload["model"])
     model.to(device).eval()
     labels = {
@@ -128,6 +142,24 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
         for entry in payload["labels"]
     }
     return LoadedCheckpoint(ranker=AdapterRanker(model, device), run_config=run_config, labels=labels, **common)
+
+
+def _check_shapes(path: Path, state: dict, run_config: RunConfig, image_dim: int, text_dim: int) -> None:
+    """Refuse weights whose names or shapes differ from the adapter the checkpoint's config describes.
+
+    The adapter is built on the meta device (shapes, no memory), so a tampered config that claims a
+    huge model costs nothing before it is refused.
+    """
+    with torch.device("meta"):
+        skeleton = RankingAdapter(run_config.adapter, image_dim, text_dim)
+    expected = {name: tuple(value.shape) for name, value in skeleton.state_dict().items()}
+    if not isinstance(state, dict):
+        raise InputError(f"checkpoint {path} holds no adapter weights; train it again")
+    got = {name: tuple(value.shape) for name, value in state.items() if isinstance(value, torch.Tensor)}
+    for name in sorted(set(expected) | set(got)):
+        if expected.get(name) != got.get(name):
+            raise InputError(f"checkpoint {path}: weight {name!r} has shape {got.get(name)} where its run config "
+                             f"gives {expected.get(name)}; the file was altered or is damaged, train it again")
 
 
 def payload_splits(payload: dict) -> SplitSpec | None:
@@ -247,12 +279,6 @@ def store_scores(
         scores[order] = np.concatenate(part) if part else np.zeros(0)
         out[name] = scores
     return out
-
-
-def read_features(store, rows: np.ndarray, kind: FeatureKind) -> torch.Tensor:
-    """[b, P, D] patch tokens or [b, E] pooled embeddings of ascending store `rows`, float16 as stored."""
-    values = store.image_tokens(rows) if kind == "tokens" else store.image_embed(rows)
-    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float16))
 
 
 def predict_embeddings(loaded: LoadedCheckpoint, label: str, embed: np.ndarray) -> np.ndarray:

@@ -209,6 +209,7 @@ def read_resident(data: LabelledStore, per_label: dict[str, TrainValRows], devic
     """Resident features of the rows in `per_label` (from `data.split_rows()`), read onto the device."""
     rows = needed_rows(per_label)  # [R] ascending, so a row's position is its searchsorted index
     tokens = read_rows(data.store, rows, device)
+    refuse_non_finite(data.store, rows, tokens)
     queries = []
     for name, (train_rows, val_rows) in per_label.items():
         queries.append({
@@ -267,3 +268,32 @@ class BatchSampler:
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
+
+
+def refuse_non_finite(store: TokenStore, rows: np.ndarray, tokens: torch.Tensor) -> None:
+    """Refuse rows whose tokens are not all finite: one would turn every validation SRCC into NaN.
+
+    A store embedded by this rankpipe marks such images invalid; only an older store holds them.
+
+    Args:
+        store: where the rows come from (named in the message).
+        rows: [R] the store rows of `tokens`.
+        tokens: [R, P, D] their image tokens.
+
+    Raises:
+        InputError: naming the first such row and what to do.
+    """
+    bad = (~torch.isfinite(tokens).flatten(1).all(dim=1)).nonzero().flatten()  # [b] positions
+    if len(bad):
+        first = int(rows[int(bad[0])])
+        raise InputError(f"store {store.path} has {len(bad)} row(s) with NaN or infinite image tokens, e.g. "
+                         f"{str(store.keys()[first])!r}; embed it again (--mode overwrite) so they become invalid rows")
+
+
+def read_features(store, rows: np.ndarray, kind: str) -> torch.Tensor:
+    """[b, P, D] patch tokens ("tokens") or [b, E] pooled embeddings ("embed") of ascending store `rows`,
+    float16 as stored; rows that are not all finite are refused (see refuse_non_finite)."""
+    values = store.image_tokens(rows) if kind == "tokens" else store.image_embed(rows)
+    features = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float16))
+    refuse_non_finite(store, rows, features)
+    return features

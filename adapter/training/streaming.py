@@ -33,8 +33,10 @@ from rankpipe.adapter.training.features import (
     needed_rows,
     query_inputs,
     query_targets,
+    read_features,
     read_resident,
     read_rows,
+    refuse_non_finite,
     token_gigabytes,
     token_shape,
 )
@@ -123,6 +125,7 @@ class StreamingFeatures:
         self.val_index: list[torch.Tensor] = []  # per query: [n_val] int64 indices into val_tokens
         if val_rows is not None:
             self.val_tokens = read_rows(store, val_rows, device)
+            refuse_non_finite(store, val_rows, self.val_tokens)
             self.val_index = [torch.as_tensor(np.searchsorted(val_rows, q.val_rows), device=device) for q in queries]
         self._train_rows = np.unique(np.concatenate([q.train_rows for q in queries]))  # [N] ascending
         self._current: _Window | None = None
@@ -152,10 +155,7 @@ class StreamingFeatures:
         if self.val_tokens is not None:
             return (self.val_tokens[chunk] for chunk in self.val_index[query_index].split(batch_size))
         rows = self.queries[query_index].val_rows
-        return (
-            torch.from_numpy(np.ascontiguousarray(self.store.image_tokens(rows[i : i + batch_size]), dtype=np.float16))
-            for i in range(0, len(rows), batch_size)
-        )
+        return (read_features(self.store, rows[i : i + batch_size], "tokens") for i in range(0, len(rows), batch_size))
 
     def _window_for(self, step: int) -> _Window:
         """The window of `step`, switching to (and prefetching after) a new one when the schedule moves on."""
@@ -190,6 +190,7 @@ class StreamingFeatures:
             in_window[lo:hi] = True
         rows = self._train_rows[in_window]  # [W] ascending store rows
         host: list[torch.Tensor] = [read_rows(self.store, rows, "cpu")]  # [W, P, D] fp16
+        refuse_non_finite(self.store, rows, host[0])
         for query in self.queries:
             keep = np.isin(query.train_rows, rows)
             host.append(torch.from_numpy(np.searchsorted(rows, query.train_rows[keep])))

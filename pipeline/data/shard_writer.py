@@ -254,7 +254,9 @@ def _make_sample(record: SampleRecord, label_names: list[str], auto_split: AutoS
     try:
         with Image.open(io.BytesIO(data)) as image:
             image_format = image.format
-            image.verify()
+            # A full decode, as embed will do: verify() reads only the structure, so a truncated
+            # JPEG would pass here and fail in the middle of embedding.
+            image.load()
     except UnidentifiedImageError:
         raise SampleError("unreadable image", "not an image format PIL can identify") from None
     except Exception as e:  # PIL raises many types for corrupt files; all mean "cannot decode"

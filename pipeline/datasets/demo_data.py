@@ -28,6 +28,7 @@ from PIL import Image
 from rankpipe.pipeline.data.manifest import SPLIT_ROLES, manifest_from_dict
 from rankpipe.pipeline.data.shard_writer import write_shards
 from rankpipe.pipeline.data.sources import SampleRecord
+from rankpipe.pipeline.embed.decode import to_rgb
 from rankpipe.settings import parse_yaml
 
 logger = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ def colorfulness(rgb: np.ndarray) -> float:
 def decode_rgb(data: bytes) -> np.ndarray:
     """Decode image bytes to an RGB array [H, W, 3] uint8, as a reader of the tars would."""
     with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("RGB"))
+        return np.asarray(to_rgb(image))
 
 
 @functools.cache

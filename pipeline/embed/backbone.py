@@ -29,6 +29,7 @@ from PIL import Image
 
 import rankpipe
 from rankpipe.errors import InputError
+from rankpipe.pipeline.embed.decode import PIXEL_RULE
 from rankpipe.pipeline.embed.weights import (
     RANDOM_WEIGHTS,
     ResolvedWeights,
@@ -182,6 +183,7 @@ class Backbone:
                 "mean": list(pp["mean"]), "std": list(pp["std"]),
                 "interpolation": pp["interpolation"], "resize_mode": pp["resize_mode"],
                 "fill_color": pp.get("fill_color", 0),
+                "pixels": PIXEL_RULE,
             },
             "token_grid": list(self.token_grid),
             "token_dim": self.token_dim,

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from rankpipe.errors import InputError
 
@@ -161,11 +161,42 @@ class TarBatches(torch.utils.data.IterableDataset):
         builder.add_image(position, image)
 
 
+# How every decoder turns an image file into 8-bit RGB pixels; recorded in the provenance (its
+# preprocess.pixels), so stores and checkpoints of another rule are not mixed with this one.
+# The EXIF tag that says how a photo is rotated or mirrored (1 = upright).
+ORIENTATION_TAG = 0x0112
+PIXEL_RULE = "rgb8: EXIF orientation applied, alpha over white, high bit depth scaled to 8 bits"
+# Transparent pixels are shown over this colour, as a viewer on a white page shows them.
+ALPHA_BACKGROUND = (255, 255, 255)
+
+
 def decode_image(data: bytes, preprocess: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:
     """Encoded image bytes -> [3, H, W] preprocessed tensor (fully decodes, so truncation raises)."""
     with Image.open(io.BytesIO(data)) as image:
         image.load()
-        return preprocess(image.convert("RGB"))
+        return preprocess(to_rgb(image))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """The image as people see it, as 8-bit RGB (`PIXEL_RULE`).
+
+    PIL's own convert("RGB") ignores the EXIF orientation, keeps the colour hidden under transparent
+    pixels, and clips 16-bit greyscale to white; each is undone here.
+    """
+    image = ImageOps.exif_transpose(image)  # [H, W] as displayed
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        values = np.asarray(image, dtype=np.float64)  # [H, W] 0..65535
+        image = Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8), mode="L")
+    elif image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)  # [H, W], 0..1 by convention
+        image = Image.fromarray(np.clip(np.rint(values * 255.0), 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def unreadable_reason(error: Exception) -> str:
@@ -228,7 +259,9 @@ def _is_gpu_decodable_jpeg(data: bytes) -> bool:
     # CMYK and anything PIL cannot identify go through the CPU path (which records the error).
     try:
         with Image.open(io.BytesIO(data)) as image:
-            return image.format == "JPEG" and image.mode in ("RGB", "L")
+            # A rotated or mirrored JPEG (EXIF orientation other than 1) is turned upright on the CPU.
+            upright = image.getexif().get(ORIENTATION_TAG, 1) == 1
+            return image.format == "JPEG" and image.mode in ("RGB", "L") and upright
     except Exception:
         return False
 

@@ -25,6 +25,10 @@ from rankpipe.pipeline.store import TOKEN_DTYPE, BlockMeta, TokenStore
 logger = logging.getLogger(__name__)
 
 
+# Why a row whose image tokens or embedding are not all finite numbers is invalid.
+NON_FINITE_REASON = "non-finite features: the backbone gave NaN or infinity for this image"
+
+
 @dataclasses.dataclass
 class EmbeddedBatch:
     """A decoded batch with the features of its usable images."""
@@ -83,7 +87,14 @@ class BlockAccumulator:
         if item.ready is not None:
             item.ready.synchronize()
         if len(item.positions):
-            self._place(item.positions, item.tokens.numpy(), item.embed.numpy())
+            tokens, embed = item.tokens.numpy(), item.embed.numpy()  # [k, P, D], [k, E]
+            # A row the backbone turned into NaN or infinity would poison every metric it enters:
+            # it becomes an invalid row with its reason, and keeps zeros like any invalid row.
+            finite = np.isfinite(tokens).all(axis=(1, 2)) & np.isfinite(embed).all(axis=1)  # [k]
+            if not finite.all():
+                self.meta.errors[batch.start + item.positions[~finite]] = NON_FINITE_REASON
+            if finite.any():
+                self._place(item.positions[finite], tokens[finite], embed[finite])
         self.seen = rows.stop
         while self.seen >= (self.shard + 1) * self.store.shard_rows:
             self._flush()
