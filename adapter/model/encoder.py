@@ -1,4 +1,4 @@
-"""The adapter's encoder: fuses the query's text into every image token (paper §3.2, DESIGN.md §4).
+"""The adapter's encoder: fuses the query's text into every image token (paper §3.2).
 
 Image tokens and text tokens are projected to d_model, learnable tokens are appended to the text,
 then `blocks` pre-norm blocks run self-attention over the image tokens, cross-attention from image

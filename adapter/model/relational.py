@@ -1,6 +1,6 @@
 """Ranking-aware relational attention over every ordered image pair, without N² token tensors.
 
-The paper's branch (§3.2, DESIGN.md §4): queries attend over the concatenation [z_i ; z_j] of a
+The paper's branch (§3.2): queries attend over the concatenation [z_i ; z_j] of a
 pair's 2P encoded tokens; the softmax runs over all 2P keys and its halves weight image i's and image
 j's values separately, giving a_i and a_j; the pair feature a_i - a_j is projected, averaged over
 the queries (the paper; the released code sums, a constant factor K that the pair head's LayerNorm
