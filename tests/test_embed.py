@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -22,7 +23,7 @@ from PIL import Image
 
 from rankpipe.cli.main import cli
 from rankpipe.errors import InputError
-from rankpipe.pipeline.data.manifest import Manifest, load_manifest
+from rankpipe.pipeline.data.manifest import LabelSpec, Manifest, load_manifest
 from rankpipe.pipeline.embed.backbone import TINY_CONVNEXT, TINY_VIT, Backbone, BackboneSpec
 from rankpipe.pipeline.embed.decode import (
     ALPHA_BACKGROUND,
@@ -480,3 +481,25 @@ def test_an_image_the_backbone_turns_into_nan_is_an_invalid_row(tmp_path, tiny_s
     with caplog.at_level("WARNING"):
         LabelledStore.open(store)
     assert "1 image(s) of store" in caplog.text and "non-finite features" in caplog.text
+
+
+def test_tars_without_any_of_the_labels_end_with_exit_2_not_an_empty_store(tmp_path, tiny_shards):
+    manifest = load_manifest(tiny_shards)
+    other = dataclasses.replace(manifest, labels=(LabelSpec("age", "Sort people by age."),))
+    with pytest.raises(InputError, match="no image of store .* became a valid row; most rows say: no value for any label"):
+        embed(other, tmp_path / "x.zarr", TINY, batch_size=4, workers=0, progress=False)
+
+
+def test_one_key_on_two_images_is_refused(tmp_path):
+    folder = tmp_path / "hand"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for t in range(2):
+        with wds.TarWriter(str(folder / f"h-{t:06d}.tar")) as sink:
+            for i in range(3):
+                key = "same" if i == 0 else f"t{t}-{i}"
+                sink.write({"__key__": key, "jpg": encode(tiny_image(rng, 1)),
+                            "json": json.dumps({"labels": {"squares": 1}, "split": "train"}).encode()})
+    manifest = Manifest(name="h", shards=str(folder / "h-{000000..000001}.tar"), labels=TINY_LABELS[:1])
+    with pytest.raises(InputError, match="key 'same' names 2 images"):
+        embed(manifest, tmp_path / "x.zarr", TINY, batch_size=4, workers=0, progress=False)

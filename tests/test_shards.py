@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -456,3 +457,13 @@ def test_a_truncated_jpeg_is_skipped_by_shards_not_found_by_embed(tmp_path):
     result = write_shards(records, tmp_path / "out", "x", [LabelSpec("mos", "Sort by quality.")])
     assert result.total == 1
     assert [(s.source, s.reason) for s in result.skipped] == [("cut.jpg", "unreadable image")]
+
+
+def test_a_fifo_listed_as_an_image_is_skipped_not_read_forever(tmp_path):
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    good = tmp_path / "good.png"
+    Image.new("RGB", (8, 8)).save(good)
+    records = [SampleRecord(row=i + 1, source=p.name, path=p, labels={"mos": 1.0}) for i, p in enumerate([fifo, good])]
+    result = write_shards(records, tmp_path / "out", "x", [LabelSpec("mos", "Sort by quality.")])
+    assert result.total == 1 and [(s.source, s.reason) for s in result.skipped] == [("pipe.jpg", "not a regular file")]

@@ -275,6 +275,8 @@ def _read_image(record: SampleRecord) -> bytes:
         return record.data
     if record.path is None:
         raise SampleError("missing image file", "the image path is empty")
+    if record.path.exists() and not record.path.is_file():  # a FIFO or device would be read forever
+        raise SampleError("not a regular file", f"{record.path} is not a file")
     try:
         return record.path.read_bytes()
     except FileNotFoundError:

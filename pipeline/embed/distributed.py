@@ -33,6 +33,7 @@ from rankpipe.pipeline.embed.job import (
     input_tars,
     open_or_create_store,
     plan_for_backbone,
+    refuse_unusable,
     torch_device_for,
 )
 from rankpipe.pipeline.store import StoreConfig, TokenStore
@@ -103,6 +104,8 @@ def embed_distributed(manifest: Manifest, store_path: str | Path, backbone_spec:
             if progress is not None:
                 progress(finished, len(pending))
         summary.embed_seconds = time.perf_counter() - streaming
+        if pending:
+            refuse_unusable(TokenStore.open(job.store))
         summary.seconds = time.perf_counter() - start
         logger.info(summary.line())
         return summary

@@ -158,9 +158,32 @@ def embed(manifest: Manifest, store_path: str | Path, backbone_spec: BackboneSpe
             streaming = time.perf_counter()
             _embed_tars(store, pending, backbone, batch_size, workers, progress, summary)
             summary.embed_seconds = time.perf_counter() - streaming
+            refuse_unusable(store)
         summary.seconds = time.perf_counter() - start
         logger.info(summary.line())
         return summary
+
+
+def refuse_unusable(store: TokenStore) -> None:
+    """Refuse a finished store that no later command could use: no valid row, or one key on two rows.
+
+    The store stays on disk (its rows say why each image is invalid), but the run ends with exit 2.
+
+    Raises:
+        InputError: naming the most common reason, or a repeated key.
+    """
+    valid = store.valid()  # [N]
+    if not valid.any():
+        reasons = collections.Counter(str(e) for e in store.errors() if e)
+        common = f"; most rows say: {reasons.most_common(1)[0][0]}" if reasons else ""
+        raise InputError(f"no image of store {store.path} became a valid row{common}; check the tars' images "
+                         "and that their json carries the manifest's labels")
+    keys, counts = np.unique(store.keys()[valid], return_counts=True)
+    if (counts > 1).any():
+        repeated = keys[counts > 1]
+        raise InputError(f"store {store.path}: key {str(repeated[0])!r} names {int(counts.max())} images "
+                         f"({len(repeated)} repeated key(s) in all); keys must be unique, so rebuild the tars "
+                         "with rankpipe shards")
 
 
 def input_tars(manifest: Manifest) -> list[TarInfo]:
