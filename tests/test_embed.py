@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import io
 import json
@@ -503,3 +504,24 @@ def test_one_key_on_two_images_is_refused(tmp_path):
     manifest = Manifest(name="h", shards=str(folder / "h-{000000..000001}.tar"), labels=TINY_LABELS[:1])
     with pytest.raises(InputError, match="key 'same' names 2 images"):
         embed(manifest, tmp_path / "x.zarr", TINY, batch_size=4, workers=0, progress=False)
+
+
+def test_a_full_disk_is_a_sentence_and_the_rerun_resumes(tmp_path, tiny_shards, monkeypatch):
+    path = tmp_path / "x.zarr"
+    write = TokenStore.write_tokens
+    calls = []
+
+    def full_after_one_shard(self, row_start, tokens, embed):
+        calls.append(row_start)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.path / "image" / "tokens"))
+        write(self, row_start, tokens, embed)
+
+    monkeypatch.setattr(TokenStore, "write_tokens", full_after_one_shard)
+    with pytest.raises(InputError, match=r"cannot write store .*No space left on device; .*rerun the same command"):
+        run_embed(tiny_shards, path)
+    monkeypatch.setattr(TokenStore, "write_tokens", write)
+    assert run_embed(tiny_shards, path).tars_embedded >= 1
+    reference = tmp_path / "reference.zarr"
+    run_embed(tiny_shards, reference)
+    assert_same_store(path, reference)

@@ -19,6 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
+from rankpipe.errors import InputError
 from rankpipe.pipeline.embed.decode import DecodedBatch
 from rankpipe.pipeline.store import TOKEN_DTYPE, BlockMeta, TokenStore
 
@@ -205,5 +206,11 @@ class WriterThread:
         return future
 
     def _raise_if_failed(self) -> None:
-        if self.error is not None:
-            raise RuntimeError(f"writing store {self.store.path} failed") from self.error
+        if self.error is None:
+            return
+        if isinstance(self.error, OSError):  # a full disk, a read-only or vanished folder: the user's to fix
+            where = f" ({self.error.filename})" if self.error.filename else ""
+            raise InputError(f"cannot write store {self.store.path}{where}: {self.error.strerror or self.error}; "
+                             "make room or make it writable, then rerun the same command: it resumes from the "
+                             "finished tars") from self.error
+        raise RuntimeError(f"writing store {self.store.path} failed") from self.error
