@@ -394,3 +394,13 @@ def test_a_store_row_of_nan_tokens_is_refused_not_averaged_into_nan(tmp_path):
     for budget in [(), STREAMED]:
         with pytest.raises(InputError, match=r"1 row\(s\) with NaN or infinite image tokens, e.g. 'img0002'"):
             train_from_store(store, tmp_path / f"run{len(budget)}", tiny_config("train.max_steps=4", *budget))
+
+
+def test_a_run_that_fails_before_writing_leaves_no_empty_folder(tmp_path, store, monkeypatch):
+    def fails(*args, **kwargs):
+        raise InputError("a failure before the first checkpoint")
+
+    monkeypatch.setattr(training, "CheckpointWriter", fails)
+    with pytest.raises(InputError, match="before the first checkpoint"):
+        train_from_store(store, tmp_path / "run", tiny_config("train.max_steps=2"))
+    assert not (tmp_path / "run").exists()

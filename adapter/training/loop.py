@@ -152,8 +152,16 @@ def train_adapter(
     store they came from (TokenStore.identity), are recorded in the checkpoints; a resumed run must
     come from a store of the same identity.
     """
+    out_dir = Path(out_dir)
     with exclusive_output(out_dir, "rankpipe train"):  # a second run into this folder is refused meanwhile
-        return _train_adapter(features, out_dir, run_config, provenance, device, resume, progress, splits, store_identity)
+        existed = out_dir.exists()
+        try:
+            return _train_adapter(features, out_dir, run_config, provenance, device, resume, progress, splits,
+                                  store_identity)
+        except BaseException:
+            if not existed and out_dir.is_dir() and not any(out_dir.iterdir()):
+                out_dir.rmdir()  # a run that failed before writing anything leaves no empty folder behind
+            raise
 
 
 def _train_adapter(
