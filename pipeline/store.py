@@ -12,7 +12,7 @@ import hashlib
 import json
 import math
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -209,7 +209,7 @@ class TokenStore:
         self.chunk_rows: int = attrs["chunk_rows"]
         self.shard_rows: int = attrs["shard_rows"]
         self.label_names: list[str] = list(self._labels)
-        self.num_rows: int = root["image/valid"].shape[0]
+        self.num_rows: int = self._read("image/valid", lambda a: a.shape[0])
         try:
             self.manifest: Manifest = manifest_from_dict(self._manifest_dict)
         except ManifestError as e:
@@ -255,7 +255,7 @@ class TokenStore:
 
     def done(self) -> np.ndarray:
         """[T] bool: which tars are finished."""
-        return np.asarray(self._root["done"][:], dtype=bool)
+        return np.asarray(self._read("done", lambda a: a[:]), dtype=bool)
 
     @property
     def is_complete(self) -> bool:
@@ -278,7 +278,7 @@ class TokenStore:
 
     def valid(self) -> np.ndarray:
         """[N] bool: rows that hold an embedded image."""
-        return np.asarray(self._root["image/valid"][:], dtype=bool)
+        return np.asarray(self._read("image/valid", lambda a: a[:]), dtype=bool)
 
     def errors(self) -> np.ndarray:
         """[N] str: why each row is invalid ("" when valid)."""
@@ -300,12 +300,12 @@ class TokenStore:
 
     def tar_index(self) -> np.ndarray:
         """[N] int32: index of each row's tar in tar_urls() (-1 on padding rows)."""
-        return np.asarray(self._root["image/tar"][:])
+        return np.asarray(self._read("image/tar", lambda a: a[:]))
 
     def label(self, name: str) -> np.ndarray:
         """[N] float32 raw label values, NaN where missing."""
         self._check_label(name)
-        return np.asarray(self._root[f"label/{name}"][:], dtype=np.float32)
+        return np.asarray(self._read(f"label/{name}", lambda a: a[:]), dtype=np.float32)
 
     def query(self, name: str) -> str:
         """The ranking sentence of a label."""
@@ -315,9 +315,10 @@ class TokenStore:
     def text(self, name: str) -> TextFeatures:
         """Text-tower features of a label's query."""
         self._check_label(name)
-        group = self._root[f"text/{self._labels[name]['prompt_id']}"]
-        return TextFeatures(tokens=np.asarray(group["tokens"][:]), length=int(group.attrs["length"]),
-                            embed=np.asarray(group["embed"][:]))
+        group = f"text/{self._labels[name]['prompt_id']}"
+        return TextFeatures(tokens=np.asarray(self._read(f"{group}/tokens", lambda a: a[:])),
+                            length=int(self._read(group, lambda g: g.attrs["length"])),
+                            embed=np.asarray(self._read(f"{group}/embed", lambda a: a[:])))
 
     def image_tokens(self, rows: slice | np.ndarray) -> np.ndarray:
         """[n, P, D] float16 patch tokens of a slice or sorted row indices."""
@@ -398,16 +399,32 @@ class TokenStore:
 
     def _strings(self, name: str) -> np.ndarray:
         # zarr returns numpy's variable-width StringDType; fixed-width str is what numpy code expects.
-        return np.array(self._root[name][:].tolist(), dtype=str)
+        return np.array(self._read(name, lambda a: a[:]).tolist(), dtype=str)
 
     def _select(self, name: str, rows: slice | np.ndarray) -> np.ndarray:
-        array = self._root[name]
         if isinstance(rows, slice):
-            return np.asarray(array[rows])
+            return np.asarray(self._read(name, lambda a: a[rows]))
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size and np.any(np.diff(rows) < 0):
             raise ValueError("row indices must be sorted ascending")
-        return np.asarray(array.oindex[rows])
+        return np.asarray(self._read(name, lambda a: a.oindex[rows]))
+
+    def _read(self, name: str, select: Callable[[Any], Any]) -> Any:
+        """`select` applied to array (or group) `name`; a store that cannot give it is damaged, and says so.
+
+        Raises:
+            InputError: the array is missing, or a chunk of it cannot be decoded (a truncated file).
+        """
+        try:
+            node = self._root[name]
+        except KeyError as e:
+            raise InputError(f"store {self.path} is damaged: it has no {name!r}; embed it again with --mode overwrite "
+                             "(or into a new --store)") from e
+        try:
+            return select(node)
+        except Exception as e:  # zarr and its codecs raise many types for a truncated or corrupt chunk file
+            raise InputError(f"store {self.path} is damaged: {name!r} cannot be read ({type(e).__name__}: "
+                             f"{str(e)[:160]}); embed it again with --mode overwrite (or into a new --store)") from e
 
 
 def _round_up(value: int, multiple: int) -> int:

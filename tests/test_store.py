@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -166,3 +167,16 @@ def test_list_tars_reads_each_folder_index_once(tmp_path, monkeypatch):
     listed = list_tars([str(tmp_path / name) for name in tars])
     assert [(t.url, t.count) for t in listed] == [(str(tmp_path / name), 3) for name in tars]
     assert reads == [tmp_path]
+
+
+def test_a_store_missing_an_array_or_with_a_truncated_chunk_is_a_sentence(tiny_store, tmp_path):
+    missing = shutil.copytree(tiny_store, tmp_path / "missing.zarr")
+    shutil.rmtree(missing / "image" / "valid")
+    with pytest.raises(InputError, match=r"is damaged: it has no 'image/valid'; embed it again with --mode overwrite"):
+        TokenStore.open(missing)
+
+    cut = shutil.copytree(tiny_store, tmp_path / "cut.zarr")
+    chunk = next(p for p in sorted((cut / "image" / "tokens").rglob("*")) if p.is_file() and p.name != "zarr.json")
+    chunk.write_bytes(chunk.read_bytes()[:100])
+    with pytest.raises(InputError, match=r"is damaged: 'image/tokens' cannot be read"):
+        TokenStore.open(cut).image_tokens(slice(None))
