@@ -389,8 +389,9 @@ def test_index_listing_too_few_samples_is_a_user_error(tmp_path, workers):
     index = json.loads((manifest.parent / "index.json").read_text())
     index["tars"][0]["count"] = 4
     (manifest.parent / "index.json").write_text(json.dumps(index))
-    with pytest.raises(InputError, match="more than the 4 samples"):
+    with pytest.raises(InputError, match="more than the 4 samples") as raised:
         run_embed(manifest, tmp_path / "x.zarr", workers=workers)
+    assert "Traceback" not in str(raised.value) and "\n" not in str(raised.value)  # one sentence, also from a worker
 
 
 def _write_index_with_digests(folder: Path) -> None:
@@ -525,3 +526,18 @@ def test_a_full_disk_is_a_sentence_and_the_rerun_resumes(tmp_path, tiny_shards, 
     reference = tmp_path / "reference.zarr"
     run_embed(tiny_shards, reference)
     assert_same_store(path, reference)
+
+
+def _killed_while_decoding(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_killed_decoding_worker_is_a_sentence_and_the_rerun_finishes(tmp_path, tiny_shards, monkeypatch):
+    import rankpipe.pipeline.embed.decode as decode
+
+    monkeypatch.setattr(decode, "decode_image", _killed_while_decoding)  # workers fork with the patch in place
+    with pytest.raises(InputError, match=r"a decoding worker of store .* stopped .*fewer --workers"):
+        run_embed(tiny_shards, tmp_path / "x.zarr", workers=1)
+    monkeypatch.undo()
+    run_embed(tiny_shards, tmp_path / "x.zarr", workers=1)
+    assert TokenStore.open(tmp_path / "x.zarr").valid().sum() == 36

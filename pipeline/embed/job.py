@@ -248,9 +248,27 @@ def _embed_tars(store: TokenStore, tars: list[int], backbone: Backbone, batch_si
             for batch, images, positions in staged:
                 writer.put(_encode(batch, images, positions, backbone))
                 bar.update(len(batch.keys))
+    except InputError as e:
+        raise InputError(worker_message(e)) from None  # the sentence, without the worker's traceback
+    except RuntimeError as e:
+        if "DataLoader worker" not in str(e):
+            raise
+        raise InputError(f"a decoding worker of store {store.path} stopped ({str(e).splitlines()[0]}), usually for "
+                         "lack of memory; rerun with fewer --workers or a smaller --batch-size: finished tars are "
+                         "kept") from e
     finally:
         bar.close()
         writer.close()
+
+
+def worker_message(error: InputError) -> str:
+    """The one-sentence message of an InputError, also when a DataLoader worker raised it (torch then
+    re-raises it in this process with the worker's whole traceback as its message)."""
+    text = str(error)
+    marker = "InputError: "
+    if "Original Traceback" in text and marker in text:
+        return text.rsplit(marker, 1)[1].strip()
+    return text
 
 
 def _stage(batch: DecodedBatch, gpu_pre: GpuPreprocess | None,
