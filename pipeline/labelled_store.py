@@ -22,6 +22,9 @@ from rankpipe.pipeline.store import TokenStore
 
 log = logging.getLogger(__name__)
 
+# The share of training images that validates a run on a store without a val split.
+VAL_SHARE = 0.1
+
 # (train rows, val rows) of one label, each ascending.
 TrainValRows = tuple[np.ndarray, np.ndarray]
 
@@ -37,6 +40,12 @@ class LabelledStore:
     manifest: Manifest
     # The labels the job uses, in order; each is a label of the store.
     labels: tuple[str, ...]
+    # Share of the training images that validate instead, chosen by a hash of their keys: 0 unless the
+    # store has no image in the manifest's val split (`open` decides).
+    val_share: float = 0.0
+    # (train rows, val rows) of the manifest's splits, ascending, valid rows only: read once in `open`,
+    # since the split column is the slowest array to read.
+    split_rows_read: TrainValRows | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @classmethod
     def open(
@@ -56,6 +65,10 @@ class LabelledStore:
             among: without `labels`, the candidates (default: every label of the store); those with
                 fewer than 2 train or val images (a query held out of training) are left out with a warning.
 
+        A store with no image in the val split (a dataset published with train and test only) is
+        validated on a seeded `VAL_SHARE` of its training images instead, with a warning; a manifest
+        that maps a val split (`--manifest`) chooses them instead.
+
         Raises:
             InputError: the manifest does not match the store, a label is not in the store, or no
                 candidate has 2 or more images in both the train and val splits.
@@ -64,14 +77,23 @@ class LabelledStore:
         note = store.invalid_note()
         if note:
             log.warning(note)
+        read = (store.rows(list(manifest.splits.values("train"))), store.rows(list(manifest.splits.values("val"))))
+        val_values = list(manifest.splits.values("val"))
+        val_share = 0.0
+        if not len(read[1]):
+            val_share = VAL_SHARE
+            log.warning("store %s has no image in the val split %s: %d%% of the training images, chosen by a hash "
+                        "of their keys, validate instead (recorded in the run); map a val split with --manifest "
+                        "to choose them", store.path, val_values, round(100 * VAL_SHARE))
         if labels:
             _require_labels(store, labels)
             for name in labels:
                 manifest.label(name)
-            return cls(store, manifest, tuple(dict.fromkeys(labels)))
+            return cls(store, manifest, tuple(dict.fromkeys(labels)), val_share, read)
         candidates = list(among) if among is not None else list(store.label_names)
         _require_labels(store, candidates)
-        return cls(store, manifest, tuple(_labels_with_pairs(store, manifest, candidates)))
+        chosen = _labels_with_pairs(store, manifest, candidates, val_share, read)
+        return cls(store, manifest, tuple(chosen), val_share, read)
 
     @property
     def path(self) -> Path:
@@ -87,12 +109,13 @@ class LabelledStore:
     def identity(self) -> str:
         """The store's identity (TokenStore.identity) combined with the manifest it is read with: what a
         run's split roles and target normalisation depend on."""
-        made_from = json.dumps([self.store.identity, self.manifest.to_dict()], sort_keys=True, default=str)
+        made_from = json.dumps([self.store.identity, self.manifest.to_dict(), self.val_share], sort_keys=True,
+                               default=str)
         return hashlib.sha256(made_from.encode()).hexdigest()
 
     def labelled_rows(self) -> dict[str, TrainValRows]:
         """The (train, val) store rows of each label that have a value, ascending."""
-        return _labelled_rows(self.store, self.manifest, self.labels)
+        return _labelled_rows(self.store, self.manifest, self.labels, self.val_share, self.split_rows_read)
 
     def split_rows(self) -> dict[str, TrainValRows]:
         """`labelled_rows`, checked: every label has 2 or more train and val images.
@@ -117,11 +140,19 @@ class LabelledStore:
         return per_label
 
 
-def _labelled_rows(store: TokenStore, manifest: Manifest, labels: Sequence[str]) -> dict[str, TrainValRows]:
+def _labelled_rows(store: TokenStore, manifest: Manifest, labels: Sequence[str],
+                   val_share: float = 0.0, read: TrainValRows | None = None) -> dict[str, TrainValRows]:
     """The same rows as `store.rows(values, label=name)` for train and val, but the split column (a
-    string array, the slowest to read) is read once per split rather than once per label."""
-    train = store.rows(list(manifest.splits.values("train")))
-    val = store.rows(list(manifest.splits.values("val")))
+    string array, the slowest to read) is read once per split rather than once per label. With a
+    `val_share`, that share of the train rows (by key hash) is the val split instead."""
+    if read is None:
+        read = (store.rows(list(manifest.splits.values("train"))), store.rows(list(manifest.splits.values("val"))))
+    train, val = read
+    if val_share > 0:
+        keys = store.keys()[train]  # [T]
+        # A key's hash, not its position, decides: the choice survives reordered or added tars.
+        u = np.array([int.from_bytes(hashlib.sha256(f"val:{k}".encode()).digest()[:8], "big") / 2**64 for k in keys])
+        train, val = train[u >= val_share], train[u < val_share]
     per_label = {}
     for name in labels:
         has_value = np.isfinite(store.label(name))  # [N]
@@ -129,10 +160,11 @@ def _labelled_rows(store: TokenStore, manifest: Manifest, labels: Sequence[str])
     return per_label
 
 
-def _labels_with_pairs(store: TokenStore, manifest: Manifest, names: Sequence[str]) -> list[str]:
+def _labels_with_pairs(store: TokenStore, manifest: Manifest, names: Sequence[str], val_share: float,
+                       read: TrainValRows) -> list[str]:
     """The labels among `names` with 2 or more train and val images; the others are logged and left out."""
     labels = []
-    for name, (train_rows, val_rows) in _labelled_rows(store, manifest, names).items():
+    for name, (train_rows, val_rows) in _labelled_rows(store, manifest, names, val_share, read).items():
         counts = len(train_rows), len(val_rows)
         if min(counts) >= 2:
             labels.append(name)

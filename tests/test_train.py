@@ -156,9 +156,6 @@ def test_nan_features_stop_training_and_keep_the_last_good_checkpoint(tmp_path, 
 def test_missing_label_and_unknown_label_are_input_errors(tmp_path, store):
     with pytest.raises(InputError, match="no label 'age'"):
         train_from_store(store, tmp_path / "run", tiny_config(), labels=["age"])
-    no_val = dataclasses.replace(store.manifest, splits=SplitSpec(val=("holdout",)))
-    with pytest.raises(InputError, match=r"validation image|val split \[.holdout.\]"):
-        train_from_store(store, tmp_path / "run", tiny_config(), manifest=no_val)
     other_query = dataclasses.replace(store.manifest, labels=(LabelSpec("count", "Sort by something else."),))
     with pytest.raises(InputError, match="re-embed"):
         train_from_store(store, tmp_path / "run", tiny_config(), manifest=other_query)
@@ -404,3 +401,19 @@ def test_a_run_that_fails_before_writing_leaves_no_empty_folder(tmp_path, store,
     with pytest.raises(InputError, match="before the first checkpoint"):
         train_from_store(store, tmp_path / "run", tiny_config("train.max_steps=2"))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_store_without_a_val_split_validates_on_a_seeded_share_of_train(tmp_path, store, caplog):
+    no_val = dataclasses.replace(store.manifest, splits=SplitSpec(train=("train", "val"), val=("holdout",)))
+    with caplog.at_level("WARNING"):
+        data = LabelledStore.open(store, no_val)
+    assert data.val_share == 0.1 and "has no image in the val split ['holdout']" in caplog.text
+    train_rows, val_rows = data.labelled_rows()["count"]
+    all_train = store.rows(["train", "val"], label="count")
+    assert not set(train_rows) & set(val_rows) and set(train_rows) | set(val_rows) == set(all_train)
+    assert 0.03 < len(val_rows) / len(all_train) < 0.2
+    assert LabelledStore.open(store, no_val).labelled_rows()["count"][1].tolist() == val_rows.tolist()  # seeded
+    result = train_from_store(store, tmp_path / "run", tiny_config("train.max_steps=4", "train.eval_every=2"),
+                              manifest=no_val)
+    assert torch.load(result.best_path, weights_only=True)["val_from_train"] == 0.1
+    assert LabelledStore.open(store).val_share == 0.0  # a store with a val split keeps it

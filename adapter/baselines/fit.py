@@ -131,6 +131,8 @@ def train_baseline(
             # The split roles it was fitted with, as adapter checkpoints record them (for k-fold eval).
             "splits": {role: list(manifest.splits.values(role)) for role in SPLIT_ROLES},
         }
+        if labelled.val_share:  # the store had no val split: this share of the train split validated
+            payload["val_from_train"] = labelled.val_share
         path = save_checkpoint(payload, Path(out_dir) / BEST)
         return BaselineResult(method, val_srcc, mean, path)
 

@@ -127,7 +127,7 @@ class CheckpointWriter:
 
     def __init__(
         self, out_dir: Path, cfg: RunConfig, features: TrainingFeatures, provenance: dict, device: torch.device,
-        splits: SplitSpec | None = None, store_identity: str | None = None,
+        splits: SplitSpec | None = None, store_identity: str | None = None, val_from_train: float = 0.0,
     ):
         self.out_dir = out_dir
         self.device = device
@@ -149,8 +149,10 @@ class CheckpointWriter:
             ],
             "device_type": device.type,
         }
-        if store_identity is not None:  # a resumed run must read the same store (TokenStore.identity)
+        if store_identity is not None:  # a resumed run must read the same store (LabelledStore.identity)
             self.common["store_identity"] = store_identity
+        if val_from_train:  # the store had no val split: this share of the train split validated
+            self.common["val_from_train"] = val_from_train
         if splits is not None:  # lets `rankpipe eval` find each fold's own test split
             self.common["splits"] = {role: list(splits.values(role)) for role in SPLIT_ROLES}
         last = out_dir / LAST

@@ -132,7 +132,7 @@ def train_from_store(
     device = torch.device(device)
     features = open_features(data, device, run_config.train)
     return train_adapter(features, out_dir, run_config, data.provenance, device, resume, progress,
-                         splits=data.manifest.splits, store_identity=data.identity)
+                         splits=data.manifest.splits, store_identity=data.identity, val_from_train=data.val_share)
 
 
 def train_adapter(
@@ -145,11 +145,13 @@ def train_adapter(
     progress: Callable[[TrainEvent], None] | None = None,
     splits: SplitSpec | None = None,
     store_identity: str | None = None,
+    val_from_train: float = 0.0,
 ) -> TrainResult:
     """Train an adapter on resident or streamed features (see train_from_store for the arguments).
 
-    `splits`, the split roles the features were drawn with, and `store_identity`, the identity of the
-    store they came from (TokenStore.identity), are recorded in the checkpoints; a resumed run must
+    `splits`, the split roles the features were drawn with, `store_identity`, the identity of the
+    store they came from (LabelledStore.identity), and `val_from_train`, the share of training images
+    that validated (a store without a val split), are recorded in the checkpoints; a resumed run must
     come from a store of the same identity.
     """
     out_dir = Path(out_dir)
@@ -157,7 +159,7 @@ def train_adapter(
         existed = out_dir.exists()
         try:
             return _train_adapter(features, out_dir, run_config, provenance, device, resume, progress, splits,
-                                  store_identity)
+                                  store_identity, val_from_train)
         except BaseException:
             if not existed and out_dir.is_dir() and not any(out_dir.iterdir()):
                 out_dir.rmdir()  # a run that failed before writing anything leaves no empty folder behind
@@ -174,6 +176,7 @@ def _train_adapter(
     progress: Callable[[TrainEvent], None] | None,
     splits: SplitSpec | None,
     store_identity: str | None,
+    val_from_train: float,
 ) -> TrainResult:
     out_dir = Path(out_dir)
     device = torch.device(device)
@@ -209,7 +212,8 @@ def _train_adapter(
         _truncate_history(out_dir / HISTORY, step)
         log.info("resumed %s at step %d", out_dir, step)
 
-    writer = CheckpointWriter(out_dir, cfg, features, provenance, device, splits=splits, store_identity=store_identity)
+    writer = CheckpointWriter(out_dir, cfg, features, provenance, device, splits=splits, store_identity=store_identity,
+                              val_from_train=val_from_train)
     monitor = _LossMonitor(device, cfg.train.batch_size)
     mode = compile_mode(cfg.train.compile, device)
     step_loss = _step_loss(model, cfg.loss, device, mode)

@@ -124,7 +124,8 @@ def run_trial(
     try:
         resume = (folder / LAST).is_file()
         result = train_adapter(features, folder, trial.config, data.provenance, device, resume=resume,
-                               splits=data.manifest.splits, store_identity=data.identity)
+                               splits=data.manifest.splits, store_identity=data.identity,
+                               val_from_train=data.val_share)
         metrics = {
             "best_step": result.best_step,
             "steps": result.steps,
