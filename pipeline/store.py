@@ -91,6 +91,8 @@ class BlockMeta:
     splits: np.ndarray
     # Raw label values by label name, NaN when missing.
     labels: dict[str, np.ndarray]
+    # The image's original path as `rankpipe shards` recorded it in the sample's json ("" when none).
+    sources: np.ndarray | None = None
 
 
 def plan_store(tars: Sequence[TarInfo], bytes_per_row: int, config: StoreConfig) -> StorePlan:
@@ -126,7 +128,8 @@ def create_store(path: str | Path, plan: StorePlan, provenance: dict[str, Any], 
         path: the store folder (replaced if it exists).
         plan: row allocation from plan_store.
         provenance: the backbone's provenance record.
-        manifest: the dataset; its labels name the label arrays and their queries.
+        manifest: the dataset; its labels name the label arrays and their queries (none for an
+            unlabelled collection: no label arrays, no text features).
         texts: text features by query sentence, one per unique query of the manifest.
         config: chunking and compression.
     """
@@ -152,6 +155,7 @@ def create_store(path: str | Path, plan: StorePlan, provenance: dict[str, Any], 
     rows_array("image/error", str, "")
     rows_array("image/tar", np.int32, -1)
     rows_array("image/split", str, "")
+    rows_array("image/source", str, "")
     for label in manifest.labels:
         rows_array(f"label/{label.name}", np.float32, np.nan)
     # One chunk per tar: parallel writers of different tars never share a done file.
@@ -272,6 +276,20 @@ class TokenStore:
         """[N] int32: index of each row's tar in tar_urls() (-1 on padding rows)."""
         return np.asarray(self._root["image/tar"][:])
 
+    @property
+    def labelled(self) -> bool:
+        """Whether the store carries labels; an unlabelled collection can be ranked but not trained or evaluated on."""
+        return bool(self.label_names)
+
+    def sources(self, rows: slice = slice(None)) -> np.ndarray:
+        """[n] str: each row's original image path as `rankpipe shards` recorded it ("" when unknown).
+
+        Stores written before rows recorded their source have no such array: every source is "".
+        """
+        if "image/source" not in self._root:
+            return np.full(len(range(*rows.indices(self.num_rows))), "", dtype=str)
+        return self._strings("image/source", rows)
+
     def label(self, name: str) -> np.ndarray:
         """[N] float32 raw label values, NaN where missing."""
         self._check_label(name)
@@ -339,6 +357,8 @@ class TokenStore:
         self._root["image/error"][rows] = np.asarray(meta.errors, dtype=str)
         self._root["image/tar"][rows] = tar
         self._root["image/split"][rows] = np.asarray(meta.splits, dtype=str)
+        if meta.sources is not None and "image/source" in self._root:  # older stores have no source array
+            self._root["image/source"][rows] = np.asarray(meta.sources, dtype=str)
         for name in self.label_names:
             self._root[f"label/{name}"][rows] = meta.labels[name]
 
@@ -352,9 +372,9 @@ class TokenStore:
         if name not in self._labels:
             raise InputError(f"store {self.path} has no label {name!r}; its labels are: {', '.join(self.label_names)}")
 
-    def _strings(self, name: str) -> np.ndarray:
+    def _strings(self, name: str, rows: slice = slice(None)) -> np.ndarray:
         # zarr returns numpy's variable-width StringDType; fixed-width str is what numpy code expects.
-        return np.array(self._root[name][:].tolist(), dtype=str)
+        return np.array(self._root[name][rows].tolist(), dtype=str)
 
     def _select(self, name: str, rows: slice | np.ndarray) -> np.ndarray:
         array = self._root[name]

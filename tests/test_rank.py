@@ -22,8 +22,6 @@ from rankpipe.adapter.evaluation.rank import RankConfig, rank_images
 from rankpipe.adapter.evaluation.rank_outputs import query_lines, write_ranking
 from rankpipe.adapter.evaluation.ranking import QueryScores, Ranking, combine_scores
 from rankpipe.adapter.evaluation.scoring import load_checkpoint, predict
-from rankpipe.adapter.training.loop import train_from_store
-from rankpipe.adapter.training.run_config import load_run_config
 from rankpipe.cli.main import cli
 from rankpipe.errors import InputError
 from rankpipe.pipeline.data.image_inputs import open_images
@@ -31,9 +29,8 @@ from rankpipe.pipeline.embed import weights as weights_module
 from rankpipe.pipeline.embed.backbone import TINY_VIT, BackboneSpec, load_backbone
 from rankpipe.pipeline.store import TokenStore
 
-from conftest import TINY_LABELS, TINY_RUN, read_tar_samples
+from conftest import TINY_LABELS, read_tar_samples
 
-TINY = [*TINY_RUN, "optim.warmup_steps=5", "train.eval_every=5", "train.max_steps=10"]
 QUERY = {label.name: label.query for label in TINY_LABELS}
 UNSEEN = "Sort images by the number of circles."
 
@@ -42,10 +39,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def checkpoint(tiny_checkpoint: Path) -> Path:
     """best.pt of a tiny adapter trained 10 steps on both labels of the tiny store."""
-    out = tmp_path_factory.mktemp("rank_run")
-    return train_from_store(TokenStore.open(tiny_store), out, load_run_config(None, TINY)).best_path
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
