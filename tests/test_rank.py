@@ -302,7 +302,7 @@ def test_a_local_weights_file_must_be_passed_and_match_its_hash(checkpoint, shar
         rank_images(ckpt, shard_pattern, config)
     other = tmp_path / "tiny-seed1.pt"
     torch.save(load_backbone(BackboneSpec(TINY_VIT, "none", seed=1)).model.state_dict(), other)
-    with pytest.raises(InputError, match="has SHA-256 .* but .* was trained with weights of SHA-256"):
+    with pytest.raises(InputError, match="has SHA-256 .* but .* records weights of SHA-256"):
         rank_images(ckpt, shard_pattern, config, backbone_weights=other)
     with pytest.raises(InputError, match="does not exist"):
         rank_images(ckpt, shard_pattern, config, backbone_weights=tmp_path / "missing.pt")
