@@ -256,17 +256,17 @@ class TokenStore:
 
     # --- read API -------------------------------------------------------------------------------------
 
-    def keys(self) -> np.ndarray:
-        """[N] str: WebDataset keys ("" on padding rows)."""
-        return self._strings("image/key")
+    def keys(self, rows: slice = slice(None)) -> np.ndarray:
+        """[n] str: WebDataset keys of `rows` (all by default; "" on padding rows)."""
+        return self._strings("image/key", rows)
 
-    def valid(self) -> np.ndarray:
-        """[N] bool: rows that hold an embedded image."""
-        return np.asarray(self._root["image/valid"][:], dtype=bool)
+    def valid(self, rows: slice = slice(None)) -> np.ndarray:
+        """[n] bool: which of `rows` (all by default) hold an embedded image."""
+        return np.asarray(self._root["image/valid"][rows], dtype=bool)
 
-    def errors(self) -> np.ndarray:
-        """[N] str: why each row is invalid ("" when valid)."""
-        return self._strings("image/error")
+    def errors(self, rows: slice = slice(None)) -> np.ndarray:
+        """[n] str: why each of `rows` (all by default) is invalid ("" when valid)."""
+        return self._strings("image/error", rows)
 
     def splits(self) -> np.ndarray:
         """[N] str: each row's split value."""

@@ -196,7 +196,7 @@ def test_ranking_files_list_every_image(checkpoint, image_folder, tmp_path, suff
     if suffix == ".csv":
         with path.open(newline="") as f:
             rows = list(csv.DictReader(f))
-        assert list(rows[0]) == ["rank", "key", "path", "score", *(f"score[{q}]" for q in queries), "error"]
+        assert list(rows[0]) == ["rank", "key", "path", "source", "score", *(f"score[{q}]" for q in queries), "error"]
         ranks = [int(r["rank"]) if r["rank"] else None for r in rows]
         per_query = [[float(r[f"score[{q}]"]) for r in rows[:36]] for q in queries]
         scores = [float(r["score"]) for r in rows[:36]]
@@ -227,7 +227,7 @@ def test_cli_ranks_a_folder_and_writes_a_report(checkpoint, image_folder, tmp_pa
     with out.open(newline="") as f:
         rows = list(csv.DictReader(f))
     lines = result.output.splitlines()
-    header = next(i for i, line in enumerate(lines) if line.split() == ["rank", "score", "key", "path"])
+    header = next(i for i, line in enumerate(lines) if line.split() == ["rank", "score", "key", "image"])
     table = lines[header + 1: header + 5]
     assert [line.split()[0] for line in table] == ["1", "2", "3", "4"]
     assert [line.split()[2] for line in table] == [r["key"] for r in rows[:4]]
