@@ -123,6 +123,8 @@ def _rank_store(checkpoint: Path, store_path: Path, config: RankConfig, memory_m
         with open_client(spec, device) as client:
             result = rank_store(checkpoint, store_path, config, read, device, backbone_weights, client, progress=True)
     summary = f"ranked {result.ranked} images of store {store_path}; {result.invalid} samples hold no image"
+    if result.images_scored:
+        summary += f"; scored {result.images_scored} at {result.score_rate:,.0f} img/s"
     if result.blocks_reused:
         summary += f" ({result.blocks_reused} of {result.blocks_reused + result.blocks_scored} tars scored by an earlier run)"
     return result.ranking, summary

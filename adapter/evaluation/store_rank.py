@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -72,6 +73,15 @@ class StoreRanking:
     # Blocks (tars) scored in this run, and blocks whose scores an earlier run had written.
     blocks_scored: int
     blocks_reused: int
+    # Images scored in this run, and the seconds their blocks took (reading and scoring, on the
+    # workers too); the rest of a run (checkpoint, text tower, merge) is a fixed cost.
+    images_scored: int = 0
+    score_seconds: float = 0.0
+
+    @property
+    def score_rate(self) -> float:
+        """Images per second of the scoring part of the run (0 when nothing was scored)."""
+        return self.images_scored / self.score_seconds if self.score_seconds > 0 else 0.0
 
 
 def rank_store(
@@ -121,6 +131,7 @@ def rank_store(
         log.info("%d of %d blocks were scored by an earlier run; scoring the other %d", len(done), len(store.blocks),
                  len(pending))
     images = sum(int(valid[b.row_start:b.row_start + b.count].sum()) for b in (store.blocks[i] for i in pending))
+    start = time.perf_counter()
     with tqdm(total=images, unit="img", disable=not progress, desc="rank", dynamic_ncols=True) as bar:
         if client is None:
             score_blocks(store, loaded.ranker, queries, pending, rows, config.batch_size, torch_device, folder, bar.update)
@@ -128,10 +139,11 @@ def rank_store(
             job = BlockJob(store.path.resolve(), loaded.path.resolve(), torch_device.type,
                            tuple(QuerySpec.of(q) for q in queries), rows, config.batch_size, folder.path.resolve())
             _score_on_cluster(client, job, pending, bar)
+    seconds = time.perf_counter() - start
     ranking, ranked, invalid = merge_blocks(store, folder, queries, config.query_weights, config.combine,
                                             keep=None if read.full else read.keep)
     shutil.rmtree(folder.path)
-    return StoreRanking(ranking, ranked, invalid, len(pending), len(done))
+    return StoreRanking(ranking, ranked, invalid, len(pending), len(done), images, seconds)
 
 
 def _score_on_cluster(client, job: BlockJob, pending: list[int], bar: tqdm) -> None:
