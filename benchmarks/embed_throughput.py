@@ -208,7 +208,7 @@ def write_throughput(path: Path, manifest: Manifest, tars: list, backbone: Backb
         for first in range(0, block.count, batch_size):
             n = min(batch_size, block.count - first)
             batch = DecodedBatch(tar=t, start=first, keys=[f"{t}-{first + i}" for i in range(n)],
-                                 splits=["train"] * n, errors=[""] * n, labels=np.zeros((n, 1), np.float32),
+                                 splits=["train"] * n, sources=[""] * n, errors=[""] * n, labels=np.zeros((n, 1), np.float32),
                                  images=None, image_positions=np.zeros(0, np.int64),
                                  jpeg_bytes=torch.zeros(0, dtype=torch.uint8), jpeg_offsets=np.zeros(1, np.int64),
                                  jpeg_positions=np.zeros(0, np.int64), last=first + n >= block.count)

@@ -26,7 +26,8 @@ from rankpipe.cli.params import NonEmptyPath
               help="incremental: resume a store made from the same inputs; overwrite: replace it.")
 @click.option("--compress", is_flag=True, help="zstd-compress the arrays (fp16 features barely compress).")
 @click.option("--label", "labels", multiple=True,
-              help="Label name in the samples' json; only with a bare shard pattern; pair each with --query.")
+              help="Label name in the samples' json; only with a bare shard pattern; pair each with --query "
+                   "(none: an unlabelled collection).")
 @click.option("--query", "queries", multiple=True, help="The sentence that ranks by the matching --label.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @click.option("--cluster", help="local:N: embed the tars on a dask LocalCluster of N worker processes (one GPU each "
@@ -39,8 +40,10 @@ def embed(source: str, store_path: Path, model: str, pretrained: str, seed: int,
     """Run the frozen CLIP over every tar of MANIFEST_OR_SHARD_PATTERN and cache its tokens in --store.
 
     MANIFEST_OR_SHARD_PATTERN is a manifest YAML file, or a brace pattern of tars
-    ('shards/x-{000000..000009}.tar') together with --label/--query pairs. Rerunning resumes an
-    unfinished store; a finished one is left as it is.
+    ('shards/x-{000000..000009}.tar') together with --label/--query pairs. Without labels (a
+    manifest with `labels: []`, e.g. from `rankpipe shards` without --label, or a pattern without
+    --label) the store holds an unlabelled collection: image tokens only, for `rankpipe rank --store`.
+    Rerunning resumes an unfinished store; a finished one is left as it is.
     """
     from rankpipe.pipeline.cluster import parse_cluster
     from rankpipe.pipeline.data.manifest import load_manifest

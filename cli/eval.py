@@ -29,7 +29,7 @@ from rankpipe.pipeline.data.manifest import SPLIT_ROLES
 @click.option("--label", "labels", multiple=True,
               help="Label (query) to evaluate; repeat for several [default: every label of the checkpoint the store has].")
 @click.option("--export", "exports", multiple=True, type=NonEmptyPath(dir_okay=False, path_type=Path),
-              help="Write the rankings to this file; .csv, .jsonl or .h5 picks the format (repeatable).")
+              help="Write the rankings to this file; .csv, .jsonl, .h5 or .parquet picks the format (repeatable).")
 @click.option("--report", "report_dir", type=NonEmptyPath(file_okay=False, path_type=Path), default=None,
               help="Write an HTML report (index.html and PNGs) into this folder.")
 @click.option("--out", "out_dir", type=NonEmptyPath(file_okay=False, path_type=Path), default=None,

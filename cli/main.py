@@ -18,11 +18,11 @@ from rankpipe.errors import InputError
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": ("rankpipe.cli.demo", "demo", "Run the whole pipeline on built-in data, offline (random-weight CLIP)."),
     "embed": ("rankpipe.cli.embed", "embed", "Run the frozen CLIP over tars and cache its tokens in a Zarr store."),
-    "shards": ("rankpipe.cli.shards", "shards", "Pack images and labels into WebDataset tars with a manifest."),
+    "shards": ("rankpipe.cli.shards", "shards", "Pack images (and labels) into WebDataset tars with a manifest."),
     "train": ("rankpipe.cli.train", "train", "Train the ranking adapter from a token store."),
     "eval": ("rankpipe.cli.eval", "eval_command", "Evaluate a checkpoint on a store split: metrics, exports, report."),
     "datasets": ("rankpipe.cli.datasets", "datasets", "Build ready-made ranking datasets (photo-tasks) or prepare the paper's public ones."),
-    "rank": ("rankpipe.cli.rank", "rank", "Rank new images by one or more queries with a trained checkpoint."),
+    "rank": ("rankpipe.cli.rank", "rank", "Rank new images, or a whole token store, by one or more queries with a checkpoint."),
     "bench": ("rankpipe.cli.bench", "bench", "Embed once, then train and evaluate adapter variants over seeds into one table."),
     "sweep": ("rankpipe.cli.sweep", "sweep", "Train many adapter settings from one store and tabulate them."),
 }
@@ -72,6 +72,10 @@ def cli(verbose: bool) -> None:
       rankpipe embed shards/x/manifest.yaml --store feats/x.zarr --model ViT-B-16 --pretrained openai
       rankpipe train --store feats/x.zarr --out runs/x
       rankpipe eval --store feats/x.zarr --checkpoint runs/x/best.pt --split test
+    Rank an unlabelled collection by a trained query:
+      rankpipe shards photos/ --out shards/archive
+      rankpipe embed shards/archive/manifest.yaml --store feats/archive.zarr --model ViT-B-16 --pretrained openai
+      rankpipe rank --store feats/archive.zarr --checkpoint runs/x/best.pt --query "Sort images by image quality."
     Try `rankpipe demo` for the whole pipeline on built-in data.
     """
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -22,16 +22,16 @@ def _role_value(text: str) -> tuple[str, str]:
 
 
 @click.command()
-@click.argument("input_path", metavar="INPUT", type=NonEmptyPath(exists=True, path_type=Path))
+@click.argument("input_path", metavar="INPUT", type=NonEmptyPath(path_type=Path))
 @click.option("--out", "out_dir", required=True, type=NonEmptyPath(file_okay=False, path_type=Path),
               help="Output folder for the tars, index.json, manifest.yaml and skipped.csv.")
-@click.option("--label", "labels", multiple=True, required=True,
-              help="Numeric label column (repeat for several labels).")
-@click.option("--query", "queries", multiple=True, required=True,
+@click.option("--label", "labels", multiple=True,
+              help="Numeric label column (repeat for several labels); leave out to pack an unlabelled collection.")
+@click.option("--query", "queries", multiple=True,
               help="Sentence to rank by, one per --label in the same order.")
-@click.option("--metric", "metrics", multiple=True, type=click.Choice(METRIC_FAMILIES), default=("correlation",),
-              show_default=True,
-              help="Once for all labels or once per label. Ordinal classes are the distinct values found.")
+@click.option("--metric", "metrics", multiple=True, type=click.Choice(METRIC_FAMILIES),
+              help="Once for all labels or once per label [default: correlation]. Ordinal classes are the "
+                   "distinct values found.")
 @click.option("--image-col", default="path", show_default=True, help="Column with image paths.")
 @click.option("--split-col", default=None,
               help="Column with split values; without it a seeded 80/10/10 split is hashed from the image paths.")
@@ -58,6 +58,12 @@ def shards(
         (top-level folders named train/val/test...): the folder name is the value of the one --label.
 
     \b
+    Without --label the images form an unlabelled collection, to be embedded and then ranked by
+    `rankpipe rank --store` (nothing can train on it). INPUT is then a table of image paths, a
+    folder (every file in it, recursively), or existing WebDataset tars in brace notation,
+    e.g. 'crawl/part-{00000..00099}.tar' (each sample's jpg, jpeg, png or webp member).
+
+    \b
     Writes OUT/<name>-000000.tar ... (each sample: its image bytes as on disk and a json with
     labels, split and source path), OUT/index.json, OUT/manifest.yaml and OUT/skipped.csv, which
     lists every sample left out (missing, undecodable or non-JPEG/PNG/WebP image, non-numeric
@@ -65,9 +71,10 @@ def shards(
     Empty label cells are missing values; a row with no label value is skipped.
 
     \b
-    Example:
+    Examples:
       rankpipe shards koniq.csv --image-col path --label mos --split-col split \\
           --query "Sort images by image quality." --out shards/koniq
+      rankpipe shards photos/ --out shards/archive
     """
     config = ShardsConfig(
         input=input_path, out_dir=out_dir, labels=labels, queries=queries, metrics=metrics,

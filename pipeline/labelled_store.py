@@ -70,9 +70,14 @@ class LabelledStore:
         that maps a val split (`--manifest`) chooses them instead.
 
         Raises:
-            InputError: the manifest does not match the store, a label is not in the store, or no
-                candidate has 2 or more images in both the train and val splits.
+            InputError: an unlabelled store, a manifest that does not match the store, a label not in
+                the store, or no candidate with 2 or more images in both the train and val splits.
         """
+        if not store.labelled:
+            raise InputError(
+                f"store {store.path} holds an unlabelled collection, which nothing can be trained on; train on a "
+                "store embedded from labelled shards, and rank this one with rankpipe rank --store"
+            )
         manifest = _matching_manifest(store, manifest)
         note = store.invalid_note()
         if note:

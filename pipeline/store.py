@@ -97,6 +97,8 @@ class BlockMeta:
     splits: np.ndarray
     # Raw label values by label name, NaN when missing.
     labels: dict[str, np.ndarray]
+    # The image's original path as `rankpipe shards` recorded it in the sample's json ("" when none).
+    sources: np.ndarray | None = None
 
 
 def plan_store(tars: Sequence[TarInfo], bytes_per_row: int, config: StoreConfig) -> StorePlan:
@@ -132,7 +134,8 @@ def create_store(path: str | Path, plan: StorePlan, provenance: dict[str, Any], 
         path: the store folder (replaced if it exists).
         plan: row allocation from plan_store.
         provenance: the backbone's provenance record.
-        manifest: the dataset; its labels name the label arrays and their queries.
+        manifest: the dataset; its labels name the label arrays and their queries (none for an
+            unlabelled collection: no label arrays, no text features).
         texts: text features by query sentence, one per unique query of the manifest.
         config: chunking and compression.
     """
@@ -160,6 +163,7 @@ def create_store(path: str | Path, plan: StorePlan, provenance: dict[str, Any], 
     rows_array("image/error", str, "")
     rows_array("image/tar", np.int32, -1)
     rows_array("image/split", str, "")
+    rows_array("image/source", str, "")
     for label in manifest.labels:
         rows_array(f"label/{label.name}", np.float32, np.nan)
     # One chunk per tar: parallel writers of different tars never share a done file.
@@ -272,17 +276,17 @@ class TokenStore:
 
     # --- read API -------------------------------------------------------------------------------------
 
-    def keys(self) -> np.ndarray:
-        """[N] str: WebDataset keys ("" on padding rows)."""
-        return self._strings("image/key")
+    def keys(self, rows: slice = slice(None)) -> np.ndarray:
+        """[n] str: WebDataset keys of `rows` (all by default; "" on padding rows)."""
+        return self._strings("image/key", rows)
 
-    def valid(self) -> np.ndarray:
-        """[N] bool: rows that hold an embedded image."""
-        return np.asarray(self._read("image/valid", lambda a: a[:]), dtype=bool)
+    def valid(self, rows: slice = slice(None)) -> np.ndarray:
+        """[n] bool: which of `rows` (all by default) hold an embedded image."""
+        return np.asarray(self._read("image/valid", lambda a: a[rows]), dtype=bool)
 
-    def errors(self) -> np.ndarray:
-        """[N] str: why each row is invalid ("" when valid)."""
-        return self._strings("image/error")
+    def errors(self, rows: slice = slice(None)) -> np.ndarray:
+        """[n] str: why each of `rows` (all by default) is invalid ("" when valid)."""
+        return self._strings("image/error", rows)
 
     def invalid_note(self) -> str | None:
         """A sentence on the images that are invalid rows (left out of training and evaluation), or None."""
@@ -301,6 +305,20 @@ class TokenStore:
     def tar_index(self) -> np.ndarray:
         """[N] int32: index of each row's tar in tar_urls() (-1 on padding rows)."""
         return np.asarray(self._read("image/tar", lambda a: a[:]))
+
+    @property
+    def labelled(self) -> bool:
+        """Whether the store carries labels; an unlabelled collection can be ranked but not trained or evaluated on."""
+        return bool(self.label_names)
+
+    def sources(self, rows: slice = slice(None)) -> np.ndarray:
+        """[n] str: each row's original image path as `rankpipe shards` recorded it ("" when unknown).
+
+        Stores written before rows recorded their source have no such array: every source is "".
+        """
+        if "image/source" not in self._root:
+            return np.full(len(range(*rows.indices(self.num_rows))), "", dtype=str)
+        return self._strings("image/source", rows)
 
     def label(self, name: str) -> np.ndarray:
         """[N] float32 raw label values, NaN where missing."""
@@ -384,6 +402,8 @@ class TokenStore:
         self._root["image/error"][rows] = np.asarray(meta.errors, dtype=str)
         self._root["image/tar"][rows] = tar
         self._root["image/split"][rows] = np.asarray(meta.splits, dtype=str)
+        if meta.sources is not None and "image/source" in self._root:  # older stores have no source array
+            self._root["image/source"][rows] = np.asarray(meta.sources, dtype=str)
         for name in self.label_names:
             self._root[f"label/{name}"][rows] = meta.labels[name]
 
@@ -397,9 +417,9 @@ class TokenStore:
         if name not in self._labels:
             raise InputError(f"store {self.path} has no label {name!r}; its labels are: {', '.join(self.label_names)}")
 
-    def _strings(self, name: str) -> np.ndarray:
+    def _strings(self, name: str, rows: slice = slice(None)) -> np.ndarray:
         # zarr returns numpy's variable-width StringDType; fixed-width str is what numpy code expects.
-        return np.array(self._read(name, lambda a: a[:]).tolist(), dtype=str)
+        return np.array(self._read(name, lambda a: a[rows]).tolist(), dtype=str)
 
     def _select(self, name: str, rows: slice | np.ndarray) -> np.ndarray:
         if isinstance(rows, slice):

@@ -101,6 +101,16 @@ def tiny_store(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """best.pt of a tiny adapter trained 10 steps on both labels of tiny_store."""
+    from rankpipe.adapter.training.loop import train_from_store
+
+    out = tmp_path_factory.mktemp("tiny_run")
+    config = tiny_config("optim.warmup_steps=5", "train.eval_every=5", "train.max_steps=10")
+    return train_from_store(TokenStore.open(tiny_store), out, config).best_path
+
+
 # A tiny adapter run for tests that train: seconds on a CPU.
 TINY_RUN = [
     "adapter.d_model=32", "adapter.heads=4", "adapter.text_extra_tokens=4", "adapter.blocks=1",

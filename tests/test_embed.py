@@ -82,10 +82,22 @@ def assert_same_store(a: Path, b: Path) -> None:
     (b'{"labels": {"brightness": 1e400}}', "", [np.nan, np.nan], "label 'brightness' is not finite"),
 ])
 def test_parse_json(meta, split, labels, error):
-    got_split, got_labels, got_error = parse_json(meta, LABEL_NAMES)
-    assert got_split == split
-    np.testing.assert_array_equal(got_labels, np.asarray(labels, dtype=np.float32))
-    assert (error in got_error) if error else got_error == ""
+    got = parse_json(meta, LABEL_NAMES)
+    assert got.split == split
+    np.testing.assert_array_equal(got.labels, np.asarray(labels, dtype=np.float32))
+    assert (error in got.error) if error else got.error == ""
+
+
+@pytest.mark.parametrize("meta, split, source", [
+    (None, "", ""),
+    (b"{not json", "", ""),
+    (b'{"caption": "a dog", "url": "http://x"}', "", ""),
+    (b'{"labels": {}, "split": "", "source": "photos/a.jpg"}', "", "photos/a.jpg"),
+    (b'{"split": 3, "source": 4}', "", ""),
+])
+def test_an_unlabelled_sample_needs_no_json(meta, split, source):
+    got = parse_json(meta, [])
+    assert (got.split, got.source, got.error, got.labels.shape) == (split, source, "", (0,))
 
 
 def write_damaged_shards(folder: Path, with_index: bool) -> Path:
@@ -352,9 +364,9 @@ def test_cuda_without_gpu_is_a_user_error(tmp_path, tiny_shards):
         run_embed(tiny_shards, tmp_path / "x.zarr", device="cuda")
 
 
-def test_manifest_for_pattern_needs_labels():
-    with pytest.raises(InputError, match="--label NAME --query"):
-        manifest_for_pattern("x-{0..1}.tar", [])
+def test_a_bare_pattern_without_labels_is_an_unlabelled_collection():
+    manifest = manifest_for_pattern("shards/x-{0..1}.tar", [])
+    assert manifest.labels == () and not manifest.labelled and manifest.name == "x-"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -46,7 +46,7 @@ def test_table_groups_by_query_in_order_and_sorts_by_rank() -> None:
     assert table["label"][6:].tolist() == [20.0, 10.0, 30.0]
 
 
-@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".h5", ".hdf5"])
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".h5", ".hdf5", ".parquet"])
 def test_round_trip_reads_back_equal(tmp_path: Path, suffix: str) -> None:
     rankings = _rankings()
     path = write_rankings(tmp_path / f"out/rankings{suffix}", rankings)
@@ -62,7 +62,7 @@ def test_round_trip_reads_back_equal(tmp_path: Path, suffix: str) -> None:
     assert [p.name for p in path.parent.iterdir()] == [path.name], "no temporary file may be left behind"
 
 
-@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".h5"])
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".h5", ".parquet"])
 def test_empty_rankings_round_trip(tmp_path: Path, suffix: str) -> None:
     back = read_rankings(write_rankings(tmp_path / f"empty{suffix}", []))
     assert all(len(back[name]) == 0 for name in COLUMNS)
@@ -70,7 +70,7 @@ def test_empty_rankings_round_trip(tmp_path: Path, suffix: str) -> None:
 
 def test_unknown_suffix_is_an_input_error_and_writes_nothing(tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"\.csv"):
-        write_rankings(tmp_path / "rankings.parquet", _rankings())
+        write_rankings(tmp_path / "rankings.xlsx", _rankings())
     assert list(tmp_path.iterdir()) == []
 
 
@@ -94,7 +94,7 @@ def test_reading_a_foreign_file_is_an_input_error(tmp_path: Path) -> None:
         read_rankings(tmp_path / "missing.csv")
 
 
-@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".h5"])
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".h5", ".parquet"])
 def test_one_table_round_trips_through_every_format(tmp_path: Path, suffix: str) -> None:
     """The stack both `eval --export` and `rank --out` write through: text, integers with gaps, floats."""
     table = Table(
@@ -113,3 +113,20 @@ def test_an_hdf5_file_of_another_table_is_refused(tmp_path: Path) -> None:
     path = write_table(tmp_path / "t.h5", Table("rankpipe-rank", {"key": np.array(["a"])}))
     with pytest.raises(InputError, match="not a rankpipe-rankings HDF5 file"):
         read_rankings(path)
+
+
+def test_parquet_marks_missing_cells_as_nulls_and_names_its_table(tmp_path: Path) -> None:
+    """Collection-scale tools read a missing Parquet cell as null, never as NaN or an empty string."""
+    import pyarrow.parquet as pq
+
+    table = Table("rankpipe-rank", {"rank": np.array([1, 0]), "key": np.array(["a", "b"]), "score": np.array([0.5, np.nan])},
+                  missing={"rank": np.array([False, True]), "key": np.array([False, True])})
+    path = write_table(tmp_path / "t.parquet", table)
+    data = pq.read_table(path)
+    assert str(data.schema.field("rank").type) == "int64" and str(data.schema.field("score").type) == "double"
+    assert data.column("rank").null_count == 1 and data.column("score").null_count == 1 and data.column("key").null_count == 1
+    with pytest.raises(InputError, match="not a rankpipe-rankings Parquet file"):
+        read_rankings(path)
+    (tmp_path / "junk.parquet").write_text("not parquet")
+    with pytest.raises(InputError, match="not a readable Parquet file"):
+        read_table(tmp_path / "junk.parquet", "rankpipe-rank")

@@ -73,7 +73,6 @@ def _with_label(**fields):
     ({k: v for k, v in GOOD.items() if k != "labels"}, "'labels'"),
     (GOOD | {"shards": ["a.tar"]}, "'shards'"),
     (GOOD | {"labels": {"name": "mos"}}, "'labels'"),
-    (GOOD | {"labels": []}, "at least one label"),
     (_with_label(metrc="ordinal"), "'labels[0].metrc'"),
     (_with_label(metric="ranking"), "'labels[0]'"),
     (_with_label(metric="ordinal"), "'labels[0]'"),
@@ -118,3 +117,10 @@ def test_split_roles():
     assert spec.values("val") == ("dev",) and spec.values("train") == ("train",)
     with pytest.raises(ValueError, match="unknown split"):
         spec.values("holdout")
+
+
+def test_an_unlabelled_collection_has_an_empty_label_list(tmp_path):
+    manifest = load_manifest(_write(tmp_path, GOOD | {"labels": []}))
+    assert manifest.labels == () and not manifest.labelled
+    assert load_manifest(_write(tmp_path, manifest.to_dict())).to_dict() == manifest.to_dict()
+    assert load_manifest(_write(tmp_path, GOOD)).labelled

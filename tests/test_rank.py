@@ -22,8 +22,6 @@ from rankpipe.adapter.evaluation.rank import RankConfig, rank_images
 from rankpipe.adapter.evaluation.rank_outputs import query_lines, write_ranking
 from rankpipe.adapter.evaluation.ranking import QueryScores, Ranking, combine_scores
 from rankpipe.adapter.evaluation.scoring import load_checkpoint, predict
-from rankpipe.adapter.training.loop import train_from_store
-from rankpipe.adapter.training.run_config import load_run_config
 from rankpipe.cli.main import cli
 from rankpipe.errors import InputError
 from rankpipe.pipeline.data.image_inputs import open_images
@@ -31,9 +29,8 @@ from rankpipe.pipeline.embed import weights as weights_module
 from rankpipe.pipeline.embed.backbone import TINY_VIT, BackboneSpec, load_backbone
 from rankpipe.pipeline.store import TokenStore
 
-from conftest import TINY_LABELS, TINY_RUN, read_tar_samples
+from conftest import TINY_LABELS, read_tar_samples
 
-TINY = [*TINY_RUN, "optim.warmup_steps=5", "train.eval_every=5", "train.max_steps=10"]
 QUERY = {label.name: label.query for label in TINY_LABELS}
 UNSEEN = "Sort images by the number of circles."
 
@@ -42,10 +39,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def checkpoint(tiny_checkpoint: Path) -> Path:
     """best.pt of a tiny adapter trained 10 steps on both labels of the tiny store."""
-    out = tmp_path_factory.mktemp("rank_run")
-    return train_from_store(TokenStore.open(tiny_store), out, load_run_config(None, TINY)).best_path
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +196,7 @@ def test_ranking_files_list_every_image(checkpoint, image_folder, tmp_path, suff
     if suffix == ".csv":
         with path.open(newline="") as f:
             rows = list(csv.DictReader(f))
-        assert list(rows[0]) == ["rank", "key", "path", "score", *(f"score[{q}]" for q in queries), "error"]
+        assert list(rows[0]) == ["rank", "key", "path", "source", "score", *(f"score[{q}]" for q in queries), "error"]
         ranks = [int(r["rank"]) if r["rank"] else None for r in rows]
         per_query = [[float(r[f"score[{q}]"]) for r in rows[:36]] for q in queries]
         scores = [float(r["score"]) for r in rows[:36]]
@@ -231,7 +227,7 @@ def test_cli_ranks_a_folder_and_writes_a_report(checkpoint, image_folder, tmp_pa
     with out.open(newline="") as f:
         rows = list(csv.DictReader(f))
     lines = result.output.splitlines()
-    header = next(i for i, line in enumerate(lines) if line.split() == ["rank", "score", "key", "path"])
+    header = next(i for i, line in enumerate(lines) if line.split() == ["rank", "score", "key", "image"])
     table = lines[header + 1: header + 5]
     assert [line.split()[0] for line in table] == ["1", "2", "3", "4"]
     assert [line.split()[2] for line in table] == [r["key"] for r in rows[:4]]
@@ -306,7 +302,7 @@ def test_a_local_weights_file_must_be_passed_and_match_its_hash(checkpoint, shar
         rank_images(ckpt, shard_pattern, config)
     other = tmp_path / "tiny-seed1.pt"
     torch.save(load_backbone(BackboneSpec(TINY_VIT, "none", seed=1)).model.state_dict(), other)
-    with pytest.raises(InputError, match="has SHA-256 .* but .* was trained with weights of SHA-256"):
+    with pytest.raises(InputError, match="has SHA-256 .* but .* records weights of SHA-256"):
         rank_images(ckpt, shard_pattern, config, backbone_weights=other)
     with pytest.raises(InputError, match="does not exist"):
         rank_images(ckpt, shard_pattern, config, backbone_weights=tmp_path / "missing.pt")

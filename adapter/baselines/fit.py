@@ -105,12 +105,12 @@ def train_baseline(
     """
     cls = get_method(method)
     config = method_config(cls, overrides)
+    labelled = LabelledStore.open(store, manifest, labels or ())  # checked before anything is written
+    manifest = labelled.manifest
     # A fit never replaces a run's best.pt: the folder's other files would no longer match it. The lock
     # keeps a second job from starting in the folder between this check and the write.
     with exclusive_output(out_dir, f"rankpipe train --method {method}"):
         refuse_existing_run(out_dir)
-        labelled = LabelledStore.open(store, manifest, labels or ())
-        manifest = labelled.manifest
         data = load_label_splits(labelled)
         prompts = PromptEncoder(store.provenance, device, backbone_weights, f"store {store.path}")
         baseline = cls.fit(config, data, prompts)

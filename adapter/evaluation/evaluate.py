@@ -130,8 +130,14 @@ def select_labels(loaded: LoadedCheckpoint, store, requested: Sequence[str]) -> 
     """The labels to evaluate: the requested ones, or every checkpoint label the store has.
 
     Raises:
-        InputError: a requested label is unknown to the checkpoint or the store, or none is shared.
+        InputError: an unlabelled store, a requested label unknown to the checkpoint or the store, or
+            no label shared.
     """
+    if not store.labelled:
+        raise InputError(
+            f"store {store.path} holds an unlabelled collection: there is no ground truth to evaluate against; "
+            "rank it with rankpipe rank --store, or evaluate on a store embedded from labelled shards"
+        )
     for name in requested:
         if name not in loaded.labels:
             raise InputError(f"checkpoint {loaded.path} was not trained on label {name!r}; its labels are {', '.join(loaded.labels)}")

@@ -1,4 +1,4 @@
-"""Export files: one table of columns written as CSV, JSONL or HDF5, chosen by the file's suffix.
+"""Export files: one table of columns written as CSV, JSONL, HDF5 or Parquet, chosen by the file's suffix.
 
 Every file rankpipe exports goes through here: `rankpipe eval --export` (rankings per query, see
 adapter/evaluation/rankings.py) and `rankpipe rank --out` (one row per image, see rank_outputs.py). A
@@ -6,7 +6,7 @@ new format is one writer (and, where it is read back, one reader) registered in 
 
 Cells: text as is; integers as integers; floats as the shortest text that reads back to the same
 float. A missing value (a NaN float, or a cell marked in `Table.missing`) is an empty CSV cell, a
-JSON null, and NaN in HDF5. Files are written to a temporary name and renamed (rankpipe.files), so a
+JSON null, NaN in HDF5 and a null in Parquet. Files are written to a temporary name and renamed (rankpipe.files), so a
 failed export never leaves a half-written file in place of an old one. Layouts: docs/exports.md.
 """
 
@@ -30,7 +30,8 @@ from rankpipe.files import atomic_target
 class Table:
     """Rows to export, held as columns of equal length."""
 
-    # What the table is, e.g. "rankpipe-rankings": the HDF5 file's `format` attribute, checked on reading.
+    # What the table is, e.g. "rankpipe-rankings": the HDF5 file's `format` attribute and the Parquet
+    # file's schema metadata, checked on reading.
     kind: str
     # Column name -> [n] values, in file order: str, int64 or float64 (NaN = missing).
     columns: Mapping[str, np.ndarray]
@@ -218,10 +219,49 @@ def _read_h5(path: Path, kind: str) -> dict[str, list[Any]]:
     return out
 
 
+# ---------------------------------------------------------------------------- Parquet
+
+# Parquet files carry their table's kind in the schema metadata, as HDF5 files do in their attrs.
+PARQUET_KIND_KEY = b"rankpipe_format"
+
+
+def _write_parquet(path: Path, table: Table) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    arrays = {}
+    for name, column in table.columns.items():
+        column = np.asarray(column)
+        gone = np.zeros(len(column), dtype=bool) if table.missing.get(name) is None else np.asarray(table.missing[name])
+        if column.dtype.kind == "f":
+            gone = gone | np.isnan(column)
+        if column.dtype.kind in "USO":
+            arrays[name] = pa.array(column.astype(str).tolist(), type=pa.string(), mask=gone)
+        else:
+            # A real null, not NaN: Parquet readers (pandas, polars, DuckDB) then all see a missing value.
+            arrays[name] = pa.array(column, mask=gone)
+    schema_table = pa.table(arrays)
+    metadata = {**(schema_table.schema.metadata or {}), PARQUET_KIND_KEY: table.kind.encode()}
+    pq.write_table(schema_table.replace_schema_metadata(metadata), path)
+
+
+def _read_parquet(path: Path, kind: str) -> dict[str, list[Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        data = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for a file that is not Parquet
+        raise InputError(f"{path} is not a readable Parquet file ({e}); pass a file that rankpipe exported") from e
+    if (data.schema.metadata or {}).get(PARQUET_KIND_KEY) != kind.encode():
+        raise InputError(f"{path} is not a {kind} Parquet file (its schema metadata does not name {kind!r})")
+    return {name: data.column(name).to_pylist() for name in data.column_names}
+
+
 # Every export format, by name; `rankpipe eval --export` and `rankpipe rank --out` accept each.
 FORMATS: dict[str, Format] = {
     "csv": Format((".csv",), _write_csv, _read_csv),
     "jsonl": Format((".jsonl",), _write_jsonl, _read_jsonl),
     "hdf5": Format((".h5", ".hdf5"), _write_h5, _read_h5),
+    "parquet": Format((".parquet",), _write_parquet, _read_parquet),
 }
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,7 @@ from rankpipe.adapter.evaluation.scoring import LoadedCheckpoint, load_checkpoin
 from rankpipe.devices import autocast, torch_device_for
 from rankpipe.errors import InputError
 from rankpipe.pipeline.data.image_inputs import ImageBatches, ImageSource, open_images
-from rankpipe.pipeline.embed.backbone import Backbone
+from rankpipe.pipeline.embed.backbone import Backbone, TextFeatures
 from rankpipe.pipeline.embed.recorded_backbone import load_recorded_backbone
 
 log = logging.getLogger(__name__)
@@ -83,8 +84,18 @@ class RankConfig:
         return np.full(len(self.queries), 1.0 / len(self.queries))
 
 
-def query_texts(loaded: LoadedCheckpoint, backbone: Backbone, queries: tuple[str, ...]) -> list[Query]:
-    """Each query as the ranker scores it: the checkpoint's own for its trained queries, else the text tower's tokens."""
+def query_texts(loaded: LoadedCheckpoint, encode_text: Callable[[str], TextFeatures], queries: tuple[str, ...]) -> list[Query]:
+    """Each query as the ranker scores it: the checkpoint's own for its trained queries, else the text tower's tokens.
+
+    Args:
+        loaded: the checkpoint.
+        encode_text: the text tower of the checkpoint's backbone; called only for sentences the
+            checkpoint was not trained on.
+        queries: the sentences, in order.
+
+    Raises:
+        InputError: an untrained sentence for a ranker that scores only its own queries (a baseline).
+    """
     known = {label.query: name for name, label in loaded.labels.items()}
     out = []
     for sentence in queries:
@@ -92,8 +103,9 @@ def query_texts(loaded: LoadedCheckpoint, backbone: Backbone, queries: tuple[str
             out.append(loaded.query(known[sentence]))
             continue
         trained = ", ".join(repr(label.query) for label in loaded.labels.values())
+        tokens = query_tokens(encode_text(sentence), loaded.device)  # [L, Dt]
         try:
-            query = loaded.ranker.unseen_query(sentence, query_tokens(backbone.encode_text(sentence), loaded.device))
+            query = loaded.ranker.unseen_query(sentence, tokens)
         except InputError as e:
             raise InputError(f"checkpoint {loaded.path}: {e}; rank by one of them ({trained})") from e
         log.info("query %r is not one of the checkpoint's; its scores are raw adapter outputs", sentence)
@@ -130,8 +142,8 @@ def rank_images(
     source = open_images(images)
     loaded = load_checkpoint(checkpoint, torch_device)
     backbone = load_recorded_backbone(loaded.provenance, torch_device, backbone_weights, f"checkpoint {loaded.path}")
-    texts = query_texts(loaded, backbone, config.queries)
-    keys, paths, skipped = [], [], []
+    texts = query_texts(loaded, backbone.encode_text, config.queries)
+    keys, paths, sources, skipped = [], [], [], []
     parts: list[list[np.ndarray]] = [[] for _ in texts]
     for batch in _batches(source, backbone, config, progress):
         skipped.extend(batch.skipped)
@@ -142,6 +154,7 @@ def rank_images(
             part.append(scores)
         keys.extend(batch.keys)
         paths.extend(batch.paths)
+        sources.extend(batch.sources)
     if not keys:
         reason = skipped[0].reason if skipped else "no samples found"
         raise InputError(f"none of the images in {images} could be read ({len(skipped)} skipped; first reason: {reason})")
@@ -153,7 +166,7 @@ def rank_images(
     weights = config.query_weights
     combined = combine_scores(np.stack([q.scores for q in query_scores]), weights, config.combine)  # [n]
     return Ranking(np.asarray(keys, dtype=str), np.asarray(paths, dtype=str), query_scores, weights, combined, skipped,
-                   config.combine)
+                   config.combine, sources=np.asarray(sources, dtype=str))
 
 
 @torch.inference_mode()

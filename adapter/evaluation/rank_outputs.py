@@ -2,9 +2,9 @@
 
 A ranking file holds one row per image: the ranked ones in rank order, then the skipped ones with
 an empty rank and score and the reason in `error`, so the file accounts for every image found.
-Columns: rank, key, path, score, one `score[<query>]` per query, error; a JSONL record has the same
-fields with the per-query scores as one object {query: score}. Files are written through the export
-stack (rankpipe.adapter.evaluation.exports), in any of its formats.
+Columns: rank, key, path, source, score, one `score[<query>]` per query, error; a JSONL record has
+the same fields with the per-query scores as one object {query: score}. Files are written through
+the export stack (rankpipe.adapter.evaluation.exports), in any of its formats.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ from rankpipe.adapter.evaluation.ranking import Ranking
 
 log = logging.getLogger(__name__)
 
-# rank (1 = best; empty when skipped), key, path (file or tar), combined score, why it was skipped.
-FIXED_COLUMNS = ("rank", "key", "path", "score", "error")
+# rank (1 = best; empty when skipped), key, path (file or tar), source (original path), combined score,
+# why it was skipped.
+FIXED_COLUMNS = ("rank", "key", "path", "source", "score", "error")
 # The table's kind: the `format` attribute of its HDF5 files.
 KIND = "rankpipe-rank"
 
@@ -35,16 +36,17 @@ KIND = "rankpipe-rank"
 def ranking_table(ranking: Ranking) -> Table:
     """Every image of `ranking` as a table: ranked ones in rank order, then skipped ones.
 
-    Columns: rank, key, path, score, one `score[<query>]` per query, error. A JSONL record gathers the
-    per-query scores into one object {query: score}.
+    Columns: rank, key, path, source, score, one `score[<query>]` per query, error. A JSONL record
+    gathers the per-query scores into one object {query: score}.
     """
     order = ranking.order()
     n, skipped = len(order), ranking.skipped
     query_columns = {f"score[{q.query}]": q for q in ranking.queries}
     columns = {
-        "rank": np.concatenate([np.arange(1, n + 1), np.zeros(len(skipped))]).astype(np.int64),
+        "rank": np.concatenate([ranking.ranks()[order], np.zeros(len(skipped), dtype=np.int64)]).astype(np.int64),
         "key": np.array([*ranking.keys[order].tolist(), *(s.key for s in skipped)], dtype=str),
         "path": np.array([*ranking.paths[order].tolist(), *(s.path for s in skipped)], dtype=str),
+        "source": np.array([*ranking.source_column()[order].tolist(), *("" for _ in skipped)], dtype=str),
         "score": np.concatenate([ranking.combined[order], np.full(len(skipped), np.nan)]),
         **{name: np.concatenate([q.scores[order], np.full(len(skipped), np.nan)]) for name, q in query_columns.items()},
         "error": np.array([""] * n + [s.reason for s in skipped], dtype=str),
@@ -81,10 +83,11 @@ _COMBINE_LINES = {
 
 
 def format_table(ranking: Ranking, top: int) -> str:
-    """The `top` best images as an aligned text table: rank, score, key, path."""
-    rows = [("rank", "score", "key", "path")]
-    rows += [(str(rank), f"{ranking.combined[i]:.4g}", str(ranking.keys[i]), str(ranking.paths[i]))
-             for rank, i in enumerate(ranking.order()[:top], start=1)]
+    """The `top` best images as an aligned text table: rank, score, key, image (its source, else its path)."""
+    ranks, sources = ranking.ranks(), ranking.source_column()
+    rows = [("rank", "score", "key", "image")]
+    rows += [(str(ranks[i]), f"{ranking.combined[i]:.4g}", str(ranking.keys[i]), str(sources[i] or ranking.paths[i]))
+             for i in ranking.order()[:top]]
     widths = [max(len(row[c]) for row in rows) for c in range(3)]
     return "\n".join(
         f"{row[0]:>{widths[0]}}  {row[1]:>{widths[1]}}  {row[2]:<{widths[2]}}  {row[3]}".rstrip() for row in rows
@@ -94,20 +97,20 @@ def format_table(ranking: Ranking, top: int) -> str:
 def write_contact_sheets(out_dir: str | Path, ranking: Ranking, k: int, config: SheetConfig = SheetConfig()) -> list[Path]:
     """top.png and bottom.png: the k highest and k lowest combined scores, with rank, score and key.
 
-    Thumbnails are read from the image files, or found by key in the tars the images came from.
+    Thumbnails are read from the image files, or found by key in the tars the images came from (the
+    tars a store records, for a ranked store).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    order = ranking.order()
+    order, ranks = ranking.order(), ranking.ranks()
     k = min(k, len(order))
     top, bottom = order[:k], order[len(order) - k:]
     wanted = np.concatenate([top, bottom])
     thumbs = _thumbnails(ranking, wanted, config.thumb_px)
     written = []
-    for name, rows, first_rank in (("top", top, 1), ("bottom", bottom, len(order) - k + 1)):
+    for name, rows in (("top", top), ("bottom", bottom)):
         images = [thumbs.get(int(i)) for i in rows]
-        captions = [[f"#{rank}  score {ranking.combined[i]:.3g}", str(ranking.keys[i])]
-                    for rank, i in enumerate(rows, start=first_rank)]
+        captions = [[f"#{ranks[i]}  score {ranking.combined[i]:.3g}", str(ranking.keys[i])] for i in rows]
         path = out_dir / f"{name}.png"
         contact_sheet(images, captions, config).save(path)
         written.append(path)

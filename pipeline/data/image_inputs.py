@@ -24,6 +24,7 @@ from rankpipe.pipeline.data.tars import is_remote
 from rankpipe.pipeline.embed.decode import (
     IMAGE_EXTENSIONS,
     decode_image,
+    parse_json,
     tar_error_text,
     unreadable_reason,
 )
@@ -69,9 +70,11 @@ class SkippedImage:
 class ImageBatch:
     """Decoded images of one worker's run of inputs, and the ones it had to skip."""
 
-    # Per decoded image: its key and where it came from.
+    # Per decoded image: its key, where it was read from (file or tar), and its original path (the file,
+    # or the source recorded in its tar sample's json; "" when none).
     keys: list[str]
     paths: list[str]
+    sources: list[str]
     # [k, 3, H, W] float32 preprocessed images; None when none in the batch decoded.
     images: torch.Tensor | None
     # Images of this run that could not be decoded.
@@ -134,10 +137,10 @@ class ImageBatches(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         items = self.source.items if info is None else self.source.items[info.id::info.num_workers]
         batch = _Builder()
-        for key, path, data, error in self._encoded(items):
+        for key, path, source, data, error in self._encoded(items):
             if not error:
                 try:
-                    batch.add(key, path, decode_image(data, self.preprocess))
+                    batch.add(key, path, source, decode_image(data, self.preprocess))
                 except Exception as e:  # PIL raises many types for damaged files; the reason is kept
                     error = unreadable_reason(e)
             if error:
@@ -149,22 +152,23 @@ class ImageBatches(torch.utils.data.IterableDataset):
         if batch.keys or batch.skipped:
             yield batch.build()
 
-    def _encoded(self, items: tuple[str, ...]) -> Iterator[tuple[str, str, bytes, str]]:
-        """(key, path, encoded bytes, error or "") per image of `items`."""
+    def _encoded(self, items: tuple[str, ...]) -> Iterator[tuple[str, str, str, bytes, str]]:
+        """(key, path, source, encoded bytes, error or "") per image of `items`."""
         if self.source.kind == "folder":
             for file in items:
                 key = Path(file).relative_to(self.source.root).as_posix()
                 try:
-                    yield key, file, Path(file).read_bytes(), ""
+                    yield key, file, file, Path(file).read_bytes(), ""
                 except OSError as e:
-                    yield key, file, b"", f"cannot read file: {e}"
+                    yield key, file, file, b"", f"cannot read file: {e}"
             return
         for url in items:
             yield from _tar_images(url)
 
 
-def _tar_images(url: str) -> Iterator[tuple[str, str, bytes, str]]:
-    """(key, tar url, image bytes, error or "") per sample of one tar; a damaged tar ends early with an error."""
+def _tar_images(url: str) -> Iterator[tuple[str, str, str, bytes, str]]:
+    """(key, tar url, source, image bytes, error or "") per sample of one tar; a damaged tar ends early
+    with an error."""
     tar_errors: list[str] = []
 
     def record(exn: Exception) -> bool:
@@ -175,13 +179,14 @@ def _tar_images(url: str) -> Iterator[tuple[str, str, bytes, str]]:
                              workersplitter=None, empty_check=False)
     for sample in samples:
         key = str(sample.get("__key__", ""))
+        source = parse_json(sample.get("json"), []).source
         ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
         if ext is None:
-            yield key, url, b"", f"no image (expected one of {', '.join(IMAGE_EXTENSIONS)})"
+            yield key, url, source, b"", f"no image (expected one of {', '.join(IMAGE_EXTENSIONS)})"
         else:
-            yield key, url, sample[ext], ""
+            yield key, url, source, sample[ext], ""
     for error in tar_errors:
-        yield "", url, b"", f"tar read error: {error}"
+        yield "", url, "", b"", f"tar read error: {error}"
 
 
 class _Builder:
@@ -190,14 +195,16 @@ class _Builder:
     def __init__(self) -> None:
         self.keys: list[str] = []
         self.paths: list[str] = []
+        self.sources: list[str] = []
         self.images: list[torch.Tensor] = []
         self.skipped: list[SkippedImage] = []
 
-    def add(self, key: str, path: str, image: torch.Tensor) -> None:
+    def add(self, key: str, path: str, source: str, image: torch.Tensor) -> None:
         self.keys.append(key)
         self.paths.append(path)
+        self.sources.append(source)
         self.images.append(image)
 
     def build(self) -> ImageBatch:
         images = torch.stack(self.images) if self.images else None  # [k, 3, H, W]
-        return ImageBatch(self.keys, self.paths, images, self.skipped)
+        return ImageBatch(self.keys, self.paths, self.sources, images, self.skipped)

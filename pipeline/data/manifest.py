@@ -91,7 +91,8 @@ class Manifest:
     name: str
     # WebDataset shard pattern in brace notation; relative paths are relative to the manifest's folder.
     shards: str
-    # The labels to rank by, each with its query sentence.
+    # The labels to rank by, each with its query sentence; empty for an unlabelled collection (images
+    # to be ranked by `rankpipe rank --store`, which nothing can be trained or evaluated on).
     labels: tuple[LabelSpec, ...]
     # Which split-field values form train, val and test.
     splits: SplitSpec = SplitSpec()
@@ -99,11 +100,14 @@ class Manifest:
     path: Path | None = None
 
     def __post_init__(self) -> None:
-        if not self.labels:
-            raise ValueError("at least one label is needed")
         names = [label.name for label in self.labels]
         if len(set(names)) != len(names):
             raise ValueError(f"label names must be unique, got {names}")
+
+    @property
+    def labelled(self) -> bool:
+        """Whether the dataset carries labels (an unlabelled collection has none)."""
+        return bool(self.labels)
 
     def shard_urls(self) -> list[str]:
         """The expanded shard list; relative paths are resolved against the manifest's folder."""
@@ -170,7 +174,7 @@ def manifest_from_dict(data: Any, path: Path | None = None) -> Manifest:
     if not isinstance(data["shards"], str):
         raise ManifestError(f"{where}: field 'shards' must be a brace pattern string like 'x-{{000000..000009}}.tar'")
     if not isinstance(data["labels"], list):
-        raise ManifestError(f"{where}: field 'labels' must be a list of {{name, query}} entries")
+        raise ManifestError(f"{where}: field 'labels' must be a list of {{name, query}} entries ([] for an unlabelled collection)")
     labels = tuple(_label_from_dict(entry, where, i) for i, entry in enumerate(data["labels"]))
     splits = _splits_from_dict(data.get("splits", {}), where)
     try:

@@ -33,7 +33,7 @@ from PIL import Image, UnidentifiedImageError
 from rankpipe.errors import InputError
 from rankpipe.files import exclusive_output, write_text_atomic
 from rankpipe.pipeline.data.manifest import SPLIT_ROLES, LabelSpec, Manifest, SplitSpec
-from rankpipe.pipeline.data.sources import SampleRecord, sample_key
+from rankpipe.pipeline.data.sources import TAR_IMAGE_EXTENSIONS, SampleRecord, sample_key
 from rankpipe.pipeline.data.tar_writer import TarEntry, TarSequence, remove_stale_tars
 
 logger = logging.getLogger(__name__)
@@ -175,13 +175,16 @@ def write_shards(
     """Write valid records into tars and the index, manifest and skipped report beside them.
 
     Every image is read and checked with PIL before it is packed; samples with a missing or
-    unreadable image, a non-numeric label or no label at all are skipped and reported.
+    unreadable image, a non-numeric label or no label at all are skipped and reported. Without
+    `labels` the samples form an unlabelled collection: only the image is needed, and no split is
+    assigned.
 
     Args:
         records: The samples, e.g. from `rankpipe.pipeline.data.sources.read_input`.
         out_dir: Output folder (created if needed).
         name: Dataset name: the tar prefix and the manifest's name.
         labels: The labels to pack, with their queries; other label values of a record are ignored.
+            Empty for an unlabelled collection.
         samples_per_tar: Samples per tar; the last tar holds the rest.
         splits: Which split values form train/val/test, written to the manifest.
         auto_split: Split assignment for records whose split is None.
@@ -248,7 +251,7 @@ def write_shards(
 def _make_sample(record: SampleRecord, label_names: list[str], auto_split: AutoSplit) -> tuple[dict, str]:
     values = {name: parse_label(name, record.labels.get(name)) for name in label_names}
     values = {name: value for name, value in values.items() if value is not None}
-    if not values:
+    if label_names and not values:
         raise SampleError("no label values", f"all of {', '.join(label_names)} are empty")
     data = _read_image(record)
     try:
@@ -265,7 +268,11 @@ def _make_sample(record: SampleRecord, label_names: list[str], auto_split: AutoS
         supported = ", ".join(FORMAT_EXTENSIONS)
         raise SampleError("unsupported image format", f"{image_format}; convert it to one of {supported}")
     extension = record.extension or _extension(record, image_format)
-    split = record.split if record.split is not None else auto_split.assign(record.source)
+    if record.split is not None:
+        split = record.split
+    else:
+        # An unlabelled collection is ranked whole: it has no train/val/test to hash into.
+        split = auto_split.assign(record.source) if label_names else ""
     meta = {"labels": values, "split": split, "source": record.source}
     return {"__key__": sample_key(record), extension: data, "json": json.dumps(meta).encode()}, split
 
@@ -273,6 +280,13 @@ def _make_sample(record: SampleRecord, label_names: list[str], auto_split: AutoS
 def _read_image(record: SampleRecord) -> bytes:
     if record.data is not None:
         return record.data
+    if record.member is not None:
+        if not record.member.name:
+            raise SampleError("missing image file", f"the tar sample has no {', '.join(TAR_IMAGE_EXTENSIONS)} member")
+        try:
+            return record.member.read()
+        except OSError as e:
+            raise SampleError("missing image file", str(e)) from None
     if record.path is None:
         raise SampleError("missing image file", "the image path is empty")
     if record.path.exists() and not record.path.is_file():  # a FIFO or device would be read forever

@@ -47,12 +47,14 @@ class ShardsConfig:
     input: Path
     # Output folder for the tars, index.json, manifest.yaml and skipped.csv.
     out_dir: Path
-    # Label names: table columns, or the one name given to label sub-folder values.
+    # Label names: table columns, or the one name given to label sub-folder values; none packs an
+    # unlabelled collection (images only, to be ranked by `rankpipe rank --store`).
     labels: tuple[str, ...]
     # The query sentence of each label, in the same order.
     queries: tuple[str, ...]
-    # Metric family ("correlation" or "ordinal"): one for every label, or one per label.
-    metrics: tuple[str, ...] = ("correlation",)
+    # Metric family ("correlation" or "ordinal"): one for every label, or one per label; none means
+    # "correlation" for every label.
+    metrics: tuple[str, ...] = ()
     # Table column holding the image paths.
     image_col: str = "path"
     # Table column holding split values; None assigns a seeded split by hashing image paths.
@@ -72,7 +74,7 @@ class ShardsConfig:
 
     def __post_init__(self) -> None:
         if not self.labels:
-            raise InputError("give at least one --label")
+            self._check_unlabelled()
         repeated = sorted({name for name in self.labels if self.labels.count(name) > 1})
         if repeated:
             raise InputError(f"--label {repeated[0]!r} is given twice; give each label once")
@@ -81,7 +83,7 @@ class ShardsConfig:
                 f"give one --query per --label, in the same order "
                 f"({len(self.labels)} labels, {len(self.queries)} queries)"
             )
-        if len(self.metrics) not in (1, len(self.labels)):
+        if len(self.metrics) not in (0, 1, len(self.labels)):
             raise InputError(f"give one --metric for all labels or one per label, not {len(self.metrics)}")
         for metric in self.metrics:
             if metric not in METRIC_FAMILIES:
@@ -89,6 +91,22 @@ class ShardsConfig:
         for role, _ in self.split_values:
             if role not in SPLIT_ROLES:
                 raise InputError(f"unknown split role {role!r}; use one of {', '.join(SPLIT_ROLES)}")
+
+    def _check_unlabelled(self) -> None:
+        """Refuse the options that only mean something for labels."""
+        if self.queries:
+            raise InputError("a --query names the sentence of a --label; give one --label per --query, "
+                             "or leave out both to pack an unlabelled collection")
+        if self.metrics:
+            raise InputError("--metric describes a --label; leave it out for an unlabelled collection")
+        if self.split_col is not None or self.split_values:
+            raise InputError("an unlabelled collection (no --label) has no splits, it is ranked whole; "
+                             "leave out --split-col and --split-value")
+
+    @property
+    def labelled(self) -> bool:
+        """Whether the job packs labels (else an unlabelled collection)."""
+        return bool(self.labels)
 
     @property
     def dataset_name(self) -> str:
@@ -127,7 +145,8 @@ def prepare_shards(config: ShardsConfig) -> ShardsPlan:
     """
     records = tuple(read_input(config.input, config.image_col, list(config.labels), config.split_col))
     _warn_repeated_images(records)
-    metrics = config.metrics * len(config.labels) if len(config.metrics) == 1 else config.metrics
+    metrics = config.metrics or ("correlation",)
+    metrics = metrics * len(config.labels) if len(metrics) == 1 else metrics
     labels = []
     for name, query, metric in zip(config.labels, config.queries, metrics):
         classes = ordinal_classes(records, name, config.max_ordinal_classes) if metric == "ordinal" else None
@@ -135,6 +154,8 @@ def prepare_shards(config: ShardsConfig) -> ShardsPlan:
             labels.append(LabelSpec(name=name, query=query, metric=metric, classes=classes))
         except ValueError as e:
             raise InputError(f"label {name!r}: {e}") from e
+    if not config.labelled:
+        return ShardsPlan(config, records, (), SplitSpec())
     seen = {r.split for r in records if r.split is not None}
     if any(r.split is None for r in records):
         seen |= set(SPLIT_ROLES)  # the hashed split hands out exactly the role names

@@ -1,8 +1,12 @@
-"""Where samples come from: a label table (CSV, TSV, JSONL) or a folder of images.
+"""Where samples come from: a label table (CSV, TSV, JSONL), a folder of images, or WebDataset tars.
 
 Readers validate the input eagerly (file exists, columns exist) and return the samples as a list of
 `SampleRecord`, so a mistake is reported before anything is written. They do not open images or
 parse label values: that is the writer's job, which skips and reports bad samples one by one.
+
+Labelled input is a table, a folder holding one, or label sub-folders. An unlabelled collection (no
+label names) is a table of image paths, a folder searched recursively, or existing tars, whose
+samples are read by reference (tar, member, byte offset) rather than loaded up front.
 """
 
 from __future__ import annotations
@@ -14,13 +18,46 @@ import re
 from pathlib import Path
 from typing import Any
 
+import braceexpand
+
 from rankpipe.errors import InputError
+from rankpipe.pipeline.data.tars import is_remote, tar_samples
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson")
 # A folder holding one of these files is read as a table whose relative paths start in that folder.
 FOLDER_TABLES = ("labels.csv", "labels.tsv", "labels.jsonl")
 # Split names recognised as the top level of a FOLDER/<split>/<label value>/ layout.
 FOLDER_SPLITS = ("train", "val", "valid", "validation", "dev", "test")
+
+
+# Image members looked for in a tar sample, in order of preference (as `rankpipe embed` reads them).
+TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+@dataclasses.dataclass(frozen=True)
+class TarMember:
+    """An image inside a local tar, read by seeking to its bytes."""
+
+    # The tar file.
+    tar: Path
+    # The member's name inside the tar; "" when the sample has no image member.
+    name: str
+    # Where the member's bytes start in the tar file, and how many there are.
+    offset: int = 0
+    size: int = 0
+
+    def read(self) -> bytes:
+        """The member's bytes.
+
+        Raises:
+            OSError: the tar cannot be read, or ends before the member does.
+        """
+        with self.tar.open("rb") as f:
+            f.seek(self.offset)
+            data = f.read(self.size)
+        if len(data) != self.size:
+            raise OSError(f"{self.tar} ends {self.size - len(data)} bytes into member {self.name}")
+        return data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,29 +78,49 @@ class SampleRecord:
     data: bytes | None = None
     # File extension used inside the tar (without the dot); None to take it from `path`/`source`.
     extension: str | None = None
+    # The image inside an existing tar (unlabelled collections packed from tars); None otherwise.
+    member: TarMember | None = None
 
 
 def read_input(
     path: str | Path, image_col: str, label_cols: list[str], split_col: str | None
 ) -> list[SampleRecord]:
-    """Read a label table, a folder with a labels table, or a folder of label sub-folders.
+    """Read a label table, a folder with a labels table, a folder of label sub-folders, or (without
+    labels) a folder of images or a brace pattern of tars.
 
     Args:
-        path: A .csv/.tsv/.jsonl file, or a folder (see `records_from_folder`).
-        image_col: Table column with image paths (ignored for label sub-folders).
-        label_cols: Label columns; for label sub-folders exactly one name, given to the folder values.
+        path: A .csv/.tsv/.jsonl file, a folder (see `records_from_folder` and `records_from_image_folder`),
+            or tars such as "shards/x-{000000..000009}.tar" (unlabelled only, see `records_from_tars`).
+        image_col: Table column with image paths (ignored for folders and tars).
+        label_cols: Label columns; for label sub-folders exactly one name, given to the folder values;
+            none for an unlabelled collection.
         split_col: Table column with split values, or None.
 
     Returns:
         The records in input order.
+
+    Raises:
+        InputError: a missing input, or tars given with labels.
     """
+    if is_tar_pattern(str(path)):
+        if label_cols:
+            raise InputError(
+                f"{path} names tars, which are packed only as an unlabelled collection; leave out --label "
+                "(to train on labelled WebDataset tars, write a manifest for them and run rankpipe embed)"
+            )
+        return records_from_tars(str(path))
     path = Path(path)
     if path.is_dir():
         for table in FOLDER_TABLES:
             if (path / table).is_file():
                 return records_from_table(path / table, image_col, label_cols, split_col)
-        return records_from_folder(path, label_cols)
+        return records_from_folder(path, label_cols) if label_cols else records_from_image_folder(path)
     return records_from_table(path, image_col, label_cols, split_col)
+
+
+def is_tar_pattern(text: str) -> bool:
+    """Whether an input names tars: a .tar file or a brace pattern of them."""
+    return all(url.endswith(".tar") for url in braceexpand.braceexpand(text))
 
 
 def records_from_table(
@@ -146,6 +203,53 @@ def records_from_folder(folder: str | Path, label_cols: list[str]) -> list[Sampl
                 labels={label_cols[0]: None if label_dir is None else label_dir.name},
                 split=split,
             ))
+    return records
+
+
+def records_from_image_folder(folder: str | Path) -> list[SampleRecord]:
+    """Read every file under a folder, recursively, as an unlabelled sample, sorted by relative path.
+
+    Hidden files and folders are ignored; every other file is a sample, so a file that is not an image
+    shows up in the skipped report instead of vanishing.
+
+    Raises:
+        InputError: the folder holds no files.
+    """
+    folder = Path(folder)
+    files = sorted(_files(folder), key=lambda p: p.relative_to(folder).as_posix())
+    if not files:
+        raise InputError(f"{folder} holds no files; point INPUT at a folder of images, a table of image paths or tars")
+    return [SampleRecord(row=i, source=file.relative_to(folder).as_posix(), path=file, labels={})
+            for i, file in enumerate(files, start=1)]
+
+
+def records_from_tars(pattern: str) -> list[SampleRecord]:
+    """Read the samples of local WebDataset tars (a brace pattern) as unlabelled samples, by reference.
+
+    A sample's image is its jpg, jpeg, png or webp member (the first found in that order); only member
+    headers are read here. The source of a sample is "<tar>#<member>". A sample without an image member
+    becomes a record without one, which the writer reports as skipped.
+
+    Raises:
+        InputError: a remote tar, a missing tar, or a file that is not a tar.
+    """
+    urls = list(braceexpand.braceexpand(pattern))
+    remote = [url for url in urls if is_remote(url)]
+    if remote:
+        raise InputError(f"tar {remote[0]} is remote; copy the tars to a local folder and pass their path")
+    missing = [url for url in urls if not Path(url).is_file()]
+    if missing:
+        raise InputError(f"{len(missing)} of the {len(urls)} tars of {pattern} do not exist (first: {missing[0]}); check the pattern")
+    records = []
+    for url in urls:
+        tar = Path(url)
+        for key, members in tar_samples(tar):
+            ext = next((e for e in TAR_IMAGE_EXTENSIONS if e in members), None)
+            member = (TarMember(tar, "") if ext is None
+                      else TarMember(tar, members[ext].name, members[ext].offset_data, members[ext].size))
+            name = member.name or key
+            records.append(SampleRecord(row=len(records) + 1, source=f"{url}#{name}", path=None, labels={},
+                                        member=member))
     return records
 
 

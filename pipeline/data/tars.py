@@ -16,6 +16,7 @@ import json
 import logging
 import re
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from webdataset.tariterators import base_plus_ext
@@ -84,22 +85,42 @@ def is_remote(url: str) -> bool:
 
 def count_samples(path: Path) -> int:
     """Samples in a local tar, grouped the way webdataset groups them; a truncated tar counts its readable part."""
+    return sum(1 for _ in tar_samples(path))
+
+
+def tar_samples(path: Path) -> Iterator[tuple[str, dict[str, tarfile.TarInfo]]]:
+    """(key, {extension: member}) of each sample of a local tar, grouped as webdataset groups them.
+
+    Reads member headers only (a member's bytes are at `member.offset_data`, `member.size` long).
+    Extensions are lower case, as webdataset's. A truncated tar yields its readable samples and logs
+    a warning.
+
+    Raises:
+        InputError: the tar is missing, or not a tar at all.
+    """
     if not path.is_file():
         raise InputError(f"tar {path} does not exist; check the shard pattern")
-    count, previous = 0, None
+    count, key, members = 0, None, {}
     try:
         with tarfile.open(path, "r:") as archive:
             for member in archive:
                 if not member.isreg() or _WDS_META.match(member.name):
                     continue
-                key, _ = base_plus_ext(member.name)
-                if key is not None and key != previous:
-                    count, previous = count + 1, key
+                name, ext = base_plus_ext(member.name)
+                if name is None:
+                    continue
+                if name != key and key is not None:
+                    count += 1
+                    yield key, members
+                    members = {}
+                key = name
+                members[ext.lower()] = member
     except tarfile.ReadError as e:
-        if count == 0:
+        if count == 0 and key is None:
             raise InputError(f"{path} is not a readable tar ({e}); rebuild it with rankpipe shards") from e
-        logger.warning("%s is truncated after %d samples (%s); the readable samples will be embedded", path, count, e)
-    return count
+        logger.warning("%s is truncated after %d samples (%s); its readable samples are used", path, count, e)
+    if key is not None:
+        yield key, members
 
 
 def _read_index(folder: Path) -> dict[str, tuple[int, str | None]]:

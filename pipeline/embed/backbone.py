@@ -154,11 +154,7 @@ class Backbone:
         tokens = captured[0]
         if tokens.ndim != 3 or tokens.shape[1] != ids.shape[1]:
             raise InputError(f"model {self.spec.model} normalises only its pooled text token; its text tokens are not supported")
-        return TextFeatures(
-            tokens=tokens[0].float().cpu().numpy().astype(np.float16),  # [L, Dt]
-            length=_text_length(ids[0], self.tokenizer),
-            embed=embed[0].float().cpu().numpy().astype(np.float16),  # [E]
-        )
+        return text_features(ids[0], tokens[0], embed[0], self.tokenizer)
 
     def _token_grid(self) -> tuple[int, int]:
         visual = self.model.visual
@@ -297,6 +293,22 @@ def _text_ln_final(model: torch.nn.Module) -> torch.nn.LayerNorm:
     if ln is None:
         raise InputError(f"the text tower {type(getattr(model, 'text', model)).__name__} has no ln_final; use a CLIP text transformer")
     return ln
+
+
+def text_features(ids: torch.Tensor, tokens: torch.Tensor, embed: torch.Tensor, tokenizer: Callable) -> TextFeatures:
+    """One prompt's text-tower outputs as the store keeps them.
+
+    Args:
+        ids: [L] its token ids.
+        tokens: [L, Dt] the text transformer's tokens after ln_final.
+        embed: [E] the projected text embedding.
+        tokenizer: the tokenizer that made `ids` (it knows the end-of-text id).
+    """
+    return TextFeatures(
+        tokens=tokens.float().cpu().numpy().astype(np.float16),  # [L, Dt]
+        length=_text_length(ids, tokenizer),
+        embed=embed.float().cpu().numpy().astype(np.float16),  # [E]
+    )
 
 
 def _text_length(ids: torch.Tensor, tokenizer: Callable) -> int:

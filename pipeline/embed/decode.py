@@ -50,9 +50,11 @@ class DecodedBatch:
     tar: int
     # Position (within the tar) of the first sample of the run.
     start: int
-    # Per sample of the run: key, split value, and why it is unusable ("" when usable).
+    # Per sample of the run: key, split value, source path ("" when its json names none), and why it
+    # is unusable ("" when usable).
     keys: list[str]
     splits: list[str]
+    sources: list[str]
     errors: list[str]
     # [n, n_labels] float32 raw labels, NaN where missing.
     labels: np.ndarray
@@ -140,24 +142,25 @@ class TarBatches(torch.utils.data.IterableDataset):
 
     def _add_sample(self, builder: _BatchBuilder, position: int, sample: dict[str, Any]) -> None:
         key = str(sample.get("__key__", ""))
-        split, labels, error = parse_json(sample.get("json"), self.label_names)
+        meta = parse_json(sample.get("json"), self.label_names)
+        error = meta.error
         ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
         if not error and ext is None:
             error = f"no image (expected one of {', '.join(IMAGE_EXTENSIONS)})"
         if error:
-            builder.add_meta(key, split, labels, error)
+            builder.add_meta(key, meta, error)
             return
         data = sample[ext]
         if self.jpeg_on_gpu and ext in _JPEG_EXTENSIONS and _is_gpu_decodable_jpeg(data):
-            builder.add_meta(key, split, labels, "")
+            builder.add_meta(key, meta, "")
             builder.add_jpeg(position, data)
             return
         try:
             image = decode_image(data, self.preprocess)
         except Exception as e:  # PIL raises many types for damaged files; the reason is kept per row
-            builder.add_meta(key, split, labels, unreadable_reason(e))
+            builder.add_meta(key, meta, unreadable_reason(e))
             return
-        builder.add_meta(key, split, labels, "")
+        builder.add_meta(key, meta, "")
         builder.add_image(position, image)
 
 
@@ -215,43 +218,63 @@ def tar_error_text(error: Exception) -> str:
     return f"{type(error).__name__}: {error.args[0] if error.args else error}"
 
 
-def parse_json(data: bytes | None, label_names: Sequence[str]) -> tuple[str, np.ndarray, str]:
-    """A sample's json -> (split value, [n_labels] float32 labels with NaN for missing, error or "").
+@dataclasses.dataclass(frozen=True)
+class SampleMeta:
+    """What a sample's json says, and whether the sample is usable."""
 
-    A sample is unusable when its json is missing or unreadable, a label value is not a number, or
-    it has none of the labels; a sample that lacks only some labels keeps NaN for those.
+    # The split value ("" when none).
+    split: str
+    # [n_labels] float32 raw labels, NaN where missing.
+    labels: np.ndarray
+    # The image's original path as `rankpipe shards` recorded it ("" when none).
+    source: str
+    # Why the sample is unusable, "" when it is usable.
+    error: str
+
+
+def parse_json(data: bytes | None, label_names: Sequence[str]) -> SampleMeta:
+    """A sample's json -> its split, labels and source, and why it is unusable.
+
+    With labels, a sample is unusable when its json is missing or unreadable, a label value is not a
+    number, or it has none of the labels; a sample that lacks only some labels keeps NaN for those.
+    An unlabelled collection needs no json at all: one that is missing, unreadable or of another
+    layout (a crawl's captions, say) only leaves the split and source empty.
     """
     labels = np.full(len(label_names), np.nan, dtype=np.float32)
-    if data is None:
-        return "", labels, "missing json"
     try:
-        meta = json.loads(data)
+        meta = json.loads(data) if data is not None else None
     except (ValueError, UnicodeDecodeError) as e:
-        return "", labels, f"unreadable json: {e}"
-    if not isinstance(meta, dict) or not isinstance(meta.get("labels"), dict):
-        return "", labels, "json has no 'labels' object"
+        return SampleMeta("", labels, "", f"unreadable json: {e}" if label_names else "")
+    meta = meta if isinstance(meta, dict) else {}
+    source = meta.get("source") if isinstance(meta.get("source"), str) else ""
     split = meta.get("split", "")
+    if not label_names:
+        return SampleMeta(split if isinstance(split, str) else "", labels, source, "")
+    if data is None:
+        return SampleMeta("", labels, "", "missing json")
+    if not isinstance(meta.get("labels"), dict):
+        return SampleMeta("", labels, source, "json has no 'labels' object")
     if not isinstance(split, str):
-        return "", labels, f"split is not a string: {split!r}"
+        return SampleMeta("", labels, source, f"split is not a string: {split!r}")
     values = meta["labels"]
     for i, name in enumerate(label_names):
         value = values.get(name)
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return split, labels, f"label {name!r} is not a number: {value!r}"
+            return SampleMeta(split, labels, source, f"label {name!r} is not a number: {value!r}")
         try:
             number = float(value)
         except OverflowError:  # an integer too large for a float, e.g. 10**400
             number = math.inf
         if math.isnan(number):
-            return split, labels, f"label {name!r} is not a number: {value!r}"
+            return SampleMeta(split, labels, source, f"label {name!r} is not a number: {value!r}")
         if math.isinf(number):
-            return split, labels, f"label {name!r} is not finite: {str(value)[:24]}"
+            return SampleMeta(split, labels, source, f"label {name!r} is not finite: {str(value)[:24]}")
         labels[i] = number
     if np.isnan(labels).all():
-        return split, labels, f"no value for any label ({', '.join(label_names)})"
-    return split, labels, ""
+        return SampleMeta(split, labels, source, f"no value for any label ({', '.join(label_names)})")
+    return SampleMeta(split, labels, source, "")
 
 
 def _is_gpu_decodable_jpeg(data: bytes) -> bool:
@@ -273,6 +296,7 @@ class _BatchBuilder:
         self.tar, self.start, self.num_labels = tar, start, num_labels
         self.keys: list[str] = []
         self.splits: list[str] = []
+        self.sources: list[str] = []
         self.errors: list[str] = []
         self.labels: list[np.ndarray] = []
         self.images: list[torch.Tensor] = []
@@ -284,10 +308,11 @@ class _BatchBuilder:
     def num_images(self) -> int:
         return len(self.images) + len(self.jpegs)
 
-    def add_meta(self, key: str, split: str, labels: np.ndarray, error: str) -> None:
+    def add_meta(self, key: str, meta: SampleMeta, error: str) -> None:
         self.keys.append(key)
-        self.splits.append(split)
-        self.labels.append(labels)
+        self.splits.append(meta.split)
+        self.sources.append(meta.source)
+        self.labels.append(meta.labels)
         self.errors.append(error)
 
     def add_image(self, position: int, image: torch.Tensor) -> None:
@@ -301,7 +326,7 @@ class _BatchBuilder:
     def build(self) -> DecodedBatch:
         labels = np.stack(self.labels) if self.labels else np.zeros((0, self.num_labels), np.float32)
         return DecodedBatch(
-            tar=self.tar, start=self.start, keys=self.keys, splits=self.splits, errors=self.errors,
+            tar=self.tar, start=self.start, keys=self.keys, splits=self.splits, sources=self.sources, errors=self.errors,
             labels=labels,  # [n, n_labels]
             images=torch.stack(self.images) if self.images else None,  # [k, 3, H, W]
             image_positions=np.asarray(self.image_positions, dtype=np.int64),

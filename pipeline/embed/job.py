@@ -101,9 +101,8 @@ class EmbedSummary:
 
 
 def manifest_for_pattern(pattern: str, labels: Sequence[tuple[str, str]]) -> Manifest:
-    """A manifest for a bare shard pattern with (label name, query) pairs given on the command line."""
-    if not labels:
-        raise InputError("a bare shard pattern needs --label NAME --query \"Sort images by ...\" (or pass a manifest)")
+    """A manifest for a bare shard pattern with (label name, query) pairs given on the command line;
+    without pairs, an unlabelled collection (its samples need an image and nothing else)."""
     try:
         specs = tuple(LabelSpec(name=name, query=query) for name, query in labels)
         return Manifest(name=Path(pattern.split("{")[0]).name or "shards", shards=pattern, labels=specs)

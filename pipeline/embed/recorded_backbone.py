@@ -24,7 +24,6 @@ from rankpipe.pipeline.embed.backbone import (
     BackboneSpec,
     compatibility_problem,
     create_frozen_model,
-    load_backbone,
 )
 from rankpipe.pipeline.embed.weights import (
     FILE_WEIGHTS,
@@ -32,6 +31,7 @@ from rankpipe.pipeline.embed.weights import (
     ResolvedWeights,
     check_model_name,
     file_sha256,
+    resolve_weights,
 )
 
 logger = logging.getLogger(__name__)
@@ -55,21 +55,14 @@ def load_recorded_backbone(provenance: dict[str, Any], device: str | torch.devic
             rebuilt backbone differs from the recorded one.
     """
     model = str(provenance["model"])
-    pretrained = str(provenance["pretrained"])
-    weights_path = Path(backbone_weights) if backbone_weights is not None else None
-    if weights_path is not None and not weights_path.is_file():
-        raise InputError(f"--backbone-weights {weights_path} does not exist; pass the weights file of {what}'s backbone")
-    if pretrained == RANDOM_WEIGHTS:
-        if weights_path is not None:
-            raise InputError(
-                f"{what} was trained on a backbone with random weights (model {model}, seed {provenance['seed']}); "
-                "they are recreated from the seed, leave out --backbone-weights"
-            )
-        backbone = load_backbone(BackboneSpec(model, RANDOM_WEIGHTS, seed=int(provenance["seed"])), device)
-    elif pretrained == FILE_WEIGHTS:
-        backbone = _from_file(provenance, weights_path, device, what)
-    else:
-        backbone = _from_tag(model, pretrained, weights_path, device, what)
+    check_model_name(model)
+    weights = recorded_weights(provenance, backbone_weights, what)
+    seed = int(provenance["seed"]) if weights.pretrained == RANDOM_WEIGHTS else 0
+    if weights.path is None:
+        torch.manual_seed(seed)
+    clip, preprocess = create_frozen_model(model, weights, device)
+    spec = BackboneSpec(model, str(weights.path) if weights.pretrained == FILE_WEIGHTS else weights.pretrained, seed)
+    backbone = Backbone(clip, preprocess, open_clip.get_tokenizer(model), spec, weights)
     problem = compatibility_problem(provenance, backbone.provenance, COMPATIBILITY_FIELDS + _SHAPE_FIELDS)
     if problem is not None:
         raise InputError(
@@ -79,47 +72,60 @@ def load_recorded_backbone(provenance: dict[str, Any], device: str | torch.devic
     return backbone
 
 
-def _from_file(provenance: dict[str, Any], path: Path | None, device: str | torch.device, what: str) -> Backbone:
+def recorded_weights(provenance: dict[str, Any], backbone_weights: str | Path | None = None,
+                     what: str = "the checkpoint") -> ResolvedWeights:
+    """The weights `provenance` records, found on this machine and checked against the record.
+
+    Random weights need nothing (they are recreated from the recorded seed); a `file` needs the file,
+    with the recorded SHA-256; a tag is taken from `backbone_weights` when given (trusted, with a
+    warning: tags record no hash), else from the local cache or a download.
+
+    Raises:
+        InputError: a missing or mismatching file, a file given for random weights, an unknown tag, or
+            a tag that cannot be found or downloaded.
+    """
+    model = str(provenance["model"])
+    pretrained = str(provenance["pretrained"])
+    path = Path(backbone_weights) if backbone_weights is not None else None
+    if path is not None and not path.is_file():
+        raise InputError(f"--backbone-weights {path} does not exist; pass the weights file of {what}'s backbone")
+    if pretrained == RANDOM_WEIGHTS:
+        if path is not None:
+            raise InputError(
+                f"{what} records a backbone with random weights (model {model}, seed {provenance['seed']}); "
+                "they are recreated from the seed, leave out --backbone-weights"
+            )
+        return ResolvedWeights(RANDOM_WEIGHTS, None, None, {})
+    if pretrained == FILE_WEIGHTS:
+        return _recorded_file(provenance, path, what)
+    if path is None:
+        try:
+            return resolve_weights(model, pretrained)
+        except InputError as e:
+            raise InputError(
+                f"cannot load the backbone weights of {what} (open_clip model {model}, pretrained {pretrained!r}): {e}; "
+                f"pass the tag's weights file with --backbone-weights PATH"
+            ) from e
+    tag_cfg = open_clip.get_pretrained_cfg(model, pretrained)
+    if not tag_cfg:
+        raise InputError(f"{what} names pretrained tag {pretrained!r}, which open_clip {open_clip.__version__} does not know for {model}")
+    logger.warning(
+        "pretrained tag %r records no weights hash; trusting that %s holds its weights for %s", pretrained, path, model
+    )
+    return ResolvedWeights(pretrained, path, None, dict(tag_cfg))
+
+
+def _recorded_file(provenance: dict[str, Any], path: Path | None, what: str) -> ResolvedWeights:
     recorded = provenance.get("checkpoint_sha256")
     if path is None:
         raise InputError(
-            f"{what} was trained on features of {provenance['model']} with weights from a local file "
+            f"{what} records features of {provenance['model']} with weights from a local file "
             f"(SHA-256 {recorded}); pass that file with --backbone-weights PATH"
         )
     actual = file_sha256(path)
     if actual != recorded:
         raise InputError(
-            f"--backbone-weights {path} has SHA-256 {actual}, but {what} was trained with weights of SHA-256 "
+            f"--backbone-weights {path} has SHA-256 {actual}, but {what} records weights of SHA-256 "
             f"{recorded}; pass the file the features were embedded with"
         )
-    return load_backbone(BackboneSpec(str(provenance["model"]), str(path)), device)
-
-
-def _from_tag(model: str, tag: str, path: Path | None, device: str | torch.device, what: str) -> Backbone:
-    if path is None:
-        try:
-            return load_backbone(BackboneSpec(model, tag), device)
-        except InputError as e:
-            raise InputError(
-                f"cannot load the backbone weights of {what} (open_clip model {model}, pretrained {tag!r}): {e}; "
-                f"pass the tag's weights file with --backbone-weights PATH"
-            ) from e
-    tag_cfg = open_clip.get_pretrained_cfg(model, tag)
-    if not tag_cfg:
-        raise InputError(f"{what} names pretrained tag {tag!r}, which open_clip {open_clip.__version__} does not know for {model}")
-    logger.warning(
-        "pretrained tag %r records no weights hash; trusting that %s holds its weights for %s", tag, path, model
-    )
-    return _load_tag_file(model, ResolvedWeights(tag, path, None, dict(tag_cfg)), device)
-
-
-def _load_tag_file(model_name: str, weights: ResolvedWeights, device: str | torch.device) -> Backbone:
-    """Load a tag's weights from a local file with the tag's preprocessing and activation.
-
-    `load_backbone` resolves a tag on its own (cache or download); this is its creation step for a
-    tag whose file the user supplies.
-    """
-    check_model_name(model_name)
-    model, preprocess = create_frozen_model(model_name, weights, device)
-    spec = BackboneSpec(model_name, weights.pretrained)
-    return Backbone(model, preprocess, open_clip.get_tokenizer(model_name), spec, weights)
+    return ResolvedWeights(FILE_WEIGHTS, path, actual, {})

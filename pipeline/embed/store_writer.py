@@ -67,7 +67,7 @@ class BlockAccumulator:
         unread = np.where(np.arange(n) < self.block.count, "sample not read", "")
         self.meta = BlockMeta(
             keys=np.full(n, "", dtype=object), valid=np.zeros(n, dtype=bool), errors=unread.astype(object),
-            splits=np.full(n, "", dtype=object),
+            splits=np.full(n, "", dtype=object), sources=np.full(n, "", dtype=object),
             labels={name: np.full(n, np.nan, dtype=np.float32) for name in store.label_names},
         )
         self.shape = (S, P, D), (S, E)
@@ -82,6 +82,7 @@ class BlockAccumulator:
         rows = slice(batch.start, batch.start + len(batch.keys))
         self.meta.keys[rows] = batch.keys
         self.meta.splits[rows] = batch.splits
+        self.meta.sources[rows] = batch.sources
         self.meta.errors[rows] = batch.errors
         for i, name in enumerate(self.store.label_names):
             self.meta.labels[name][rows] = batch.labels[:, i]
