@@ -202,7 +202,7 @@ def test_cli_writes_results_exports_and_report(tmp_path, trained, open_store) ->
     [
         ("unknown label", ["--label", "height"], "not trained on label 'height'"),
         ("other backbone", [], "another backbone"),
-        ("bad export suffix", ["--export", "rankings.parquet"], "use a file name ending in"),
+        ("bad export suffix", ["--export", "rankings.xlsx"], "use a file name ending in"),
         ("unknown device", ["--device", "tpu0"], "unknown device 'tpu0'"),
         pytest.param("unavailable device", ["--device", "cuda"], "no CUDA GPU",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")),
