@@ -146,10 +146,16 @@ def images_rate(setup: Setup, config: RankConfig, device: str, tars: int) -> tup
     return len(ranking.keys) / (time.perf_counter() - start), len(ranking.keys)
 
 
-def _spread(values, fmt: str = ",.0f") -> str:
+def _spread(values, fmt: str | None = None) -> str:
     """The median of repeated measurements and their range."""
     values = np.asarray(values, dtype=np.float64)
-    return f"{np.median(values):{fmt}} [{values.min():{fmt}}, {values.max():{fmt}}]"
+    show = (lambda v: f"{v:{fmt}}") if fmt else _rate
+    return f"{show(np.median(values))} [{show(values.min())}, {show(values.max())}]"
+
+
+def _rate(value: float) -> str:
+    """A rate with three significant digits at least (a slow CPU row stays readable)."""
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
 
 
 def _synchronize(device: torch.device) -> None:
@@ -213,7 +219,7 @@ def measure(args: argparse.Namespace) -> list[tuple[str, str]]:
         ("rank --store img/s", f"{_spread(rankings)} ({result.ranked} images, memory {args.memory_mb:g} MB)"),
         ("  scoring img/s", _spread(scorings)),
         ("adapter-only img/s", f"{_spread(adapters)} ({alone.images} images on the device)"),
-        ("rank --images img/s", f"{from_images:,.0f} ({image_count} images, {args.decode_workers} decode workers)"),
+        ("rank --images img/s", f"{_rate(from_images)} ({image_count} images, {args.decode_workers} decode workers)"),
         ("scoring / adapter-only", f"{_spread(np.divide(scorings, adapters), '.2f')}  (target >= 0.8)"),
         ("store / images", f"{np.median(rankings) / from_images:.1f}x"),
     ]

@@ -73,7 +73,7 @@ class LabelledStore:
             InputError: an unlabelled store, a manifest that does not match the store, a label not in
                 the store, or no candidate with 2 or more images in both the train and val splits.
         """
-        if not store.labelled:
+        if not store.label_names:
             raise InputError(
                 f"store {store.path} holds an unlabelled collection, which nothing can be trained on; train on a "
                 "store embedded from labelled shards, and rank this one with rankpipe rank --store"

@@ -306,11 +306,6 @@ class TokenStore:
         """[N] int32: index of each row's tar in tar_urls() (-1 on padding rows)."""
         return np.asarray(self._read("image/tar", lambda a: a[:]))
 
-    @property
-    def labelled(self) -> bool:
-        """Whether the store carries labels; an unlabelled collection can be ranked but not trained or evaluated on."""
-        return bool(self.label_names)
-
     def sources(self, rows: slice = slice(None)) -> np.ndarray:
         """[n] str: each row's original image path as `rankpipe shards` recorded it ("" when unknown).
 

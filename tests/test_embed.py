@@ -366,7 +366,7 @@ def test_cuda_without_gpu_is_a_user_error(tmp_path, tiny_shards):
 
 def test_a_bare_pattern_without_labels_is_an_unlabelled_collection():
     manifest = manifest_for_pattern("shards/x-{0..1}.tar", [])
-    assert manifest.labels == () and not manifest.labelled and manifest.name == "x-"
+    assert manifest.labels == () and manifest.name == "x-"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -121,6 +121,5 @@ def test_split_roles():
 
 def test_an_unlabelled_collection_has_an_empty_label_list(tmp_path):
     manifest = load_manifest(_write(tmp_path, GOOD | {"labels": []}))
-    assert manifest.labels == () and not manifest.labelled
+    assert manifest.labels == ()
     assert load_manifest(_write(tmp_path, manifest.to_dict())).to_dict() == manifest.to_dict()
-    assert load_manifest(_write(tmp_path, GOOD)).labelled

@@ -237,6 +237,17 @@ def test_a_work_folder_of_another_run_is_refused(tiny_checkpoint, archive, tmp_p
     with pytest.raises(InputError, match="does not hold rankpipe rank scores"):
         rank_store(tiny_checkpoint, archive, BOTH, StoreReadConfig(work_dir=work), device="cpu")
     assert sorted(p.name for p in work.iterdir()) == ["notes.txt"]
+    with pytest.raises(InputError, match="is a file"):
+        rank_store(tiny_checkpoint, archive, BOTH, StoreReadConfig(work_dir=work / "notes.txt"), device="cpu")
+
+
+def test_a_score_folder_that_cannot_be_written_is_an_input_error(tiny_checkpoint, archive, tmp_path, monkeypatch):
+    def read_only(path, text):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(score_folder, "write_text_atomic", read_only)
+    with pytest.raises(InputError, match="pass --work-dir on a writable filesystem"):
+        rank_store(tiny_checkpoint, archive, BOTH, StoreReadConfig(work_dir=tmp_path / "scores"), device="cpu")
 
 
 def test_cli_ranks_a_store_into_parquet_and_contact_sheets(tiny_checkpoint, archive, tmp_path):

@@ -21,7 +21,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> bench.Setup:
 
 def test_the_collection_is_unlabelled_and_the_checkpoint_fits_it(setup):
     store = TokenStore.open(setup.store)
-    assert not store.labelled and int(store.valid().sum()) == 50 and len(store.blocks) == 3
+    assert store.label_names == [] and int(store.valid().sum()) == 50 and len(store.blocks) == 3
     assert TokenStore.open(setup.train_store).provenance == store.provenance
     assert setup.pattern(1).endswith("collection-000000.tar") and setup.pattern().endswith("{000000..000002}.tar")
 

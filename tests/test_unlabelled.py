@@ -47,7 +47,7 @@ def test_a_folder_without_labels_packs_images_only(photo_folder, tmp_path):
     assert result.exit_code == 0, result.output
     assert "Wrote 9 samples in 3 tars" in result.output and "1 unreadable image" in result.output
     manifest = load_manifest(out / "manifest.yaml")
-    assert manifest.labels == () and not manifest.labelled
+    assert manifest.labels == ()
     samples = samples_of(out / "manifest.yaml")
     sources = [json.loads(s["json"])["source"] for s in samples]
     assert sources == sorted(p.relative_to(photo_folder).as_posix() for p in photo_folder.rglob("img*"))
@@ -126,7 +126,7 @@ def archive_store(photo_folder, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 def test_an_unlabelled_store_has_image_tokens_and_sources_only(archive_store, photo_folder):
     store = TokenStore.open(archive_store)
-    assert not store.labelled and store.label_names == []
+    assert store.label_names == []
     root = zarr.open_group(archive_store, mode="r")
     assert "label" not in root and "text" not in root
     rows = store.rows()
@@ -146,7 +146,7 @@ def test_a_bare_pattern_of_json_less_tars_embeds_as_a_collection(tmp_path):
                                       "--model", TINY_VIT, "--workers", "0", "--no-progress"])
     assert result.exit_code == 0, result.output
     store = TokenStore.open(tmp_path / "c.zarr")
-    assert not store.labelled and store.keys()[store.rows()].tolist() == [f"k{i}" for i in range(5)]
+    assert store.label_names == [] and store.keys()[store.rows()].tolist() == [f"k{i}" for i in range(5)]
     assert store.sources()[store.rows()].tolist() == [""] * 5
 
 

@@ -133,7 +133,7 @@ def select_labels(loaded: LoadedCheckpoint, store, requested: Sequence[str]) -> 
         InputError: an unlabelled store, a requested label unknown to the checkpoint or the store, or
             no label shared.
     """
-    if not store.labelled:
+    if not store.label_names:
         raise InputError(
             f"store {store.path} holds an unlabelled collection: there is no ground truth to evaluate against; "
             "rank it with rankpipe rank --store, or evaluate on a store embedded from labelled shards"

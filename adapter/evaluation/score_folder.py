@@ -40,6 +40,10 @@ class ScoreFolder:
     def block_path(self, block: int) -> Path:
         return self.path / f"block-{block:06d}.npz"
 
+    def has(self, block: int) -> bool:
+        """Whether the block's scores are written."""
+        return self.block_path(block).is_file()
+
     def finished(self) -> set[int]:
         """The blocks whose scores are written."""
         found = (_BLOCK_FILE.match(p.name) for p in self.path.iterdir())
@@ -60,9 +64,12 @@ def open_score_folder(path: Path, run: dict[str, Any]) -> ScoreFolder:
     """The folder of `run`: created with its run.json, or found holding the same run.
 
     Raises:
-        InputError: the folder exists but holds another run's scores, or is not a score folder.
+        InputError: the folder exists but holds another run's scores, or is not a score folder, or
+            cannot be written.
     """
     record = path / RUN_FILE
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{path} is a file, not a folder for rank scores; choose another --work-dir")
     if path.exists() and any(path.iterdir()):
         try:
             theirs = json.loads(record.read_text())
@@ -72,6 +79,9 @@ def open_score_folder(path: Path, run: dict[str, Any]) -> ScoreFolder:
             raise InputError(f"{path} holds the block scores of another ranking (other store, checkpoint, queries "
                              "or settings); remove it or choose another --work-dir")
         return ScoreFolder(path)
-    path.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(record, json.dumps(run, indent=1, sort_keys=True) + "\n")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(record, json.dumps(run, indent=1, sort_keys=True) + "\n")
+    except OSError as e:
+        raise InputError(f"cannot write the score folder {path} ({e}); pass --work-dir on a writable filesystem") from e
     return ScoreFolder(path)

@@ -112,7 +112,8 @@ def rank_store(
         InputError: a missing or unfinished store, a checkpoint of another backbone, bad queries, a
             memory budget too small for three images, a work folder of another run, or no valid image.
     """
-    torch_device = torch_device_for(default_device(device))
+    # With a client the device is the workers' (checked there), not this machine's.
+    torch_device = torch_device_for(default_device(device)) if client is None else _device_kind(default_device(device))
     store = TokenStore.open(store_path)
     # With a client the ranker runs on the workers; here it only resolves the queries.
     loaded = load_checkpoint(checkpoint, torch_device if client is None else "cpu")
@@ -154,6 +155,17 @@ def _score_on_cluster(client, job: BlockJob, pending: list[int], bar: tqdm) -> N
                for b in pending]
     for future in distributed.as_completed(futures):
         bar.update(future.result())
+
+
+def _device_kind(device: str) -> torch.device:
+    """The device a --device value names, without asking whether this machine has it."""
+    try:
+        kind = torch.device(device)
+    except RuntimeError as e:
+        raise InputError(f"unknown device {device!r}; use cpu or cuda") from e
+    if kind.type not in ("cpu", "cuda"):
+        raise InputError(f"device {device!r} is not supported; use cpu or cuda")
+    return kind
 
 
 def _run_record(store: TokenStore, checkpoint: Path, config: RankConfig, rows: int, device: str) -> dict:

@@ -8,6 +8,7 @@ the CPU), and a ranking merged from them equals a single-process one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 from collections.abc import Callable, Sequence
@@ -47,15 +48,17 @@ def score_blocks(store: TokenStore, ranker: Ranker, queries: Sequence[Query], bl
     rows: list[np.ndarray] = []
     scores: list[np.ndarray] = []
     total = 0
-    for item in read_pieces(store, plan_pieces(store, blocks, piece_rows), ranker.reads):
-        rows.append(item.rows)
-        scores.append(_score(ranker, queries, item.features, batch_size, device))  # [k, Q]
-        total += len(item.rows)
-        if progress is not None:
-            progress(len(item.rows))
-        if item.piece.last:
-            folder.write(item.piece.block, np.concatenate(rows), np.concatenate(scores))
-            rows, scores = [], []
+    # closing(): an error here stops the reader thread at once, not when the generator is collected.
+    with contextlib.closing(read_pieces(store, plan_pieces(store, blocks, piece_rows), ranker.reads)) as pieces:
+        for item in pieces:
+            rows.append(item.rows)
+            scores.append(_score(ranker, queries, item.features, batch_size, device))  # [k, Q]
+            total += len(item.rows)
+            if progress is not None:
+                progress(len(item.rows))
+            if item.piece.last:
+                folder.write(item.piece.block, np.concatenate(rows), np.concatenate(scores))
+                rows, scores = [], []
     return total
 
 
@@ -113,7 +116,7 @@ class BlockJob:
 def score_block_task(job: BlockJob, block: int) -> int:
     """Score one block into the run's folder (a dask task); returns its images, 0 when already written."""
     folder = ScoreFolder(job.folder)
-    if block in folder.finished():  # a retried task whose first try finished after all
+    if folder.has(block):  # a retried task whose first try finished after all
         return 0
     loaded = _worker_checkpoint(job.checkpoint, job.device)
     queries = [spec.query(loaded) for spec in job.queries]

@@ -104,11 +104,6 @@ class Manifest:
         if len(set(names)) != len(names):
             raise ValueError(f"label names must be unique, got {names}")
 
-    @property
-    def labelled(self) -> bool:
-        """Whether the dataset carries labels (an unlabelled collection has none)."""
-        return bool(self.labels)
-
     def shard_urls(self) -> list[str]:
         """The expanded shard list; relative paths are resolved against the manifest's folder."""
         base = self.path.parent if self.path is not None else Path(".")
