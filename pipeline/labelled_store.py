@@ -43,8 +43,8 @@ class LabelledStore:
     # Share of the training images that validate instead, chosen by a hash of their keys: 0 unless the
     # store has no image in the manifest's val split (`open` decides).
     val_share: float = 0.0
-    # (train rows, val rows) of the manifest's splits, ascending, valid rows only: read once in `open`,
-    # since the split column is the slowest array to read.
+    # (train rows, val rows), ascending, valid rows only, after any val share was carved from train:
+    # read once in `open`, since the split column is the slowest array to read.
     split_rows_read: TrainValRows | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @classmethod
@@ -90,6 +90,7 @@ class LabelledStore:
             log.warning("store %s has no image in the val split %s: %d%% of the training images, chosen by a hash "
                         "of their keys, validate instead (recorded in the run); map a val split with --manifest "
                         "to choose them", store.path, val_values, round(100 * VAL_SHARE))
+            read = _carve_val(store, read[0], val_share)
         if labels:
             _require_labels(store, labels)
             for name in labels:
@@ -97,7 +98,7 @@ class LabelledStore:
             return cls(store, manifest, tuple(dict.fromkeys(labels)), val_share, read)
         candidates = list(among) if among is not None else list(store.label_names)
         _require_labels(store, candidates)
-        chosen = _labels_with_pairs(store, manifest, candidates, val_share, read)
+        chosen = _labels_with_pairs(store, manifest, candidates, read)
         return cls(store, manifest, tuple(chosen), val_share, read)
 
     @property
@@ -120,7 +121,11 @@ class LabelledStore:
 
     def labelled_rows(self) -> dict[str, TrainValRows]:
         """The (train, val) store rows of each label that have a value, ascending."""
-        return _labelled_rows(self.store, self.manifest, self.labels, self.val_share, self.split_rows_read)
+        read = self.split_rows_read
+        if read is None:  # built directly rather than by `open`: the manifest's splits as they are
+            read = (self.store.rows(list(self.manifest.splits.values("train"))),
+                    self.store.rows(list(self.manifest.splits.values("val"))))
+        return _labelled_rows(self.store, self.labels, read)
 
     def split_rows(self) -> dict[str, TrainValRows]:
         """`labelled_rows`, checked: every label has 2 or more train and val images.
@@ -145,19 +150,20 @@ class LabelledStore:
         return per_label
 
 
-def _labelled_rows(store: TokenStore, manifest: Manifest, labels: Sequence[str],
-                   val_share: float = 0.0, read: TrainValRows | None = None) -> dict[str, TrainValRows]:
-    """The same rows as `store.rows(values, label=name)` for train and val, but the split column (a
-    string array, the slowest to read) is read once per split rather than once per label. With a
-    `val_share`, that share of the train rows (by key hash) is the val split instead."""
-    if read is None:
-        read = (store.rows(list(manifest.splits.values("train"))), store.rows(list(manifest.splits.values("val"))))
+def _carve_val(store: TokenStore, train: np.ndarray, share: float) -> TrainValRows:
+    """(train, val) rows: `share` of the `train` rows, chosen by a hash of their keys, become val.
+
+    A key's hash, not its position, decides, so the choice survives reordered or added tars.
+    """
+    keys = store.keys()[train]  # [T]
+    u = np.array([int.from_bytes(hashlib.sha256(f"val:{k}".encode()).digest()[:8], "big") / 2**64 for k in keys])
+    return train[u >= share], train[u < share]
+
+
+def _labelled_rows(store: TokenStore, labels: Sequence[str], read: TrainValRows) -> dict[str, TrainValRows]:
+    """The (train, val) rows of `read` that have a value of each label: the same rows as
+    `store.rows(values, label=name)`, without reading the split column once per label."""
     train, val = read
-    if val_share > 0:
-        keys = store.keys()[train]  # [T]
-        # A key's hash, not its position, decides: the choice survives reordered or added tars.
-        u = np.array([int.from_bytes(hashlib.sha256(f"val:{k}".encode()).digest()[:8], "big") / 2**64 for k in keys])
-        train, val = train[u >= val_share], train[u < val_share]
     per_label = {}
     for name in labels:
         has_value = np.isfinite(store.label(name))  # [N]
@@ -165,11 +171,10 @@ def _labelled_rows(store: TokenStore, manifest: Manifest, labels: Sequence[str],
     return per_label
 
 
-def _labels_with_pairs(store: TokenStore, manifest: Manifest, names: Sequence[str], val_share: float,
-                       read: TrainValRows) -> list[str]:
+def _labels_with_pairs(store: TokenStore, manifest: Manifest, names: Sequence[str], read: TrainValRows) -> list[str]:
     """The labels among `names` with 2 or more train and val images; the others are logged and left out."""
     labels = []
-    for name, (train_rows, val_rows) in _labelled_rows(store, manifest, names, val_share, read).items():
+    for name, (train_rows, val_rows) in _labelled_rows(store, names, read).items():
         counts = len(train_rows), len(val_rows)
         if min(counts) >= 2:
             labels.append(name)

@@ -290,13 +290,18 @@ class TokenStore:
 
     def invalid_note(self) -> str | None:
         """A sentence on the images that are invalid rows (left out of training and evaluation), or None."""
-        errors = self.errors()  # [N]; padding rows have no image and no error
-        invalid = np.flatnonzero(errors != "")
-        if not len(invalid):
+        # Counted from the tars' sample counts and the cheap valid column; the error strings (the
+        # slowest array) are read only when some image is invalid.
+        count = sum(block.count for block in self.blocks) - int(self.valid().sum())
+        if count <= 0:
             return None
-        first = int(invalid[0])
-        return (f"{len(invalid)} image(s) of store {self.path} are invalid rows and left out, "
-                f"e.g. {self.keys()[first] or 'row ' + str(first)}: {errors[first]}")
+        note = f"{count} image(s) of store {self.path} are invalid rows and left out"
+        errors = self.errors()  # [N]; padding rows have no image and no error
+        reasons = np.flatnonzero(errors != "")
+        if not len(reasons):
+            return note
+        first = int(reasons[0])
+        return f"{note}, e.g. {self.keys()[first] or 'row ' + str(first)}: {errors[first]}"
 
     def splits(self) -> np.ndarray:
         """[N] str: each row's split value."""

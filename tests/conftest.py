@@ -234,3 +234,10 @@ def write_synthetic_store(path, n: int = 120, seed: int = 0, provenance: dict | 
     sizes = [n // tars] * (tars - 1) + [n - (tars - 1) * (n // tars)]
     columns = {"tokens": tokens, "keys": keys, "valid": valid, "splits": splits}
     return write_store_rows(path, provenance, manifest, texts, sizes, columns, labels, tars_made_by=f"seed{seed}")
+
+
+def embedding_scores(loaded, label: str, embed) -> np.ndarray:
+    """A baseline checkpoint's [n] scores of [n, E] pooled embeddings, through its ranker."""
+    assert loaded.ranker.reads == "embed"
+    (scores,) = loaded.ranker.score(torch.as_tensor(np.asarray(embed)), [loaded.query(label)])
+    return scores

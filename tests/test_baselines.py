@@ -26,7 +26,6 @@ from rankpipe.adapter.evaluation.folds import recorded_splits
 from rankpipe.adapter.evaluation.scoring import (
     load_checkpoint,
     predict,
-    predict_embeddings,
 )
 from rankpipe.adapter.training.loop import train_from_store
 from rankpipe.adapter.training.targets import fit_target_scale
@@ -37,7 +36,7 @@ from rankpipe.pipeline.embed.backbone import TINY_VIT
 from rankpipe.pipeline.labelled_store import LabelledStore
 from rankpipe.pipeline.store import TokenStore
 
-from conftest import assert_rank_matches_store, read_tar_samples, tiny_config
+from conftest import assert_rank_matches_store, embedding_scores, read_tar_samples, tiny_config
 
 BASELINES = ["zero-shot", "clip-iqa", "linear-probe"]
 
@@ -127,7 +126,7 @@ def test_predictions_are_in_label_units(store, fitted, method):
         assert np.isfinite(pred).all()
         # Least-squares fits with an intercept reproduce the training targets' mean exactly.
         assert pred.mean() == pytest.approx(split.train_targets.mean(), rel=1e-6)
-        np.testing.assert_allclose(pred, predict_embeddings(loaded, split.name, store.image_embed(rows)))
+        np.testing.assert_allclose(pred, embedding_scores(loaded, split.name, store.image_embed(rows)))
     assert set(loaded.val_srcc) == {"squares", "brightness"}
     assert recorded_splits(fitted[method].path) == store.manifest.splits
 

@@ -27,13 +27,13 @@ from rankpipe.adapter.baselines.prompt_learning import (
     train_prompts,
 )
 from rankpipe.adapter.baselines.prompts import PromptEncoder
-from rankpipe.adapter.evaluation.scoring import load_checkpoint, predict_embeddings
+from rankpipe.adapter.evaluation.scoring import load_checkpoint
 from rankpipe.cli.main import cli
 from rankpipe.errors import InputError
 from rankpipe.pipeline.labelled_store import LabelledStore
 from rankpipe.pipeline.store import TokenStore
 
-from conftest import assert_rank_matches_store
+from conftest import assert_rank_matches_store, embedding_scores
 
 METHODS = ["coop", "ordinalclip", "l2rclip"]
 # Tiny and short: enough steps to move the prompts, few enough for the CPU.
@@ -75,7 +75,7 @@ def test_trains_and_predicts_in_label_units(store, manifest, fitted, method):
         params = loaded.ranker.baseline.label_params(split.name)
         values = params["values"].numpy()
         assert params["final_loss"] < params["first_loss"]
-        pred = predict_embeddings(loaded, split.name, split.val_embed)
+        pred = embedding_scores(loaded, split.name, split.val_embed)
         assert pred.shape == (len(split.val_targets),) and np.isfinite(pred).all()
         # An expectation over class values lies between the smallest and largest class.
         assert values.min() - 1e-9 <= pred.min() and pred.max() <= values.max() + 1e-9

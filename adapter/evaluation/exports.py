@@ -46,9 +46,6 @@ class Table:
         if len(set(lengths.values())) > 1:
             raise ValueError(f"columns of unequal length: {lengths}")
 
-    def __len__(self) -> int:
-        return len(next(iter(self.columns.values()))) if self.columns else 0
-
     def cells(self) -> Iterator[list[Any]]:
         """Each row as plain Python values in column order: str, int, float, or None when missing."""
         converted = [_python_values(values, self.missing.get(name)) for name, values in self.columns.items()]

@@ -107,11 +107,14 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     path = path / "best.pt" if path.is_dir() else path
     try:
         return _load(payload, path, device)
-    except (KeyError, TypeError, ValueError) as e:  # a field missing, or of the wrong type
+    except KeyError as e:
+        raise InputError(f"checkpoint {path} lacks its {e} field; it was not written by `rankpipe train` as it is "
+                         "now: train it again") from e
+    except (TypeError, ValueError) as e:  # a field of the wrong type or value
         if isinstance(e, InputError):
             raise
-        raise InputError(f"checkpoint {path} lacks or garbles its {e} field ({type(e).__name__}); it was not written "
-                         "by `rankpipe train` as it is now: train it again") from e
+        raise InputError(f"checkpoint {path} holds a field of the wrong type or value ({type(e).__name__}: {e}); "
+                         "it was not written by `rankpipe train` as it is now: train it again") from e
 
 
 def _load(payload: dict, path: Path, device: torch.device) -> LoadedCheckpoint:
@@ -279,26 +282,6 @@ def store_scores(
         scores[order] = np.concatenate(part) if part else np.zeros(0)
         out[name] = scores
     return out
-
-
-def predict_embeddings(loaded: LoadedCheckpoint, label: str, embed: np.ndarray) -> np.ndarray:
-    """A baseline checkpoint's scores of pooled image embeddings, in label units.
-
-    Args:
-        loaded: a checkpoint from `load_checkpoint` whose ranker reads pooled embeddings.
-        label: one of its label names.
-        embed: [n, E] CLIP's pooled, projected image embeddings (as the store's image/embed).
-
-    Returns:
-        [n] float64 scores in label units (target units for a "distance" target).
-
-    Raises:
-        InputError: an adapter checkpoint (it scores patch tokens), or an unknown label.
-    """
-    if loaded.ranker.reads != "embed":
-        raise InputError(f"checkpoint {loaded.path} is a ranking adapter, which scores patch tokens, not pooled embeddings")
-    (scores,) = loaded.ranker.score(torch.as_tensor(np.asarray(embed)), [loaded.query(label)])
-    return scores
 
 
 def query_tokens(text: TextFeatures, device: torch.device) -> torch.Tensor:
