@@ -94,7 +94,7 @@ def _baseline(method: str, description: str, *settings: str) -> None:
     register_variant(Variant(method, method, tuple(settings), description))
 
 
-_baseline("zero-shot", "frozen CLIP, no training: cosine to the query, expected count over number prompts")
+_baseline("zero-shot", "frozen CLIP, no training: cosine to the query, expected count over number prompts or expected class over named-class prompts")
 _baseline("clip-iqa", "frozen CLIP, no training: softmax over an antonym prompt pair (CLIP-IQA)")
 _baseline("linear-probe", "ridge regression on the pooled image embedding, penalty chosen on val")
 _baseline("coop", "learned context tokens before class names, trained through the frozen text tower (CoOp)")
