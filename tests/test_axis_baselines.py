@@ -23,6 +23,8 @@ from rankpipe.adapter.evaluation.store_rank import rank_store
 from rankpipe.adapter.experiments.bench.variants import get_variant
 from rankpipe.cli.main import cli
 from rankpipe.errors import InputError
+from rankpipe.pipeline.datasets.photo_tasks import PhotoTasksConfig, build_photo_tasks
+from rankpipe.pipeline.datasets.photo_tasks.sources import SourcesConfig
 from rankpipe.pipeline.embed.backbone import TINY_VIT
 from rankpipe.pipeline.labelled_store import LabelledStore
 from rankpipe.pipeline.store import TokenStore
@@ -224,3 +226,21 @@ def test_bench_rows_name_the_methods_and_settings():
     assert (get_variant("rank-axis-all").method, get_variant("rank-axis-all").overrides) == ("rank-axis", ("k=all",))
     assert get_variant("text-axis").method == "text-axis"
     method_config(get_method("rank-axis"), get_variant("rank-axis-all").overrides)  # the row's settings parse
+
+
+def test_bench_fits_the_axis_rows(tmp_path):
+    tasks = tmp_path / "tasks"
+    build_photo_tasks(tasks, PhotoTasksConfig(images={"quality": 40, "attributes": 12, "counting": 36}, image_size=64,
+                                              sources=SourcesConfig(mode="builtin"), samples_per_tar=1000))
+    out = tmp_path / "bench"
+    result = CliRunner().invoke(cli, ["bench", "--tasks", str(tasks), "--model", TINY_VIT, "--pretrained", "none",
+                                      "--variants", "rank-axis,rank-axis-all,text-axis", "--seeds", "1", "--out", str(out),
+                                      "--quick", "--device", "cpu", "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    with (out / "results.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["variant"] for r in rows} == {"rank-axis", "rank-axis-all", "text-axis"}
+    assert {r["section"] for r in rows} == {"trained"}
+    k = {v: load_checkpoint(out / "runs" / v / "seed0" / "best.pt").ranker.baseline.config.k
+         for v in ("rank-axis", "rank-axis-all")}
+    assert k == {"rank-axis": 1, "rank-axis-all": "all"}
