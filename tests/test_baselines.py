@@ -79,8 +79,8 @@ def _text(model, tokenizer, prompts):
 
 
 def test_registry_lists_methods_and_refuses_unknown_names():
-    assert method_names() == ["adapter", *sorted([*BASELINES, "coop", "l2rclip", "ordinalclip"])]
-    with pytest.raises(InputError, match="unknown method 'cop'.*adapter, clip-iqa, coop, l2rclip, linear-probe, ordinalclip, zero-shot"):
+    assert method_names() == ["adapter", *sorted([*BASELINES, "coop", "l2rclip", "ordinalclip", "rank-axis", "text-axis"])]
+    with pytest.raises(InputError, match="unknown method 'cop'.*adapter, clip-iqa, coop, l2rclip, linear-probe, ordinalclip, rank-axis, text-axis, zero-shot"):
         get_method("cop")
 
 
@@ -282,7 +282,7 @@ def test_method_settings_overrides(store, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--method", "cop"], "unknown method 'cop'; choose one of: adapter, clip-iqa, coop, l2rclip, linear-probe, ordinalclip, zero-shot"),
+    (["--method", "cop"], "unknown method 'cop'; choose one of: adapter, clip-iqa, coop, l2rclip, linear-probe, ordinalclip, rank-axis, text-axis, zero-shot"),
     (["--method", "zero-shot", "--max-steps", "3"], "--max-steps: option(s) of adapter training"),
     (["--method", "linear-probe", "--set", "select_by=mae"], "select_by"),
     (["--backbone-weights", "w.pt"], "--backbone-weights is for baselines"),

@@ -100,3 +100,7 @@ _baseline("linear-probe", "ridge regression on the pooled image embedding, penal
 _baseline("coop", "learned context tokens before class names, trained through the frozen text tower (CoOp)")
 _baseline("ordinalclip", "learned context and base ranks interpolated into rank prompts (OrdinalCLIP)")
 _baseline("l2rclip", "RankFormer rank prompts with global context, contrastive + ordinal pairwise loss (L2RCLIP)")
+_baseline("rank-axis", "projection on the axis from the lowest to the highest train image (rankability, k=1)")
+register_variant(Variant("rank-axis-all", "rank-axis", ("k=all",),
+                         "projection on the rank axis regressed on every train image (rankability, k=all)"))
+_baseline("text-axis", "frozen CLIP, no training: projection on the high-minus-low prompt direction")
