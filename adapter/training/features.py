@@ -108,8 +108,9 @@ class ResidentFeatures:
         targets = query.train_targets[pos]  # [b]
         if pool is not None:
             zero = float(query.scale.normalise(np.zeros(1))[0])  # a zero count, normalised for this query
-            rows = torch.cat([rows, pool[neg]])  # [B]
-            targets = torch.cat([targets, torch.full_like(pool[neg], zero, dtype=targets.dtype)])  # [B]
+            negatives = pool[neg]  # [B - b] resident rows
+            rows = torch.cat([rows, negatives])  # [B]
+            targets = torch.cat([targets, torch.full_like(negatives, zero, dtype=targets.dtype)])  # [B]
         return TrainBatch(query_index, self.image_tokens[rows], targets, rows)
 
     def _negative_pool(self, query_index: int) -> torch.Tensor:

@@ -47,7 +47,7 @@ from rankpipe.adapter.training.checkpoint import (
 from rankpipe.adapter.training.features import BatchSampler
 from rankpipe.adapter.training.optimizer import make_optimizer
 from rankpipe.adapter.training.run_config import OptimConfig, RunConfig
-from rankpipe.adapter.training.sampling import refuse_non_counts
+from rankpipe.adapter.training.sampling import refuse_non_counts, refuse_single_label
 from rankpipe.adapter.training.streaming import TrainingFeatures, open_features
 from rankpipe.devices import autocast
 from rankpipe.errors import InputError
@@ -186,6 +186,8 @@ def _train_adapter(
     device = torch.device(device)
     cfg = run_config
     labels = [q.name for q in features.queries]
+    if cfg.train.negative_share > 0:
+        refuse_single_label(len(labels))
     saved = load_resume_state(out_dir / LAST, cfg, labels, provenance, device, store_identity) if resume else None
     if saved is None and (out_dir / LAST).exists():
         raise InputError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")

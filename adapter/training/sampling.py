@@ -14,19 +14,26 @@ from rankpipe.errors import InputError
 from rankpipe.pipeline.labelled_store import LabelledStore
 
 
-def refuse_non_counts(data: LabelledStore) -> None:
-    """Refuse zero-count negatives unless 2+ labels train together and all their training labels are counts.
+def refuse_single_label(num_labels: int) -> None:
+    """Refuse zero-count negatives when fewer than 2 labels train together: there is nothing to draw them from.
 
     Raises:
-        InputError: a single label, or a label with a training value that is not a non-negative integer.
+        InputError: saying what to do.
     """
-    rows = data.labelled_rows()
-    if len(rows) < 2:
+    if num_labels < 2:
         raise InputError(
             "train.negative_share draws other labels' images as zero counts, but only one label trains; "
             "train several count labels together or set train.negative_share=0"
         )
-    for name, (train_rows, _) in rows.items():
+
+
+def refuse_non_counts(data: LabelledStore) -> None:
+    """Refuse zero-count negatives unless every training value of the labels of `data` is a count.
+
+    Raises:
+        InputError: a label with a training value that is not a non-negative integer.
+    """
+    for name, (train_rows, _) in data.labelled_rows().items():
         values = np.asarray(data.store.label(name)[train_rows], dtype=np.float64)
         bad = values[(values < 0) | (values != np.round(values))]
         if len(bad):
