@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from rankpipe.adapter.model.adapter import RankingAdapter
 from rankpipe.adapter.model.config import AdapterConfig
@@ -57,34 +56,40 @@ def test_paper_fusion_blocks_share_one_mlp_and_are_smaller():
     assert released - paper == 2 * (8 * D * D + 5 * D + 2 * D)
 
 
-def test_released_block_computes_self_then_cross_attention_each_with_its_mlp():
+def copy_into_open_clip(block, reference) -> None:
+    """Copy a ResidualAttentionBlock's weights into open_clip's block of the same structure."""
+    attn = block.attn
+    if block.ln_context is None:
+        in_w, in_b = attn.qkv_proj.weight, attn.qkv_proj.bias
+    else:
+        in_w = torch.cat([attn.q_proj.weight, attn.kv_proj.weight])
+        in_b = torch.cat([attn.q_proj.bias, attn.kv_proj.bias])
+        reference.ln_1_kv.load_state_dict(block.ln_context.state_dict())
+    reference.attn.in_proj_weight.data.copy_(in_w)
+    reference.attn.in_proj_bias.data.copy_(in_b)
+    reference.attn.out_proj.load_state_dict(attn.out_proj.state_dict())
+    reference.ln_1.load_state_dict(block.ln_attn.state_dict())
+    reference.ln_2.load_state_dict(block.ln_mlp.state_dict())
+    reference.mlp.c_fc.load_state_dict(block.mlp.fc_in.state_dict())
+    reference.mlp.c_proj.load_state_dict(block.mlp.fc_out.state_dict())
+
+
+def test_released_block_computes_what_open_clips_self_and_cross_attention_blocks_compute():
+    from open_clip.transformer import ResidualAttentionBlock
+
     torch.manual_seed(0)
-    cfg = AdapterConfig(d_model=16, heads=2, fusion_dropout=0.0)
-    block = ReleasedFusionBlock(cfg)
-    x, text = torch.randn(3, 5, 16), torch.randn(4, 16)
-
-    def mha(attn, q, kv):  # plain multi-head attention from the projection weights
-        if attn.__dict__["_modules"].get("qkv_proj") is not None:
-            wq, wk, wv = attn.qkv_proj.weight.chunk(3)
-            bq, bk, bv = attn.qkv_proj.bias.chunk(3)
-        else:
-            wq, bq = attn.q_proj.weight, attn.q_proj.bias
-            (wk, wv), (bk, bv) = attn.kv_proj.weight.chunk(2), attn.kv_proj.bias.chunk(2)
-        heads = []
-        for h in range(2):
-            s = slice(8 * h, 8 * h + 8)
-            qh, kh, vh = (q @ wq.T + bq)[..., s], (kv @ wk.T + bk)[..., s], (kv @ wv.T + bv)[..., s]
-            heads.append(torch.softmax(qh @ kh.transpose(-1, -2) / 8**0.5, dim=-1) @ vh)
-        return attn.out_proj(torch.cat(heads, dim=-1))
-
-    def residual(b, x, context):
-        kv = F.layer_norm(context, (16,), b.ln_context.weight, b.ln_context.bias) if context is not None else None
-        h = b.ln_attn(x)
-        x = x + mha(b.attn, h, h if kv is None else kv)
-        return x + b.mlp.fc_out(F.gelu(b.mlp.fc_in(b.ln_mlp(x))))
-
-    expected = residual(block.cross_block, residual(block.self_block, x, None), text)
+    block = ReleasedFusionBlock(AdapterConfig(d_model=16, heads=2))
+    for p in block.parameters():  # away from the identity gains and zero biases of a fresh LayerNorm
+        torch.nn.init.normal_(p, std=0.3)
+    self_ref = ResidualAttentionBlock(16, 2, 4.0)
+    cross_ref = ResidualAttentionBlock(16, 2, 4.0, is_cross_attention=True)
+    copy_into_open_clip(block.self_block, self_ref)
+    copy_into_open_clip(block.cross_block, cross_ref)
+    x, text = torch.randn(3, 5, 16), torch.randn(3, 4, 16)
+    expected = cross_ref(self_ref(x), k_x=text, v_x=text)
     torch.testing.assert_close(block(x, text), expected)
+    torch.testing.assert_close(block(x, text[0]), cross_ref(self_ref(x), k_x=text[:1].expand(3, 4, 16),
+                                                             v_x=text[:1].expand(3, 4, 16)))
 
 
 @pytest.mark.parametrize("fusion_block, cls", [("released", ReleasedFusionBlock), ("paper", PaperFusionBlock)])
