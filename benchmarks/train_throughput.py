@@ -10,7 +10,8 @@ once with the naive reference that materialises every pair's [2P, D] keys/values
 Columns: N, factorised ms/step, images/s, peak GiB (torch.cuda.max_memory_allocated), naive ms/step,
 naive peak GiB ("OOM" when it does not fit), speed-up (naive ms / factorised ms).
 
-Measured on one H100 80GB (torch 2.11, bf16 autocast, pair_chunk 32768), ms/step and peak GiB:
+Measured on one H100 80GB (torch 2.11, bf16 autocast, pair_chunk 32768) with the paper's fusion
+blocks and no dropout (`--fusion-block paper --plain-dropout 0`), ms/step and peak GiB:
     N   eager             --compile reduce-overhead   naive (eager)
    64   14.6   1.4        4.9                         64.9  13.2
   128   14.7   2.7        8.8   2.1                   243.4 49.9
