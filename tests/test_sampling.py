@@ -13,6 +13,7 @@ from rankpipe.adapter.evaluation.scoring import load_checkpoint, predict
 from rankpipe.adapter.model.adapter import RankingAdapter
 from rankpipe.adapter.model.config import AdapterConfig
 from rankpipe.adapter.model.encoder import PaperFusionBlock
+from rankpipe.adapter.training.checkpoint import saved_run_config
 from rankpipe.adapter.training.features import BatchSampler, build_features
 from rankpipe.adapter.training.loop import train_from_store
 from rankpipe.adapter.training.optimizer import make_optimizer
@@ -174,3 +175,27 @@ def test_an_old_checkpoint_loads_as_the_paper_blocks_and_scores_as_before(tmp_pa
     assert all(isinstance(b, PaperFusionBlock) for b in old.ranker.model.encoder.blocks)
     rows = np.arange(10)
     np.testing.assert_array_equal(predict(old, store, "count", rows), predict(new, store, "count", rows))
+
+
+def test_an_old_run_resumes_with_the_optimiser_it_was_trained_with(tmp_path):
+    store = write_synthetic_store(tmp_path / "synthetic.zarr")
+    config = tiny_config("train.max_steps=40", "adapter.fusion_block=paper", "adapter.plain_dropout=0",
+                         "optim.amsgrad=false", "optim.decay_norms_and_biases=true")
+    full = train_from_store(store, tmp_path / "full", config)
+
+    class Interrupt(Exception):
+        pass
+
+    def crash(event):
+        if event.val_srcc is not None and event.step == 20:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train_from_store(store, tmp_path / "cut", config, progress=crash)
+    last = tmp_path / "cut" / "last.pt"
+    payload = torch.load(last, weights_only=True)
+    payload["run_config"] = old_form(payload["run_config"], dropout=0.0)
+    torch.save(payload, last)
+    resumed = train_from_store(store, tmp_path / "cut", saved_run_config(last), resume=True)
+    a, b = weights(full.last_path), weights(resumed.last_path)
+    assert all(torch.equal(a[k], b[k]) for k in a)
