@@ -45,7 +45,9 @@ from rankpipe.adapter.training.checkpoint import (
     set_rng_state,
 )
 from rankpipe.adapter.training.features import BatchSampler
+from rankpipe.adapter.training.optimizer import make_optimizer
 from rankpipe.adapter.training.run_config import OptimConfig, RunConfig
+from rankpipe.adapter.training.sampling import refuse_non_counts, refuse_single_label
 from rankpipe.adapter.training.streaming import TrainingFeatures, open_features
 from rankpipe.devices import autocast
 from rankpipe.errors import InputError
@@ -129,6 +131,8 @@ def train_from_store(
         TrainingDiverged: the loss became non-finite.
     """
     data = LabelledStore.open(store, manifest, labels or ())
+    if run_config.train.negative_share > 0:
+        refuse_non_counts(data)
     device = torch.device(device)
     features = open_features(data, device, run_config.train)
     return train_adapter(features, out_dir, run_config, data.provenance, device, resume, progress,
@@ -182,6 +186,8 @@ def _train_adapter(
     device = torch.device(device)
     cfg = run_config
     labels = [q.name for q in features.queries]
+    if cfg.train.negative_share > 0:
+        refuse_single_label(len(labels))
     saved = load_resume_state(out_dir / LAST, cfg, labels, provenance, device, store_identity) if resume else None
     if saved is None and (out_dir / LAST).exists():
         raise InputError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
@@ -195,11 +201,10 @@ def _train_adapter(
         model = RankingAdapter(cfg.adapter, features.image_token_dim, features.text_token_dim)
     model = model.to(device)
     model.train()
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay
-    )
+    optimizer = make_optimizer(model, cfg.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(cfg.optim, cfg.train.max_steps))
-    sampler = BatchSampler(features.train_sizes, cfg.train.batch_size, cfg.train.seed, device)
+    sampler = BatchSampler(features.train_sizes, cfg.train.batch_size, cfg.train.seed, device,
+                           cfg.train.sampling, cfg.train.negative_share)
     step, best, val_srcc = 0, None, {}
     if saved is not None:
         model.load_state_dict(saved["model"])

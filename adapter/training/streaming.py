@@ -145,7 +145,7 @@ class StreamingFeatures:
         window = self._window_for(step)
         query_index = self.schedule.query_for(step)
         local = window.local_index[query_index]  # [n_q]
-        pos = sampler.sample(len(local), self.device)  # [B] positions in the query's rows of the window
+        pos, _ = sampler.draw(window.targets[query_index])  # [B] positions in the query's rows of the window
         return TrainBatch(
             query_index, window.tokens[local[pos]], window.targets[query_index][pos], window.key_index[query_index][pos]
         )
@@ -261,7 +261,13 @@ def open_features(data: LabelledStore, device: torch.device | str, train: TrainC
             f"of train.max_resident_gb={budget} holds ({window_gb:.2g} GB: half of what validation leaves, as the next "
             "window is read while one trains); raise it with --set train.max_resident_gb=N or write smaller tars"
         )
-    schedule = WindowSchedule(block_rows[used], block_query_rows[used], capacity, train.window_steps, train.seed)
+    if train.negative_share > 0:
+        raise InputError(
+            f"train.negative_share needs the train/val image tokens resident, but they exceed "
+            f"train.max_resident_gb={budget}; raise it with --set train.max_resident_gb=N or set train.negative_share=0"
+        )
+    schedule = WindowSchedule(block_rows[used], block_query_rows[used], capacity, train.window_steps, train.seed,
+                              uniform_queries=train.sampling == "released")
     log.info(
         "streaming image tokens: %d training rows in %d blocks, windows of up to %d rows (%.2f GB); val rows %s",
         len(train_rows), len(used), capacity, window_gb, "resident" if val_resident else "read at every validation",
