@@ -8,6 +8,8 @@ instead: see rankpipe.adapter.training.streaming, which draws its batches throug
 
 Queries are mixed by drawing one query per step with probability proportional to its number of
 training images, so every training image is seen about equally often whatever query it belongs to.
+A store with a flip view keeps its mirror images' tokens resident too, and each image of a batch
+trains on one of the two views (adapter/training/views.py).
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from rankpipe.adapter.training.targets import (
     fit_target_scale,
     transform_target,
 )
+from rankpipe.adapter.training.views import gather_views
 from rankpipe.errors import InputError
+from rankpipe.pipeline.embed.cache_choices import HFLIP, ORIGINAL
 from rankpipe.pipeline.labelled_store import LabelledStore, TrainValRows
 from rankpipe.pipeline.store import TokenStore
 
@@ -80,6 +84,8 @@ class ResidentFeatures:
     keys: np.ndarray
     # The queries trained together.
     queries: list[QueryFeatures]
+    # [R, P, D] float16 tokens of the same rows' mirror images (a store with a flip view), or None.
+    flipped_tokens: torch.Tensor | None = None
 
     @property
     def image_token_dim(self) -> int:
@@ -100,7 +106,8 @@ class ResidentFeatures:
         query = self.queries[query_index]
         pos = sampler.sample(len(query.train_index), query.train_index.device)  # [B] positions in the query's train rows
         rows = query.train_index[pos]  # [B] resident rows
-        return TrainBatch(query_index, self.image_tokens[rows], query.train_targets[pos], rows)
+        tokens = gather_views(self.image_tokens, self.flipped_tokens, rows, sampler.seed, step)  # [B, P, D]
+        return TrainBatch(query_index, tokens, query.train_targets[pos], rows)
 
     def val_batches(self, query_index: int, batch_size: int) -> Iterator[torch.Tensor]:
         """[b, P, D] image tokens of a query's val rows, `batch_size` at a time, in val_targets order."""
@@ -113,11 +120,13 @@ def build_features(
     keys: np.ndarray,
     queries: list[dict],
     device: torch.device | str,
+    flipped_tokens: torch.Tensor | None = None,
 ) -> ResidentFeatures:
     """Resident features from in-memory arrays.
 
     Args:
         image_tokens: [R, P, D] image tokens of every resident row (any float dtype; kept as fp16).
+        flipped_tokens: [R, P, D] tokens of the same rows' mirror images, or None (no flip view).
         keys: [R] row keys.
         queries: one dict per query with name, query, text_tokens [L, Dt], transform (TargetTransform),
             train_rows / val_rows (int indices into the R rows) and train_labels / val_labels (raw labels).
@@ -140,7 +149,8 @@ def build_features(
             )
         )
     tokens = torch.as_tensor(image_tokens).to(device=device, dtype=torch.float16)
-    return ResidentFeatures(image_tokens=tokens, keys=np.asarray(keys), queries=out)
+    flipped = None if flipped_tokens is None else torch.as_tensor(flipped_tokens).to(device=device, dtype=torch.float16)
+    return ResidentFeatures(image_tokens=tokens, keys=np.asarray(keys), queries=out, flipped_tokens=flipped)
 
 
 def query_targets(q: dict) -> tuple[TargetScale, np.ndarray, np.ndarray]:
@@ -159,7 +169,7 @@ def load_features(data: LabelledStore, device: torch.device | str, max_resident_
     """
     per_label = data.split_rows()
     rows = needed_rows(per_label)
-    gigabytes = token_gigabytes(data.store, len(rows))
+    gigabytes = token_gigabytes(data.store, len(rows)) * len(data.store.views)
     if gigabytes > max_resident_gb:
         raise InputError(
             f"the {len(rows)} train/val images need {gigabytes:.1f} GB of image tokens, more than "
@@ -170,8 +180,8 @@ def load_features(data: LabelledStore, device: torch.device | str, max_resident_
 
 
 def train_val_gigabytes(data: LabelledStore) -> float:
-    """GB of fp16 image tokens that the train and val rows of the labels of `data` take when resident."""
-    return token_gigabytes(data.store, len(needed_rows(data.split_rows())))
+    """GB of fp16 image tokens that the train and val rows of the labels of `data` take when resident (every view)."""
+    return token_gigabytes(data.store, len(needed_rows(data.split_rows()))) * len(data.store.views)
 
 
 def needed_rows(per_label: dict[str, tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
@@ -210,6 +220,10 @@ def read_resident(data: LabelledStore, per_label: dict[str, TrainValRows], devic
     rows = needed_rows(per_label)  # [R] ascending, so a row's position is its searchsorted index
     tokens = read_rows(data.store, rows, device)
     refuse_non_finite(data.store, rows, tokens)
+    flipped = None
+    if HFLIP in data.store.views:
+        flipped = read_rows(data.store, rows, device, HFLIP)  # [R, P, D]
+        refuse_non_finite(data.store, rows, flipped)
     queries = []
     for name, (train_rows, val_rows) in per_label.items():
         queries.append({
@@ -218,18 +232,20 @@ def read_resident(data: LabelledStore, per_label: dict[str, TrainValRows], devic
             "val_rows": np.searchsorted(rows, val_rows),
         })
     _, num_tokens, dim = tokens.shape
-    log.info("resident image tokens: %d rows x %d x %d (%.2f GB)", len(rows), num_tokens, dim,
-             tokens.numel() * tokens.element_size() / 1e9)
-    return build_features(tokens, data.store.keys()[rows], queries, device)
+    log.info("resident image tokens: %d rows x %d x %d x %d view(s) (%.2f GB)", len(rows), num_tokens, dim,
+             len(data.store.views), tokens.numel() * tokens.element_size() * len(data.store.views) / 1e9)
+    return build_features(tokens, data.store.keys()[rows], queries, device, flipped)
 
 
-def read_rows(store: TokenStore, rows: np.ndarray, device: torch.device | str) -> torch.Tensor:
-    """[R, P, D] fp16 tokens of sorted `rows`, read one row block at a time into a device tensor."""
+def read_rows(store: TokenStore, rows: np.ndarray, device: torch.device | str, view: str = ORIGINAL) -> torch.Tensor:
+    """[R, P, D] fp16 tokens of sorted `rows` (of one of the store's views), read one row block at a time
+    into a device tensor."""
     out = torch.empty((len(rows), *token_shape(store)), dtype=torch.float16, device=device)
     for start, stop in store.row_blocks():
         lo, hi = np.searchsorted(rows, [start, stop])
         if hi > lo:
-            out[lo:hi] = torch.from_numpy(np.ascontiguousarray(store.image_tokens(rows[lo:hi]), dtype=np.float16)).to(device)
+            tokens = store.image_tokens(rows[lo:hi], view)  # [hi - lo, P, D]
+            out[lo:hi] = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.float16)).to(device)
     return out
 
 
