@@ -28,7 +28,7 @@ from rankpipe.adapter.training.targets import (
 )
 from rankpipe.adapter.training.views import gather_views
 from rankpipe.errors import InputError
-from rankpipe.pipeline.embed.cache_choices import HFLIP, ORIGINAL
+from rankpipe.pipeline.embed.cache_choices import HFLIP, ORIGINAL, cache_choices
 from rankpipe.pipeline.labelled_store import LabelledStore, TrainValRows
 from rankpipe.pipeline.store import TokenStore
 
@@ -169,7 +169,7 @@ def load_features(data: LabelledStore, device: torch.device | str, max_resident_
     """
     per_label = data.split_rows()
     rows = needed_rows(per_label)
-    gigabytes = token_gigabytes(data.store, len(rows)) * len(data.store.views)
+    gigabytes = token_gigabytes(data.store, len(rows)) * view_count(data.store)
     if gigabytes > max_resident_gb:
         raise InputError(
             f"the {len(rows)} train/val images need {gigabytes:.1f} GB of image tokens, more than "
@@ -181,7 +181,12 @@ def load_features(data: LabelledStore, device: torch.device | str, max_resident_
 
 def train_val_gigabytes(data: LabelledStore) -> float:
     """GB of fp16 image tokens that the train and val rows of the labels of `data` take when resident (every view)."""
-    return token_gigabytes(data.store, len(needed_rows(data.split_rows()))) * len(data.store.views)
+    return token_gigabytes(data.store, len(needed_rows(data.split_rows()))) * view_count(data.store)
+
+
+def view_count(store) -> int:
+    """Views of every image the store holds (2 with a flip view), each kept on the device for training."""
+    return len(cache_choices(store.provenance).views)
 
 
 def needed_rows(per_label: dict[str, tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
@@ -221,7 +226,7 @@ def read_resident(data: LabelledStore, per_label: dict[str, TrainValRows], devic
     tokens = read_rows(data.store, rows, device)
     refuse_non_finite(data.store, rows, tokens)
     flipped = None
-    if HFLIP in data.store.views:
+    if cache_choices(data.store.provenance).flip_view:
         flipped = read_rows(data.store, rows, device, HFLIP)  # [R, P, D]
         refuse_non_finite(data.store, rows, flipped)
     queries = []
@@ -233,7 +238,7 @@ def read_resident(data: LabelledStore, per_label: dict[str, TrainValRows], devic
         })
     _, num_tokens, dim = tokens.shape
     log.info("resident image tokens: %d rows x %d x %d x %d view(s) (%.2f GB)", len(rows), num_tokens, dim,
-             len(data.store.views), tokens.numel() * tokens.element_size() * len(data.store.views) / 1e9)
+             view_count(data.store), tokens.numel() * tokens.element_size() * view_count(data.store) / 1e9)
     return build_features(tokens, data.store.keys()[rows], queries, device, flipped)
 
 

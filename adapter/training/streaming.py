@@ -41,13 +41,14 @@ from rankpipe.adapter.training.features import (
     refuse_non_finite,
     token_gigabytes,
     token_shape,
+    view_count,
 )
 from rankpipe.adapter.training.run_config import TrainConfig
 from rankpipe.adapter.training.targets import TargetScale
 from rankpipe.adapter.training.views import gather_views
 from rankpipe.adapter.training.windows import WindowSchedule
 from rankpipe.errors import InputError
-from rankpipe.pipeline.embed.cache_choices import HFLIP
+from rankpipe.pipeline.embed.cache_choices import HFLIP, cache_choices
 from rankpipe.pipeline.labelled_store import LabelledStore
 from rankpipe.pipeline.store import TokenStore
 
@@ -202,7 +203,7 @@ class StreamingFeatures:
             host.append(torch.from_numpy(np.searchsorted(rows, query.train_rows[keep])))
             host.append(torch.from_numpy(np.searchsorted(self.rows, query.train_rows[keep])))
             host.append(torch.from_numpy(query.train_targets[keep]))
-        flip_view = HFLIP in self.store.views
+        flip_view = cache_choices(self.store.provenance).flip_view
         if flip_view:
             host.append(read_rows(self.store, rows, "cpu", HFLIP))  # [W, P, D] fp16, last
             refuse_non_finite(self.store, rows, host[-1])
@@ -236,7 +237,7 @@ def open_features(data: LabelledStore, device: torch.device | str, train: TrainC
     store = data.store
     per_label = data.split_rows()
     budget = train.max_resident_gb
-    views = len(store.views)  # training rows are held in every view, validation rows in the original only
+    views = view_count(store)  # training rows are held in every view, validation rows in the original only
     if token_gigabytes(store, len(needed_rows(per_label))) * views <= budget:
         return read_resident(data, per_label, device)
 
