@@ -59,7 +59,9 @@ def direct(store):
     """open_clip built directly with the store's recorded seed, and fp16 image embeddings of the val rows
     computed from the tars as a user would (decode, preprocess, encode_image)."""
     torch.manual_seed(store.provenance["seed"])
-    model, _, preprocess = open_clip.create_model_and_transforms(TINY_VIT, pretrained=None)
+    # The store's resize mode, in open_clip's own words ("squash" for rankpipe's default).
+    resize_mode = store.provenance["preprocess"]["resize_mode"]
+    model, _, preprocess = open_clip.create_model_and_transforms(TINY_VIT, pretrained=None, image_resize_mode=resize_mode)
     model.eval()
     images = {}
     for url in store.tar_urls():

@@ -72,8 +72,8 @@ def test_opening_reads_each_resident_row_once_and_the_split_column_once_per_spli
     rows_read, split_reads = [], []
     image_tokens, splits = six_tars.image_tokens, six_tars.splits
 
-    def counting_image_tokens(rows):
-        tokens = image_tokens(rows)
+    def counting_image_tokens(rows, view="original"):
+        tokens = image_tokens(rows, view)
         rows_read.append(len(tokens))
         return tokens
 

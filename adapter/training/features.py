@@ -9,6 +9,8 @@ instead: see rankpipe.adapter.training.streaming, which draws its batches throug
 Queries are mixed by drawing one query per step with probability proportional to its number of
 training images, so every training image is seen about equally often whatever query it belongs to
 (`train.sampling=released` draws the query uniformly and weights its images, see BatchSampler).
+A store with a flip view keeps its mirror images' tokens resident too, and each image of a batch
+trains on one of the two views (adapter/training/views.py).
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from rankpipe.adapter.training.targets import (
     fit_target_scale,
     transform_target,
 )
+from rankpipe.adapter.training.views import gather_views
 from rankpipe.errors import InputError
+from rankpipe.pipeline.embed.cache_choices import HFLIP, ORIGINAL, cache_choices
 from rankpipe.pipeline.labelled_store import LabelledStore, TrainValRows
 from rankpipe.pipeline.store import TokenStore
 
@@ -83,6 +87,8 @@ class ResidentFeatures:
     queries: list[QueryFeatures]
     # Per query index: [m] resident rows that can serve it as zero-count negatives (filled when drawn).
     negative_pools: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict, init=False, repr=False)
+    # [R, P, D] float16 tokens of the same rows' mirror images (a store with a flip view), or None.
+    flipped_tokens: torch.Tensor | None = None
 
     @property
     def image_token_dim(self) -> int:
@@ -111,7 +117,8 @@ class ResidentFeatures:
             negatives = pool[neg]  # [B - b] resident rows
             rows = torch.cat([rows, negatives])  # [B]
             targets = torch.cat([targets, torch.full_like(negatives, zero, dtype=targets.dtype)])  # [B]
-        return TrainBatch(query_index, self.image_tokens[rows], targets, rows)
+        tokens = gather_views(self.image_tokens, self.flipped_tokens, rows, sampler.seed, step)  # [B, P, D]
+        return TrainBatch(query_index, tokens, targets, rows)
 
     def _negative_pool(self, query_index: int) -> torch.Tensor:
         """[m] resident rows of the other queries' training images that this query has no label for (cached)."""
@@ -133,11 +140,13 @@ def build_features(
     keys: np.ndarray,
     queries: list[dict],
     device: torch.device | str,
+    flipped_tokens: torch.Tensor | None = None,
 ) -> ResidentFeatures:
     """Resident features from in-memory arrays.
 
     Args:
         image_tokens: [R, P, D] image tokens of every resident row (any float dtype; kept as fp16).
+        flipped_tokens: [R, P, D] tokens of the same rows' mirror images, or None (no flip view).
         keys: [R] row keys.
         queries: one dict per query with name, query, text_tokens [L, Dt], transform (TargetTransform),
             train_rows / val_rows (int indices into the R rows) and train_labels / val_labels (raw labels).
@@ -160,7 +169,8 @@ def build_features(
             )
         )
     tokens = torch.as_tensor(image_tokens).to(device=device, dtype=torch.float16)
-    return ResidentFeatures(image_tokens=tokens, keys=np.asarray(keys), queries=out)
+    flipped = None if flipped_tokens is None else torch.as_tensor(flipped_tokens).to(device=device, dtype=torch.float16)
+    return ResidentFeatures(image_tokens=tokens, keys=np.asarray(keys), queries=out, flipped_tokens=flipped)
 
 
 def query_targets(q: dict) -> tuple[TargetScale, np.ndarray, np.ndarray]:
@@ -179,7 +189,7 @@ def load_features(data: LabelledStore, device: torch.device | str, max_resident_
     """
     per_label = data.split_rows()
     rows = needed_rows(per_label)
-    gigabytes = token_gigabytes(data.store, len(rows))
+    gigabytes = token_gigabytes(data.store, len(rows)) * view_count(data.store)
     if gigabytes > max_resident_gb:
         raise InputError(
             f"the {len(rows)} train/val images need {gigabytes:.1f} GB of image tokens, more than "
@@ -190,8 +200,13 @@ def load_features(data: LabelledStore, device: torch.device | str, max_resident_
 
 
 def train_val_gigabytes(data: LabelledStore) -> float:
-    """GB of fp16 image tokens that the train and val rows of the labels of `data` take when resident."""
-    return token_gigabytes(data.store, len(needed_rows(data.split_rows())))
+    """GB of fp16 image tokens that the train and val rows of the labels of `data` take when resident (every view)."""
+    return token_gigabytes(data.store, len(needed_rows(data.split_rows()))) * view_count(data.store)
+
+
+def view_count(store) -> int:
+    """Views of every image the store holds (2 with a flip view), each kept on the device for training."""
+    return len(cache_choices(store.provenance).views)
 
 
 def needed_rows(per_label: dict[str, tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
@@ -230,6 +245,10 @@ def read_resident(data: LabelledStore, per_label: dict[str, TrainValRows], devic
     rows = needed_rows(per_label)  # [R] ascending, so a row's position is its searchsorted index
     tokens = read_rows(data.store, rows, device)
     refuse_non_finite(data.store, rows, tokens)
+    flipped = None
+    if cache_choices(data.store.provenance).flip_view:
+        flipped = read_rows(data.store, rows, device, HFLIP)  # [R, P, D]
+        refuse_non_finite(data.store, rows, flipped)
     queries = []
     for name, (train_rows, val_rows) in per_label.items():
         queries.append({
@@ -238,18 +257,20 @@ def read_resident(data: LabelledStore, per_label: dict[str, TrainValRows], devic
             "val_rows": np.searchsorted(rows, val_rows),
         })
     _, num_tokens, dim = tokens.shape
-    log.info("resident image tokens: %d rows x %d x %d (%.2f GB)", len(rows), num_tokens, dim,
-             tokens.numel() * tokens.element_size() / 1e9)
-    return build_features(tokens, data.store.keys()[rows], queries, device)
+    log.info("resident image tokens: %d rows x %d x %d x %d view(s) (%.2f GB)", len(rows), num_tokens, dim,
+             view_count(data.store), tokens.numel() * tokens.element_size() * view_count(data.store) / 1e9)
+    return build_features(tokens, data.store.keys()[rows], queries, device, flipped)
 
 
-def read_rows(store: TokenStore, rows: np.ndarray, device: torch.device | str) -> torch.Tensor:
-    """[R, P, D] fp16 tokens of sorted `rows`, read one row block at a time into a device tensor."""
+def read_rows(store: TokenStore, rows: np.ndarray, device: torch.device | str, view: str = ORIGINAL) -> torch.Tensor:
+    """[R, P, D] fp16 tokens of sorted `rows` (of one of the store's views), read one row block at a time
+    into a device tensor."""
     out = torch.empty((len(rows), *token_shape(store)), dtype=torch.float16, device=device)
     for start, stop in store.row_blocks():
         lo, hi = np.searchsorted(rows, [start, stop])
         if hi > lo:
-            out[lo:hi] = torch.from_numpy(np.ascontiguousarray(store.image_tokens(rows[lo:hi]), dtype=np.float16)).to(device)
+            tokens = store.image_tokens(rows[lo:hi], view)  # [hi - lo, P, D]
+            out[lo:hi] = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.float16)).to(device)
     return out
 
 
