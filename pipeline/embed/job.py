@@ -24,6 +24,7 @@ from tqdm import tqdm
 from rankpipe.devices import autocast, torch_device_for
 from rankpipe.errors import InputError
 from rankpipe.files import exclusive_output
+from rankpipe.pipeline.codec_pipelines import AUTO, resolve_codec_pipeline
 from rankpipe.pipeline.data.manifest import LabelSpec, Manifest
 from rankpipe.pipeline.data.tars import TarInfo, is_remote, list_tars
 from rankpipe.pipeline.embed.backbone import (
@@ -55,6 +56,9 @@ MODES = ("incremental", "overwrite")
 WRITE_QUEUE_BATCHES = 8
 # Shard files written in parallel (each is its own file; one thread writes a few hundred MB/s).
 WRITE_THREADS = 4
+# The Zarr codec pipeline of the shard writes: zarrs (Rust, the optional extra rankpipe[zarrs]) where
+# installed, else zarr-python's own; both write the same bytes (rankpipe.pipeline.codec_pipelines).
+WRITE_CODEC_PIPELINE = AUTO
 # Batches decoded ahead of the forward pass on the GPU path.
 STAGED_BATCHES = 2
 
@@ -239,7 +243,7 @@ def _embed_tars(store: TokenStore, tars: list[int], backbone: Backbone, batch_si
                                          prefetch_factor=4 if num_workers else None)
     counts = {t: store.blocks[t].count for t in tars}
     writer = WriterThread(store, lambda t, meta: summary.add_tar(meta, counts[t]), WRITE_QUEUE_BATCHES,
-                          WRITE_THREADS)
+                          WRITE_THREADS, resolve_codec_pipeline(WRITE_CODEC_PIPELINE))
     bar = tqdm(total=sum(counts.values()), unit="img", disable=not progress, desc="embed", dynamic_ncols=True)
     staged = _staged_on_side_stream(loader, gpu_pre, device) if on_gpu else (_stage(b, gpu_pre, device) for b in loader)
     try:
@@ -348,13 +352,18 @@ def _encode(batch: DecodedBatch, x: torch.Tensor | None, positions: np.ndarray, 
     tokens, embed = tokens.to(torch.float16), embed.to(torch.float16)
     if device.type != "cuda":
         return EmbeddedBatch(batch, positions, tokens.contiguous(), embed.contiguous())
+    # Checked after the cast to float16 (which can overflow), here where it costs the GPU next to
+    # nothing, instead of by the writer thread reading every byte again.
+    finite = torch.isfinite(tokens).flatten(1).all(1) & torch.isfinite(embed).all(1)  # [k]
     host_tokens = torch.empty(tokens.shape, dtype=torch.float16, pin_memory=True)
     host_embed = torch.empty(embed.shape, dtype=torch.float16, pin_memory=True)
+    host_finite = torch.empty(finite.shape, dtype=torch.bool, pin_memory=True)
     host_tokens.copy_(tokens, non_blocking=True)
     host_embed.copy_(embed, non_blocking=True)
+    host_finite.copy_(finite, non_blocking=True)
     ready = torch.cuda.Event()
     ready.record()
-    return EmbeddedBatch(batch, positions, host_tokens, host_embed, ready)
+    return EmbeddedBatch(batch, positions, host_tokens, host_embed, ready, host_finite)
 
 
 def open_or_create_store(path: Path, mode: str, backbone: Backbone, manifest: Manifest, plan: StorePlan,
