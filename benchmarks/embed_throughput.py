@@ -37,6 +37,8 @@ import webdataset as wds
 from PIL import Image
 from skimage import data as skdata
 
+from rankpipe.benchmarks.store_write import feed_writer, random_features
+from rankpipe.pipeline.codec_pipelines import resolve_codec_pipeline
 from rankpipe.pipeline.data.manifest import LabelSpec, Manifest
 from rankpipe.pipeline.embed.backbone import (
     TINY_VIT,
@@ -47,12 +49,13 @@ from rankpipe.pipeline.embed.backbone import (
 from rankpipe.pipeline.embed.decode import DecodedBatch, TarBatches, TarTask
 from rankpipe.pipeline.embed.gpu_decode import GpuPreprocess
 from rankpipe.pipeline.embed.job import (
+    WRITE_CODEC_PIPELINE,
+    WRITE_THREADS,
     embed,
     input_tars,
     open_or_create_store,
     plan_for_backbone,
 )
-from rankpipe.pipeline.embed.store_writer import EmbeddedBatch, WriterThread
 from rankpipe.pipeline.store import StoreConfig
 
 # Distinct encoded images; the tars repeat them (decoding cost does not depend on repetition).
@@ -196,23 +199,9 @@ def write_throughput(path: Path, manifest: Manifest, tars: list, backbone: Backb
     config = StoreConfig()
     plan = plan_for_backbone(tars, backbone, config)
     store = open_or_create_store(path, "overwrite", backbone, manifest, plan, config)
-    rng = np.random.default_rng(0)
-    tokens = torch.from_numpy(rng.standard_normal((batch_size, backbone.num_tokens, backbone.token_dim),
-                                                  dtype=np.float32).astype(np.float16))  # [B, P, D]
-    embed_ = torch.from_numpy(rng.standard_normal((batch_size, backbone.embed_dim), dtype=np.float32)
-                              .astype(np.float16))  # [B, E]
-    writer = WriterThread(store, lambda t, meta: None, max_queue=8, write_threads=4)
+    tokens, embed_ = random_features(batch_size, backbone.num_tokens, backbone.token_dim, backbone.embed_dim)
     start = time.perf_counter()
-    for t, block in enumerate(store.blocks):
-        for first in range(0, block.count, batch_size):
-            n = min(batch_size, block.count - first)
-            batch = DecodedBatch(tar=t, start=first, keys=[f"{t}-{first + i}" for i in range(n)],
-                                 splits=["train"] * n, sources=[""] * n, errors=[""] * n, labels=np.zeros((n, 1), np.float32),
-                                 images=None, image_positions=np.zeros(0, np.int64),
-                                 jpeg_bytes=torch.zeros(0, dtype=torch.uint8), jpeg_offsets=np.zeros(1, np.int64),
-                                 jpeg_positions=np.zeros(0, np.int64), last=first + n >= block.count)
-            writer.put(EmbeddedBatch(batch, np.arange(first, first + n), tokens[:n], embed_[:n]))
-    writer.close()
+    feed_writer(store, tokens, embed_, WRITE_THREADS, resolve_codec_pipeline(WRITE_CODEC_PIPELINE))
     seconds = time.perf_counter() - start
     images = sum(block.count for block in store.blocks)
     return images / seconds, images * (tokens[0].nbytes + embed_[0].nbytes) / seconds / 1e6

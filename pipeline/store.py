@@ -21,6 +21,7 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from rankpipe.errors import InputError
+from rankpipe.pipeline.codec_pipelines import whole_chunk_writer
 from rankpipe.pipeline.data.manifest import Manifest, ManifestError, manifest_from_dict
 from rankpipe.pipeline.data.tars import TarInfo
 from rankpipe.pipeline.embed.backbone import TextFeatures
@@ -209,6 +210,7 @@ class TokenStore:
     def __init__(self, path: Path, root: zarr.Group) -> None:
         self.path = path
         self._root = root
+        self._shard_writers: dict[tuple[str, str], zarr.Array] = {}
         attrs = dict(root.attrs)
         self.provenance: dict[str, Any] = attrs["provenance"]
         self._manifest_dict: dict[str, Any] = attrs["manifest"]
@@ -389,9 +391,15 @@ class TokenStore:
     # --- writer side ----------------------------------------------------------------------------------
 
     def write_tokens(self, row_start: int, tokens: np.ndarray, embed: np.ndarray,
-                     flipped: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+                     flipped: tuple[np.ndarray, np.ndarray] | None = None, codec_pipeline: str = "zarr") -> None:
         """Write whole shards of rows: tokens [n, P, D] and embed [n, E], n a multiple of shard_rows, and
-        in a store with a flip view, `flipped`: the same of the mirror images."""
+        in a store with a flip view, `flipped`: the same of the mirror images.
+
+        Safe to call from several threads at once for different shards.
+
+        Args:
+            codec_pipeline: "zarr" or "zarrs" (see rankpipe.pipeline.codec_pipelines); same bytes either way.
+        """
         n = tokens.shape[0]
         if row_start % self.shard_rows or n % self.shard_rows:
             raise ValueError(f"rows {row_start}:{row_start + n} are not whole shards of {self.shard_rows} rows")
@@ -401,10 +409,14 @@ class TokenStore:
         if flipped is not None:
             arrays += list(zip(VIEW_ARRAYS[HFLIP], flipped))
         for name, values in arrays:
-            # Whole shards are written as they are: skipping the per-chunk "all fill value?" scan
-            # makes writes about 2.5x faster, and a redone shard still replaces every byte.
-            array = self._root[name].with_config({"write_empty_chunks": True})
-            array[row_start:row_start + n] = values
+            self._shard_writer(name, codec_pipeline)[row_start:row_start + n] = values
+
+    def _shard_writer(self, name: str, codec_pipeline: str) -> zarr.Array:
+        # One handle per array and pipeline, made on first use (two threads making it at once make equal ones).
+        key = (name, codec_pipeline)
+        if key not in self._shard_writers:
+            self._shard_writers[key] = whole_chunk_writer(self._root[name], codec_pipeline)
+        return self._shard_writers[key]
 
     def write_block_meta(self, t: int, meta: BlockMeta) -> None:
         """Write the per-row arrays of tar t's block."""

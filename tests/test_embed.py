@@ -531,11 +531,11 @@ def test_a_full_disk_is_a_sentence_and_the_rerun_resumes(tmp_path, tiny_shards, 
     write = TokenStore.write_tokens
     calls = []
 
-    def full_after_one_shard(self, row_start, tokens, embed, flipped=None):
+    def full_after_one_shard(self, row_start, tokens, embed, flipped=None, codec_pipeline="zarr"):
         calls.append(row_start)
         if len(calls) > 1:
             raise OSError(errno.ENOSPC, "No space left on device", str(self.path / "image" / "tokens"))
-        write(self, row_start, tokens, embed, flipped)
+        write(self, row_start, tokens, embed, flipped, codec_pipeline)
 
     monkeypatch.setattr(TokenStore, "write_tokens", full_after_one_shard)
     with pytest.raises(InputError, match=r"cannot write store .*No space left on device; .*rerun the same command"):

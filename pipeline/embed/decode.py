@@ -330,7 +330,8 @@ class _BatchBuilder:
             labels=labels,  # [n, n_labels]
             images=torch.stack(self.images) if self.images else None,  # [k, 3, H, W]
             image_positions=np.asarray(self.image_positions, dtype=np.int64),
-            jpeg_bytes=torch.frombuffer(bytearray(b"".join(self.jpegs)), dtype=torch.uint8) if self.jpegs
+            # bytearray's join makes the one writable buffer in a single copy (bytes' join then bytearray: two).
+            jpeg_bytes=torch.frombuffer(bytearray().join(self.jpegs), dtype=torch.uint8) if self.jpegs
             else torch.zeros(0, dtype=torch.uint8),
             jpeg_offsets=np.cumsum([0] + [len(data) for data in self.jpegs]),
             jpeg_positions=np.asarray(self.jpeg_positions, dtype=np.int64),

