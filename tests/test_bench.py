@@ -96,7 +96,7 @@ def test_quick_bench_tables_every_variant_query_and_the_unseen_categories(tasks,
 
     markdown = (out / "results.md").read_text()
     assert "## Trained queries" in markdown and "## Unseen categories" in markdown
-    assert f"Backbone `{TINY_VIT}`, RANDOM weights" in markdown and "Device `cpu`" in markdown
+    assert f"Backbone `{TINY_VIT}` at 64×64 px (4×4 patch tokens), RANDOM weights" in markdown and "Device `cpu`" in markdown
     assert f"{STEPS} training steps per run" in markdown
     assert markdown.rstrip() in output  # the table is printed at the end
     for variant in VARIANTS:
