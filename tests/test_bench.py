@@ -19,12 +19,13 @@ import pytest
 from click.testing import CliRunner
 
 from rankpipe.adapter.evaluation.scoring import load_checkpoint, predict
+from rankpipe.adapter.experiments.bench.bootstrap import spearman
 from rankpipe.adapter.experiments.bench.run import (
     METRICS_FILE,
     BenchConfig,
     run_config_for,
 )
-from rankpipe.adapter.experiments.bench.runs import score_unseen
+from rankpipe.adapter.experiments.bench.runs import SCORES_FILE, RunScores, score_unseen
 from rankpipe.adapter.experiments.bench.table import table_rows
 from rankpipe.adapter.experiments.bench.variants import (
     get_variant,
@@ -107,6 +108,65 @@ def test_quick_bench_tables_every_variant_query_and_the_unseen_categories(tasks,
             assert metrics["run_config"]["train"]["seed"] == seed
     head = json.loads((out / "runs" / "regression-only" / "seed0" / METRICS_FILE).read_text())
     assert head["run_config"]["adapter"]["ranking_head"] == "none"
+
+
+def test_quick_bench_compares_every_row_with_the_reference(tasks, bench_out):
+    out, output = bench_out
+    rows = read_csv(out / "comparison.csv")
+    table = read_csv(out / "results.csv")
+    assert {(r["label"], r["variant"]) for r in rows} == {(r["label"], r["variant"]) for r in table}
+    for row in rows:
+        runs = [RunScores.load(out / "runs" / row["variant"] / f"seed{s}" / SCORES_FILE) for s in range(SEEDS)]
+        truth = runs[0].truth[row["label"]]
+        labelled = np.isfinite(truth)
+        assert int(row["n"]) == labelled.sum()
+        if labelled.sum() < 2:  # this tiny set has queries with one test image or none: no correlation
+            assert row["srcc"] == row["diff"] == "" and row["verdict"] == ""
+            continue
+        direct = np.mean([spearman(r.scores[row["label"]][labelled], truth[labelled]) for r in runs])
+        assert float(row["srcc"]) == pytest.approx(direct, abs=1e-5)
+        if row["variant"] == "default":
+            assert row["verdict"] == "" and row["diff"] == ""
+        else:
+            assert row["verdict"] in ("better", "worse", "no difference")
+            assert float(row["diff_low"]) <= float(row["diff"]) <= float(row["diff_high"])
+    assert "## Paired comparison against `default` (SRCC, 95% bootstrap intervals)" in output
+    assert re.search(r"- `regression-only` vs `default`: \d+ better, \d+ no difference, \d+ worse \(of \d+ queries\)",
+                     output)
+
+
+def test_quick_bench_writes_the_query_matrix_and_learning_curves(tasks, bench_out):
+    out, output = bench_out
+    matrices = json.loads((out / "query_matrix.json").read_text())
+    assert [m["variant"] for m in matrices["variants"]] == list(VARIANTS)
+    assert "## Query matrix: does the query steer the ranking?" in output and "- `default`: dominance" in output
+    store = TokenStore.open(out / "store.zarr")
+    default = matrices["variants"][0]
+    scores = [RunScores.load(out / "runs" / "default" / f"seed{s}" / SCORES_FILE) for s in range(SEEDS)]
+    query, label = default["labels"][0], default["labels"][-1]
+    values = np.asarray(store.label(label), dtype=np.float64)[scores[0].rows]
+    has = np.isfinite(values)
+    direct = np.mean([spearman(s.scores[query][has], values[has]) for s in scores])
+    assert default["srcc"][0][-1] == pytest.approx(direct, abs=1e-9)
+
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"learning curves in {out / 'curves.png'}" in output
+    curves = read_csv(out / "curves.csv")
+    for variant in VARIANTS:
+        for seed in range(SEEDS):
+            history = [json.loads(line) for line in
+                       (out / "runs" / variant / f"seed{seed}" / "history.jsonl").read_text().splitlines()]
+            mine = [(int(r["step"]), float(r["mean_val_srcc"])) for r in curves
+                    if r["variant"] == variant and r["seed"] == str(seed)]
+            assert mine == [(h["step"], pytest.approx(h["mean_val_srcc"], abs=1e-5)) for h in history]
+    assert json.loads((out / "curves.json").read_text())["default"]["0"]["step"] == [STEPS]
+
+
+def test_reference_must_be_among_the_variants(tasks, tmp_path):
+    result = CliRunner().invoke(cli, bench_args(tasks, tmp_path / "b", "--reference", "k4"))
+    assert result.exit_code == 2
+    assert "--reference k4 is not among --variants" in result.output
+    assert not (tmp_path / "b").exists()
 
 
 def test_rerun_skips_finished_runs_and_resumes_an_interrupted_one(tasks, bench_out):

@@ -42,8 +42,9 @@ class ComparisonRow:
     n: int
     # The metric pooled over seeds, with its interval.
     metric: Estimate
-    # This row minus the reference row and its verdict; None for the reference itself, or when the
-    # reference has no row for this query (a baseline as reference has no unseen queries).
+    # This row minus the reference row and its verdict; None for the reference itself, when the
+    # reference has no row for this query (a baseline as reference has no unseen queries), and (the
+    # verdict) when fewer than 2 test images have the label.
     difference: Estimate | None
     verdict: str | None
 
@@ -75,7 +76,7 @@ def compare_rows(runs: Mapping[tuple[str, int], RunScores], unseen: Mapping[str,
             n = int(sum(map(math.isfinite, row_runs[0].truth)))
             rows.append(ComparisonRow(unseen[label], label, variant, len(row_runs), n,
                                       row_estimate(row_runs, metric, config), difference,
-                                      None if difference is None else verdict(difference)))
+                                      _verdict(difference)))
     return rows
 
 
@@ -126,6 +127,11 @@ def comparison_csv(rows: Sequence[ComparisonRow], metric: str) -> str:
         writer.writerow(["unseen" if row.unseen else "trained", row.label, row.variant, row.seeds, row.n,
                          *("" if math.isnan(v) else f"{v:.6g}" for v in numbers), row.verdict or ""])
     return buffer.getvalue()
+
+
+def _verdict(difference: Estimate | None) -> str | None:
+    """None where there is nothing to judge: no difference computed, or too few labelled images for an interval."""
+    return None if difference is None or math.isnan(difference.low) else verdict(difference)
 
 
 def _interval(estimate: Estimate | None, signed: bool = False) -> str:
