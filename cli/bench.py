@@ -13,8 +13,8 @@ from rankpipe.cli.params import NonEmptyPath
 @click.command("bench")
 @click.option("--tasks", "tasks", type=NonEmptyPath(file_okay=False, path_type=Path),
               help="Task-set folder with manifest.yaml (e.g. from `rankpipe datasets build photo-tasks`). "
-                   "Left out: photo-tasks is built into OUT/photo-tasks (small with --quick, else full).")
-@click.option("--model", default="ViT-B-16", show_default=True,
+                   "Left out: photo-tasks is built into OUT/photo-tasks (small with --quick, else bench).")
+@click.option("--model", default="ViT-B-32", show_default=True,
               help="open_clip model name (rankpipe-tiny-vit for a quick CPU check).")
 @click.option("--pretrained", default="none", show_default=True,
               help="open_clip pretrained tag, a local checkpoint file, or 'none' for random weights.")
@@ -27,7 +27,7 @@ from rankpipe.cli.params import NonEmptyPath
               help="Folder for the store, the runs and results.md/results.csv; rerunning resumes it.")
 @click.option("--quick", is_flag=True, help="Small adapter and few steps: the whole bench on a CPU in minutes.")
 @click.option("--steps", type=click.IntRange(min=1), help="Training steps per run (default: 150 with --quick, "
-                                                          "else the run config's train.max_steps).")
+                                                          "else 600).")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.FIELD=VALUE",
               help="Run-config override for every run, applied before each variant's own (repeatable).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Where to embed and train; default cuda when available.")

@@ -32,7 +32,7 @@ def build() -> None:
 @click.option("--out", "out_dir", required=True, type=NonEmptyPath(file_okay=False, path_type=Path),
               help="Output folder for the tars, manifest.yaml, photo_tasks.json and recipes.jsonl.")
 @click.option("--size", type=click.Choice(sorted(SIZES)), default="small", show_default=True,
-              help="small: 400 images (under a minute); full: 5,400 images; bench: 4,540 images, at least "
+              help="small: 400 images (under a minute); full: 5,400 images; bench: 4,940 images, at least "
                    "200 test images per query (for `rankpipe bench`); steering: 1,200 mixed images, each "
                    "with a count, a blur and the attributes (for the bench's query matrix).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds crops, distortions, layouts and splits.")

@@ -260,6 +260,18 @@ def test_every_variant_resolves_to_a_valid_run_config(name, tmp_path):
         assert {field.split(".")[0] for field in changed} == {field.split(".")[0] for field in named}
 
 
+def test_default_bench_trains_the_bench_adapter_and_set_still_wins(tmp_path):
+    from rankpipe.adapter.experiments.bench.run import BENCH_STEPS
+
+    config = BenchConfig(out_dir=tmp_path, backbone=BackboneSpec("ViT-B-32"), variants=(get_variant("k4"),),
+                         overrides=("adapter.d_model=96",))
+    run_config = run_config_for(get_variant("k4"), 1, config)
+    assert run_config.train.max_steps == BENCH_STEPS and run_config.adapter.heads == 4
+    assert run_config.adapter.d_model == 96 and run_config.adapter.relational_tokens == 4
+    assert BenchConfig(out_dir=tmp_path, backbone=BackboneSpec("ViT-B-32"), variants=(get_variant("k4"),),
+                       seeds=1).reference_row == "k4"  # no `default` row: the first variant is the reference
+
+
 def test_parse_variants_keeps_order_and_drops_repeats():
     assert [v.name for v in parse_variants("k4, default,k4")] == ["k4", "default"]
     with pytest.raises(InputError, match="unknown bench variant 'x'"):

@@ -47,6 +47,24 @@ TASKS_RECORD = "photo_tasks.json"
 QUICK_OVERRIDES = SMALL_ADAPTER_OVERRIDES
 # Training steps of each --quick run unless --steps says otherwise.
 QUICK_STEPS = 150
+# Without --quick: the paper's adapter design at a width a CPU trains, so the default bench (6
+# variants × 3 seeds on photo-tasks --size bench, ViT-B-32 at 224 px) fits about an hour on 2 CPU
+# cores; docs/bench.md has the measurement. `--set adapter.d_model=768 ...` gives the paper's width.
+BENCH_OVERRIDES = (
+    "adapter.d_model=128",
+    "adapter.heads=4",
+    "adapter.text_extra_tokens=8",
+    "adapter.head_hidden=128",
+    "optim.lr=5e-4",
+    "optim.warmup_steps=50",
+    "train.batch_size=32",
+    "train.eval_every=100",
+    "train.log_every=20",
+)
+# Training steps of each run without --quick unless --steps says otherwise.
+BENCH_STEPS = 600
+# The task set built when --tasks is left out.
+QUICK_SIZE, BENCH_SIZE = "small", "bench"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,11 +80,11 @@ class BenchConfig:
     # Training seeds per variant: 0 .. seeds-1.
     seeds: int = 3
     # Folder holding manifest.yaml (and, for photo-tasks, photo_tasks.json); None = build photo-tasks
-    # into OUT/photo-tasks (size "small" with --quick, "full" otherwise).
+    # into OUT/photo-tasks (size "small" with --quick, "bench" otherwise).
     tasks: Path | None = None
     # Small adapter and QUICK_STEPS steps, for a CPU check of the whole bench in minutes.
     quick: bool = False
-    # Training steps of every run; None = QUICK_STEPS with quick, else the run config's default.
+    # Training steps of every run; None = QUICK_STEPS with quick, else BENCH_STEPS.
     steps: int | None = None
     # `section.field=value` overrides for every run, applied before each variant's own.
     overrides: tuple[str, ...] = ()
@@ -280,10 +298,9 @@ def run_config_for(variant: Variant, seed: int, config: BenchConfig):
 
     if variant.method != ADAPTER_METHOD:  # a baseline trains no adapter: only the seed is recorded
         return load_run_config(None, [f"train.seed={seed}"])
-    steps = config.steps if config.steps is not None else (QUICK_STEPS if config.quick else None)
-    overrides = [*(QUICK_OVERRIDES if config.quick else ()), *config.overrides]
-    if steps is not None:
-        overrides.append(f"train.max_steps={steps}")
+    steps = config.steps if config.steps is not None else (QUICK_STEPS if config.quick else BENCH_STEPS)
+    overrides = [*(QUICK_OVERRIDES if config.quick else BENCH_OVERRIDES), *config.overrides,
+                 f"train.max_steps={steps}"]
     return load_run_config(None, [*overrides, *variant.overrides, f"train.seed={seed}"])
 
 
@@ -302,7 +319,7 @@ def resolve_tasks(config: BenchConfig, on_stage: Callable[[str], None]) -> TaskS
                 config_for_size,
             )
 
-            size = "small" if config.quick else "full"
+            size = QUICK_SIZE if config.quick else BENCH_SIZE
             on_stage(f"building photo-tasks ({size}) into {folder}")
             build_photo_tasks(folder, config_for_size(size))
     folder = Path(folder)
