@@ -150,7 +150,7 @@ def test_quick_bench_writes_the_query_matrix_and_learning_curves(tasks, bench_ou
     assert default["srcc"][0][-1] == pytest.approx(direct, abs=1e-9)
 
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert f"learning curves in {out / 'curves.png'}" in output
+    assert f"learning curves in {out / 'curves.png'}" in output and "## Learning curves" in output
     curves = read_csv(out / "curves.csv")
     for variant in VARIANTS:
         for seed in range(SEEDS):
@@ -172,9 +172,19 @@ def test_reference_must_be_among_the_variants(tasks, tmp_path):
 def test_rerun_skips_finished_runs_and_resumes_an_interrupted_one(tasks, bench_out):
     out, _ = bench_out
     table = (out / "results.csv").read_text()
+    comparison = (out / "comparison.csv").read_text()
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/seed*/" + METRICS_FILE)}
+    # A run finished before scores were saved is scored again from its best.pt, to the same numbers.
+    saved = out / "runs" / VARIANTS[1] / "seed0" / SCORES_FILE
+    before = RunScores.load(saved)
+    saved.unlink()
     result = CliRunner().invoke(cli, bench_args(tasks, out))
     assert result.exit_code == 0, result.output
+    again = RunScores.load(saved)
+    assert again.scores.keys() == before.scores.keys()
+    for label in before.scores:
+        np.testing.assert_allclose(again.scores[label], before.scores[label], rtol=1e-6)
+    assert (out / "comparison.csv").read_text() == comparison
     assert result.output.count("finished earlier") == len(VARIANTS) * SEEDS
     assert f"0 run(s) trained, {len(VARIANTS) * SEEDS} reused" in result.output
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps

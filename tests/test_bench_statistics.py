@@ -4,6 +4,7 @@ checked against direct computations on synthetic scores whose truth is known."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ from rankpipe.adapter.experiments.bench.bootstrap import (
     verdict,
 )
 from rankpipe.adapter.experiments.bench.compare import compare_rows, summary_lines
-from rankpipe.adapter.experiments.bench.curves import mean_curve, plot_curves, read_curve
+from rankpipe.adapter.experiments.bench.curves import curves_markdown, mean_curve, plot_curves, read_curve
 from rankpipe.adapter.experiments.bench.query_matrix import truth_matrix, variant_matrix
 from rankpipe.adapter.experiments.bench.runs import RunScores
 
@@ -179,5 +180,7 @@ def test_learning_curves_read_history_and_plot(tmp_path):
     assert curves[1].steps == (10, 20, 30) and curves[1].mean_srcc == (0.2, 0.5, 0.6)  # sorted by step
     steps, means = mean_curve(curves)
     assert steps == [10, 20, 30] and means == pytest.approx([0.15, 0.4, 0.5])
+    table = curves_markdown(curves)
+    assert re.search(r"\| default +\| 0\.150 +\| 0\.400 +\| 0\.500 +\|", table), table
     plot_curves(curves, tmp_path / "curves.png", "title")
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

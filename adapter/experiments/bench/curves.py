@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rankpipe.adapter.evaluation.evaluate import markdown_table
 from rankpipe.files import atomic_target
 
 
@@ -48,6 +49,22 @@ def mean_curve(curves: Sequence[Curve]) -> tuple[list[int], list[float]]:
     shared = sorted(set.intersection(*(set(c.steps) for c in curves)))
     means = [float(np.nanmean([c.mean_srcc[c.steps.index(step)] for c in curves])) for step in shared]
     return shared, means
+
+
+def curves_markdown(curves: Sequence[Curve]) -> str:
+    """The learning-curve section of results.md: per variant, the mean over seeds at each shared step."""
+    by_variant: dict[str, list[Curve]] = {}
+    for curve in curves:
+        by_variant.setdefault(curve.variant, []).append(curve)
+    means = {variant: dict(zip(*mean_curve(runs), strict=True)) for variant, runs in by_variant.items()}
+    steps = sorted({step for row in means.values() for step in row})
+    cells = [[variant, *(_cell(row.get(step, math.nan)) for step in steps)] for variant, row in means.items()]
+    return "\n".join([
+        "## Learning curves", "",
+        "Mean validation SRCC (mean over labels, then over seeds) at each validation step; plotted per seed in "
+        "curves.png, data in curves.csv and curves.json.", "",
+        markdown_table(["variant", *(f"step {step}" for step in steps)], cells), "",
+    ])
 
 
 def curves_csv(curves: Sequence[Curve]) -> str:
@@ -95,6 +112,10 @@ def plot_curves(curves: Sequence[Curve], path: Path, title: str) -> None:
     with atomic_target(path) as target:
         figure.savefig(target, format="png")
     plt.close(figure)
+
+
+def _cell(value: float) -> str:
+    return "—" if math.isnan(value) else f"{value:.3f}"
 
 
 def _float(value) -> float:

@@ -205,15 +205,15 @@ def run_bench(config: BenchConfig, on_stage: Callable[[str], None] = lambda line
     scores = {(v.name, seed): run_scores(out / "runs" / v.name / f"seed{seed}", store, unseen, config)
               for v, seed, _ in plan}
     header = header_lines(config, store, tasks, plan)
-    markdown = results_markdown(header, table_rows(records, config.variant_names))
+    rows = table_rows(records, config.variant_names)
+    markdown = results_markdown(header, rows)
     markdown += "\n" + write_comparison(out, records, scores, config)
     markdown += "\n" + write_query_matrices(out, store, scores, config)
-    curves_png = write_curves(out, plan, header[0])
-    if curves_png is not None:
-        markdown += f"\nLearning curves (mean validation SRCC against step): {curves_png.name}, curves.csv, curves.json.\n"
+    curves_png, curves_section = write_curves(out, plan, header[0])
+    markdown += "\n" + curves_section
     md_path, csv_path = out / "results.md", out / "results.csv"
     md_path.write_text(markdown, encoding="utf-8")
-    csv_path.write_text(results_csv(table_rows(records, config.variant_names)), encoding="utf-8")
+    csv_path.write_text(results_csv(rows), encoding="utf-8")
     return BenchResult(markdown, md_path, csv_path, curves_png, trained, len(plan) - trained)
 
 
@@ -267,11 +267,16 @@ def write_query_matrices(out: Path, store, scores, config: BenchConfig) -> str:
     return matrices_markdown(matrices, truth)
 
 
-def write_curves(out: Path, plan, title: str) -> Path | None:
-    """Write curves.csv, curves.json and curves.png from the adapter runs' histories; None when there are none."""
+def write_curves(out: Path, plan, title: str) -> tuple[Path | None, str]:
+    """Write curves.csv, curves.json and curves.png from the adapter runs' histories.
+
+    Returns the plot's path (None when no run has a curve: baselines only) and the learning-curve
+    section of results.md.
+    """
     from rankpipe.adapter.experiments.bench.curves import (
         curves_csv,
         curves_json,
+        curves_markdown,
         plot_curves,
         read_curve,
     )
@@ -281,11 +286,11 @@ def write_curves(out: Path, plan, title: str) -> Path | None:
     curves = [read_curve(v.name, seed, out / "runs" / v.name / f"seed{seed}" / HISTORY)
               for v, seed, _ in plan if v.method == ADAPTER_METHOD]
     if not curves:
-        return None
+        return None, "## Learning curves\n\nNo adapter runs: baselines are fitted, not trained by steps.\n"
     write_text_atomic(out / "curves.csv", curves_csv(curves))
     write_text_atomic(out / "curves.json", curves_json(curves))
     plot_curves(curves, out / "curves.png", title.replace("`", ""))
-    return out / "curves.png"
+    return out / "curves.png", curves_markdown(curves)
 
 
 def run_config_for(variant: Variant, seed: int, config: BenchConfig):
