@@ -386,3 +386,26 @@ def test_train_loop_script_refuses_unknown_modes_and_short_runs():
 
     assert CliRunner().invoke(train_loop.main, ["--modes", "fast"]).exit_code == 2
     assert CliRunner().invoke(train_loop.main, ["--steps", "10", "--warmup", "5"]).exit_code == 2
+
+
+def test_query_matrix_on_mixed_images_covers_every_query_and_label(tmp_path):
+    """A tiny steering set: every test image carries a blur, counts and the attributes; one model, all queries."""
+    tasks = tmp_path / "steering"
+    build_photo_tasks(tasks, PhotoTasksConfig(images={"mixed": 48}, image_size=64, sources=SourcesConfig(mode="builtin"),
+                                              split_fractions=(0.5, 0.2, 0.3), samples_per_tar=1000))
+    args = bench_args(tasks, tmp_path / "bench")
+    args[args.index("--variants") + 1] = "default"
+    args[args.index("--seeds") + 1] = "1"
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    matrices = json.loads((tmp_path / "bench" / "query_matrix.json").read_text())
+    (default,) = matrices["variants"]
+    labels = default["labels"]
+    assert "blur" in labels and "brightness" in labels and any(name.startswith("count_") for name in labels)
+    srcc = np.array([[np.nan if v is None else v for v in row] for row in default["srcc"]])
+    assert np.isfinite(srcc).all()  # every test image has every label, so every entry is defined
+    off = np.abs(srcc[~np.eye(len(labels), dtype=bool)])
+    assert default["dominance"] == pytest.approx(np.diag(srcc).mean() - off.mean())
+    truth = np.array(matrices["truth"]["srcc"], dtype=float)
+    np.testing.assert_allclose(np.diag(truth), 1.0)
+    assert "- `truth`: dominance" in result.output and "- `default`: dominance" in result.output
