@@ -27,7 +27,7 @@ from rankpipe.cli.params import NonEmptyPath
               help="Folder for the store, the runs and results.md/results.csv; rerunning resumes it.")
 @click.option("--quick", is_flag=True, help="Small adapter and few steps: the whole bench on a CPU in minutes.")
 @click.option("--steps", type=click.IntRange(min=1), help="Training steps per run (default: 150 with --quick, "
-                                                          "else 200).")
+                                                          "else 160).")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.FIELD=VALUE",
               help="Run-config override for every run, applied before each variant's own (repeatable).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Where to embed and train; default cuda when available.")

@@ -59,11 +59,11 @@ BENCH_OVERRIDES = (
     "optim.lr=1e-3",
     "optim.warmup_steps=30",
     "train.batch_size=16",
-    "train.eval_every=100",
+    "train.eval_every=80",
     "train.log_every=20",
 )
 # Training steps of each run without --quick unless --steps says otherwise.
-BENCH_STEPS = 200
+BENCH_STEPS = 160
 # The task set built when --tasks is left out.
 QUICK_SIZE, BENCH_SIZE = "small", "bench"
 
