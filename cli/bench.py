@@ -13,8 +13,8 @@ from rankpipe.cli.params import NonEmptyPath
 @click.command("bench")
 @click.option("--tasks", "tasks", type=NonEmptyPath(file_okay=False, path_type=Path),
               help="Task-set folder with manifest.yaml (e.g. from `rankpipe datasets build photo-tasks`). "
-                   "Left out: photo-tasks is built into OUT/photo-tasks (small with --quick, else full).")
-@click.option("--model", default="ViT-B-16", show_default=True,
+                   "Left out: photo-tasks is built into OUT/photo-tasks (small with --quick, else bench).")
+@click.option("--model", default="ViT-B-32", show_default=True,
               help="open_clip model name (rankpipe-tiny-vit for a quick CPU check).")
 @click.option("--pretrained", default="none", show_default=True,
               help="open_clip pretrained tag, a local checkpoint file, or 'none' for random weights.")
@@ -27,7 +27,7 @@ from rankpipe.cli.params import NonEmptyPath
               help="Folder for the store, the runs and results.md/results.csv; rerunning resumes it.")
 @click.option("--quick", is_flag=True, help="Small adapter and few steps: the whole bench on a CPU in minutes.")
 @click.option("--steps", type=click.IntRange(min=1), help="Training steps per run (default: 150 with --quick, "
-                                                          "else the run config's train.max_steps).")
+                                                          "else 160).")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.FIELD=VALUE",
               help="Run-config override for every run, applied before each variant's own (repeatable).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Where to embed and train; default cuda when available.")
@@ -35,15 +35,27 @@ from rankpipe.cli.params import NonEmptyPath
               help="Decoding processes while embedding.")
 @click.option("--embed-batch-size", default=64, show_default=True, type=click.IntRange(min=1),
               help="Images per backbone forward pass while embedding.")
+@click.option("--reference", help="Row every other is compared with (paired bootstrap); default: `default` when "
+                                   "it is among --variants, else the first variant.")
+@click.option("--metric", type=click.Choice(["srcc", "plcc"]), default="srcc", show_default=True,
+              help="Metric of the intervals and paired comparisons.")
+@click.option("--resamples", default=1000, show_default=True, type=click.IntRange(min=10),
+              help="Bootstrap resamples of the test images for intervals and paired differences.")
+@click.option("--bootstrap-seed", default=0, show_default=True, type=int,
+              help="Seed of the bootstrap resampling, so a rerun gives the same intervals.")
 def bench(tasks, model, pretrained, variants_text, seeds, out_dir, quick, steps, overrides, device, workers,
-          embed_batch_size) -> None:
+          embed_batch_size, reference, metric, resamples, bootstrap_seed) -> None:
     """Embed a task set once, then train and evaluate each variant with each seed into one table.
 
     \b
     Writes OUT/store.zarr, OUT/runs/<variant>/seed<k>/ and OUT/results.md + OUT/results.csv: per
     query SRCC, PLCC, KRCC and MAE as mean ± std over seeds on the test split, and a section for
-    held-out counting categories the adapters never trained on. Rerunning skips finished runs.
+    held-out counting categories the adapters never trained on; then each row's SRCC with its
+    bootstrap interval and its paired difference to the reference row (better / worse / no
+    difference at 95%), the query matrix (SRCC of every query's scores against every label), and
+    learning curves in OUT/curves.png. Rerunning skips finished runs.
     """
+    from rankpipe.adapter.experiments.bench.bootstrap import BootstrapConfig
     from rankpipe.adapter.experiments.bench.run import BenchConfig, run_bench
     from rankpipe.adapter.experiments.bench.variants import parse_variants
     from rankpipe.devices import default_device
@@ -53,8 +65,11 @@ def bench(tasks, model, pretrained, variants_text, seeds, out_dir, quick, steps,
     config = BenchConfig(
         out_dir=out_dir, backbone=BackboneSpec(model, pretrained), variants=tuple(parse_variants(variants_text)),
         seeds=seeds, tasks=tasks, quick=quick, steps=steps, overrides=tuple(overrides), device=device,
-        embed_batch_size=embed_batch_size, workers=workers,
+        embed_batch_size=embed_batch_size, workers=workers, reference=reference, metric=metric,
+        bootstrap=BootstrapConfig(resamples=resamples, seed=bootstrap_seed),
     )
     result = run_bench(config, on_stage=click.echo)
     click.echo(result.markdown)
     click.echo(f"{result.trained} run(s) trained, {result.reused} reused; table in {result.results_md} and {result.results_csv}")
+    if result.curves_png is not None:
+        click.echo(f"learning curves in {result.curves_png}")

@@ -32,19 +32,22 @@ def build() -> None:
 @click.option("--out", "out_dir", required=True, type=NonEmptyPath(file_okay=False, path_type=Path),
               help="Output folder for the tars, manifest.yaml, photo_tasks.json and recipes.jsonl.")
 @click.option("--size", type=click.Choice(sorted(SIZES)), default="small", show_default=True,
-              help="small: 400 images (under a minute); full: 5,400 images.")
+              help="small: 400 images (under a minute); full: 5,400 images; bench: 4,940 images, at least "
+                   "200 test images per query (for `rankpipe bench`); steering: 1,200 mixed images, each "
+                   "with a count, a blur and the attributes (for the bench's query matrix).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds crops, distortions, layouts and splits.")
 @click.option("--sources", type=click.Choice(["auto", "builtin"]), default="auto", show_default=True,
               help="auto: Debian wallpaper and tuxpaint packages when installed, else built-ins; "
                    "builtin: scikit-image photos and synthetic shape cut-outs only.")
 def photo_tasks(out_dir: Path, size: str, seed: int, sources: str) -> None:
-    """Real-photo ranking tasks with exact labels: quality, attributes, counting.
+    """Real-photo ranking tasks with exact labels: quality, attributes, counting, mixed.
 
     \b
     Labels (one query each):
       blur, jpeg, noise, pixelation, quality   distortion strength of degraded crops
       colorfulness, contrast, brightness       measured on every stored image
       count_<category>                         cut-outs pasted on real backgrounds
+    Mixed images carry a count, a blur strength and the attributes at once.
     Each base photo lies in one split. Held-out counting categories have no labels in
     train rows; photo_tasks.json lists them and the labels to train on.
 

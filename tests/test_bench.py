@@ -19,12 +19,13 @@ import pytest
 from click.testing import CliRunner
 
 from rankpipe.adapter.evaluation.scoring import load_checkpoint, predict
+from rankpipe.adapter.experiments.bench.bootstrap import spearman
 from rankpipe.adapter.experiments.bench.run import (
     METRICS_FILE,
     BenchConfig,
     run_config_for,
 )
-from rankpipe.adapter.experiments.bench.runs import score_unseen
+from rankpipe.adapter.experiments.bench.runs import SCORES_FILE, RunScores, score_unseen
 from rankpipe.adapter.experiments.bench.table import table_rows
 from rankpipe.adapter.experiments.bench.variants import (
     get_variant,
@@ -96,7 +97,7 @@ def test_quick_bench_tables_every_variant_query_and_the_unseen_categories(tasks,
 
     markdown = (out / "results.md").read_text()
     assert "## Trained queries" in markdown and "## Unseen categories" in markdown
-    assert f"Backbone `{TINY_VIT}`, RANDOM weights" in markdown and "Device `cpu`" in markdown
+    assert f"Backbone `{TINY_VIT}` at 64×64 px (4×4 patch tokens), RANDOM weights" in markdown and "Device `cpu`" in markdown
     assert f"{STEPS} training steps per run" in markdown
     assert markdown.rstrip() in output  # the table is printed at the end
     for variant in VARIANTS:
@@ -109,12 +110,81 @@ def test_quick_bench_tables_every_variant_query_and_the_unseen_categories(tasks,
     assert head["run_config"]["adapter"]["ranking_head"] == "none"
 
 
+def test_quick_bench_compares_every_row_with_the_reference(tasks, bench_out):
+    out, output = bench_out
+    rows = read_csv(out / "comparison.csv")
+    table = read_csv(out / "results.csv")
+    assert {(r["label"], r["variant"]) for r in rows} == {(r["label"], r["variant"]) for r in table}
+    for row in rows:
+        runs = [RunScores.load(out / "runs" / row["variant"] / f"seed{s}" / SCORES_FILE) for s in range(SEEDS)]
+        truth = runs[0].truth[row["label"]]
+        labelled = np.isfinite(truth)
+        assert int(row["n"]) == labelled.sum()
+        if labelled.sum() < 2:  # this tiny set has queries with one test image or none: no correlation
+            assert row["srcc"] == row["diff"] == "" and row["verdict"] == ""
+            continue
+        direct = np.mean([spearman(r.scores[row["label"]][labelled], truth[labelled]) for r in runs])
+        assert float(row["srcc"]) == pytest.approx(direct, abs=1e-5)
+        if row["variant"] == "default":
+            assert row["verdict"] == "" and row["diff"] == ""
+        else:
+            assert row["verdict"] in ("better", "worse", "no difference")
+            assert float(row["diff_low"]) <= float(row["diff"]) <= float(row["diff_high"])
+    assert "## Paired comparison against `default` (SRCC, 95% bootstrap intervals)" in output
+    assert re.search(r"- `regression-only` vs `default`: \d+ better, \d+ no difference, \d+ worse \(of \d+ queries\)",
+                     output)
+
+
+def test_quick_bench_writes_the_query_matrix_and_learning_curves(tasks, bench_out):
+    out, output = bench_out
+    matrices = json.loads((out / "query_matrix.json").read_text())
+    assert [m["variant"] for m in matrices["variants"]] == list(VARIANTS)
+    assert "## Query matrix: does the query steer the ranking?" in output and "- `default`: dominance" in output
+    store = TokenStore.open(out / "store.zarr")
+    default = matrices["variants"][0]
+    scores = [RunScores.load(out / "runs" / "default" / f"seed{s}" / SCORES_FILE) for s in range(SEEDS)]
+    query, label = default["labels"][0], default["labels"][-1]
+    values = np.asarray(store.label(label), dtype=np.float64)[scores[0].rows]
+    has = np.isfinite(values)
+    direct = np.mean([spearman(s.scores[query][has], values[has]) for s in scores])
+    assert default["srcc"][0][-1] == pytest.approx(direct, abs=1e-9)
+
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"learning curves in {out / 'curves.png'}" in output and "## Learning curves" in output
+    curves = read_csv(out / "curves.csv")
+    for variant in VARIANTS:
+        for seed in range(SEEDS):
+            history = [json.loads(line) for line in
+                       (out / "runs" / variant / f"seed{seed}" / "history.jsonl").read_text().splitlines()]
+            mine = [(int(r["step"]), float(r["mean_val_srcc"])) for r in curves
+                    if r["variant"] == variant and r["seed"] == str(seed)]
+            assert mine == [(h["step"], pytest.approx(h["mean_val_srcc"], abs=1e-5)) for h in history]
+    assert json.loads((out / "curves.json").read_text())["default"]["0"]["step"] == [STEPS]
+
+
+def test_reference_must_be_among_the_variants(tasks, tmp_path):
+    result = CliRunner().invoke(cli, bench_args(tasks, tmp_path / "b", "--reference", "k4"))
+    assert result.exit_code == 2
+    assert "--reference k4 is not among --variants" in result.output
+    assert not (tmp_path / "b").exists()
+
+
 def test_rerun_skips_finished_runs_and_resumes_an_interrupted_one(tasks, bench_out):
     out, _ = bench_out
     table = (out / "results.csv").read_text()
+    comparison = (out / "comparison.csv").read_text()
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/seed*/" + METRICS_FILE)}
+    # A run finished before scores were saved is scored again from its best.pt, to the same numbers.
+    saved = out / "runs" / VARIANTS[1] / "seed0" / SCORES_FILE
+    before = RunScores.load(saved)
+    saved.unlink()
     result = CliRunner().invoke(cli, bench_args(tasks, out))
     assert result.exit_code == 0, result.output
+    again = RunScores.load(saved)
+    assert again.scores.keys() == before.scores.keys()
+    for label in before.scores:
+        np.testing.assert_allclose(again.scores[label], before.scores[label], rtol=1e-6)
+    assert (out / "comparison.csv").read_text() == comparison
     assert result.output.count("finished earlier") == len(VARIANTS) * SEEDS
     assert f"0 run(s) trained, {len(VARIANTS) * SEEDS} reused" in result.output
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
@@ -198,6 +268,18 @@ def test_every_variant_resolves_to_a_valid_run_config(name, tmp_path):
     else:
         assert set(named) <= set(changed)
         assert {field.split(".")[0] for field in changed} == {field.split(".")[0] for field in named}
+
+
+def test_default_bench_trains_the_bench_adapter_and_set_still_wins(tmp_path):
+    from rankpipe.adapter.experiments.bench.run import BENCH_STEPS
+
+    config = BenchConfig(out_dir=tmp_path, backbone=BackboneSpec("ViT-B-32"), variants=(get_variant("k4"),),
+                         overrides=("adapter.d_model=96",))
+    run_config = run_config_for(get_variant("k4"), 1, config)
+    assert run_config.train.max_steps == BENCH_STEPS and run_config.adapter.heads == 4
+    assert run_config.adapter.d_model == 96 and run_config.adapter.relational_tokens == 4
+    assert BenchConfig(out_dir=tmp_path, backbone=BackboneSpec("ViT-B-32"), variants=(get_variant("k4"),),
+                       seeds=1).reference_row == "k4"  # no `default` row: the first variant is the reference
 
 
 def test_parse_variants_keeps_order_and_drops_repeats():
@@ -304,3 +386,26 @@ def test_train_loop_script_refuses_unknown_modes_and_short_runs():
 
     assert CliRunner().invoke(train_loop.main, ["--modes", "fast"]).exit_code == 2
     assert CliRunner().invoke(train_loop.main, ["--steps", "10", "--warmup", "5"]).exit_code == 2
+
+
+def test_query_matrix_on_mixed_images_covers_every_query_and_label(tmp_path):
+    """A tiny steering set: every test image carries a blur, counts and the attributes; one model, all queries."""
+    tasks = tmp_path / "steering"
+    build_photo_tasks(tasks, PhotoTasksConfig(images={"mixed": 48}, image_size=64, sources=SourcesConfig(mode="builtin"),
+                                              split_fractions=(0.5, 0.2, 0.3), samples_per_tar=1000))
+    args = bench_args(tasks, tmp_path / "bench")
+    args[args.index("--variants") + 1] = "default"
+    args[args.index("--seeds") + 1] = "1"
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    matrices = json.loads((tmp_path / "bench" / "query_matrix.json").read_text())
+    (default,) = matrices["variants"]
+    labels = default["labels"]
+    assert "blur" in labels and "brightness" in labels and any(name.startswith("count_") for name in labels)
+    srcc = np.array([[np.nan if v is None else v for v in row] for row in default["srcc"]])
+    assert np.isfinite(srcc).all()  # every test image has every label, so every entry is defined
+    off = np.abs(srcc[~np.eye(len(labels), dtype=bool)])
+    assert default["dominance"] == pytest.approx(np.diag(srcc).mean() - off.mean())
+    truth = np.array(matrices["truth"]["srcc"], dtype=float)
+    np.testing.assert_allclose(np.diag(truth), 1.0)
+    assert "- `truth`: dominance" in result.output and "- `default`: dominance" in result.output

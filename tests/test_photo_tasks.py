@@ -268,3 +268,33 @@ def test_debian_sources_render_exactly(tmp_path):
             assert photos[recipe.photo].counting
             pasted = Counter(p.category for p in recipe.placements)
             assert samples[key]["labels"][count_label(recipe.target)] == pasted[recipe.target]
+
+
+def test_mixed_images_carry_a_count_a_blur_and_the_attributes_at_once(built, tmp_path):
+    """Mixed images: cut-outs pasted, then the jitter and the blur over the whole picture; every label exact."""
+    config = dataclasses.replace(built["config"], images={"mixed": 30})
+    build_photo_tasks(tmp_path / "mixed", config)
+    samples, record = read_build(tmp_path / "mixed")
+    recipes = read_recipes(tmp_path / "mixed")
+    held_out = set(record["counting"]["held_out"])
+    blur = get_distortion("blur")
+    assert len(samples) == 30
+    for key, recipe in recipes.items():
+        labels = samples[key]["labels"]
+        assert recipe.group == "mixed" and recipe.distortion == "blur" and recipe.jitter is not None
+        background = render_background(built["photos"][recipe.photo], recipe.crop, 1.0, SIZE)
+        pasted_image = recipe.jitter.apply(composite(background, recipe.placements, built["cutouts"]))
+        np.testing.assert_array_equal(blur.apply(pasted_image, recipe.parameter, recipe.noise_seed),
+                                      samples[key]["pixels"], err_msg=key)
+        assert labels["blur"] == blur.label(recipe.parameter)
+        assert not {"jpeg", "noise", "pixelation", "quality"} & set(labels)
+        pasted = Counter(p.category for p in recipe.placements)
+        labelled = [c for c in record["counting"]["categories"] if recipe.split != "train" or c not in held_out]
+        assert all(labels[count_label(c)] == pasted[c] for c in labelled)
+        assert {"colorfulness", "contrast", "brightness"} <= set(labels)
+
+
+def test_bench_sizes_give_test_a_larger_share():
+    assert config_for_size("bench").split_fractions == (0.5, 0.2, 0.3)
+    assert set(config_for_size("steering").images) == {"mixed"}
+    assert config_for_size("full").split_fractions == PhotoTasksConfig.split_fractions

@@ -4,8 +4,12 @@ Layout under OUT (docs/bench.md):
 
     OUT/photo-tasks/                 the task set, when bench built it (no --tasks)
     OUT/store.zarr                   the token store, embedded once and resumed if unfinished
-    OUT/runs/<variant>/seed<k>/      best.pt, last.pt, history.jsonl and metrics.json of one run
-    OUT/results.md, OUT/results.csv  the table over all runs
+    OUT/runs/<variant>/seed<k>/      best.pt, last.pt, history.jsonl, metrics.json and scores.npz of one run
+    OUT/results.md, OUT/results.csv  the tables over all runs: mean ± std over seeds, the paired
+                                     comparison against the reference row and the query matrix
+    OUT/comparison.csv               the paired comparison
+    OUT/curves.png, .csv, .json      validation SRCC against step, per variant and seed
+    OUT/query_matrix.json            SRCC of every query's scores against every label, per variant
 
 Every stage resumes: a finished store is reused, a run whose metrics.json exists is skipped (after
 checking it was trained with the same settings), and a run interrupted mid-training continues from
@@ -23,6 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from rankpipe.adapter import ADAPTER_METHOD
+from rankpipe.adapter.experiments.bench.bootstrap import METRICS, BootstrapConfig
 from rankpipe.adapter.experiments.bench.table import (
     results_csv,
     results_markdown,
@@ -42,6 +47,25 @@ TASKS_RECORD = "photo_tasks.json"
 QUICK_OVERRIDES = SMALL_ADAPTER_OVERRIDES
 # Training steps of each --quick run unless --steps says otherwise.
 QUICK_STEPS = 150
+# Without --quick: the paper's adapter design at a width a CPU trains, sized so the default bench
+# (6 variants × 3 seeds on photo-tasks --size bench, ViT-B-32 at 224 px) takes about an hour on 2
+# CPU cores (docs/bench.md has the measurement: scoring the test and val images costs as much as
+# training). `--set adapter.d_model=768 ...` gives the paper's width.
+BENCH_OVERRIDES = (
+    "adapter.d_model=64",
+    "adapter.heads=4",
+    "adapter.text_extra_tokens=8",
+    "adapter.head_hidden=64",
+    "optim.lr=1e-3",
+    "optim.warmup_steps=30",
+    "train.batch_size=16",
+    "train.eval_every=80",
+    "train.log_every=20",
+)
+# Training steps of each run without --quick unless --steps says otherwise.
+BENCH_STEPS = 160
+# The task set built when --tasks is left out.
+QUICK_SIZE, BENCH_SIZE = "small", "bench"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,11 +81,11 @@ class BenchConfig:
     # Training seeds per variant: 0 .. seeds-1.
     seeds: int = 3
     # Folder holding manifest.yaml (and, for photo-tasks, photo_tasks.json); None = build photo-tasks
-    # into OUT/photo-tasks (size "small" with --quick, "full" otherwise).
+    # into OUT/photo-tasks (size "small" with --quick, "bench" otherwise).
     tasks: Path | None = None
     # Small adapter and QUICK_STEPS steps, for a CPU check of the whole bench in minutes.
     quick: bool = False
-    # Training steps of every run; None = QUICK_STEPS with quick, else the run config's default.
+    # Training steps of every run; None = QUICK_STEPS with quick, else BENCH_STEPS.
     steps: int | None = None
     # `section.field=value` overrides for every run, applied before each variant's own.
     overrides: tuple[str, ...] = ()
@@ -73,6 +97,12 @@ class BenchConfig:
     workers: int = 2
     # Split the table is computed on.
     split: str = "test"
+    # The row every other is compared with; None = "default" when it is among the variants, else the first.
+    reference: str | None = None
+    # The metric of the intervals, comparisons (a key of bootstrap.METRICS).
+    metric: str = "srcc"
+    # How the test images are resampled for intervals and paired differences.
+    bootstrap: BootstrapConfig = BootstrapConfig()
 
     def __post_init__(self) -> None:
         if self.seeds < 1:
@@ -81,6 +111,22 @@ class BenchConfig:
             raise InputError(f"--steps must be at least 1, not {self.steps}")
         if not self.variants:
             raise InputError("name at least one variant with --variants")
+        if self.reference is not None and self.reference not in self.variant_names:
+            raise InputError(f"--reference {self.reference} is not among --variants; add it there or name "
+                             f"one of {', '.join(self.variant_names)}")
+        if self.metric not in METRICS:
+            raise InputError(f"unknown comparison metric {self.metric!r}; use one of {', '.join(METRICS)}")
+
+    @property
+    def variant_names(self) -> list[str]:
+        return [v.name for v in self.variants]
+
+    @property
+    def reference_row(self) -> str:
+        """The variant the comparison is against."""
+        if self.reference is not None:
+            return self.reference
+        return "default" if "default" in self.variant_names else self.variant_names[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,10 +147,12 @@ class TaskSet:
 class BenchResult:
     """What a bench wrote."""
 
-    # The table as markdown (also OUT/results.md) and the CSV's path.
+    # The tables as markdown (also OUT/results.md) and the CSV's path.
     markdown: str
     results_md: Path
     results_csv: Path
+    # The learning curves' plot; None when no run has a curve (baselines only).
+    curves_png: Path | None
     # Runs trained now and runs reused from an earlier invocation.
     trained: int
     reused: int
@@ -154,13 +202,96 @@ def run_bench(config: BenchConfig, on_stage: Callable[[str], None] = lambda line
             on_stage(f"[{i}/{len(plan)}] {variant.name} seed {seed}: finished earlier, reusing {run_dir / METRICS_FILE}")
         records.append(record)
 
-    header = header_lines(config, store, tasks, plan[0][2].train.max_steps)
-    rows = table_rows(records, [v.name for v in config.variants])
+    on_stage(f"comparing against {config.reference_row} ({config.bootstrap.resamples} bootstrap resamples)")
+    scores = {(v.name, seed): run_scores(out / "runs" / v.name / f"seed{seed}", store, unseen, config)
+              for v, seed, _ in plan}
+    header = header_lines(config, store, tasks, plan)
+    rows = table_rows(records, config.variant_names)
     markdown = results_markdown(header, rows)
+    markdown += "\n" + write_comparison(out, records, scores, config)
+    markdown += "\n" + write_query_matrices(out, store, scores, config)
+    curves_png, curves_section = write_curves(out, plan, header[0])
+    markdown += "\n" + curves_section
     md_path, csv_path = out / "results.md", out / "results.csv"
     md_path.write_text(markdown, encoding="utf-8")
     csv_path.write_text(results_csv(rows), encoding="utf-8")
-    return BenchResult(markdown, md_path, csv_path, trained, len(plan) - trained)
+    return BenchResult(markdown, md_path, csv_path, curves_png, trained, len(plan) - trained)
+
+
+def run_scores(run_dir: Path, store, unseen: Sequence[str], config: BenchConfig):
+    """A finished run's saved test scores; a run finished before scores were saved is scored again from best.pt."""
+    from rankpipe.adapter.evaluation.scoring import load_checkpoint
+    from rankpipe.adapter.experiments.bench.runs import SCORES_FILE, RunScores, evaluate_run
+
+    path = run_dir / SCORES_FILE
+    if not path.is_file():
+        loaded = load_checkpoint(run_dir / "best.pt", config.device)
+        held_out = unseen if loaded.method == ADAPTER_METHOD else ()  # baselines score trained queries only
+        evaluate_run(loaded, store, held_out, config.split)[1].save(path)
+    return RunScores.load(path)
+
+
+def write_comparison(out: Path, records: Sequence[dict], scores, config: BenchConfig) -> str:
+    """Write comparison.csv; return the comparison section of results.md."""
+    from rankpipe.adapter.experiments.bench.compare import (
+        compare_rows,
+        comparison_csv,
+        comparison_markdown,
+    )
+    from rankpipe.files import write_text_atomic
+
+    unseen = {q["label"]: q["unseen"] for record in records for q in record["queries"]}
+    rows = compare_rows(scores, unseen, config.variant_names, config.reference_row, config.metric, config.bootstrap)
+    write_text_atomic(out / "comparison.csv", comparison_csv(rows, config.metric))
+    return comparison_markdown(rows, config.variant_names, config.reference_row, config.metric, config.bootstrap)
+
+
+def write_query_matrices(out: Path, store, scores, config: BenchConfig) -> str:
+    """Write query_matrix.json; return the query-matrix section of results.md."""
+    import numpy as np
+
+    from rankpipe.adapter.experiments.bench.query_matrix import (
+        matrices_markdown,
+        truth_matrix,
+        variant_matrix,
+    )
+    from rankpipe.files import write_text_atomic
+
+    rows = next(iter(scores.values())).rows
+    labels = {name: np.asarray(store.label(name), dtype=np.float64)[rows] for name in store.label_names}
+    matrices = [variant_matrix(name, [s for (v, _), s in scores.items() if v == name], labels)
+                for name in config.variant_names]
+    widest = max(matrices, key=lambda m: len(m.labels))
+    truth = truth_matrix(labels, widest.labels)
+    data = {"truth": truth.to_dict(), "variants": [m.to_dict() for m in matrices]}
+    write_text_atomic(out / "query_matrix.json", json.dumps(data, indent=1) + "\n")
+    return matrices_markdown(matrices, truth)
+
+
+def write_curves(out: Path, plan, title: str) -> tuple[Path | None, str]:
+    """Write curves.csv, curves.json and curves.png from the adapter runs' histories.
+
+    Returns the plot's path (None when no run has a curve: baselines only) and the learning-curve
+    section of results.md.
+    """
+    from rankpipe.adapter.experiments.bench.curves import (
+        curves_csv,
+        curves_json,
+        curves_markdown,
+        plot_curves,
+        read_curve,
+    )
+    from rankpipe.adapter.training.loop import HISTORY
+    from rankpipe.files import write_text_atomic
+
+    curves = [read_curve(v.name, seed, out / "runs" / v.name / f"seed{seed}" / HISTORY)
+              for v, seed, _ in plan if v.method == ADAPTER_METHOD]
+    if not curves:
+        return None, "## Learning curves\n\nNo adapter runs: baselines are fitted, not trained by steps.\n"
+    write_text_atomic(out / "curves.csv", curves_csv(curves))
+    write_text_atomic(out / "curves.json", curves_json(curves))
+    plot_curves(curves, out / "curves.png", title.replace("`", ""))
+    return out / "curves.png", curves_markdown(curves)
 
 
 def run_config_for(variant: Variant, seed: int, config: BenchConfig):
@@ -173,10 +304,9 @@ def run_config_for(variant: Variant, seed: int, config: BenchConfig):
 
     if variant.method != ADAPTER_METHOD:  # a baseline trains no adapter: only the seed is recorded
         return load_run_config(None, [f"train.seed={seed}"])
-    steps = config.steps if config.steps is not None else (QUICK_STEPS if config.quick else None)
-    overrides = [*(QUICK_OVERRIDES if config.quick else ()), *config.overrides]
-    if steps is not None:
-        overrides.append(f"train.max_steps={steps}")
+    steps = config.steps if config.steps is not None else (QUICK_STEPS if config.quick else BENCH_STEPS)
+    overrides = [*(QUICK_OVERRIDES if config.quick else BENCH_OVERRIDES), *config.overrides,
+                 f"train.max_steps={steps}"]
     return load_run_config(None, [*overrides, *variant.overrides, f"train.seed={seed}"])
 
 
@@ -195,7 +325,7 @@ def resolve_tasks(config: BenchConfig, on_stage: Callable[[str], None]) -> TaskS
                 config_for_size,
             )
 
-            size = "small" if config.quick else "full"
+            size = QUICK_SIZE if config.quick else BENCH_SIZE
             on_stage(f"building photo-tasks ({size}) into {folder}")
             build_photo_tasks(folder, config_for_size(size))
     folder = Path(folder)
@@ -238,7 +368,7 @@ def run_one(store, variant: Variant, seed: int, run_config, train_labels: Sequen
     """
     from rankpipe.adapter.baselines.fit import train_baseline
     from rankpipe.adapter.evaluation.scoring import load_checkpoint
-    from rankpipe.adapter.experiments.bench.runs import evaluate_run
+    from rankpipe.adapter.experiments.bench.runs import SCORES_FILE, evaluate_run
     from rankpipe.adapter.training.checkpoint import LAST
     from rankpipe.adapter.training.loop import train_from_store
     from rankpipe.files import write_text_atomic
@@ -255,8 +385,9 @@ def run_one(store, variant: Variant, seed: int, run_config, train_labels: Sequen
                                 labels=list(train_labels), device=config.device)
         best_path, best_step, steps, unseen = result.path, None, 0, ()
     train_seconds = time.monotonic() - started
-    queries = evaluate_run(load_checkpoint(best_path, config.device), store, unseen, config.split,
-                           run_config.train.eval_batch_size)
+    queries, scores = evaluate_run(load_checkpoint(best_path, config.device), store, unseen, config.split,
+                                   run_config.train.eval_batch_size)
+    scores.save(run_dir / SCORES_FILE)  # before metrics.json, which marks the run finished
     record = {
         "variant": variant.name,
         "method": variant.method,
@@ -280,19 +411,29 @@ def _baseline_settings(variant: Variant, seed: int) -> tuple[str, ...]:
     return (*variant.overrides, f"seed={seed}") if "seed" in fields else variant.overrides
 
 
-def header_lines(config: BenchConfig, store, tasks: TaskSet, steps: int) -> list[str]:
-    """What the table's numbers depend on, one line each, for the top of results.md."""
+def header_lines(config: BenchConfig, store, tasks: TaskSet, plan) -> list[str]:
+    """What the tables' numbers depend on, one line each, for the top of results.md."""
     spec = config.backbone
     weights = ("RANDOM weights (no pretrained CLIP): the numbers show the pipeline and how variants compare on "
                "this backbone, not what a pretrained CLIP achieves") if spec.pretrained == RANDOM_WEIGHTS \
         else f"pretrained weights `{spec.pretrained}`"
+    height, width = store.provenance["image_size"]
+    grid = store.provenance["token_grid"]
+    per_split = ", ".join(f"{role} {len(store.rows(list(store.manifest.splits.values(role))))}"
+                          for role in ("train", "val", "test"))
+    adapter_runs = [run_config for v, _, run_config in plan if v.method == ADAPTER_METHOD]
     lines = [
-        f"Backbone `{spec.model}`, {weights}.",
-        f"Task set `{tasks.manifest.parent}` ({store.num_rows} store rows); split `{config.split}`.",
-        f"Device `{config.device}`; {steps} training steps per run"
-        f"{' (quick: small adapter)' if config.quick else ''}; "
-        + (f"seeds 0..{config.seeds - 1}, mean ± sample std over seeds." if config.seeds > 1 else "seed 0."),
+        f"Backbone `{spec.model}` at {height}×{width} px ({grid[0]}×{grid[1]} patch tokens), {weights}.",
+        f"Task set `{tasks.manifest.parent}` ({store.num_rows} images: {per_split}); split `{config.split}`.",
     ]
+    if adapter_runs:
+        run = adapter_runs[0]
+        a = run.adapter
+        lines.append(f"Adapter d_model {a.d_model}, {a.heads} heads, {a.blocks} blocks + {a.plain_layers} plain layers, "
+                     f"{a.text_extra_tokens} extra text tokens; {run.train.max_steps} training steps per run, "
+                     f"batch {run.train.batch_size}, lr {run.optim.lr:g}{' (quick: small adapter)' if config.quick else ''}.")
+    lines.append(f"Device `{config.device}`; "
+                 + (f"seeds 0..{config.seeds - 1}, mean ± sample std over seeds." if config.seeds > 1 else "seed 0."))
     if tasks.sources:
         photos = ", ".join(tasks.sources.get("photos", {}))
         cutouts = ", ".join(tasks.sources.get("cutouts", {}))

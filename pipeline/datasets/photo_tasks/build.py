@@ -1,11 +1,14 @@
-"""Build the photo-tasks dataset: quality, attribute and counting images with exact labels, in WebDataset tars.
+"""Build the photo-tasks dataset: quality, attribute, counting and mixed images with exact labels, in WebDataset tars.
 
-Three groups of images are made from the base photos (docs/photo-tasks.md):
+Four groups of images are made from the base photos (docs/photo-tasks.md):
 
 - quality: a clean crop with exactly one distortion at a uniform strength;
 - attributes: a clean crop with a photometric jitter (saturation, contrast, brightness);
 - counting: a crop of a counting background with k ∈ 0..max_count cut-outs of a target category and a
-  few distractor cut-outs of other categories.
+  few distractor cut-outs of other categories;
+- mixed: a counting image that then gets a jitter and a blur of uniform strength, so one image
+  carries a count, a blur strength and the measured attributes at once (the bench's query matrix
+  asks whether the query picks which one the ranking follows).
 
 Every image is stored as PNG, so the stored pixels are the rendered pixels, and every label is
 computed on them or recorded while making them. Each base photo belongs to one split; held-out
@@ -47,7 +50,7 @@ from rankpipe.pipeline.datasets.photo_tasks.distortions import (
     QUALITY_LABEL,
     QUALITY_QUERY,
 )
-from rankpipe.pipeline.datasets.photo_tasks.recipes import RECIPES_FILE, Recipe, render
+from rankpipe.pipeline.datasets.photo_tasks.recipes import MIXED, RECIPES_FILE, Recipe, render
 from rankpipe.pipeline.datasets.photo_tasks.sources import (
     BasePhoto,
     PhotoSources,
@@ -59,19 +62,28 @@ logger = logging.getLogger(__name__)
 
 DATASET_NAME = "photo-tasks"
 RECORD_FILE = "photo_tasks.json"
-GROUPS = ("quality", "attributes", "counting")
-# Images per group for each --size.
+GROUPS = ("quality", "attributes", "counting", MIXED)
+# The distortion of the mixed images.
+MIXED_DISTORTION = "blur"
+# Images per group for each --size (a group left out has none).
 SIZES: dict[str, dict[str, int]] = {
     "small": {"quality": 160, "attributes": 80, "counting": 160},
     "full": {"quality": 2000, "attributes": 1000, "counting": 2400},
+    # Every query's test split has >= 200 images, with the built-in photos too (docs/photo-tasks.md).
+    "bench": {"quality": 3200, "attributes": 300, "counting": 720, MIXED: 720},
+    # Mixed images only: every image has every label but the other distortions'.
+    "steering": {MIXED: 1200},
 }
+# Split fractions of base photos where a size differs from PhotoTasksConfig's: the bench sizes give
+# test a larger share, so paired comparisons have enough test images per query.
+SIZE_SPLITS: dict[str, tuple[float, float, float]] = {"bench": (0.5, 0.2, 0.3), "steering": (0.5, 0.2, 0.3)}
 
 
 @dataclasses.dataclass(frozen=True)
 class PhotoTasksConfig:
     """What to build."""
 
-    # Images per group: {"quality": n, "attributes": n, "counting": n}.
+    # Images per group: {"quality": n, "attributes": n, "counting": n, "mixed": n}; a group left out has none.
     images: dict[str, int]
     # Output side in pixels (images are square).
     image_size: int = 224
@@ -100,8 +112,8 @@ class PhotoTasksConfig:
     samples_per_tar: int = 500
 
     def __post_init__(self) -> None:
-        if set(self.images) != set(GROUPS) or any(n < 0 for n in self.images.values()):
-            raise ValueError(f"images must give a non-negative count for each of {GROUPS}, got {self.images}")
+        if not set(self.images) <= set(GROUPS) or any(n < 0 for n in self.images.values()):
+            raise ValueError(f"images must give non-negative counts for groups among {GROUPS}, got {self.images}")
         if self.held_out_categories < 0:
             raise ValueError(f"held_out_categories must be >= 0, got {self.held_out_categories}")
 
@@ -110,7 +122,9 @@ def config_for_size(size: str, seed: int = 0, sources: str = "auto") -> PhotoTas
     """The configuration of a named size ("small" or "full")."""
     if size not in SIZES:
         raise InputError(f"unknown size {size!r}; use one of {', '.join(SIZES)}")
-    return PhotoTasksConfig(images=dict(SIZES[size]), seed=seed, sources=SourcesConfig(mode=sources))
+    splits = SIZE_SPLITS.get(size, PhotoTasksConfig.split_fractions)
+    return PhotoTasksConfig(images=dict(SIZES[size]), seed=seed, split_fractions=splits,
+                            sources=SourcesConfig(mode=sources))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,7 +169,7 @@ def build_photo_tasks(out_dir: str | Path, config: PhotoTasksConfig,
     held_out = tuple(sorted(rng.choice(categories, size=config.held_out_categories, replace=False).tolist()))
     labels = _label_specs(categories, sources.nouns)
     cutouts = {(c.category, c.name): c for items in sources.cutouts.values() for c in items}
-    if config.images["counting"] and not any(p.counting for p in sources.photos):
+    if _count(config, "counting") + _count(config, MIXED) and not any(p.counting for p in sources.photos):
         raise InputError("none of the base photos may be a counting background; install the photo packages of "
                          "docs/photo-tasks.md or pass --sources builtin")
     photos = {photo.name: photo.loader() for photo in sources.photos}
@@ -164,9 +178,9 @@ def build_photo_tasks(out_dir: str | Path, config: PhotoTasksConfig,
     def records() -> Iterator[SampleRecord]:
         # A generator, so write_shards packs each image as it is made and the PNGs never pile up in memory.
         for group in GROUPS:
-            pool = [p.name for p in sources.photos if group != "counting" or p.counting]
+            pool = [p.name for p in sources.photos if group not in ("counting", MIXED) or p.counting]
             pool = [pool[i] for i in rng.permutation(len(pool))]
-            for index in range(config.images[group]):
+            for index in range(_count(config, group)):
                 name = pool[index % len(pool)]
                 image_rng = np.random.default_rng([config.seed, GROUPS.index(group) + 1, index])
                 recipe, label_values = _make(group, name, split_of[name], photos[name], sources, held_out, config,
@@ -208,6 +222,10 @@ def assign_splits(photos: Sequence[BasePhoto], fractions: tuple[float, float, fl
     return split_of
 
 
+def _count(config: PhotoTasksConfig, group: str) -> int:
+    return config.images.get(group, 0)
+
+
 def count_label(category: str) -> str:
     """Label name of a counting category."""
     return f"count_{category}"
@@ -233,6 +251,20 @@ def _make(group: str, photo_name: str, split: str, photo: np.ndarray, sources: P
         return recipe, {distortion.name: distortion.label(parameter), QUALITY_LABEL: -distortion.severity(parameter)}
     if group == "attributes":
         return Recipe(group, photo_name, split, _crop(photo, size, config, rng), jitter=config.jitter.draw(rng)), {}
+    recipe, labels = _counting(group, photo_name, split, photo, sources, held_out, config, rng)
+    if group == MIXED:
+        blur = DISTORTIONS[MIXED_DISTORTION]
+        parameter = blur.parameter(float(rng.uniform(0.0, 1.0)), size)
+        recipe = dataclasses.replace(recipe, jitter=config.jitter.draw(rng), distortion=blur.name, parameter=parameter,
+                                     noise_seed=int(rng.integers(2**31)))
+        labels[blur.name] = blur.label(parameter)
+    return recipe, labels
+
+
+def _counting(group: str, photo_name: str, split: str, photo: np.ndarray, sources: PhotoSources,
+              held_out: tuple[str, ...], config: PhotoTasksConfig, rng: np.random.Generator) -> tuple[Recipe, dict]:
+    """A counting image's recipe (target and distractor cut-outs on a crop) and its count labels."""
+    size = config.image_size
     allowed = sorted(c for c in sources.cutouts if split != "train" or c not in held_out)
     target = allowed[int(rng.integers(len(allowed)))]
     others = [c for c in allowed if c != target]

@@ -22,13 +22,15 @@ from rankpipe.pipeline.datasets.photo_tasks.distortions import get_distortion
 from rankpipe.pipeline.datasets.photo_tasks.sources import Cutout
 
 RECIPES_FILE = "recipes.jsonl"
+# The group whose images carry cut-outs, a jitter and a distortion at once (several labels per image).
+MIXED = "mixed"
 
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     """How one image was made: enough to render it again from its base photo and the cut-outs."""
 
-    # "quality", "attributes" or "counting".
+    # "quality", "attributes", "counting" or "mixed".
     group: str
     # Base photo name and its split.
     photo: str
@@ -71,6 +73,11 @@ def render(recipe: Recipe, photo: np.ndarray, cutouts: dict[tuple[str, str], Cut
         size: Output side in pixels.
     """
     pixels = render_background(photo, recipe.crop, 1.0, size)
+    if recipe.group == MIXED:
+        # Paste first, so the jitter and the distortion act on the whole picture, cut-outs included,
+        # and every label describes all of it.
+        pixels = recipe.jitter.apply(composite(pixels, recipe.placements, cutouts))
+        return get_distortion(recipe.distortion).apply(pixels, recipe.parameter, recipe.noise_seed)
     if recipe.distortion is not None:
         pixels = get_distortion(recipe.distortion).apply(pixels, recipe.parameter, recipe.noise_seed)
     if recipe.jitter is not None:
