@@ -42,9 +42,10 @@ from rankpipe.adapter.training.checkpoint import (
     CheckpointWriter,
     load_resume_state,
     refuse_existing_run,
+    rng_state,
     set_rng_state,
 )
-from rankpipe.adapter.training.features import BatchSampler
+from rankpipe.adapter.training.features import BatchSampler, TrainBatch
 from rankpipe.adapter.training.run_config import OptimConfig, RunConfig
 from rankpipe.adapter.training.streaming import TrainingFeatures, open_features
 from rankpipe.devices import autocast
@@ -178,95 +179,155 @@ def _train_adapter(
     store_identity: str | None,
     val_from_train: float,
 ) -> TrainResult:
-    out_dir = Path(out_dir)
-    device = torch.device(device)
-    cfg = run_config
-    labels = [q.name for q in features.queries]
-    saved = load_resume_state(out_dir / LAST, cfg, labels, provenance, device, store_identity) if resume else None
-    if saved is None and (out_dir / LAST).exists():
-        raise InputError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
-    # An adapter's best.pt without last.pt is a first run killed early: it starts again.
-    refuse_existing_run(out_dir, allowed=ADAPTER_METHOD)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    # Seeding and initialising read the process-wide generator; runs in concurrent threads take turns.
-    with _INIT_LOCK:
-        torch.manual_seed(cfg.train.seed)
-        model = RankingAdapter(cfg.adapter, features.image_token_dim, features.text_token_dim)
-    model = model.to(device)
-    model.train()
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(cfg.optim, cfg.train.max_steps))
-    sampler = BatchSampler(features.train_sizes, cfg.train.batch_size, cfg.train.seed, device)
-    step, best, val_srcc = 0, None, {}
-    if saved is not None:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        sampler.load_state_dict(saved["sampler"])
-        with _INIT_LOCK:
-            set_rng_state(saved["rng"], device)
-        step, best, val_srcc = int(saved["step"]), saved["best"], saved["val_srcc"]
-        _truncate_history(out_dir / HISTORY, step)
-        log.info("resumed %s at step %d", out_dir, step)
-
-    writer = CheckpointWriter(out_dir, cfg, features, provenance, device, splits=splits, store_identity=store_identity,
-                              val_from_train=val_from_train)
-    monitor = _LossMonitor(device, cfg.train.batch_size)
-    mode = compile_mode(cfg.train.compile, device)
-    step_loss = _step_loss(model, cfg.loss, device, mode)
-    latest_mean = _mean(val_srcc)
-    started = time.monotonic()
-    while step < cfg.train.max_steps:
-        step += 1
-        batch = features.train_batch(step, sampler)  # [B, P, D] fp16 tokens of one query's images
-        # Before the forward pass: the previous step's gradients may live in CUDA-graph memory.
-        optimizer.zero_grad(set_to_none=True)
+    run = TrainingRun(features, out_dir, run_config, provenance, device, resume, progress, splits, store_identity,
+                      val_from_train)
+    mode = compile_mode(run_config.train.compile, run.device)
+    step_loss = _step_loss(run.model, run_config.loss, run.device, mode)
+    while not run.finished:
+        batch = run.begin_step()  # [B, P, D] fp16 tokens of one query's images
         if mode == "reduce-overhead":
             # CUDA-graph replays reuse their output buffers: this step's overwrites the previous
-            # step's loss parts, which monitor.update has copied; nothing else keeps them.
+            # step's loss parts, which the loss monitor has copied; nothing else keeps them.
             torch.compiler.cudagraph_mark_step_begin()
         parts = step_loss(batch.image_tokens, features.queries[batch.query_index].text_tokens, batch.targets)
         parts.total.backward()
+        run.end_step(parts, batch)
+    return run.result()
+
+
+class TrainingRun:
+    """One run's model, optimiser, schedule, sampler and bookkeeping: everything of a step but its forward
+    and backward pass, which the caller does between `begin_step` and `end_step` (the fused trainer of
+    adapter/training/fused.py does it for several runs at once).
+
+    Raises (constructor): InputError for a resume that does not match the saved run or a folder that
+    holds another run.
+    """
+
+    def __init__(
+        self,
+        features: TrainingFeatures,
+        out_dir: str | Path,
+        cfg: RunConfig,
+        provenance: dict,
+        device: str | torch.device,
+        resume: bool,
+        progress: Callable[[TrainEvent], None] | None = None,
+        splits: SplitSpec | None = None,
+        store_identity: str | None = None,
+        val_from_train: float = 0.0,
+    ):
+        out_dir = Path(out_dir)
+        device = torch.device(device)
+        self.features, self.out_dir, self.cfg, self.device, self.progress = features, out_dir, cfg, device, progress
+        labels = [q.name for q in features.queries]
+        saved = load_resume_state(out_dir / LAST, cfg, labels, provenance, device, store_identity) if resume else None
+        if saved is None and (out_dir / LAST).exists():
+            raise InputError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
+        # An adapter's best.pt without last.pt is a first run killed early: it starts again.
+        refuse_existing_run(out_dir, allowed=ADAPTER_METHOD)
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+        # Seeding and initialising read the process-wide generator; runs in concurrent threads take turns.
+        with _INIT_LOCK:
+            torch.manual_seed(cfg.train.seed)
+            model = RankingAdapter(cfg.adapter, features.image_token_dim, features.text_token_dim)
+            # The generator state this run starts from; dropout draws advance it from here.
+            self.start_rng = rng_state(device) if saved is None else saved["rng"]
+        # The generator state last.pt records: None saves the process's current one. A caller that
+        # trains several runs in one process (each without dropout) sets `start_rng` here.
+        self.rng_to_save: dict | None = None
+        self.model = model.to(device)
+        self.model.train()
+        self.optimizer = make_optimizer(self.model, cfg.optim)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_factor(cfg.optim, cfg.train.max_steps))
+        self.sampler = BatchSampler(features.train_sizes, cfg.train.batch_size, cfg.train.seed, device)
+        self.step, self.best, self.val_srcc = 0, None, {}
+        if saved is not None:
+            self.model.load_state_dict(saved["model"])
+            self.optimizer.load_state_dict(saved["optimizer"])
+            self.scheduler.load_state_dict(saved["scheduler"])
+            self.sampler.load_state_dict(saved["sampler"])
+            with _INIT_LOCK:
+                set_rng_state(saved["rng"], device)
+            self.step, self.best, self.val_srcc = int(saved["step"]), saved["best"], saved["val_srcc"]
+            _truncate_history(out_dir / HISTORY, self.step)
+            log.info("resumed %s at step %d", out_dir, self.step)
+
+        self.writer = CheckpointWriter(out_dir, cfg, features, provenance, device, splits=splits,
+                                       store_identity=store_identity, val_from_train=val_from_train)
+        self.monitor = _LossMonitor(device, cfg.train.batch_size)
+        self.latest_mean = _mean(self.val_srcc)
+        self.started = time.monotonic()
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.cfg.train.max_steps
+
+    def begin_step(self, batch: TrainBatch | None = None) -> TrainBatch:
+        """Count the step, clear the gradients and return its batch (drawn here unless given)."""
+        self.step += 1
+        if batch is None:
+            batch = self.features.train_batch(self.step, self.sampler)
+        # Before the forward pass: the previous step's gradients may live in CUDA-graph memory.
+        self.optimizer.zero_grad(set_to_none=True)
+        return batch
+
+    def end_step(self, parts: LossParts, batch: TrainBatch) -> None:
+        """After the backward pass: clip, step the optimiser and the schedule, and report when due.
+
+        Raises:
+            TrainingDiverged: a report found a non-finite loss.
+        """
+        cfg, step = self.cfg, self.step
         if cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        monitor.update(step, parts, batch.rows, batch.query_index)  # copies the loss parts
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.monitor.update(step, parts, batch.rows, batch.query_index)  # copies the loss parts
 
-        is_last = step == cfg.train.max_steps
-        is_eval = step % cfg.train.eval_every == 0 or is_last
+        is_eval = step % cfg.train.eval_every == 0 or self.finished
         if step % cfg.train.log_every == 0 or is_eval:
-            monitor.raise_if_diverged(features, writer.last_good)
-            loss = monitor.pop_means()
-            new_srcc = None
-            if is_eval:
-                new_srcc = validate(model, features, cfg.train.eval_batch_size, device)
-                val_srcc, latest_mean = new_srcc, _mean(new_srcc)
-                if best is None or _better(latest_mean, best["mean_srcc"]):
-                    best = {"step": step, "mean_srcc": latest_mean, "srcc": dict(new_srcc)}
-                    writer.save_best(model, step, new_srcc, best)
-                writer.save_last(model, step, new_srcc, best, optimizer, scheduler, sampler)
-                _append_history(
-                    out_dir / HISTORY,
-                    {
-                        "step": step, "lr": scheduler.get_last_lr()[0], "loss": loss, "val_srcc": new_srcc,
-                        "mean_val_srcc": latest_mean, "best_step": best["step"],
-                        "seconds": round(time.monotonic() - started, 3),
-                    },
-                )
-                log.info("step %d: val SRCC %s (mean %.4f)", step, new_srcc, latest_mean)
-            if progress is not None:
-                progress(TrainEvent(step, cfg.train.max_steps, scheduler.get_last_lr()[0], loss, new_srcc, latest_mean))
+            self.monitor.raise_if_diverged(self.features, self.writer.last_good)
+            loss = self.monitor.pop_means()
+            new_srcc = self._validate_and_save(step, loss) if is_eval else None
+            if self.progress is not None:
+                self.progress(TrainEvent(step, cfg.train.max_steps, self.scheduler.get_last_lr()[0], loss, new_srcc,
+                                         self.latest_mean))
 
-    if best is None:
-        raise InputError(f"{out_dir}/{LAST} records no validation; the run has no best checkpoint to report")
-    return TrainResult(
-        steps=step, best_step=best["step"], best_srcc=dict(best["srcc"]), best_mean_srcc=best["mean_srcc"],
-        best_path=out_dir / BEST, last_path=out_dir / LAST,
-    )
+    def _validate_and_save(self, step: int, loss: dict[str, float]) -> dict[str, float]:
+        new_srcc = validate(self.model, self.features, self.cfg.train.eval_batch_size, self.device)
+        self.val_srcc, self.latest_mean = new_srcc, _mean(new_srcc)
+        if self.best is None or _better(self.latest_mean, self.best["mean_srcc"]):
+            self.best = {"step": step, "mean_srcc": self.latest_mean, "srcc": dict(new_srcc)}
+            self.writer.save_best(self.model, step, new_srcc, self.best)
+        self.writer.save_last(self.model, step, new_srcc, self.best, self.optimizer, self.scheduler, self.sampler,
+                              rng=self.rng_to_save)
+        _append_history(
+            self.out_dir / HISTORY,
+            {
+                "step": step, "lr": self.scheduler.get_last_lr()[0], "loss": loss, "val_srcc": new_srcc,
+                "mean_val_srcc": self.latest_mean, "best_step": self.best["step"],
+                "seconds": round(time.monotonic() - self.started, 3),
+            },
+        )
+        log.info("step %d: val SRCC %s (mean %.4f)", step, new_srcc, self.latest_mean)
+        return new_srcc
+
+    def result(self) -> TrainResult:
+        """How the finished run ended."""
+        best = self.best
+        if best is None:
+            raise InputError(f"{self.out_dir}/{LAST} records no validation; the run has no best checkpoint to report")
+        return TrainResult(
+            steps=self.step, best_step=best["step"], best_srcc=dict(best["srcc"]), best_mean_srcc=best["mean_srcc"],
+            best_path=self.out_dir / BEST, last_path=self.out_dir / LAST,
+        )
+
+
+def make_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
+    """The run's AdamW over the model's parameters."""
+    return torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
 
 
 def validate(model: RankingAdapter, features: TrainingFeatures, batch_size: int, device: torch.device) -> dict[str, float]:
