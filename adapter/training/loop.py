@@ -182,7 +182,7 @@ def _train_adapter(
     run = TrainingRun(features, out_dir, run_config, provenance, device, resume, progress, splits, store_identity,
                       val_from_train)
     mode = compile_mode(run_config.train.compile, run.device)
-    step_loss = _step_loss(run.model, run_config.loss, run.device, mode)
+    step_loss = make_step_loss(run.model, run_config.loss, run.device, mode)
     while not run.finished:
         batch = run.begin_step()  # [B, P, D] fp16 tokens of one query's images
         if mode == "reduce-overhead":
@@ -361,7 +361,7 @@ def compile_mode(setting: str, device: torch.device) -> str | None:
     return setting
 
 
-def _step_loss(
+def make_step_loss(
     model: RankingAdapter, loss_cfg: LossConfig, device: torch.device, mode: str | None
 ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], LossParts]:
     """Forward pass and loss of one step: image tokens [B, P, D], text tokens [L, Dt], targets [B].
