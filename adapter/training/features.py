@@ -99,8 +99,9 @@ class ResidentFeatures:
         query_index = sampler.query_for(step)
         query = self.queries[query_index]
         pos = sampler.sample(len(query.train_index), query.train_index.device)  # [B] positions in the query's train rows
-        rows = query.train_index[pos]  # [B] resident rows
-        return TrainBatch(query_index, self.image_tokens[rows], query.train_targets[pos], rows)
+        rows = query.train_index.index_select(0, pos)  # [B] resident rows
+        return TrainBatch(query_index, self.image_tokens.index_select(0, rows), query.train_targets.index_select(0, pos),
+                          rows)
 
     def val_batches(self, query_index: int, batch_size: int) -> Iterator[torch.Tensor]:
         """[b, P, D] image tokens of a query's val rows, `batch_size` at a time, in val_targets order."""

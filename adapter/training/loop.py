@@ -4,7 +4,9 @@ One step draws a query (see features.BatchSampler), gathers a batch of its train
 resident token tensor (or from the current window of a streamed store, see adapter/training/streaming.py), and
 takes an AdamW step on the regression + pairwise loss. Loss values stay on
 the device between reports: every `train.log_every` steps they are read once, together with a
-device-side record of the first non-finite step, so the loop has no other host syncs.
+device-side record of the first non-finite step, so the loop has no other host syncs. Each step's
+loss parts and rows go into preallocated device buffers (see _LossMonitor) and batches are gathered
+with index_select, so the loop adds a few small copies to the step and allocates nothing of its own.
 
 Every `train.eval_every` steps (and at the last) the val split is scored, SRCC per query is computed
 with scipy, and OUT/last.pt (resumable), OUT/best.pt (best mean val SRCC) and a line of
@@ -30,7 +32,6 @@ from pathlib import Path
 import numpy as np
 import scipy.stats
 import torch
-import torch.nn.functional as F
 
 from rankpipe.adapter import ADAPTER_METHOD
 from rankpipe.adapter.model.adapter import RankingAdapter, score_batches
@@ -256,7 +257,7 @@ class TrainingRun:
 
         self.writer = CheckpointWriter(out_dir, cfg, features, provenance, device, splits=splits,
                                        store_identity=store_identity, val_from_train=val_from_train)
-        self.monitor = _LossMonitor(device, cfg.train.batch_size)
+        self.monitor = _LossMonitor(device, cfg.train.batch_size, cfg.train.log_every)
         self.latest_mean = _mean(self.val_srcc)
         self.started = time.monotonic()
 
@@ -326,8 +327,11 @@ class TrainingRun:
 
 
 def make_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
-    """The run's AdamW over the model's parameters."""
-    return torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
+    """The run's AdamW over the model's parameters; on a GPU its fused kernel (one launch per step, not
+    several per parameter group)."""
+    fused = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay,
+                             fused=fused or None)
 
 
 def validate(model: RankingAdapter, features: TrainingFeatures, batch_size: int, device: torch.device) -> dict[str, float]:
@@ -397,43 +401,49 @@ def _lr_factor(optim: OptimConfig, max_steps: int) -> Callable[[int], float]:
 
 
 class _LossMonitor:
-    """Running loss sums and the first non-finite step, kept on the device until a report reads them."""
+    """Each step's loss parts and rows, kept on the device until a report reads them.
 
-    def __init__(self, device: torch.device, batch_size: int):
-        self.batch_size = batch_size
-        self.sums = torch.zeros(len(LOSS_PARTS), device=device)  # [3] sums of finite steps' loss parts
-        self.count = 0
-        self.bad_step = torch.full((), -1, dtype=torch.int64, device=device)  # first non-finite step or -1
-        self.bad_query = torch.full((), -1, dtype=torch.int64, device=device)
-        self.bad_rows = torch.full((batch_size,), -1, dtype=torch.int64, device=device)  # its rows, -1 padded
+    A step costs two small copies into preallocated buffers (no host sync, no allocation); a report
+    finds the first non-finite step and the mean of the finite ones over the buffered steps at once.
+    Reports come at least every `log_every` steps, so that many rows are enough.
+    """
+
+    def __init__(self, device: torch.device, batch_size: int, log_every: int):
+        self.values = torch.zeros(log_every, len(LOSS_PARTS), device=device)  # [S, 3] loss parts of each step
+        self.rows = torch.full((log_every, batch_size), -1, dtype=torch.int64, device=device)  # [S, B], -1 padded
+        self.steps: list[int] = []  # the buffered steps
+        self.queries: list[int] = []  # their query indices
 
     def update(self, step: int, parts: LossParts, rows: torch.Tensor, query_index: int) -> None:
-        values = torch.stack([parts.total, parts.regression, parts.pairwise]).detach().float()  # [3]
-        finite = torch.isfinite(values).all()
-        first = finite.logical_not() & (self.bad_step < 0)
-        self.bad_step = torch.where(first, step, self.bad_step)
-        self.bad_query = torch.where(first, query_index, self.bad_query)
-        padded = F.pad(rows, (0, self.batch_size - rows.shape[0]), value=-1)  # [batch_size]
-        self.bad_rows = torch.where(first, padded, self.bad_rows)
-        self.sums += torch.where(finite, values, torch.zeros_like(values))
-        self.count += 1
+        slot = len(self.steps)
+        torch.stack([parts.total.detach(), parts.regression.detach(), parts.pairwise.detach()], out=self.values[slot])
+        self.rows[slot, : rows.shape[0]] = rows
+        if rows.shape[0] < self.rows.shape[1]:  # a query with fewer training images than the batch size
+            self.rows[slot, rows.shape[0]:] = -1
+        self.steps.append(step)
+        self.queries.append(query_index)
 
     def raise_if_diverged(self, features: TrainingFeatures, last_good: str) -> None:
-        bad_step = int(self.bad_step)
-        if bad_step < 0:
+        count = len(self.steps)
+        finite = torch.isfinite(self.values[:count]).all(dim=1)  # [S]
+        first_bad = int(torch.where(finite, count, torch.arange(count, device=finite.device)).min()) if count else 0
+        if first_bad >= count:
             return
-        rows = self.bad_rows.cpu().numpy()
+        rows = self.rows[first_bad].cpu().numpy()
         keys = [str(k) for k in features.keys[rows[rows >= 0]]]
-        query = features.queries[int(self.bad_query)].name
+        query = features.queries[self.queries[first_bad]].name
         raise TrainingDiverged(
-            f"the loss became non-finite at step {bad_step} (label {query!r}, batch keys: {', '.join(keys)}); "
-            f"training stopped, {last_good}. Lower optim.lr or check these images' features."
+            f"the loss became non-finite at step {self.steps[first_bad]} (label {query!r}, batch keys: "
+            f"{', '.join(keys)}); training stopped, {last_good}. Lower optim.lr or check these images' features."
         )
 
     def pop_means(self) -> dict[str, float]:
-        means = (self.sums / max(1, self.count)).tolist()
-        self.sums.zero_()
-        self.count = 0
+        values = self.values[: len(self.steps)]  # [S, 3]
+        finite = torch.isfinite(values).all(dim=1, keepdim=True)  # [S, 1]
+        sums = torch.where(finite, values, torch.zeros_like(values)).sum(dim=0)  # [3] sums of finite steps
+        means = (sums / max(1, len(self.steps))).tolist()
+        self.steps.clear()
+        self.queries.clear()
         return dict(zip(LOSS_PARTS, means))
 
 
