@@ -70,7 +70,7 @@ def time_bare_step(store: TokenStore, overrides: list[str], mode: str, warmup: i
         optimizer.zero_grad(set_to_none=True)
         if mode == "reduce-overhead" and run_device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()
-        step_loss(batch.image_tokens, text, batch.targets).total.backward()
+        step_loss(batch.image_tokens, text, batch.targets, None).total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
         optimizer.step()
 

@@ -24,6 +24,12 @@ VARIANTS = [
     ("train.seed=1", "optim.grad_clip=0.05", "optim.warmup_steps=3", "optim.min_lr_ratio=0.2"),
     ("train.seed=1", "train.max_steps=25", "train.eval_every=10", "loss.regression_weight=0.5", "optim.betas=[0.8,0.99]"),
 ]
+# Runs that share their loss settings: the loss joins the vmapped pass.
+SHARED_LOSS = [
+    ("train.seed=0",),
+    ("train.seed=0", "optim.lr=5e-3"),
+    ("train.seed=1", "optim.weight_decay=0.1", "train.max_steps=25"),
+]
 STEPS = "train.max_steps=30"
 
 
@@ -70,9 +76,10 @@ def assert_same_run(fused_dir, solo_dir, fused: TrainResult, solo: TrainResult) 
         torch.testing.assert_close(a["exp_avg_sq"], b["exp_avg_sq"], rtol=1e-3, atol=1e-9)
 
 
-def test_fused_runs_end_with_the_weights_and_metrics_of_solo_runs(tmp_path, data):
+@pytest.mark.parametrize("variants", [VARIANTS, SHARED_LOSS], ids=["own-losses", "shared-loss"])
+def test_fused_runs_end_with_the_weights_and_metrics_of_solo_runs(tmp_path, data, variants):
     labelled, features = data
-    configs = [tiny_config(STEPS, *variant) for variant in VARIANTS]
+    configs = [tiny_config(STEPS, *variant) for variant in variants]
     assert len({fusion_key(c) for c in configs}) == 1 and fusion_key(configs[0]) is not None
     solo = [train_adapter(features, tmp_path / f"solo{i}", c, labelled.provenance) for i, c in enumerate(configs)]
     jobs = [FusedJob(tmp_path / f"fused{i}", c, resume=False) for i, c in enumerate(configs)]

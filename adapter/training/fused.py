@@ -7,8 +7,8 @@ everything of its own, as a `TrainingRun`: its weights, initialised from its own
 schedule and gradient clipping; its loss settings; its sampler; its loss monitor, validations,
 checkpoints and history. Only the forward and backward passes are shared: every step the runs'
 parameters are stacked along a leading run dimension, `torch.func.vmap` of `functional_call` computes
-every run's scores and pair logits in one pass, each run's loss is computed with its own settings, and
-one backward pass of their sum gives every run the gradients it would get alone (runs share no
+every run's scores and pair logits in one pass (and the loss too when the runs share their loss
+settings; otherwise each run's loss is computed with its own), and one backward pass of their sum gives every run the gradients it would get alone (runs share no
 weights, so no gradient crosses from one to another). A fused run therefore ends with the weights (to
 float rounding: batched matrix products round differently) and the checkpoints, history and metrics
 it would have had alone, and its last.pt resumes alone or fused alike.
@@ -38,6 +38,7 @@ from torch.func import functional_call, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from rankpipe.adapter.model.adapter import AdapterOutput, RankingAdapter
+from rankpipe.adapter.model.config import LossConfig
 from rankpipe.adapter.model.losses import LossParts, ranking_loss
 from rankpipe.adapter.training.features import BatchSampler, TrainBatch
 from rankpipe.adapter.training.loop import TrainingRun, TrainResult
@@ -193,6 +194,18 @@ def _fused_losses(runs: list[TrainingRun], batches: dict[int, TrainBatch], featu
         text = features.queries[query_index].text_tokens  # (L, Dt)
         template = group[0].model
         params = stack_parameters([run.model for run in group])  # name -> (R, ...)
+        if all(run.cfg.loss == group[0].cfg.loss for run in group):
+            # One loss setting: the loss joins the vmapped pass.
+            if images_dim is None:
+                targets, targets_dim = group_batches[0].targets, None  # (B,)
+            else:
+                targets, targets_dim = torch.stack([b.targets for b in group_batches]), 0  # (R, B)
+            loss_of = _vmapped_loss(template, group[0].cfg.loss, device)
+            total, regression, pairwise = vmap(loss_of, in_dims=(0, images_dim, None, targets_dim))(
+                params, images, text, targets)  # (R,) each
+            for r, i in enumerate(members):
+                parts[i] = LossParts(total=total[r], regression=regression[r], pairwise=pairwise[r])
+            continue
 
         def forward(p: dict[str, torch.Tensor], image_tokens: torch.Tensor, text_tokens: torch.Tensor,
                     template: RankingAdapter = template) -> tuple[torch.Tensor, ...]:
@@ -201,11 +214,25 @@ def _fused_losses(runs: list[TrainingRun], batches: dict[int, TrainBatch], featu
 
         with autocast(device), _batchable_attention(device):
             outputs = vmap(forward, in_dims=(0, images_dim, None))(params, images, text)  # (R, B), (R, B, B)
-        for r, (i, run) in enumerate(zip(members, group)):
+        for r, (i, run) in enumerate(zip(members, group)):  # each run's own loss settings
             pair_logits = outputs[1][r] if len(outputs) > 1 else None
             output = AdapterOutput(scores=outputs[0][r], pair_logits=pair_logits)
             parts[i] = ranking_loss(output, group_batches[r].targets, run.cfg.loss)
     return parts
+
+
+def _vmapped_loss(template: RankingAdapter, loss: LossConfig, device: torch.device):
+    """The loss parts (total, regression, pairwise) of one run's parameters, batch and targets: the step's
+    function to vmap over runs that share their loss settings."""
+
+    def loss_of(p: dict[str, torch.Tensor], image_tokens: torch.Tensor, text_tokens: torch.Tensor,
+                targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with autocast(device), _batchable_attention(device):
+            output = functional_call(template, p, (image_tokens, text_tokens), {"with_pairs": True})
+        parts = ranking_loss(output, targets, loss)
+        return parts.total, parts.regression, parts.pairwise
+
+    return loss_of
 
 
 def stack_parameters(models: Sequence[torch.nn.Module]) -> dict[str, torch.Tensor]:

@@ -184,13 +184,23 @@ def _train_adapter(
                       val_from_train)
     mode = compile_mode(run_config.train.compile, run.device)
     step_loss = make_step_loss(run.model, run_config.loss, run.device, mode)
+    pad = BatchPadder(run_config.train.batch_size, run.device) if mode is not None else None
+    if mode is not None and len({q.text_tokens.shape[0] for q in features.queries}) > 1:
+        # One graph for every query: the text length is symbolic from the first compilation on.
+        for query in features.queries:
+            torch._dynamo.mark_dynamic(query.text_tokens, 0)
     while not run.finished:
         batch = run.begin_step()  # [B, P, D] fp16 tokens of one query's images
         if mode == "reduce-overhead":
             # CUDA-graph replays reuse their output buffers: this step's overwrites the previous
             # step's loss parts, which the loss monitor has copied; nothing else keeps them.
             torch.compiler.cudagraph_mark_step_begin()
-        parts = step_loss(batch.image_tokens, features.queries[batch.query_index].text_tokens, batch.targets)
+        text_tokens = features.queries[batch.query_index].text_tokens
+        if pad is None:
+            parts = step_loss(batch.image_tokens, text_tokens, batch.targets, None)
+        else:  # compiled: every batch has train.batch_size rows, so one graph serves them all
+            image_tokens, targets, valid = pad(batch.image_tokens, batch.targets)
+            parts = step_loss(image_tokens, text_tokens, targets, valid)
         parts.total.backward()
         run.end_step(parts, batch)
     return run.result()
@@ -367,20 +377,44 @@ def compile_mode(setting: str, device: torch.device) -> str | None:
 
 def make_step_loss(
     model: RankingAdapter, loss_cfg: LossConfig, device: torch.device, mode: str | None
-) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], LossParts]:
-    """Forward pass and loss of one step: image tokens [B, P, D], text tokens [L, Dt], targets [B].
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], LossParts]:
+    """Forward pass and loss of one step: image tokens [B, P, D], text tokens [L, Dt], targets [B] and
+    which rows count, valid [B] bool (None: all; see BatchPadder).
 
-    Compiled with `mode` unless it is None. The first new text length recompiles once with the
-    length dynamic. The pairwise branch's chunking fixes the batch size, so each batch size compiles
-    its own graph: one more per query with fewer training images than `train.batch_size`.
+    Compiled with `mode` unless it is None. The pairwise branch's chunking fixes the batch size, so the
+    compiled loop pads every batch to `train.batch_size` (BatchPadder) and marks the text length
+    dynamic when queries' lengths differ: one graph serves the whole run.
     """
 
-    def loss_of(image_tokens: torch.Tensor, text_tokens: torch.Tensor, targets: torch.Tensor) -> LossParts:
+    def loss_of(image_tokens: torch.Tensor, text_tokens: torch.Tensor, targets: torch.Tensor,
+                valid: torch.Tensor | None) -> LossParts:
         with autocast(device):
             output = model(image_tokens, text_tokens, with_pairs=True)
-        return ranking_loss(output, targets, loss_cfg)
+        return ranking_loss(output, targets, loss_cfg, valid)
 
     return loss_of if mode is None else _compile(loss_of, mode)
+
+
+class BatchPadder:
+    """Pads a batch of fewer than `size` images (a query with fewer training images than the batch
+    size) to `size` rows by repeating its rows, with a mask that leaves them out of the loss.
+
+    Every image is scored independently and the loss reads only pairs and rows of valid images, so the
+    padding changes neither the loss nor the gradients; a compiled step then sees one batch shape.
+    """
+
+    def __init__(self, size: int, device: torch.device):
+        self.size = size
+        self.all_valid = torch.ones(size, dtype=torch.bool, device=device)  # [size], shared by full batches
+        self.positions = torch.arange(size, device=device)  # [size]
+
+    def __call__(self, image_tokens: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(image tokens [size, P, D], targets [size], valid [size]) of a batch of b <= size rows."""
+        b = image_tokens.shape[0]
+        if b == self.size:
+            return image_tokens, targets, self.all_valid
+        cycle = self.positions % b  # [size]: 0..b-1, 0..b-1, ...
+        return image_tokens.index_select(0, cycle), targets.index_select(0, cycle), self.positions < b
 
 
 def _compile(fn: Callable, mode: str) -> Callable:
