@@ -290,6 +290,7 @@ def test_cli_sweep_prints_the_table(tmp_path, tiny_store):
 @pytest.mark.parametrize("extra, message", [
     (["--cluster", "remote:2"], "not of the form local:N"),
     (["--cluster", "local:2", "--scheduler", "tcp://x:1"], "not both"),
+    (["--fuse-max", "0"], "--fuse-max"),
 ])
 def test_cli_sweep_user_errors_exit_2(tmp_path, tiny_store, extra, message):
     grid = write_grid(tmp_path / "grid.yaml")
