@@ -148,8 +148,7 @@ def stage_rates(folder: Path, manifest: Manifest, spec: BackboneSpec, args: argp
     """Table rows for each pipeline stage timed alone: tar reading, GPU decoding (CUDA), store writing."""
     backbone = load_backbone(spec, args.device)
     on_gpu = backbone.device.type == "cuda"
-    gpu_pre = GpuPreprocess(backbone.preprocess_cfg, backbone.image_size, backbone.device) \
-        if on_gpu and GpuPreprocess.supports(backbone.preprocess_cfg) else None
+    gpu_pre = GpuPreprocess(backbone.preprocess, backbone.device) if on_gpu else None
     tars = input_tars(manifest)
     tasks = [TarTask(t, tar.url, tar.count) for t, tar in enumerate(tars)]
     read_rate, kept = read_throughput(tasks, backbone, args.batch_size, args.workers, gpu_pre is not None)

@@ -10,7 +10,8 @@ once with the naive reference that materialises every pair's [2P, D] keys/values
 Columns: N, factorised ms/step, images/s, peak GiB (torch.cuda.max_memory_allocated), naive ms/step,
 naive peak GiB ("OOM" when it does not fit), speed-up (naive ms / factorised ms).
 
-Measured on one H100 80GB (torch 2.11, bf16 autocast, pair_chunk 32768), ms/step and peak GiB:
+Measured on one H100 80GB (torch 2.11, bf16 autocast, pair_chunk 32768) with the paper's fusion
+blocks and no dropout (`--fusion-block paper --plain-dropout 0`), ms/step and peak GiB:
     N   eager             --compile reduce-overhead   naive (eager)
    64   14.6   1.4        4.9                         64.9  13.2
   128   14.7   2.7        8.8   2.1                   243.4 49.9
@@ -111,6 +112,10 @@ def fmt(value: float | None, spec: str, missing: str = "OOM") -> str:
 @click.option("--pair-chunk", default=AdapterConfig.pair_chunk, show_default=True)
 @click.option("--pair-checkpoint/--no-pair-checkpoint", default=False, show_default=True)
 @click.option("--pooling", type=click.Choice(["cross", "self"]), default="cross", show_default=True)
+@click.option("--fusion-block", type=click.Choice(["released", "paper"]), default=AdapterConfig.fusion_block,
+              show_default=True, help="Form of the encoder's fusion blocks (adapter.fusion_block).")
+@click.option("--plain-dropout", default=AdapterConfig.plain_dropout, show_default=True,
+              help="Dropout of the plain encoder layers (adapter.plain_dropout).")
 @click.option("--naive/--no-naive", default=True, show_default=True, help="Also time the naive pairwise branch.")
 @click.option("--autocast/--no-autocast", default=True, show_default=True, help="bf16 autocast (CUDA only).")
 @click.option(
@@ -134,6 +139,8 @@ def main(**args) -> None:
         pair_chunk=args["pair_chunk"],
         pair_checkpoint=args["pair_checkpoint"],
         pooling=args["pooling"],
+        fusion_block=args["fusion_block"],
+        plain_dropout=args["plain_dropout"],
     )
     torch.manual_seed(0)
     model = RankingAdapter(cfg, args["image_dim"], args["text_dim"]).to(device)
@@ -141,7 +148,7 @@ def main(**args) -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"# {name}; adapter {params:.1f} M params; d_model {cfg.d_model}, P {args['tokens']}x{args['image_dim']}, "
           f"text {args['text_tokens']}+{cfg.text_extra_tokens}x{args['text_dim']}, K {cfg.relational_tokens}, "
-          f"pooling {cfg.pooling}, pair_chunk {cfg.pair_chunk}, checkpoint {cfg.pair_checkpoint}, "
+          f"pooling {cfg.pooling}, fusion {cfg.fusion_block}, plain dropout {cfg.plain_dropout}, pair_chunk {cfg.pair_chunk}, checkpoint {cfg.pair_checkpoint}, "
           f"autocast {'bf16' if device.type == 'cuda' and args['autocast'] else 'off'}, compile {args['compile']}")
     print(f"{'N':>5} {'ms/step':>9} {'img/s':>9} {'peak GiB':>9} {'naive ms':>9} {'naive GiB':>9} {'speed-up':>9}")
     for n in (int(s) for s in args["sizes"].split(",")):

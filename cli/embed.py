@@ -24,6 +24,12 @@ from rankpipe.cli.params import NonEmptyPath
               help="Decoding processes, each reading one tar at a time (0: decode in the main process).")
 @click.option("--mode", default="incremental", show_default=True, type=click.Choice(["incremental", "overwrite"]),
               help="incremental: resume a store made from the same inputs; overwrite: replace it.")
+@click.option("--resize", default="squash", show_default=True, type=click.Choice(["squash", "crop"]),
+              help="squash: scale both sides to the backbone's resolution, nothing cut off (the paper's); "
+                   "crop: scale the shortest side, then cut out the centre (the model's own eval transform).")
+@click.option("--flip-view", is_flag=True,
+              help="Also embed every image mirrored left to right, for training's flip augmentation "
+                   "(twice the image compute and token bytes; docs/store.md).")
 @click.option("--compress", is_flag=True, help="zstd-compress the arrays (fp16 features barely compress).")
 @click.option("--label", "labels", multiple=True,
               help="Label name in the samples' json; only with a bare shard pattern; pair each with --query "
@@ -35,7 +41,7 @@ from rankpipe.cli.params import NonEmptyPath
 @click.option("--scheduler", help="Address of a running dask scheduler (tcp://host:8786) whose workers embed the tars; "
                                   "they must reach the tars and --store at the same paths.")
 def embed(source: str, store_path: Path, model: str, pretrained: str, seed: int, device: str, batch_size: int,
-          workers: int, mode: str, compress: bool, labels: tuple[str, ...], queries: tuple[str, ...],
+          workers: int, mode: str, resize: str, flip_view: bool, compress: bool, labels: tuple[str, ...], queries: tuple[str, ...],
           no_progress: bool, cluster: str | None, scheduler: str | None) -> None:
     """Run the frozen CLIP over every tar of MANIFEST_OR_SHARD_PATTERN and cache its tokens in --store.
 
@@ -60,10 +66,10 @@ def embed(source: str, store_path: Path, model: str, pretrained: str, seed: int,
     else:
         manifest = manifest_for_pattern(source, list(zip(labels, queries)))
     cluster_spec = parse_cluster(cluster, scheduler)
-    spec = BackboneSpec(model, pretrained, seed)
+    spec = BackboneSpec(model, pretrained, seed, resize=resize)
     if cluster_spec is None:
         summary = run_embed(manifest, store_path, spec, device=device, batch_size=batch_size, workers=workers,
-                            mode=mode, compress=compress, progress=not no_progress)
+                            mode=mode, compress=compress, progress=not no_progress, flip_view=flip_view)
     else:
         from tqdm import tqdm
 
@@ -76,5 +82,5 @@ def embed(source: str, store_path: Path, model: str, pretrained: str, seed: int,
                 bar.update(done - bar.n)
 
             summary = embed_distributed(manifest, store_path, spec, client, device=device, batch_size=batch_size,
-                                        mode=mode, compress=compress, progress=show)
+                                        mode=mode, compress=compress, progress=show, flip_view=flip_view)
     click.echo(summary.line())

@@ -23,7 +23,7 @@ from rankpipe.cli.params import NonEmptyPath
 @click.option("--seed", type=int, help="Shortcut for --set train.seed=N.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt (same settings; --max-steps may grow).")
 @click.option("--method", default=ADAPTER_METHOD, show_default=True, metavar="NAME",
-              help="adapter, or a baseline: zero-shot, clip-iqa, linear-probe, coop, ordinalclip, l2rclip (docs/baselines.md). "
+              help="adapter, or a baseline: zero-shot, clip-iqa, linear-probe, coop, ordinalclip, l2rclip, rank-axis, text-axis (docs/baselines.md). "
                    "A baseline takes --set FIELD=VALUE for its own settings.")
 @click.option("--backbone-weights", type=NonEmptyPath(dir_okay=False, path_type=Path),
               help="Baselines with prompts: weights file of the store's backbone when its provenance needs one.")

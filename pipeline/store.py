@@ -24,6 +24,7 @@ from rankpipe.errors import InputError
 from rankpipe.pipeline.data.manifest import Manifest, ManifestError, manifest_from_dict
 from rankpipe.pipeline.data.tars import TarInfo
 from rankpipe.pipeline.embed.backbone import TextFeatures
+from rankpipe.pipeline.embed.cache_choices import HFLIP, ORIGINAL, cache_choices
 
 __all__ = ["StoreConfig", "StorePlan", "TarBlock", "BlockMeta", "TokenStore", "TextFeatures", "plan_store",
            "create_store", "prompt_id"]
@@ -32,6 +33,8 @@ STORE_FORMAT = 1
 # The attribute a store carries from the start of its creation (the format marker comes last).
 CREATING_MARK = "rankpipe_store_creating"
 TOKEN_DTYPE = np.float16
+# The arrays of each view: the original image's, and (stores embedded with --flip-view) its mirror image's.
+VIEW_ARRAYS = {ORIGINAL: ("image/tokens", "image/embed"), HFLIP: ("image/hflip/tokens", "image/hflip/embed")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,10 +157,11 @@ def create_store(path: str | Path, plan: StorePlan, provenance: dict[str, Any], 
         # Per-row arrays: one chunk per shard of rows, so a tar's block is whole files here too.
         root.create_array(name, shape=(N,), chunks=(S,), dtype=dtype, fill_value=fill, compressors=compressors)
 
-    root.create_array("image/tokens", shape=(N, P, D), chunks=(plan.chunk_rows, P, D), shards=(S, P, D),
-                      dtype=TOKEN_DTYPE, fill_value=0, compressors=compressors)
-    root.create_array("image/embed", shape=(N, E), chunks=(S, E), dtype=TOKEN_DTYPE, fill_value=0,
-                      compressors=compressors)
+    for view in cache_choices(provenance).views:
+        tokens, embed = VIEW_ARRAYS[view]
+        root.create_array(tokens, shape=(N, P, D), chunks=(plan.chunk_rows, P, D), shards=(S, P, D),
+                          dtype=TOKEN_DTYPE, fill_value=0, compressors=compressors)
+        root.create_array(embed, shape=(N, E), chunks=(S, E), dtype=TOKEN_DTYPE, fill_value=0, compressors=compressors)
     rows_array("image/key", str, "")
     rows_array("image/valid", bool, False)
     rows_array("image/error", str, "")
@@ -270,6 +274,11 @@ class TokenStore:
         return [block.url for block, done in zip(self.blocks, self.done()) if not done]
 
     @property
+    def views(self) -> tuple[str, ...]:
+        """The embedded views of every image: ("original",), or ("original", "hflip") with --flip-view."""
+        return cache_choices(self.provenance).views
+
+    @property
     def compressed(self) -> bool:
         """Whether the arrays were created with a compressor (--compress)."""
         return bool(self._root["image/embed"].compressors)
@@ -338,13 +347,13 @@ class TokenStore:
                             length=int(self._read(group, lambda g: g.attrs["length"])),
                             embed=np.asarray(self._read(f"{group}/embed", lambda a: a[:])))
 
-    def image_tokens(self, rows: slice | np.ndarray) -> np.ndarray:
-        """[n, P, D] float16 patch tokens of a slice or sorted row indices."""
-        return self._select("image/tokens", rows)
+    def image_tokens(self, rows: slice | np.ndarray, view: str = ORIGINAL) -> np.ndarray:
+        """[n, P, D] float16 patch tokens of a slice or sorted row indices, of one of `views`."""
+        return self._select(self._view_arrays(view)[0], rows)
 
-    def image_embed(self, rows: slice | np.ndarray) -> np.ndarray:
-        """[n, E] float16 pooled image embeddings of a slice or sorted row indices."""
-        return self._select("image/embed", rows)
+    def image_embed(self, rows: slice | np.ndarray, view: str = ORIGINAL) -> np.ndarray:
+        """[n, E] float16 pooled image embeddings of a slice or sorted row indices, of one of `views`."""
+        return self._select(self._view_arrays(view)[1], rows)
 
     def rows(self, split_values: Sequence[str] | None = None, label: str | None = None) -> np.ndarray:
         """Valid rows (int64, ascending), optionally only those in `split_values` and with a finite `label`."""
@@ -379,12 +388,19 @@ class TokenStore:
 
     # --- writer side ----------------------------------------------------------------------------------
 
-    def write_tokens(self, row_start: int, tokens: np.ndarray, embed: np.ndarray) -> None:
-        """Write whole shards of rows: tokens [n, P, D] and embed [n, E], n a multiple of shard_rows."""
+    def write_tokens(self, row_start: int, tokens: np.ndarray, embed: np.ndarray,
+                     flipped: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """Write whole shards of rows: tokens [n, P, D] and embed [n, E], n a multiple of shard_rows, and
+        in a store with a flip view, `flipped`: the same of the mirror images."""
         n = tokens.shape[0]
         if row_start % self.shard_rows or n % self.shard_rows:
             raise ValueError(f"rows {row_start}:{row_start + n} are not whole shards of {self.shard_rows} rows")
-        for name, values in (("image/tokens", tokens), ("image/embed", embed)):
+        if (flipped is not None) != (HFLIP in self.views):
+            raise ValueError(f"store {self.path} has views {self.views}; write exactly those")
+        arrays = [(VIEW_ARRAYS[ORIGINAL][0], tokens), (VIEW_ARRAYS[ORIGINAL][1], embed)]
+        if flipped is not None:
+            arrays += list(zip(VIEW_ARRAYS[HFLIP], flipped))
+        for name, values in arrays:
             # Whole shards are written as they are: skipping the per-chunk "all fill value?" scan
             # makes writes about 2.5x faster, and a redone shard still replaces every byte.
             array = self._root[name].with_config({"write_empty_chunks": True})
@@ -412,6 +428,12 @@ class TokenStore:
         self._root["done"][t] = True
 
     # --- helpers --------------------------------------------------------------------------------------
+
+    def _view_arrays(self, view: str) -> tuple[str, str]:
+        if view not in self.views:
+            raise InputError(f"store {self.path} holds no {view!r} view (its views: {', '.join(self.views)}); "
+                             "embed it with --flip-view for flipped views")
+        return VIEW_ARRAYS[view]
 
     def _check_label(self, name: str) -> None:
         if name not in self._labels:

@@ -169,6 +169,7 @@ def write_store_rows(path, provenance: dict, manifest: Manifest, texts: dict, si
     """A finished token store written with the store API, one tar of `sizes[t]` rows after another.
 
     `columns` holds [n, P, D] "tokens", and [n] "keys", "valid" and "splits"; `labels` [n] values per label.
+    A store whose provenance has a flip view also takes [n, P, D] "flipped" tokens.
     `tars_made_by` names what generated the (imaginary) tars: it makes their recorded identities.
     """
     tokens = columns["tokens"]
@@ -187,7 +188,10 @@ def write_store_rows(path, provenance: dict, manifest: Manifest, texts: dict, si
             out[:count] = values[src]
             return out
 
-        store.write_tokens(block.row_start, padded(tokens.astype(np.float16), 0), np.zeros((size, 8), np.float16))
+        flipped = None
+        if "flipped" in columns:
+            flipped = (padded(columns["flipped"].astype(np.float16), 0), np.zeros((size, 8), np.float16))
+        store.write_tokens(block.row_start, padded(tokens.astype(np.float16), 0), np.zeros((size, 8), np.float16), flipped)
         store.write_block_meta(t, BlockMeta(
             keys=padded(columns["keys"], ""), valid=padded(columns["valid"], False), errors=np.full(size, ""),
             splits=padded(columns["splits"], ""), labels={name: padded(values, np.nan) for name, values in labels.items()},
@@ -198,12 +202,14 @@ def write_store_rows(path, provenance: dict, manifest: Manifest, texts: dict, si
 
 def write_synthetic_store(path, n: int = 120, seed: int = 0, provenance: dict | None = None,
                           distance_ref: float | None = None, held_out: str | None = None,
-                          tars: int = 2, val_every: int = 3, nan_row: int | None = None) -> TokenStore:
+                          tars: int = 2, val_every: int = 3, nan_row: int | None = None,
+                          flip_view: bool = False) -> TokenStore:
     """A learnable token store of `tars` tars written with the store API.
 
     Label "count" is written into channel 0 of every image token and label "size" into channel 1
     (plus noise), so an adapter can learn both; the other channels are noise. Every `val_every`-th
-    row is val, the rest train; one row is invalid and some "size" labels are missing.
+    row is val, the rest train; one row is invalid and some "size" labels are missing. With
+    `flip_view`, the store also holds a flipped view: the tokens in reverse order, with their own noise.
     """
     rng = np.random.default_rng(seed)
     provenance = dict(provenance or SYNTHETIC_PROVENANCE)
@@ -233,6 +239,9 @@ def write_synthetic_store(path, n: int = 120, seed: int = 0, provenance: dict | 
     }
     sizes = [n // tars] * (tars - 1) + [n - (tars - 1) * (n // tars)]
     columns = {"tokens": tokens, "keys": keys, "valid": valid, "splits": splits}
+    if flip_view:
+        provenance["views"] = ["original", "hflip"]
+        columns["flipped"] = tokens[:, ::-1] + rng.normal(0, 0.1, tokens.shape)
     return write_store_rows(path, provenance, manifest, texts, sizes, columns, labels, tars_made_by=f"seed{seed}")
 
 

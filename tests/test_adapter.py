@@ -42,6 +42,7 @@ VARIANTS = [
     dict(ranking_head="relational", relational_tokens=16),
     dict(ranking_head="relational", plain_layers=0),
     dict(ranking_head="relational", plain_layers=2, blocks=2),
+    dict(ranking_head="relational", fusion_block="paper", fusion_dropout=0.1),
     dict(ranking_head="relational", text_extra_tokens=0, pair_checkpoint=True, pair_chunk=6),
     dict(ranking_head="subtraction", pair_chunk=1),
 ]
@@ -184,7 +185,9 @@ def test_from_dict_names_the_unknown_field():
         dict(split_dot_product=False, pair_combine="concat"),
         dict(relational_tokens=0),
         dict(pair_chunk=0),
-        dict(dropout=1.0),
+        dict(fusion_dropout=1.0),
+        dict(plain_dropout=-0.1),
+        dict(fusion_block="merged"),
         dict(blocks=-1),
     ],
 )

@@ -54,14 +54,38 @@ def test_vit_tokens_are_ln_post_outputs_without_class_token():
     torch.testing.assert_close(tokens, expected)
 
 
-def test_convnext_tokens_are_the_flattened_trunk_map():
+def test_convnext_tokens_are_the_trunk_map_through_the_head_norm_per_token():
     backbone = load_backbone(BackboneSpec(TINY_CONVNEXT, "none", seed=0))
+    norm = backbone.model.visual.trunk.head.norm  # timm's LayerNorm2d over channels
+    with torch.no_grad():  # a trained norm: not the identity affine of a fresh one
+        norm.weight.copy_(torch.linspace(0.5, 2.0, norm.weight.numel()))
+        norm.bias.copy_(torch.linspace(-1.0, 1.0, norm.bias.numel()))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        tokens, embed = backbone.encode_images(x)
+        fmap = backbone.model.visual.trunk.forward_features(x)  # [2, D, h, w]
+        normed = norm(fmap)  # [2, D, h, w]: the tower's own module applied to the whole map
+    assert backbone.provenance["token_norm"] == "head_norm"
+    assert tokens.shape == (2, fmap.shape[2] * fmap.shape[3], fmap.shape[1])
+    # Token 3 = row 1, column 1: the head norm of that position's channels, by hand and by the module.
+    column = fmap[1, :, 1, 1]
+    by_hand = (column - column.mean()) / torch.sqrt(column.var(unbiased=False) + norm.eps) * norm.weight + norm.bias
+    torch.testing.assert_close(tokens[1, 3], by_hand, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(tokens[1, 3], normed[1, :, 1, 1], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(tokens[1, 3], column, atol=1e-2)
+    # The pooled embedding is CLIP's own, untouched by the token normalisation.
+    torch.testing.assert_close(embed, backbone.model.encode_image(x))
+
+
+def test_raw_trunk_tokens_are_rebuilt_for_stores_made_before_the_head_norm():
+    backbone = load_backbone(BackboneSpec(TINY_CONVNEXT, "none", seed=0, token_norm="none"))
     x = torch.randn(2, 3, 64, 64)
     with torch.inference_mode():
         tokens, _ = backbone.encode_images(x)
         fmap = backbone.model.visual.trunk.forward_features(x)  # [2, D, h, w]
-    assert tokens.shape == (2, fmap.shape[2] * fmap.shape[3], fmap.shape[1])
-    torch.testing.assert_close(tokens[1, 3], fmap[1, :, 1, 1])  # token 3 = row 1, column 1
+    assert backbone.provenance["token_norm"] == "none"
+    torch.testing.assert_close(tokens[1, 3], fmap[1, :, 1, 1])
+    assert load_backbone(BackboneSpec(TINY_VIT, "none")).provenance["token_norm"] == "ln_post"
 
 
 def test_text_features(backbone):

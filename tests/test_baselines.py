@@ -3,6 +3,7 @@ probe against a closed form, checkpoints that `rankpipe eval` reads, and the CLI
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 
@@ -20,7 +21,7 @@ from rankpipe.adapter.baselines.clip_iqa import antonym_pair
 from rankpipe.adapter.baselines.data import LabelSplits, load_label_splits
 from rankpipe.adapter.baselines.fit import method_config, train_baseline
 from rankpipe.adapter.baselines.linear_probe import LinearProbeConfig
-from rankpipe.adapter.baselines.prompts import fit_affine
+from rankpipe.adapter.baselines.prompts import PromptEncoder, fit_affine
 from rankpipe.adapter.baselines.zero_shot import count_category
 from rankpipe.adapter.evaluation.folds import recorded_splits
 from rankpipe.adapter.evaluation.scoring import (
@@ -58,7 +59,9 @@ def direct(store):
     """open_clip built directly with the store's recorded seed, and fp16 image embeddings of the val rows
     computed from the tars as a user would (decode, preprocess, encode_image)."""
     torch.manual_seed(store.provenance["seed"])
-    model, _, preprocess = open_clip.create_model_and_transforms(TINY_VIT, pretrained=None)
+    # The store's resize mode, in open_clip's own words ("squash" for rankpipe's default).
+    resize_mode = store.provenance["preprocess"]["resize_mode"]
+    model, _, preprocess = open_clip.create_model_and_transforms(TINY_VIT, pretrained=None, image_resize_mode=resize_mode)
     model.eval()
     images = {}
     for url in store.tar_urls():
@@ -78,8 +81,8 @@ def _text(model, tokenizer, prompts):
 
 
 def test_registry_lists_methods_and_refuses_unknown_names():
-    assert method_names() == ["adapter", *sorted([*BASELINES, "coop", "l2rclip", "ordinalclip"])]
-    with pytest.raises(InputError, match="unknown method 'cop'.*adapter, clip-iqa, coop, l2rclip, linear-probe, ordinalclip, zero-shot"):
+    assert method_names() == ["adapter", *sorted([*BASELINES, "coop", "l2rclip", "ordinalclip", "rank-axis", "text-axis"])]
+    with pytest.raises(InputError, match="unknown method 'cop'.*adapter, clip-iqa, coop, l2rclip, linear-probe, ordinalclip, rank-axis, text-axis, zero-shot"):
         get_method("cop")
 
 
@@ -102,6 +105,35 @@ def test_zero_shot_equals_direct_open_clip(fitted, direct, label):
     np.testing.assert_allclose(raw, expected.numpy(), rtol=1e-5, atol=1e-6)
     p = baseline.params[label]
     np.testing.assert_allclose(baseline.predict(label, embed.numpy()), p["slope"] * raw + p["intercept"])
+
+
+def test_zero_shot_scores_named_ordinal_classes_by_expectation(store, direct, tmp_path):
+    """An ordinal label with class names: one prompt per class, the expected class value, no affine map."""
+    model, tokenizer, _, embed = direct
+    names = ("none", "one", "two", "three", "four", "five")
+    labels = tuple(
+        dataclasses.replace(label, metric="ordinal", classes=(5.0, 4.0, 3.0, 2.0, 1.0, 0.0), class_names=names[::-1],
+                            class_prompt="A picture of {name} squares.")
+        if label.name == "squares" else label
+        for label in store.manifest.labels
+    )
+    manifest = dataclasses.replace(store.manifest, labels=labels)
+    result = train_baseline(store, tmp_path / "zs", "zero-shot", manifest=manifest)
+    baseline = load_checkpoint(result.path).ranker.baseline
+    image = F.normalize(embed.double(), dim=-1)  # [n, E]
+    text = _text(model, tokenizer, [f"A picture of {n} squares." for n in names])  # [6, E], classes 0..5
+    expected = torch.softmax(100 * image @ text.T, dim=-1) @ torch.arange(6, dtype=torch.float64)  # [n]
+    np.testing.assert_allclose(baseline.predict("squares", embed.numpy()), expected.numpy(), rtol=1e-5, atol=1e-6)
+    assert (baseline.params["squares"]["slope"], baseline.params["squares"]["intercept"]) == (1.0, 0.0)
+    # The continuous label keeps the cosine with its query and the affine map.
+    cosine = (image @ _text(model, tokenizer, ["Sort images by brightness."]).T)[:, 0]
+    np.testing.assert_allclose(baseline.raw_scores("brightness", embed.numpy()), cosine.numpy(), rtol=1e-5, atol=1e-6)
+    assert baseline.params["brightness"]["slope"] != 1.0
+    # Named classes without a class prompt fall back to the method's own.
+    plain = tuple(dataclasses.replace(label, class_prompt=None) for label in labels)
+    splits = load_label_splits(LabelledStore.open(store, dataclasses.replace(manifest, labels=plain), ["squares"]))
+    fitted = get_method("zero-shot").fit(method_config(get_method("zero-shot"), []), splits, PromptEncoder(store.provenance))
+    assert fitted.params["squares"]["prompts"] == [f"A photo of {n}." for n in names]
 
 
 @pytest.mark.parametrize("label, pair", [("squares", ("Good photo.", "Bad photo.")),
@@ -252,7 +284,7 @@ def test_method_settings_overrides(store, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--method", "cop"], "unknown method 'cop'; choose one of: adapter, clip-iqa, coop, l2rclip, linear-probe, ordinalclip, zero-shot"),
+    (["--method", "cop"], "unknown method 'cop'; choose one of: adapter, clip-iqa, coop, l2rclip, linear-probe, ordinalclip, rank-axis, text-axis, zero-shot"),
     (["--method", "zero-shot", "--max-steps", "3"], "--max-steps: option(s) of adapter training"),
     (["--method", "linear-probe", "--set", "select_by=mae"], "select_by"),
     (["--backbone-weights", "w.pt"], "--backbone-weights is for baselines"),

@@ -62,8 +62,10 @@ def assert_same_store(a: Path, b: Path) -> None:
     np.testing.assert_array_equal(sa.errors(), sb.errors())
     for name in sa.label_names:
         np.testing.assert_array_equal(sa.label(name), sb.label(name))
-    assert sa.image_tokens(slice(None)).tobytes() == sb.image_tokens(slice(None)).tobytes()
-    assert sa.image_embed(slice(None)).tobytes() == sb.image_embed(slice(None)).tobytes()
+    assert sa.views == sb.views
+    for view in sa.views:
+        assert sa.image_tokens(slice(None), view).tobytes() == sb.image_tokens(slice(None), view).tobytes()
+        assert sa.image_embed(slice(None), view).tobytes() == sb.image_embed(slice(None), view).tobytes()
 
 
 # --- bad samples -------------------------------------------------------------------------------------
@@ -195,12 +197,14 @@ def test_several_shards_per_tar_hold_the_same_rows_as_one(tmp_path):
 # --- resume, refusal, overwrite, determinism --------------------------------------------------------
 
 
-def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("flip_view", [False, True], ids=["original", "flip-view"])
+def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, flip_view):
     manifest = write_tiny_shards(tmp_path / "shards", n_tars=20, per_tar=6, seed=3)
     killed = tmp_path / "killed.zarr"
     code = ("from rankpipe.cli.main import cli; cli()")
     args = [sys.executable, "-c", code, "embed", str(manifest), "--store", str(killed), "--model", TINY_VIT,
             "--pretrained", "none", "--batch-size", "4", "--workers", "0", "--no-progress"]
+    args += ["--flip-view"] if flip_view else []
     process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     try:
@@ -219,17 +223,20 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
     with pytest.raises(InputError, match="unfinished"):
         TokenStore.open(killed)
 
-    summary = run_embed(manifest, killed)
+    summary = run_embed(manifest, killed, flip_view=flip_view)
     assert summary.tars_skipped == done_before and summary.tars_embedded == 20 - done_before
     reference = tmp_path / "reference.zarr"
-    run_embed(manifest, reference)
+    run_embed(manifest, reference, flip_view=flip_view)
     assert_same_store(killed, reference)
-    assert store_files(killed) == store_files(reference)
+    files = store_files(killed)
+    assert files == store_files(reference)
+    assert any(name.startswith("image/hflip/tokens/c") for name in files) == flip_view
 
 
-def test_identical_bytes_run_to_run_and_with_workers(tmp_path, tiny_shards):
-    run_embed(tiny_shards, tmp_path / "a.zarr")
-    run_embed(tiny_shards, tmp_path / "b.zarr", workers=2)
+@pytest.mark.parametrize("flip_view", [False, True], ids=["original", "flip-view"])
+def test_identical_bytes_run_to_run_and_with_workers(tmp_path, tiny_shards, flip_view):
+    run_embed(tiny_shards, tmp_path / "a.zarr", flip_view=flip_view)
+    run_embed(tiny_shards, tmp_path / "b.zarr", workers=2, flip_view=flip_view)
     assert store_files(tmp_path / "a.zarr") == store_files(tmp_path / "b.zarr")
 
 
@@ -524,11 +531,11 @@ def test_a_full_disk_is_a_sentence_and_the_rerun_resumes(tmp_path, tiny_shards, 
     write = TokenStore.write_tokens
     calls = []
 
-    def full_after_one_shard(self, row_start, tokens, embed):
+    def full_after_one_shard(self, row_start, tokens, embed, flipped=None):
         calls.append(row_start)
         if len(calls) > 1:
             raise OSError(errno.ENOSPC, "No space left on device", str(self.path / "image" / "tokens"))
-        write(self, row_start, tokens, embed)
+        write(self, row_start, tokens, embed, flipped)
 
     monkeypatch.setattr(TokenStore, "write_tokens", full_after_one_shard)
     with pytest.raises(InputError, match=r"cannot write store .*No space left on device; .*rerun the same command"):

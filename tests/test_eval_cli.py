@@ -98,7 +98,10 @@ class MemoryStore:
     def label(self, name): return self._labels[name]
     def query(self, name): return self._queries[name]
     def text(self, name): return self._text[name]
-    def image_tokens(self, rows): return self._tokens[rows if isinstance(rows, slice) else np.asarray(rows)]
+    def image_tokens(self, rows, view="original"):
+        assert view == "original"  # a store without a flip view
+        return self._tokens[rows if isinstance(rows, slice) else np.asarray(rows)]
+
     def row_blocks(self): return [(0, len(self._keys))]
     def tar_urls(self): return self._tars
     def invalid_note(self): return f"{(~self._valid).sum()} image(s) are invalid" if not self._valid.all() else None

@@ -44,11 +44,12 @@ def history(run_dir) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
 
 
-# Weights may differ by this much. Key biases of attention have no gradient but rounding noise (softmax
-# ignores a shift of every score), which AdamW scales up to steps of about lr: fused and solo runs round
-# differently, so these weights drift apart by up to 3e-5 in 30 steps (every other weight by about 1e-6).
-# One wrong optimiser step moves a weight by about lr = 2e-3.
-WEIGHT_TOLERANCE = 1e-4
+# Weights may differ by this much. Fused and solo passes round differently (batched matrix products)
+# and training amplifies the difference: measured for the lr 5e-3 run, 1e-6 after 5 steps, 6e-6 after
+# 15, 1.1e-4 after 30 (at lr 2e-3 4e-6 after 30). Key biases of attention, which get only rounding
+# noise as gradient, drift by steps of about lr. One wrong optimiser step moves a weight by about
+# lr = 2e-3 to 5e-3.
+WEIGHT_TOLERANCE = 3e-4
 
 
 def assert_same_run(fused_dir, solo_dir, fused: TrainResult, solo: TrainResult) -> None:
@@ -64,7 +65,7 @@ def assert_same_run(fused_dir, solo_dir, fused: TrainResult, solo: TrainResult) 
     assert [h["step"] for h in fused_history] == [h["step"] for h in solo_history]
     for f, s in zip(fused_history, solo_history):
         assert f["lr"] == pytest.approx(s["lr"], rel=1e-12)
-        assert f["loss"] == pytest.approx(s["loss"], rel=1e-4, abs=1e-6)
+        assert f["loss"] == pytest.approx(s["loss"], rel=1e-3, abs=1e-6)
         assert f["val_srcc"] == pytest.approx(s["val_srcc"], abs=1e-6)
     # last.pt resumes alone exactly as the solo run's would: same optimiser, schedule and sampler state.
     fused_last = torch.load(fused_dir / "last.pt", weights_only=False)
@@ -72,8 +73,11 @@ def assert_same_run(fused_dir, solo_dir, fused: TrainResult, solo: TrainResult) 
     assert fused_last["scheduler"] == solo_last["scheduler"]
     assert torch.equal(fused_last["sampler"]["generator"], solo_last["sampler"]["generator"])
     assert torch.equal(fused_last["rng"]["torch"], solo_last["rng"]["torch"])
+    assert fused_last["optimizer"]["param_groups"] == solo_last["optimizer"]["param_groups"]
     for a, b in zip(fused_last["optimizer"]["state"].values(), solo_last["optimizer"]["state"].values()):
-        torch.testing.assert_close(a["exp_avg_sq"], b["exp_avg_sq"], rtol=1e-3, atol=1e-9)
+        assert a.keys() == b.keys()
+        # Second moments of near-zero gradients carry the rounding drift above in relative terms.
+        torch.testing.assert_close(a["exp_avg_sq"], b["exp_avg_sq"], rtol=5e-2, atol=1e-6)
 
 
 @pytest.mark.parametrize("variants", [VARIANTS, SHARED_LOSS], ids=["own-losses", "shared-loss"])
@@ -115,7 +119,10 @@ def test_a_diverging_run_fails_alone_and_an_interrupted_run_resumes_fused(tmp_pa
 
 
 def test_runs_that_cannot_fuse_have_no_key_and_mixed_keys_are_refused(tmp_path, data):
-    assert fusion_key(tiny_config("adapter.dropout=0.1")) is None
+    assert fusion_key(tiny_config("adapter.fusion_dropout=0.1")) is None
+    assert fusion_key(tiny_config("adapter.plain_layers=1", "adapter.plain_dropout=0.1")) is None
+    assert fusion_key(tiny_config("adapter.plain_layers=1", "adapter.plain_dropout=0.0")) is not None
+    assert fusion_key(tiny_config("adapter.plain_dropout=0.1")) is not None  # no plain layers: no dropout
     assert fusion_key(tiny_config("train.compile=default")) is None
     assert fusion_key(tiny_config("adapter.pair_checkpoint=true")) is None
     assert fusion_key(tiny_config("adapter.d_model=16")) != fusion_key(tiny_config())

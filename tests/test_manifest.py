@@ -37,7 +37,8 @@ def test_save_and_load_round_trip(tmp_path):
     manifest = Manifest(
         name="ages", shards="s/ages-{000000..000001}.tar",
         labels=(
-            LabelSpec("age", "Sort images by age.", metric="ordinal", classes=(1.0, 2.0, 3.0)),
+            LabelSpec("age", "Sort images by age.", metric="ordinal", classes=(1.0, 2.0, 3.0),
+                      class_names=("0-2", "3-9", "60+"), class_prompt="A photo of a person aged {name}."),
             LabelSpec("dogs", "Sort images by the number of dogs.", target=TargetTransform("distance", 3.0)),
         ),
         splits=SplitSpec(train=("train",), val=("dev", "val"), test=("test",)),
@@ -59,6 +60,8 @@ def test_documented_example_loads(tmp_path):
     manifest = load_manifest(_write(tmp_path, block))
     assert [label.name for label in manifest.labels] == ["mos", "decade", "dogs"]
     assert manifest.label("decade").classes == (1930.0, 1940.0, 1950.0, 1960.0, 1970.0)
+    assert manifest.label("decade").class_names == ("1930s", "1940s", "1950s", "1960s", "1970s")
+    assert manifest.label("decade").class_prompt == "A photo taken in the {name}."
     assert manifest.label("dogs").target == TargetTransform("distance", 3.0)
     assert manifest.splits.val == ("val", "validation") and manifest.splits.test == ("test",)
 
@@ -77,6 +80,12 @@ def _with_label(**fields):
     (_with_label(metric="ranking"), "'labels[0]'"),
     (_with_label(metric="ordinal"), "'labels[0]'"),
     (_with_label(metric="ordinal", classes=["a", "b"]), "'labels[0].classes'"),
+    (_with_label(metric="ordinal", classes=[1, 2], class_names=["a"]), "'labels[0]'"),
+    (_with_label(metric="ordinal", classes=[1, 2], class_names="a b"), "'labels[0].class_names'"),
+    (_with_label(metric="ordinal", classes=[1, 2], class_names=["a", " "]), "'labels[0]'"),
+    (_with_label(metric="ordinal", classes=[1, 2], class_names=["a", "b"], class_prompt="A photo."), "'labels[0]'"),
+    (_with_label(metric="ordinal", classes=[1, 2], class_names=["a", "b"], class_prompt=["x"]), "'labels[0].class_prompt'"),
+    (_with_label(class_prompt="A photo of {name}."), "'labels[0]'"),
     (_with_label(query=3), "'labels[0].query'"),
     (_with_label(query="  "), "'labels[0]'"),
     (_with_label(target={"kind": "distance"}), "'labels[0].target'"),
@@ -102,6 +111,17 @@ def test_specific_messages(tmp_path):
         load_manifest(_write(tmp_path, _with_label(metric="ranking")))
     with pytest.raises(ManifestError, match="needs its ordered 'classes'"):
         load_manifest(_write(tmp_path, _with_label(metric="ordinal")))
+
+
+def test_class_names_are_optional_and_read_as_text(tmp_path):
+    """Manifests without class names read as before; YAML numbers among the names become their text."""
+    old = load_manifest(_write(tmp_path, _with_label(metric="ordinal", classes=[1930, 1940])))
+    assert old.labels[0].class_names is None and old.labels[0].class_prompt is None
+    assert "class_names" not in old.to_dict()["labels"][0]
+    named = load_manifest(_write(tmp_path, _with_label(metric="ordinal", classes=[1, 2], class_names=[1930, "1940s"])))
+    assert named.labels[0].class_names == ("1930", "1940s")
+    with pytest.raises(ManifestError, match="one name per entry"):
+        load_manifest(_write(tmp_path, _with_label(metric="ordinal", classes=[1, 2], class_names=["a"])))
 
 
 def test_missing_file_and_unknown_label(tmp_path):

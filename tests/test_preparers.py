@@ -208,6 +208,7 @@ def test_adience_folds_groups_and_exclusions(tmp_path, folder):
         assert roles["train"] | roles["val"] | roles["test"] == set(splits) and len(roles["train"]) == 3
         assert manifest.label("age_group").metric == "ordinal" and manifest.shards == \
             load_manifest(tmp_path / "out" / "manifest.yaml").shards
+        assert manifest.label("age_group").class_names == ("0-2", "4-6", "8-13", "15-20", "25-32", "38-43", "48-53", "60+")
 
 
 # ---------------------------------------------------------------- HCI
@@ -231,6 +232,7 @@ def test_hci_decades_and_per_decade_split(tmp_path, seed):
         assert sorted(s["split"] for s in mine) == ["test", "test", "train", "train", "train", "val"]
     manifest = load_manifest(tmp_path / "out" / "manifest.yaml")
     assert manifest.label("decade").classes == (1930.0, 1940.0, 1950.0, 1960.0, 1970.0)
+    assert manifest.label("decade").class_names == ("1930s", "1940s", "1950s", "1960s", "1970s")
     again = tmp_path / "again"
     prepare_dataset("hci", tmp_path / "src", again, config)
     assert {k: v["split"] for k, v in read_out(again).items()} == {k: v["split"] for k, v in samples.items()}

@@ -20,7 +20,7 @@ from rankpipe.adapter.baselines.l2rclip import (
     ordinal_pairwise,
     ordinal_weights,
 )
-from rankpipe.adapter.baselines.ordinalclip import interpolation_weights
+from rankpipe.adapter.baselines.ordinalclip import interpolation_weights, rank_kl
 from rankpipe.adapter.baselines.prompt_learning import (
     FrozenTextTower,
     rank_classes,
@@ -183,9 +183,83 @@ def test_ordinal_classes_and_tied_bins(store, manifest):
         rank_classes(dataclasses.replace(tied, train_targets=np.ones(8)), 4)
 
 
-def test_interpolated_rank_weights():
+SQUARE_NAMES = ("none", "one", "two", "three", "four", "five")
+
+
+def test_manifest_class_names_name_the_prompts(store, manifest, tower):
+    """CoOp and L2RCLIP write the manifest's class names into their prompts; without them, the values."""
+    labels = tuple(dataclasses.replace(label, class_names=SQUARE_NAMES) if label.name == "squares" else label
+                   for label in manifest.labels)
+    named = dataclasses.replace(manifest, labels=labels)
+    split = load_label_splits(LabelledStore.open(store, named, ["squares"]))[0]
+    assert rank_classes(split, 3).names == list(SQUARE_NAMES)
+    plain = load_label_splits(LabelledStore.open(store, manifest, ["squares"]))[0]
+    assert rank_classes(plain, 3).names == ["0", "1", "2", "3", "4", "5"]
+    # Classes listed in any order are sorted by value, each keeping its name.
+    shuffled = dataclasses.replace(split, classes=SQUARE_CLASSES[::-1], class_names=SQUARE_NAMES[::-1])
+    values, names = shuffled.named_classes()
+    np.testing.assert_array_equal(values, SQUARE_CLASSES)
+    assert names == list(SQUARE_NAMES)
+    context = " ".join(["X"] * 4)
+    for method, template in (("coop", "{name}."), ("l2rclip", "a photo of {name}.")):
+        cls = get_method(method)
+        learned = cls.build(method_config(cls, FAST), rank_classes(split, 3), tower, torch.Generator().manual_seed(0))
+        expected = tower.tokenize([f"{context} {template.format(name=n)}" for n in SQUARE_NAMES])
+        assert torch.equal(learned.ids, expected), method
+
+
+def test_coop_and_ordinalclip_default_to_their_papers_context_length():
+    assert method_config(get_method("coop"), []).context_tokens == 16
+    ordinalclip = method_config(get_method("ordinalclip"), [])
+    assert (ordinalclip.context_tokens, ordinalclip.base_ranks, ordinalclip.interpolation, ordinalclip.kl_weight) == (10, 3, "linear", 1.0)
+
+
+@pytest.mark.parametrize("interpolation", ["linear", "inv_prop", "normal"])
+@pytest.mark.parametrize("num_ranks, num_base", [(2, 2), (5, 3), (8, 3), (8, 4), (4, 9)])
+def test_interpolation_weights_match_the_closed_form(num_ranks, num_base, interpolation):
+    """Every base rank weighs in, by its distance from the rank, each row normalised to 1."""
+    decay = {"linear": lambda d: 1 - d / (num_ranks - 1), "inv_prop": lambda d: 1 / (d + 1e-5),
+             "normal": lambda d: math.exp(-d * d)}[interpolation]
+    expected = np.zeros((num_ranks, num_base))
+    for k in range(num_ranks):
+        for b in range(num_base):
+            expected[k, b] = decay(abs(k - b * (num_ranks - 1) / (num_base - 1)))
+        expected[k] /= expected[k].sum()
+    weights = interpolation_weights(num_ranks, num_base, interpolation).numpy()
+    np.testing.assert_allclose(weights, expected, rtol=1e-6)
+    assert (weights >= 0).all()
+
+
+def test_linear_interpolation_reaches_past_the_neighbours():
+    # Rank 1 of 5 with base ranks at 0, 2, 4: distances 1, 1, 3 -> 1 - d/4 = 3/4, 3/4, 1/4, normalised.
     weights = interpolation_weights(5, 3).numpy()
-    np.testing.assert_allclose(weights, [[1, 0, 0], [0.5, 0.5, 0], [0, 1, 0], [0, 0.5, 0.5], [0, 0, 1]])
+    np.testing.assert_allclose(weights[1], [3 / 7, 3 / 7, 1 / 7], rtol=1e-6)
+    np.testing.assert_allclose(weights[0], [1 / 1.5, 0.5 / 1.5, 0], rtol=1e-6)  # the far end's weight is 0
+
+
+def test_rank_kl_by_direct_computation():
+    """KL(label || prediction) per rank present in the batch, over the images, averaged over those ranks."""
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 4, generator=generator, dtype=torch.float64) * 3
+    target = torch.tensor([0, 2, 2, 0, 3, 2])  # rank 1 absent
+    total, present = 0.0, 0
+    for k in range(4):
+        positives = (target == k).double().numpy()
+        if positives.sum() == 0:
+            continue
+        present += 1
+        label = np.exp(10 * positives) / np.exp(10 * positives).sum()
+        column = logits[:, k].numpy()
+        prediction = np.exp(column - column.max()) / np.exp(column - column.max()).sum()
+        total += float((label * (np.log(label) - np.log(prediction))).sum())
+    assert present == 3
+    assert rank_kl(logits, target).item() == pytest.approx(total / present, rel=1e-10)
+    # OrdinalCLIP's loss: the cross-entropy over the rank prompts plus kl_weight times that term.
+    cross_entropy = -np.mean([torch.log_softmax(logits[i], 0)[target[i]].item() for i in range(6)])
+    for weight in (1.0, 0.5):
+        config = method_config(get_method("ordinalclip"), [f"kl_weight={weight}"])
+        loss = get_method("ordinalclip").loss_fn(config)(logits, target, torch.arange(4.0))
+        assert loss.item() == pytest.approx(cross_entropy + weight * total / present, rel=1e-10)
 
 
 def test_asymmetric_contrastive_by_hand():

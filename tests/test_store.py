@@ -47,7 +47,7 @@ def test_layout_and_attrs(tiny_store, store, backbone):
     assert root["done"].shape == (3,) and root["done"][:].all()
     attrs = dict(root.attrs)
     assert attrs["rankpipe_store"] == 1
-    assert attrs["provenance"] == {**backbone.provenance, "image_decoder": "pil"}
+    assert attrs["provenance"] == {**backbone.provenance, "image_decoder": "pil", "views": ["original"]}
     assert attrs["shard_rows"] % attrs["chunk_rows"] == 0
     assert root["image/tokens"].shards[0] == attrs["shard_rows"] and root["image/tokens"].chunks[0] == attrs["chunk_rows"]
     assert not store.compressed and root["image/tokens"].compressors == ()

@@ -59,7 +59,7 @@ def test_streaming_only_when_the_tokens_exceed_the_budget(six_tars, settings, ki
 
 
 def test_the_resident_path_is_unchanged_when_the_store_fits(tmp_path, six_tars):
-    config = tiny_config("train.max_steps=12", "adapter.dropout=0.1")
+    config = tiny_config("train.max_steps=12", "adapter.fusion_dropout=0.1", "adapter.plain_dropout=0.1")
     via_store = train_from_store(six_tars, tmp_path / "store", config)
     resident = load_features(LabelledStore.open(six_tars, labels=["count", "size"]), "cpu", 1.0)
     direct = train_adapter(resident, tmp_path / "direct", config, six_tars.provenance)
@@ -72,8 +72,8 @@ def test_opening_reads_each_resident_row_once_and_the_split_column_once_per_spli
     rows_read, split_reads = [], []
     image_tokens, splits = six_tars.image_tokens, six_tars.splits
 
-    def counting_image_tokens(rows):
-        tokens = image_tokens(rows)
+    def counting_image_tokens(rows, view="original"):
+        tokens = image_tokens(rows, view)
         rows_read.append(len(tokens))
         return tokens
 

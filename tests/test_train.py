@@ -85,7 +85,7 @@ def test_same_seed_gives_identical_weights_and_other_seed_does_not(tmp_path, sto
 @pytest.mark.parametrize("budget", [(), STREAMED], ids=["resident", "streamed"])
 @pytest.mark.parametrize("interrupt_at", [20, 40])
 def test_resume_equals_an_uninterrupted_run(tmp_path, store, interrupt_at, budget):
-    config = tiny_config("train.max_steps=60", "adapter.dropout=0.1", *budget)
+    config = tiny_config("train.max_steps=60", "adapter.fusion_dropout=0.1", "adapter.plain_dropout=0.1", *budget)
     full = train_from_store(store, tmp_path / "full", config)
 
     class Interrupt(Exception):

@@ -60,5 +60,7 @@ from rankpipe.adapter.baselines import (  # noqa: E402,F401
     l2rclip,
     linear_probe,
     ordinalclip,
+    rank_axis,
+    text_axis,
     zero_shot,
 )

@@ -1,8 +1,10 @@
 """CoOp: M learned context vectors shared by all classes, followed by each class's name.
 
 The prompt of class k is `[SOS] ctx_1 … ctx_M <name_k> . [EOS]` in the text tower's token-embedding
-space, where the name is the class value written out (prompt_learning.rank_classes); only the
-context vectors are learned, through the frozen text tower, by cross-entropy over the class prompts.
+space (CoOp's default: one generic context, the class name at the end, M = 16 context vectors drawn
+from N(0, 0.02²)), where the name is the manifest's class name or else the class value written out
+(prompt_learning.rank_classes); only the context vectors are learned, through the frozen text
+tower, by cross-entropy over the class prompts.
 """
 
 from __future__ import annotations
@@ -26,7 +28,10 @@ from rankpipe.adapter.baselines.prompt_learning import (
 
 @dataclasses.dataclass(frozen=True)
 class CoOpConfig(PromptLearningConfig):
-    """CoOp has only the shared prompt-learning settings."""
+    """CoOp's settings: the shared prompt-learning ones, with CoOp's context length."""
+
+    # Learned context tokens M (the CoOp paper's and code's default 16).
+    context_tokens: int = 16
 
 
 class ContextPrompts(ClassPrompts):

@@ -34,6 +34,25 @@ class LabelSplits:
     val_targets: np.ndarray
     # The label's ordered classes in label units (the manifest's `classes`); None for a continuous label.
     classes: tuple[float, ...] | None = None
+    # Each class's name, in the order of `classes` (the manifest's `class_names`); None when not given.
+    class_names: tuple[str, ...] | None = None
+    # The sentence describing an image of one class, with {name} (the manifest's `class_prompt`).
+    class_prompt: str | None = None
+
+    def named_classes(self) -> tuple[np.ndarray, list[str]] | None:
+        """The manifest's classes as increasing target values with their names, when they are ranks.
+
+        Only with an identity target (a distance target folds the classes, so they no longer rank)
+        and class names in the manifest.
+
+        Returns:
+            ([K] increasing class values in target units, their K names), or None.
+        """
+        if not self.classes or self.class_names is None or self.scale.transform.kind != "identity":
+            return None
+        values = np.asarray(self.classes, dtype=np.float64)  # [K]
+        order = np.argsort(values, kind="stable")
+        return values[order], [self.class_names[i] for i in order]
 
 
 def load_label_splits(data: LabelledStore) -> list[LabelSplits]:
@@ -59,6 +78,8 @@ def load_label_splits(data: LabelledStore) -> list[LabelSplits]:
                 val_embed=np.asarray(store.image_embed(val_rows), dtype=np.float32),
                 val_targets=transform_target(raw[val_rows], transform),
                 classes=manifest.label(name).classes,
+                class_names=manifest.label(name).class_names,
+                class_prompt=manifest.label(name).class_prompt,
             )
         )
     return out

@@ -74,7 +74,7 @@ class RankClasses:
     values: np.ndarray
     # [n_train] int64 class index of each train image.
     train_class: np.ndarray
-    # K short names written into the prompts (the values, 3 significant digits).
+    # K names written into the prompts: the manifest's class names, else the values (3 significant digits).
     names: list[str]
 
 
@@ -82,14 +82,20 @@ def rank_classes(split: LabelSplits, num_bins: int) -> RankClasses:
     """The label's classes: its manifest classes when they are ordered targets, else equal-frequency bins.
 
     Manifest classes are used when the target transform is the identity (a distance target folds them,
-    so it is binned like a continuous label). Each train target goes to its nearest class. Bins: edges
-    at the train targets' quantiles i/K; empty bins (ties) are dropped; value = mean target in the bin.
+    so it is binned like a continuous label), named by the manifest's class names when it has them.
+    Each train target goes to its nearest class. Bins: edges at the train targets' quantiles i/K;
+    empty bins (ties) are dropped; value = mean target in the bin.
 
     Raises:
         InputError: fewer than two distinct classes among the train targets.
     """
     t = np.asarray(split.train_targets, dtype=np.float64)
-    if split.classes and split.scale.transform.kind == "identity":
+    named = split.named_classes()
+    names = None
+    if named is not None:
+        values, names = named  # [K], K names
+        assign = np.abs(t[:, None] - values[None, :]).argmin(axis=1)  # [n]
+    elif split.classes and split.scale.transform.kind == "identity":
         values = np.unique(transform_target(np.asarray(split.classes), split.scale.transform))  # [K]
         assign = np.abs(t[:, None] - values[None, :]).argmin(axis=1)  # [n]
     else:
@@ -100,7 +106,7 @@ def rank_classes(split: LabelSplits, num_bins: int) -> RankClasses:
         values = np.array([t[assign == k].mean() for k in range(len(used))])
     if len(values) < 2:
         raise InputError(f"label {split.name!r} has one class on the train split; prompt learning needs at least 2")
-    return RankClasses(values, assign.astype(np.int64), [f"{v:.3g}" for v in values])
+    return RankClasses(values, assign.astype(np.int64), names or [f"{v:.3g}" for v in values])
 
 
 class FrozenTextTower:

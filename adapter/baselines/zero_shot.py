@@ -1,10 +1,18 @@
-"""Zero-shot CLIP: the cosine between an image and the query, or an expected count for counting queries.
+"""Zero-shot CLIP: an expected class for ordinal labels with named classes, an expected count for
+counting queries, else the cosine between an image and the query.
 
-A query of the form "Sort images by the number of X." (case-insensitive, final period optional)
-is a counting query with category X: each image's score is the expectation of k under the softmax,
-at CLIP's logit scale, of its similarities to the prompts "A photo of {k} X." for k = 0..max_count.
-Any other query scores by the plain cosine between image and query embeddings. Either score is then
-mapped to label units by a least-squares affine fit on the train split (prompts.fit_affine).
+- An ordinal label whose manifest names its classes (Adience's age groups, HCI's decades) is scored as
+  a classification, as the published zero-shot rows: one prompt per class (the label's `class_prompt`
+  with the class name, e.g. "A photo taken in the 1950s."), and the score is the expectation of the
+  class values under the softmax, at CLIP's logit scale, of the image's similarities to those prompts.
+  That is already in label units: no affine map.
+- A query of the form "Sort images by the number of X." (case-insensitive, final period optional) is
+  a counting query with category X: the expectation of k under the softmax of the similarities to
+  the prompts "A photo of {k} X." for k = 0..max_count.
+- Any other query scores by the plain cosine between image and query embeddings.
+
+The last two are mapped to label units by a least-squares affine fit on the train split
+(prompts.fit_affine).
 """
 
 from __future__ import annotations
@@ -34,7 +42,9 @@ class ZeroShotConfig:
     count_prompt: str = "A photo of {count} {category}."
     # Largest count prompted (the paper's counting baselines use 0..10).
     max_count: int = 10
-    # Multiplies cosines before the softmax over count prompts; trained CLIP models reach 100.
+    # Class prompt of an ordinal label with class names but no `class_prompt` in its manifest.
+    class_prompt: str = "A photo of {name}."
+    # Multiplies cosines before the softmax over count or class prompts; trained CLIP models reach 100.
     logit_scale: float = 100.0
 
     def __post_init__(self) -> None:
@@ -44,12 +54,24 @@ class ZeroShotConfig:
             raise ValueError(f"logit_scale must be positive, not {self.logit_scale}")
         if "{count}" not in self.count_prompt or "{category}" not in self.count_prompt:
             raise ValueError(f"count_prompt must contain {{count}} and {{category}}, not {self.count_prompt!r}")
+        if "{name}" not in self.class_prompt:
+            raise ValueError(f"class_prompt must contain {{name}}, not {self.class_prompt!r}")
 
 
 def count_category(query: str) -> str | None:
     """The category a counting query counts ("Sort images by the number of cats." -> "cats"), else None."""
     match = _COUNT_QUERY.match(query)
     return match.group("category") if match else None
+
+
+def class_prompts(split: LabelSplits, config: ZeroShotConfig) -> tuple[list[str], list[float]] | None:
+    """One prompt per class of an ordinal label with named classes, and each class's value; else None."""
+    named = split.named_classes()
+    if named is None:
+        return None
+    values, names = named
+    template = split.class_prompt or config.class_prompt
+    return [template.format(name=name) for name in names], [float(v) for v in values]
 
 
 def label_prompts(query: str, config: ZeroShotConfig) -> tuple[list[str], list[float]]:
@@ -68,26 +90,34 @@ def label_prompts(query: str, config: ZeroShotConfig) -> tuple[list[str], list[f
 
 @register_method("zero-shot")
 class ZeroShot(AffineBaseline):
-    """Untrained CLIP similarity with the query (or expected count), affinely mapped to label units."""
+    """Untrained CLIP: expected class (label units), or similarity with the query or expected count
+    affinely mapped to label units."""
 
     config_class = ZeroShotConfig
 
     @classmethod
     def fit(cls, config: ZeroShotConfig, data: Sequence[LabelSplits], prompts: PromptEncoder) -> ZeroShot:
         params: dict[str, dict[str, Any]] = {}
+        need_affine = []
         for split in data:
-            texts, values = label_prompts(split.query, config)
+            by_class = class_prompts(split, config)
+            texts, values = by_class or label_prompts(split.query, config)
             params[split.name] = {
                 "prompts": texts,
                 "prompt_embeds": torch.from_numpy(prompts(texts)),  # [K, E] float32
                 "values": torch.tensor(values, dtype=torch.float64),  # [K]
             }
+            if by_class is None:
+                need_affine.append(split)
+            else:
+                # The expected class value is a prediction in label units already.
+                params[split.name].update(slope=1.0, intercept=0.0)
         baseline = cls(config, params)
-        baseline.fit_affine_maps(data)
+        baseline.fit_affine_maps(need_affine)
         return baseline
 
     def raw_scores(self, label: str, embed: np.ndarray) -> np.ndarray:
-        """[n, E] embeddings -> [n] cosine with the query, or expected count for a counting query."""
+        """[n, E] embeddings -> [n] cosine with the query, or expected count or class value."""
         p = self.label_params(label)
         sims = cosine(embed, p["prompt_embeds"].numpy())  # [n, K]
         if sims.shape[1] == 1:

@@ -27,7 +27,8 @@ from rankpipe.adapter.training.run_config import RunConfig
 from rankpipe.adapter.training.targets import TargetScale
 from rankpipe.errors import InputError
 from rankpipe.pipeline.data.manifest import SplitSpec
-from rankpipe.pipeline.embed.backbone import TextFeatures, compatibility_problem
+from rankpipe.pipeline.embed.backbone import BACKBONE_FIELDS, TextFeatures, compatibility_problem
+from rankpipe.pipeline.embed.cache_choices import checkpoint_store_problem
 
 log = logging.getLogger(__name__)
 
@@ -187,12 +188,19 @@ def _load_baseline(payload: dict, common: dict) -> LoadedCheckpoint:
 
 
 def check_compatible(provenance: dict, store, what: str) -> None:
-    """Refuse a store whose backbone differs from the one `provenance` (of `what`) was made with.
+    """Refuse a store whose backbone or cache choices differ from those `provenance` (of `what`) records.
+
+    The resize mode and token normalisation must agree; the views need not: scoring reads the original
+    view, which a store with a flip view holds as one without does.
 
     Raises:
-        InputError: naming the first differing field.
+        InputError: naming the first differing choice or field.
     """
-    problem = compatibility_problem(provenance, store.provenance)
+    problem = compatibility_problem(provenance, store.provenance, BACKBONE_FIELDS)
+    sentence = checkpoint_store_problem(provenance, store.provenance, what, str(store.path))
+    if problem is None and sentence is not None:
+        raise InputError(sentence)
+    problem = problem or compatibility_problem(provenance, store.provenance)
     if problem is not None:
         raise InputError(
             f"store {store.path} was embedded with another backbone than {what} ({problem}); "

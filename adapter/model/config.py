@@ -15,6 +15,7 @@ from rankpipe.errors import InputError
 RANKING_HEAD_NAMES = ("none", "subtraction", "relational")
 PAIR_COMBINES = ("subtract", "concat")
 POOLINGS = ("cross", "self")
+FUSION_BLOCKS = ("released", "paper")
 PAIRWISE_LOSSES = ("bce", "hinge")
 REGRESSION_FORMS = ("plain", "log")
 TIE_RULES = ("exclude", "half")
@@ -53,14 +54,21 @@ class AdapterConfig:
     heads: int = 8
     # Learnable tokens appended to the query's text tokens, so the prompt can adapt to ranking (32 released).
     text_extra_tokens: int = 32
-    # Encoder blocks, each: self-attention over image tokens -> cross-attention to text -> MLP.
+    # Fusion blocks of the encoder.
     blocks: int = 2
+    # Form of each fusion block: "released" (self-attention + MLP, then cross-attention to the text +
+    # MLP: two pre-norm residual blocks, as the released code) or "paper" (self-attention ->
+    # cross-attention -> one MLP, the paper's description; ~9.4 M fewer parameters at d_model 768).
+    fusion_block: str = "released"
     # Plain post-norm transformer encoder layers after the blocks, as in the released code (0 = off).
     plain_layers: int = 2
-    # Hidden width of the blocks' MLP as a multiple of d_model (the plain layers use width d_model).
+    # Hidden width of the fusion blocks' MLPs as a multiple of d_model (the plain layers use width d_model).
     mlp_ratio: float = 4.0
-    # Dropout inside the encoder's attention and MLP layers.
-    dropout: float = 0.0
+    # Dropout inside the fusion blocks' attention and MLPs (none in the released code).
+    fusion_dropout: float = 0.0
+    # Dropout inside the plain layers' attention and feed-forward (0.1, nn.TransformerEncoderLayer's
+    # default, in the released code).
+    plain_dropout: float = 0.1
     # Hidden width of the regression and pair MLPs; None = d_model, as in the released code.
     head_hidden: int | None = None
     # Hidden Linear-LN-ReLU layers of the regression head (2 in the paper).
@@ -97,10 +105,12 @@ class AdapterConfig:
         _positive("mlp_ratio", self.mlp_ratio)
         if self.head_hidden is not None:
             _positive("head_hidden", self.head_hidden)
-        if not 0.0 <= self.dropout < 1.0:
-            raise InputError(f"dropout must be in [0, 1), not {self.dropout!r}.")
+        for name in ("fusion_dropout", "plain_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise InputError(f"{name} must be in [0, 1), not {getattr(self, name)!r}.")
         if self.d_model % self.heads:
             raise InputError(f"d_model ({self.d_model}) must be divisible by heads ({self.heads}).")
+        _choice("fusion_block", self.fusion_block, FUSION_BLOCKS)
         _choice("ranking_head", self.ranking_head, RANKING_HEAD_NAMES)
         _choice("pair_combine", self.pair_combine, PAIR_COMBINES)
         _choice("pooling", self.pooling, POOLINGS)

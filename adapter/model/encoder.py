@@ -1,9 +1,16 @@
 """The adapter's encoder: fuses the query's text into every image token (paper §3.2).
 
-Image tokens and text tokens are projected to d_model, learnable tokens are appended to the text,
-then `blocks` pre-norm blocks run self-attention over the image tokens, cross-attention from image
-tokens to text tokens, and an MLP. The released code follows them with plain post-norm transformer
-encoder layers (feed-forward width d_model), kept here as `plain_layers`.
+Image tokens and text tokens are projected to d_model and learnable tokens are appended to the text.
+Then `blocks` fusion blocks run, in one of two forms (`fusion_block`):
+
+- "released" (the released code's fusion transformer): a pre-norm self-attention block over the
+  image tokens with its own MLP, then a pre-norm cross-attention block from image tokens to text
+  tokens with its own MLP: two residual attention + MLP blocks per fusion block.
+- "paper" (the paper's description): one pre-norm block of self-attention, cross-attention and a
+  single MLP.
+
+Both are followed by a LayerNorm and by plain post-norm transformer encoder layers (feed-forward
+width d_model) as in the released code, kept here as `plain_layers`.
 
 The text of one query is shared by the whole batch, so its keys and values are computed once and
 broadcast over the images instead of being repeated N times.
@@ -75,26 +82,67 @@ class MLP(nn.Module):
         return self.drop(self.fc_out(F.gelu(self.fc_in(x))))
 
 
-class FusionBlock(nn.Module):
-    """Pre-norm block: self-attention over image tokens, cross-attention to text tokens, MLP."""
+class ResidualAttentionBlock(nn.Module):
+    """Pre-norm attention then pre-norm MLP, each added back to the input (open_clip's residual block).
+
+    Self-attention when built with `cross=False`; with `cross=True` the block attends to a context
+    that gets its own LayerNorm, as open_clip's cross-attention blocks do.
+    """
+
+    def __init__(self, d_model: int, heads: int, mlp_ratio: float, dropout: float, cross: bool) -> None:
+        super().__init__()
+        self.ln_attn = nn.LayerNorm(d_model)
+        self.ln_context = nn.LayerNorm(d_model) if cross else None
+        self.attn = Attention(d_model, heads, dropout, cross=cross)
+        self.ln_mlp = nn.LayerNorm(d_model)
+        self.mlp = MLP(d_model, int(d_model * mlp_ratio), dropout)
+        self.drop = dropout_layer(dropout)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """x [N, T, D], context [S, D] or [N, S, D] (cross) or None (self) -> [N, T, D]."""
+        context = self.ln_context(context) if self.ln_context is not None else None
+        x = x + self.drop(self.attn(self.ln_attn(x), context))
+        return x + self.mlp(self.ln_mlp(x))
+
+
+class ReleasedFusionBlock(nn.Module):
+    """Self-attention block then cross-attention block, each with its own MLP (the released code)."""
+
+    def __init__(self, cfg: AdapterConfig) -> None:
+        super().__init__()
+        D = cfg.d_model
+        self.self_block = ResidualAttentionBlock(D, cfg.heads, cfg.mlp_ratio, cfg.fusion_dropout, cross=False)
+        self.cross_block = ResidualAttentionBlock(D, cfg.heads, cfg.mlp_ratio, cfg.fusion_dropout, cross=True)
+
+    def forward(self, x: Tensor, text: Tensor) -> Tensor:
+        """x [N, P, D] image tokens, text [L, D] or [N, L, D] -> [N, P, D]."""
+        return self.cross_block(self.self_block(x), text)
+
+
+class PaperFusionBlock(nn.Module):
+    """Pre-norm block: self-attention over image tokens, cross-attention to text tokens, one MLP (the paper)."""
 
     def __init__(self, cfg: AdapterConfig) -> None:
         super().__init__()
         D = cfg.d_model
         self.ln_self = nn.LayerNorm(D)
-        self.self_attn = Attention(D, cfg.heads, cfg.dropout, cross=False)
+        self.self_attn = Attention(D, cfg.heads, cfg.fusion_dropout, cross=False)
         self.ln_cross = nn.LayerNorm(D)
         self.ln_text = nn.LayerNorm(D)  # keys/values get their own norm, as in open_clip's cross-attention
-        self.cross_attn = Attention(D, cfg.heads, cfg.dropout, cross=True)
+        self.cross_attn = Attention(D, cfg.heads, cfg.fusion_dropout, cross=True)
         self.ln_mlp = nn.LayerNorm(D)
-        self.mlp = MLP(D, int(D * cfg.mlp_ratio), cfg.dropout)
-        self.drop = dropout_layer(cfg.dropout)
+        self.mlp = MLP(D, int(D * cfg.mlp_ratio), cfg.fusion_dropout)
+        self.drop = dropout_layer(cfg.fusion_dropout)
 
     def forward(self, x: Tensor, text: Tensor) -> Tensor:
         """x [N, P, D] image tokens, text [L, D] or [N, L, D] -> [N, P, D]."""
         x = x + self.drop(self.self_attn(self.ln_self(x)))
         x = x + self.drop(self.cross_attn(self.ln_cross(x), self.ln_text(text)))
         return x + self.mlp(self.ln_mlp(x))
+
+
+# fusion_block name -> the block class.
+FUSION_BLOCKS: dict[str, type[nn.Module]] = {"released": ReleasedFusionBlock, "paper": PaperFusionBlock}
 
 
 class PlainLayer(nn.Module):
@@ -104,12 +152,12 @@ class PlainLayer(nn.Module):
     def __init__(self, cfg: AdapterConfig) -> None:
         super().__init__()
         D = cfg.d_model
-        self.self_attn = Attention(D, cfg.heads, cfg.dropout, cross=False)
+        self.self_attn = Attention(D, cfg.heads, cfg.plain_dropout, cross=False)
         self.ln_attn = nn.LayerNorm(D)
         self.fc_in = nn.Linear(D, D)
         self.fc_out = nn.Linear(D, D)
         self.ln_ff = nn.LayerNorm(D)
-        self.drop = dropout_layer(cfg.dropout)
+        self.drop = dropout_layer(cfg.plain_dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.ln_attn(x + self.drop(self.self_attn(x)))
@@ -130,7 +178,8 @@ class AdapterEncoder(nn.Module):
         self.image_proj = nn.Linear(image_token_dim, D)
         self.text_proj = nn.Linear(text_token_dim, D)
         self.text_extra = nn.Parameter(torch.empty(cfg.text_extra_tokens, D))  # (T, D)
-        self.blocks = nn.ModuleList(FusionBlock(cfg) for _ in range(cfg.blocks))
+        fusion_block = FUSION_BLOCKS[cfg.fusion_block]
+        self.blocks = nn.ModuleList(fusion_block(cfg) for _ in range(cfg.blocks))
         self.ln_out = nn.LayerNorm(D)
         self.plain_layers = nn.ModuleList(PlainLayer(cfg) for _ in range(cfg.plain_layers))
 

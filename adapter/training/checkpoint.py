@@ -11,7 +11,8 @@ so it opens with `torch.load(path, weights_only=True)` — no pickled code runs.
     model                the adapter's state_dict
     dims                 {image_token_dim, text_token_dim} to rebuild the adapter
     run_config           the RunConfig as a JSON string
-    provenance           the token store's provenance (the frozen backbone the features came from)
+    provenance           the token store's provenance (the frozen backbone the features came from, and
+                         what the store caches: resize mode, views, token normalisation; docs/store.md)
     splits               {train, val, test: [split values]} the run's split roles (absent in older files
                          and in runs trained from features without a manifest)
     labels               [{name, query, text_tokens [L, Dt] fp16, text_tokens_shape, target}]
@@ -39,7 +40,8 @@ from rankpipe.adapter.training.streaming import TrainingFeatures
 from rankpipe.errors import InputError
 from rankpipe.files import atomic_target
 from rankpipe.pipeline.data.manifest import SPLIT_ROLES, SplitSpec
-from rankpipe.pipeline.embed.backbone import compatibility_problem
+from rankpipe.pipeline.embed.backbone import BACKBONE_FIELDS, compatibility_problem
+from rankpipe.pipeline.embed.cache_choices import TRAINING_FIELDS, describe, first_difference
 
 FORMAT_VERSION = 1
 BEST, LAST = "best.pt", "last.pt"
@@ -193,13 +195,21 @@ def load_resume_state(path: Path, cfg: RunConfig, labels: list[str], provenance:
     """The last.pt of a run to continue, after checking that this run matches it.
 
     Raises:
-        InputError: missing file, another backbone, other labels, a changed setting (other than
+        InputError: missing file, another backbone or cache choice (resize, views, token
+            normalisation), other labels, a changed setting (other than
             train.max_steps) or another device type.
     """
     if not path.exists():
         raise InputError(f"--resume: {path} does not exist; start the run without --resume")
     saved = read_checkpoint(path)
-    problem = compatibility_problem(saved["provenance"], provenance)
+    problem = compatibility_problem(saved["provenance"], provenance, BACKBONE_FIELDS)
+    difference = first_difference(saved["provenance"], provenance, TRAINING_FIELDS)
+    if problem is None and difference is not None:
+        field, trained, theirs = difference
+        raise InputError(f"--resume: {path} was trained on a store embedded with {describe(field, trained)}, but this "
+                         f"run's store was embedded with {describe(field, theirs)}; resume with the store it was "
+                         "trained on, or start a new run in another --out")
+    problem = problem or compatibility_problem(saved["provenance"], provenance)
     if problem is not None:
         raise InputError(f"--resume: {path} was trained on features of another backbone ({problem}); use its store")
     recorded = saved.get("store_identity")

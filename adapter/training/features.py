@@ -7,7 +7,10 @@ row indices and normalised targets on the device. (A store too large for the bud
 instead: see rankpipe.adapter.training.streaming, which draws its batches through the same interface.)
 
 Queries are mixed by drawing one query per step with probability proportional to its number of
-training images, so every training image is seen about equally often whatever query it belongs to.
+training images, so every training image is seen about equally often whatever query it belongs to
+(`train.sampling=released` draws the query uniformly and weights its images, see BatchSampler).
+A store with a flip view keeps its mirror images' tokens resident too, and each image of a batch
+trains on one of the two views (adapter/training/views.py).
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from rankpipe.adapter.training.targets import (
     fit_target_scale,
     transform_target,
 )
+from rankpipe.adapter.training.views import gather_views
 from rankpipe.errors import InputError
+from rankpipe.pipeline.embed.cache_choices import HFLIP, ORIGINAL, cache_choices
 from rankpipe.pipeline.labelled_store import LabelledStore, TrainValRows
 from rankpipe.pipeline.store import TokenStore
 
@@ -80,6 +85,10 @@ class ResidentFeatures:
     keys: np.ndarray
     # The queries trained together.
     queries: list[QueryFeatures]
+    # Per query index: [m] resident rows that can serve it as zero-count negatives (filled when drawn).
+    negative_pools: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict, init=False, repr=False)
+    # [R, P, D] float16 tokens of the same rows' mirror images (a store with a flip view), or None.
+    flipped_tokens: torch.Tensor | None = None
 
     @property
     def image_token_dim(self) -> int:
@@ -95,13 +104,30 @@ class ResidentFeatures:
         return [len(q.train_index) for q in self.queries]
 
     def train_batch(self, step: int, sampler: BatchSampler) -> TrainBatch:
-        """The batch of `step` (1-based): the sampler's query, a random subset of its training rows."""
+        """The batch of `step` (1-based): the sampler's query, a random subset of its training rows,
+        and, with negatives, rows of the other queries' training images with the target of a zero label."""
         query_index = sampler.query_for(step)
         query = self.queries[query_index]
-        pos = sampler.sample(len(query.train_index), query.train_index.device)  # [B] positions in the query's train rows
-        rows = query.train_index.index_select(0, pos)  # [B] resident rows
-        return TrainBatch(query_index, self.image_tokens.index_select(0, rows), query.train_targets.index_select(0, pos),
-                          rows)
+        pool = self._negative_pool(query_index) if sampler.negative_share > 0 else None
+        pos, neg = sampler.draw(query.train_targets, 0 if pool is None else len(pool))  # [b], [B - b]
+        rows = query.train_index[pos]  # [b] resident rows
+        targets = query.train_targets[pos]  # [b]
+        if pool is not None:
+            zero = float(query.scale.normalise(np.zeros(1))[0])  # a zero count, normalised for this query
+            negatives = pool[neg]  # [B - b] resident rows
+            rows = torch.cat([rows, negatives])  # [B]
+            targets = torch.cat([targets, torch.full_like(negatives, zero, dtype=targets.dtype)])  # [B]
+        tokens = gather_views(self.image_tokens, self.flipped_tokens, rows, sampler.seed, step)  # [B, P, D]
+        return TrainBatch(query_index, tokens, targets, rows)
+
+    def _negative_pool(self, query_index: int) -> torch.Tensor:
+        """[m] resident rows of the other queries' training images that this query has no label for (cached)."""
+        if query_index not in self.negative_pools:
+            own = self.queries[query_index]
+            others = torch.cat([q.train_index for i, q in enumerate(self.queries) if i != query_index]).unique()
+            labelled = torch.cat([own.train_index, own.val_index])
+            self.negative_pools[query_index] = others[~torch.isin(others, labelled)]  # [m]
+        return self.negative_pools[query_index]
 
     def val_batches(self, query_index: int, batch_size: int) -> Iterator[torch.Tensor]:
         """[b, P, D] image tokens of a query's val rows, `batch_size` at a time, in val_targets order."""
@@ -114,11 +140,13 @@ def build_features(
     keys: np.ndarray,
     queries: list[dict],
     device: torch.device | str,
+    flipped_tokens: torch.Tensor | None = None,
 ) -> ResidentFeatures:
     """Resident features from in-memory arrays.
 
     Args:
         image_tokens: [R, P, D] image tokens of every resident row (any float dtype; kept as fp16).
+        flipped_tokens: [R, P, D] tokens of the same rows' mirror images, or None (no flip view).
         keys: [R] row keys.
         queries: one dict per query with name, query, text_tokens [L, Dt], transform (TargetTransform),
             train_rows / val_rows (int indices into the R rows) and train_labels / val_labels (raw labels).
@@ -141,7 +169,8 @@ def build_features(
             )
         )
     tokens = torch.as_tensor(image_tokens).to(device=device, dtype=torch.float16)
-    return ResidentFeatures(image_tokens=tokens, keys=np.asarray(keys), queries=out)
+    flipped = None if flipped_tokens is None else torch.as_tensor(flipped_tokens).to(device=device, dtype=torch.float16)
+    return ResidentFeatures(image_tokens=tokens, keys=np.asarray(keys), queries=out, flipped_tokens=flipped)
 
 
 def query_targets(q: dict) -> tuple[TargetScale, np.ndarray, np.ndarray]:
@@ -160,7 +189,7 @@ def load_features(data: LabelledStore, device: torch.device | str, max_resident_
     """
     per_label = data.split_rows()
     rows = needed_rows(per_label)
-    gigabytes = token_gigabytes(data.store, len(rows))
+    gigabytes = token_gigabytes(data.store, len(rows)) * view_count(data.store)
     if gigabytes > max_resident_gb:
         raise InputError(
             f"the {len(rows)} train/val images need {gigabytes:.1f} GB of image tokens, more than "
@@ -171,8 +200,13 @@ def load_features(data: LabelledStore, device: torch.device | str, max_resident_
 
 
 def train_val_gigabytes(data: LabelledStore) -> float:
-    """GB of fp16 image tokens that the train and val rows of the labels of `data` take when resident."""
-    return token_gigabytes(data.store, len(needed_rows(data.split_rows())))
+    """GB of fp16 image tokens that the train and val rows of the labels of `data` take when resident (every view)."""
+    return token_gigabytes(data.store, len(needed_rows(data.split_rows()))) * view_count(data.store)
+
+
+def view_count(store) -> int:
+    """Views of every image the store holds (2 with a flip view), each kept on the device for training."""
+    return len(cache_choices(store.provenance).views)
 
 
 def needed_rows(per_label: dict[str, tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
@@ -211,6 +245,10 @@ def read_resident(data: LabelledStore, per_label: dict[str, TrainValRows], devic
     rows = needed_rows(per_label)  # [R] ascending, so a row's position is its searchsorted index
     tokens = read_rows(data.store, rows, device)
     refuse_non_finite(data.store, rows, tokens)
+    flipped = None
+    if cache_choices(data.store.provenance).flip_view:
+        flipped = read_rows(data.store, rows, device, HFLIP)  # [R, P, D]
+        refuse_non_finite(data.store, rows, flipped)
     queries = []
     for name, (train_rows, val_rows) in per_label.items():
         queries.append({
@@ -219,18 +257,20 @@ def read_resident(data: LabelledStore, per_label: dict[str, TrainValRows], devic
             "val_rows": np.searchsorted(rows, val_rows),
         })
     _, num_tokens, dim = tokens.shape
-    log.info("resident image tokens: %d rows x %d x %d (%.2f GB)", len(rows), num_tokens, dim,
-             tokens.numel() * tokens.element_size() / 1e9)
-    return build_features(tokens, data.store.keys()[rows], queries, device)
+    log.info("resident image tokens: %d rows x %d x %d x %d view(s) (%.2f GB)", len(rows), num_tokens, dim,
+             view_count(data.store), tokens.numel() * tokens.element_size() * view_count(data.store) / 1e9)
+    return build_features(tokens, data.store.keys()[rows], queries, device, flipped)
 
 
-def read_rows(store: TokenStore, rows: np.ndarray, device: torch.device | str) -> torch.Tensor:
-    """[R, P, D] fp16 tokens of sorted `rows`, read one row block at a time into a device tensor."""
+def read_rows(store: TokenStore, rows: np.ndarray, device: torch.device | str, view: str = ORIGINAL) -> torch.Tensor:
+    """[R, P, D] fp16 tokens of sorted `rows` (of one of the store's views), read one row block at a time
+    into a device tensor."""
     out = torch.empty((len(rows), *token_shape(store)), dtype=torch.float16, device=device)
     for start, stop in store.row_blocks():
         lo, hi = np.searchsorted(rows, [start, stop])
         if hi > lo:
-            out[lo:hi] = torch.from_numpy(np.ascontiguousarray(store.image_tokens(rows[lo:hi]), dtype=np.float16)).to(device)
+            tokens = store.image_tokens(rows[lo:hi], view)  # [hi - lo, P, D]
+            out[lo:hi] = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.float16)).to(device)
     return out
 
 
@@ -238,18 +278,27 @@ class BatchSampler:
     """Draws each step's query and a batch of that query's training images.
 
     The query of step s is a pure function of (seed, s) — drawn in blocks from numpy with probability
-    proportional to each query's training images — so it needs no state and no device sync. The
-    images are a random subset drawn on the device with a seeded generator whose state is checkpointed.
+    proportional to each query's training images, or uniformly with `sampling="released"` — so it
+    needs no state and no device sync. The images are drawn on the device with a seeded generator
+    whose state is checkpointed: a uniform subset, or with "released" a subset weighted by the inverse
+    frequency of each image's target (its label value), as the released loader's per-class weights.
+    With `negative_share` a share of the batch comes from a pool of other images (see `draw`).
     """
 
-    def __init__(self, train_sizes: list[int], batch_size: int, seed: int, device: torch.device | str):
+    def __init__(self, train_sizes: list[int], batch_size: int, seed: int, device: torch.device | str,
+                 sampling: str = "proportional", negative_share: float = 0.0):
         sizes = np.asarray(train_sizes, dtype=np.float64)
+        if sampling == "released":
+            sizes = (sizes > 0).astype(np.float64)  # every query with training images equally often
         self.weights = sizes / sizes.sum()  # [Q] probability of each query per step
         self.batch_size = batch_size
         self.seed = seed
+        self.inverse_frequency = sampling == "released"
+        self.negative_share = negative_share
         self.generator = torch.Generator(device=torch.device(device))
         self.generator.manual_seed(seed)
         self._block: tuple[int, np.ndarray] | None = None
+        self._image_weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def query_for(self, step: int) -> int:
         """Index of the query trained at `step` (1-based)."""
@@ -263,6 +312,42 @@ class BatchSampler:
         """[B] positions into a query's training rows, without repeats; B = min(batch_size, num_train)."""
         perm = torch.randperm(num_train, generator=self.generator, device=device)  # [num_train]
         return perm[: self.batch_size]
+
+    def draw(self, targets: torch.Tensor, pool_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions of one batch: into a query's training rows ([b], without repeats) and into a pool
+        of `pool_size` negative rows ([B - b], with repeats, as the released loader).
+
+        Without negatives b = min(batch_size, n). With them, b = min(floor(batch_size · (1 -
+        negative_share)), n) and negatives fill the batch to batch_size, as in the released loader.
+
+        Args:
+            targets: [n] the query's normalised training targets (equal values = equal labels), on the device.
+            pool_size: rows in the negative pool; 0 draws none.
+        """
+        n = targets.shape[0]
+        device = targets.device
+        if self.negative_share > 0 and pool_size > 0:
+            own = min(int(self.batch_size * (1 - self.negative_share) + 1e-9), n)
+            negatives = torch.randint(pool_size, (self.batch_size - own,), generator=self.generator, device=device)
+        else:
+            own = min(self.batch_size, n)
+            negatives = torch.zeros(0, dtype=torch.int64, device=device)
+        if not self.inverse_frequency:
+            return self.sample(n, device)[:own], negatives
+        weights = self._inverse_frequency(targets)  # [n]
+        return torch.multinomial(weights, own, replacement=False, generator=self.generator), negatives
+
+    def _inverse_frequency(self, targets: torch.Tensor) -> torch.Tensor:
+        """[n] 1 / (how many of `targets` share each value), cached per targets tensor (unique() syncs a GPU)."""
+        cached = self._image_weights.get(id(targets))
+        if cached is not None and cached[0] is targets:
+            return cached[1]
+        _, inverse, counts = torch.unique(targets, return_inverse=True, return_counts=True)
+        weights = 1.0 / counts[inverse].double()  # [n]
+        if len(self._image_weights) > 256:  # a streamed run makes new targets tensors with every window
+            self._image_weights.clear()
+        self._image_weights[id(targets)] = (targets, weights)
+        return weights
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}

@@ -76,7 +76,7 @@ Outcome = TrainResult | BaseException | None
 
 def fusion_key(config: RunConfig) -> str | None:
     """Runs whose keys are equal can train fused; None: this run trains alone (see the module docstring)."""
-    if config.adapter.dropout > 0 or config.train.compile != "off" or config.adapter.pair_checkpoint:
+    if uses_dropout(config) or config.train.compile != "off" or config.adapter.pair_checkpoint:
         return None
     shared = config.to_dict()
     for section in PER_RUN_SECTIONS:
@@ -84,6 +84,12 @@ def fusion_key(config: RunConfig) -> str | None:
     for name in PER_RUN_TRAIN_FIELDS:
         shared["train"].pop(name)
     return json.dumps(shared, sort_keys=True)
+
+
+def uses_dropout(config: RunConfig) -> bool:
+    """Whether the adapter draws dropout masks: dropout above 0 in layers it has."""
+    adapter = config.adapter
+    return (adapter.fusion_dropout > 0 and adapter.blocks > 0) or (adapter.plain_dropout > 0 and adapter.plain_layers > 0)
 
 
 def train_fused(

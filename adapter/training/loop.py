@@ -47,7 +47,9 @@ from rankpipe.adapter.training.checkpoint import (
     set_rng_state,
 )
 from rankpipe.adapter.training.features import BatchSampler, TrainBatch
+from rankpipe.adapter.training.optimizer import make_optimizer
 from rankpipe.adapter.training.run_config import OptimConfig, RunConfig
+from rankpipe.adapter.training.sampling import refuse_non_counts, refuse_single_label
 from rankpipe.adapter.training.streaming import TrainingFeatures, open_features
 from rankpipe.devices import autocast
 from rankpipe.errors import InputError
@@ -131,6 +133,8 @@ def train_from_store(
         TrainingDiverged: the loss became non-finite.
     """
     data = LabelledStore.open(store, manifest, labels or ())
+    if run_config.train.negative_share > 0:
+        refuse_non_counts(data)
     device = torch.device(device)
     features = open_features(data, device, run_config.train)
     return train_adapter(features, out_dir, run_config, data.provenance, device, resume, progress,
@@ -232,6 +236,8 @@ class TrainingRun:
         device = torch.device(device)
         self.features, self.out_dir, self.cfg, self.device, self.progress = features, out_dir, cfg, device, progress
         labels = [q.name for q in features.queries]
+        if cfg.train.negative_share > 0:
+            refuse_single_label(len(labels))
         saved = load_resume_state(out_dir / LAST, cfg, labels, provenance, device, store_identity) if resume else None
         if saved is None and (out_dir / LAST).exists():
             raise InputError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
@@ -252,7 +258,8 @@ class TrainingRun:
         self.model.train()
         self.optimizer = make_optimizer(self.model, cfg.optim)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_factor(cfg.optim, cfg.train.max_steps))
-        self.sampler = BatchSampler(features.train_sizes, cfg.train.batch_size, cfg.train.seed, device)
+        self.sampler = BatchSampler(features.train_sizes, cfg.train.batch_size, cfg.train.seed, device,
+                                    cfg.train.sampling, cfg.train.negative_share)
         self.step, self.best, self.val_srcc = 0, None, {}
         if saved is not None:
             self.model.load_state_dict(saved["model"])
@@ -334,14 +341,6 @@ class TrainingRun:
             steps=self.step, best_step=best["step"], best_srcc=dict(best["srcc"]), best_mean_srcc=best["mean_srcc"],
             best_path=self.out_dir / BEST, last_path=self.out_dir / LAST,
         )
-
-
-def make_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
-    """The run's AdamW over the model's parameters; on a GPU its fused kernel (one launch per step, not
-    several per parameter group)."""
-    fused = next(model.parameters()).is_cuda
-    return torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay,
-                             fused=fused or None)
 
 
 def validate(model: RankingAdapter, features: TrainingFeatures, batch_size: int, device: torch.device) -> dict[str, float]:

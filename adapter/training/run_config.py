@@ -27,6 +27,8 @@ from rankpipe.settings import (
 
 # train.compile values: "off" trains eagerly; the others are torch.compile modes.
 COMPILE_MODES = ("off", "default", "reduce-overhead")
+# train.sampling values: how each step's query and images are drawn (see features.BatchSampler).
+SAMPLINGS = ("proportional", "released")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,13 +39,19 @@ class OptimConfig:
     lr: float = 5e-5
     # AdamW decoupled weight decay.
     weight_decay: float = 0.01
+    # Also decay biases, LayerNorm gains and other 1-D parameters. False (released code): only weight
+    # matrices and token tables decay.
+    decay_norms_and_biases: bool = False
+    # AdamW's AMSGrad variant (the released code uses it): each step divides by the largest second
+    # moment seen so far instead of the current one.
+    amsgrad: bool = True
     # AdamW moment coefficients.
     betas: tuple[float, float] = (0.9, 0.999)
     # Steps of linear warm-up from 0 to `lr`; the cosine decay spans the remaining steps.
     warmup_steps: int = 500
     # Learning rate at the end of the cosine, as a fraction of `lr`.
     min_lr_ratio: float = 0.0
-    # Clip the global gradient norm to this value; 0 turns clipping off.
+    # Clip the global gradient norm to this value; 0 turns clipping off (the released code does not clip).
     grad_clip: float = 1.0
 
     def __post_init__(self) -> None:
@@ -71,6 +79,16 @@ class TrainConfig:
     batch_size: int = 64
     # Seeds the adapter's initial weights, dropout and batch sampling.
     seed: int = 0
+    # How each step's batch is drawn. "proportional": a query with probability proportional to its
+    # training images, then a uniform subset of them, so every training image is seen equally often.
+    # "released" (the released data loader): a query uniformly, then its images weighted by the inverse
+    # frequency of their label value, so rare values (e.g. large counts) are seen as often as common ones.
+    sampling: str = "proportional"
+    # Share of each batch filled with training images of the other labels, given the target of a zero
+    # label (the released loader mixes in 20% for counting). Only for labels that are counts, where an
+    # image without the label holds none of the thing counted; needs 2+ labels trained together and
+    # every training label a non-negative integer. 0 = off.
+    negative_share: float = 0.0
     # Validate on the val split, write last.pt and maybe best.pt every this many steps (and at the end).
     eval_every: int = 500
     # Report the running loss (and check it is finite) every this many steps.
@@ -100,6 +118,10 @@ class TrainConfig:
             raise ValueError(f"max_resident_gb must be positive, not {self.max_resident_gb}")
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, not {self.compile!r}")
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {', '.join(SAMPLINGS)}, not {self.sampling!r}")
+        if not 0 <= self.negative_share < 1:
+            raise ValueError(f"negative_share must be in [0, 1), not {self.negative_share}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,8 +156,8 @@ class RunConfig:
 
     @classmethod
     def from_json(cls, text: str) -> RunConfig:
-        """Inverse of `to_json`."""
-        return cls.from_dict(json.loads(text), where="checkpoint run config")
+        """Inverse of `to_json`; a config saved before a field existed keeps the behaviour it was trained with."""
+        return cls.from_dict(_saved_behaviour(json.loads(text)), where="checkpoint run config")
 
     def differences(self, other: RunConfig) -> list[str]:
         """Dotted names of the fields whose values differ between two configs."""
@@ -194,6 +216,30 @@ def load_run_config(
             update = {part: update}
         data = merge_settings(RunConfig, data, update, overrides_from, prefix="")
     return instantiate_config(RunConfig, data, "run config", prefix="")
+
+
+def _saved_behaviour(data: Any) -> Any:
+    """A checkpoint's config with the values that fields added later had implicitly when it was saved.
+
+    Checkpoints store every field, so a missing one means the file predates it: its adapter had the
+    paper's fusion blocks and one `dropout` for the whole encoder, and its optimiser decayed every
+    parameter without AMSGrad. Without this, the new defaults would rebuild another architecture
+    (whose weights do not load) or resume with another optimiser.
+    """
+    if not isinstance(data, dict):
+        return data
+    data = {**data}
+    adapter = data.get("adapter")
+    if isinstance(adapter, dict) and "fusion_block" not in adapter:
+        adapter = {**adapter, "fusion_block": "paper"}
+        dropout = adapter.pop("dropout", 0.0)
+        adapter.setdefault("fusion_dropout", dropout)
+        adapter.setdefault("plain_dropout", dropout)
+        data["adapter"] = adapter
+    optim = data.get("optim")
+    if isinstance(optim, dict) and "amsgrad" not in optim:
+        data["optim"] = {"amsgrad": False, "decay_norms_and_biases": True, **optim}
+    return data
 
 
 def _diff(a: Any, b: Any, prefix: str) -> list[str]:

@@ -13,7 +13,9 @@ Which window and which query train at a step are a function of (seed, step) alon
 reads the same windows and — with the sampler's checkpointed generator — draws the same batches.
 
 Validation rows stay resident when they take at most a quarter of the budget; otherwise they are read
-from the store at every validation.
+from the store at every validation. A store with a flip view puts both views of a window's training
+rows on the device (a window then holds half the rows) and draws one per image as resident training
+does; validation reads the original view only.
 """
 
 from __future__ import annotations
@@ -39,11 +41,14 @@ from rankpipe.adapter.training.features import (
     refuse_non_finite,
     token_gigabytes,
     token_shape,
+    view_count,
 )
 from rankpipe.adapter.training.run_config import TrainConfig
 from rankpipe.adapter.training.targets import TargetScale
+from rankpipe.adapter.training.views import gather_views
 from rankpipe.adapter.training.windows import WindowSchedule
 from rankpipe.errors import InputError
+from rankpipe.pipeline.embed.cache_choices import HFLIP, cache_choices
 from rankpipe.pipeline.labelled_store import LabelledStore
 from rankpipe.pipeline.store import TokenStore
 
@@ -89,6 +94,8 @@ class _Window:
     key_index: list[torch.Tensor]
     # Per query: [n_q] float32 normalised targets of the same rows.
     targets: list[torch.Tensor]
+    # [W, P, D] float16 tokens of the same rows' mirror images (a store with a flip view), or None.
+    flipped: torch.Tensor | None = None
 
 
 class StreamingFeatures:
@@ -145,10 +152,9 @@ class StreamingFeatures:
         window = self._window_for(step)
         query_index = self.schedule.query_for(step)
         local = window.local_index[query_index]  # [n_q]
-        pos = sampler.sample(len(local), self.device)  # [B] positions in the query's rows of the window
-        return TrainBatch(
-            query_index, window.tokens[local[pos]], window.targets[query_index][pos], window.key_index[query_index][pos]
-        )
+        pos, _ = sampler.draw(window.targets[query_index])  # [B] positions in the query's rows of the window
+        tokens = gather_views(window.tokens, window.flipped, local[pos], sampler.seed, step)  # [B, P, D]
+        return TrainBatch(query_index, tokens, window.targets[query_index][pos], window.key_index[query_index][pos])
 
     def val_batches(self, query_index: int, batch_size: int) -> Iterator[torch.Tensor]:
         """[b, P, D] image tokens of a query's val rows, `batch_size` at a time, in val_targets order."""
@@ -171,7 +177,8 @@ class StreamingFeatures:
         if self.device.type == "cuda":
             # Read on a side stream; tie its memory to the training stream before it is ever freed.
             stream = torch.cuda.current_stream(self.device)
-            for tensor in [window.tokens, *window.local_index, *window.key_index, *window.targets]:
+            flipped = [] if window.flipped is None else [window.flipped]
+            for tensor in [window.tokens, *flipped, *window.local_index, *window.key_index, *window.targets]:
                 tensor.record_stream(stream)
         self._current = window
         following = self.schedule.window_at(plan.first_step + plan.steps)
@@ -196,8 +203,13 @@ class StreamingFeatures:
             host.append(torch.from_numpy(np.searchsorted(rows, query.train_rows[keep])))
             host.append(torch.from_numpy(np.searchsorted(self.rows, query.train_rows[keep])))
             host.append(torch.from_numpy(query.train_targets[keep]))
+        flip_view = cache_choices(self.store.provenance).flip_view
+        if flip_view:
+            host.append(read_rows(self.store, rows, "cpu", HFLIP))  # [W, P, D] fp16, last
+            refuse_non_finite(self.store, rows, host[-1])
         moved = _to_device(host, self.device)
-        return _Window(blocks, moved[0], moved[1::3], moved[2::3], moved[3::3])
+        flipped = moved.pop() if flip_view else None
+        return _Window(blocks, moved[0], moved[1::3], moved[2::3], moved[3::3], flipped)
 
 
 def _to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
@@ -225,14 +237,15 @@ def open_features(data: LabelledStore, device: torch.device | str, train: TrainC
     store = data.store
     per_label = data.split_rows()
     budget = train.max_resident_gb
-    if token_gigabytes(store, len(needed_rows(per_label))) <= budget:
+    views = view_count(store)  # training rows are held in every view, validation rows in the original only
+    if token_gigabytes(store, len(needed_rows(per_label))) * views <= budget:
         return read_resident(data, per_label, device)
 
     all_val_rows = np.unique(np.concatenate([val for _, val in per_label.values()]))  # [V] ascending
     val_gb = token_gigabytes(store, len(all_val_rows))
     val_resident = val_gb <= _VAL_SHARE * budget
     window_gb = (budget - (val_gb if val_resident else 0.0)) / 2
-    capacity = int(window_gb / token_gigabytes(store, 1))
+    capacity = int(window_gb / (token_gigabytes(store, 1) * views))
 
     queries = []
     for name, (train_rows, val_rows) in per_label.items():
@@ -257,11 +270,17 @@ def open_features(data: LabelledStore, device: torch.device | str, train: TrainC
     if block_rows[largest] > capacity:
         raise InputError(
             f"tar {store.tar_urls()[largest]} has {block_rows[largest]} training images "
-            f"({token_gigabytes(store, int(block_rows[largest])):.2g} GB of image tokens), more than a training window "
+            f"({token_gigabytes(store, int(block_rows[largest])) * views:.2g} GB of image tokens), more than a training window "
             f"of train.max_resident_gb={budget} holds ({window_gb:.2g} GB: half of what validation leaves, as the next "
             "window is read while one trains); raise it with --set train.max_resident_gb=N or write smaller tars"
         )
-    schedule = WindowSchedule(block_rows[used], block_query_rows[used], capacity, train.window_steps, train.seed)
+    if train.negative_share > 0:
+        raise InputError(
+            f"train.negative_share needs the train/val image tokens resident, but they exceed "
+            f"train.max_resident_gb={budget}; raise it with --set train.max_resident_gb=N or set train.negative_share=0"
+        )
+    schedule = WindowSchedule(block_rows[used], block_query_rows[used], capacity, train.window_steps, train.seed,
+                              uniform_queries=train.sampling == "released")
     log.info(
         "streaming image tokens: %d training rows in %d blocks, windows of up to %d rows (%.2f GB); val rows %s",
         len(train_rows), len(used), capacity, window_gb, "resident" if val_resident else "read at every validation",

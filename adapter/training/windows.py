@@ -42,10 +42,12 @@ class WindowSchedule:
     Epoch e permutes the blocks with a generator seeded by (seed, e) and packs them, in that order,
     into windows of at most `capacity` rows. A window's steps are its share of the epoch's
     `window_steps` x windows, in proportion to its trainable images (those of queries with at least 2
-    images in the window: a pair needs two).
+    images in the window: a pair needs two). Its queries are drawn in proportion to their trainable
+    images, or with `uniform_queries` uniformly among those that have any.
     """
 
-    def __init__(self, block_rows: np.ndarray, block_query_rows: np.ndarray, capacity: int, window_steps: int, seed: int):
+    def __init__(self, block_rows: np.ndarray, block_query_rows: np.ndarray, capacity: int, window_steps: int, seed: int,
+                 uniform_queries: bool = False):
         """
         Args:
             block_rows: [K] distinct training rows of each block (what a window must hold).
@@ -53,12 +55,14 @@ class WindowSchedule:
             capacity: most rows in one window; no block may exceed it.
             window_steps: mean steps per window.
             seed: the run's seed.
+            uniform_queries: draw each step's query uniformly among the window's trainable queries.
         """
         self.block_rows = np.asarray(block_rows, dtype=np.int64)
         self.block_query_rows = np.asarray(block_query_rows, dtype=np.int64)
         self.capacity = capacity
         self.window_steps = window_steps
         self.seed = seed
+        self.uniform_queries = uniform_queries
         self._windows: list[WindowPlan] = []  # every epoch planned so far, in step order
         self._starts: list[int] = []  # first_step of each planned window
         self._next_epoch = 0
@@ -107,8 +111,8 @@ class WindowSchedule:
         for index, group in enumerate(groups):
             if steps[index] == 0:
                 continue
-            plan = WindowPlan(epoch, index, tuple(sorted(group)), start, int(steps[index]),
-                              trainable[index] / images[index])
+            shares = (trainable[index] > 0).astype(np.float64) if self.uniform_queries else trainable[index]
+            plan = WindowPlan(epoch, index, tuple(sorted(group)), start, int(steps[index]), shares / shares.sum())
             self._windows.append(plan)
             self._starts.append(start)
             start += plan.steps

@@ -56,6 +56,12 @@ class LabelSpec:
     classes: tuple[float, ...] | None = None
     # Optional transform of the raw label into the ranking target.
     target: TargetTransform = TargetTransform()
+    # For ordinal labels, optionally: each class's name as words put it, in the order of `classes`
+    # (e.g. "1930s", or an age range "25-32"); prompts name the classes by it.
+    class_names: tuple[str, ...] | None = None
+    # Optionally, the sentence describing an image of one class, with {name} for its class name
+    # (e.g. "A photo taken in the {name}."); zero-shot CLIP scores the classes by it.
+    class_prompt: str | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -66,6 +72,16 @@ class LabelSpec:
             raise ValueError(f"metric must be one of {', '.join(METRIC_FAMILIES)}, not {self.metric!r}")
         if self.metric == "ordinal" and not self.classes:
             raise ValueError("an 'ordinal' label needs its ordered 'classes'")
+        if self.class_names is not None:
+            if self.classes is None or len(self.class_names) != len(self.classes):
+                raise ValueError("'class_names' needs one name per entry of 'classes'")
+            if not all(name.strip() for name in self.class_names):
+                raise ValueError("'class_names' must not contain an empty name")
+        if self.class_prompt is not None:
+            if self.class_names is None:
+                raise ValueError("'class_prompt' needs the label's 'class_names'")
+            if "{name}" not in self.class_prompt:
+                raise ValueError("'class_prompt' must contain {name}, where the class name goes")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +146,10 @@ class Manifest:
                 entry["classes"] = list(label.classes)
             if label.target != TargetTransform():
                 entry["target"] = dataclasses.asdict(label.target)
+            if label.class_names is not None:
+                entry["class_names"] = list(label.class_names)
+            if label.class_prompt is not None:
+                entry["class_prompt"] = label.class_prompt
             labels.append(entry)
         splits = {role: list(self.splits.values(role)) for role in SPLIT_ROLES}
         return {"name": self.name, "shards": self.shards, "labels": labels, "splits": splits}
@@ -182,7 +202,7 @@ def _label_from_dict(entry: Any, where: str, index: int) -> LabelSpec:
     field = f"labels[{index}]"
     if not isinstance(entry, dict):
         raise ManifestError(f"{where}: field '{field}' must be a mapping with name and query")
-    _reject_unknown(entry, {"name", "query", "metric", "classes", "target"}, where, field + ".")
+    _reject_unknown(entry, {"name", "query", "metric", "classes", "target", "class_names", "class_prompt"}, where, field + ".")
     for key in ("name", "query"):
         if not isinstance(entry.get(key), str):
             raise ManifestError(f"{where}: field '{field}.{key}' must be a string")
@@ -191,6 +211,15 @@ def _label_from_dict(entry: Any, where: str, index: int) -> LabelSpec:
         if not isinstance(classes, list) or not all(isinstance(c, (int, float)) for c in classes):
             raise ManifestError(f"{where}: field '{field}.classes' must be a list of numbers")
         classes = tuple(float(c) for c in classes)
+    class_names = entry.get("class_names")
+    if class_names is not None:
+        if not isinstance(class_names, list) or not all(isinstance(n, (str, int, float)) for n in class_names):
+            raise ManifestError(f"{where}: field '{field}.class_names' must be a list of names")
+        # YAML reads an unquoted 1930s as a string but 1930 as a number: both are names.
+        class_names = tuple(str(n) for n in class_names)
+    class_prompt = entry.get("class_prompt")
+    if class_prompt is not None and not isinstance(class_prompt, str):
+        raise ManifestError(f"{where}: field '{field}.class_prompt' must be a sentence with {{name}}")
     try:
         target = TargetTransform(**entry["target"]) if "target" in entry else TargetTransform()
     except (TypeError, ValueError) as e:
@@ -198,7 +227,7 @@ def _label_from_dict(entry: Any, where: str, index: int) -> LabelSpec:
     try:
         return LabelSpec(
             name=entry["name"], query=entry["query"], metric=entry.get("metric", "correlation"),
-            classes=classes, target=target,
+            classes=classes, target=target, class_names=class_names, class_prompt=class_prompt,
         )
     except ValueError as e:
         raise ManifestError(f"{where}: field '{field}': {e}") from e

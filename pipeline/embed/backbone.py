@@ -1,8 +1,10 @@
 """The frozen CLIP backbone: loading, its provenance, and the tokens the adapter learns from.
 
 Image side: ViT towers give their output tokens after `ln_post` (class token dropped, unprojected)
-and timm towers (ConvNeXt) their final trunk map flattened to tokens; both also give CLIP's pooled,
-projected embedding from the same forward pass. Text side: the text transformer's tokens after
+and timm towers (ConvNeXt) their final trunk map flattened to tokens, each through the tower's own
+pretrained head norm (as the released code keeps it; `token_norm` in the provenance); both also give
+CLIP's pooled, projected embedding from the same forward pass. Images reach the tower through
+`resize.ImagePreprocess` in the spec's resize mode. Text side: the text transformer's tokens after
 `ln_final` (unprojected) and CLIP's projected text embedding.
 
 Importing this module registers two tiny architectures for tests and demos (`TINY_VIT`,
@@ -22,6 +24,7 @@ from typing import Any
 import numpy as np
 import open_clip
 import torch
+import torch.nn.functional as F
 import zarr
 from open_clip.timm_model import TimmModel
 from open_clip.transformer import VisionTransformer
@@ -29,7 +32,9 @@ from PIL import Image
 
 import rankpipe
 from rankpipe.errors import InputError
+from rankpipe.pipeline.embed.cache_choices import HEAD_NORM, LN_POST, NO_NORM, with_cache_choices
 from rankpipe.pipeline.embed.decode import PIXEL_RULE
+from rankpipe.pipeline.embed.resize import OPEN_CLIP_RESIZE_MODE, PAPER_RESIZE, RESIZE_MODES, ImagePreprocess
 from rankpipe.pipeline.embed.weights import (
     RANDOM_WEIGHTS,
     ResolvedWeights,
@@ -51,8 +56,14 @@ TINY_CONVNEXT = "rankpipe-tiny-convnext"
 TINY_CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(TINY_CONFIG_DIR)
 
+# The provenance fields that name the frozen CLIP itself; checked first, so that another model is
+# reported as such rather than as one of the preprocessing differences it also brings.
+BACKBONE_FIELDS = ("model", "pretrained", "checkpoint_sha256", "seed", "image_size")
 # The provenance fields that must agree for two feature sets to be interchangeable (docs/store.md).
-COMPATIBILITY_FIELDS = ("model", "pretrained", "checkpoint_sha256", "seed", "image_size", "preprocess")
+COMPATIBILITY_FIELDS = BACKBONE_FIELDS + ("resize", "preprocess", "token_norm")
+# BackboneSpec.token_norm: the tower's own final norm on every token, or (timm towers) the raw trunk map.
+TOWER_NORM = "tower"
+TOKEN_NORMS = (TOWER_NORM, NO_NORM)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +76,17 @@ class BackboneSpec:
     pretrained: str = RANDOM_WEIGHTS
     # torch seed for random weights (recorded in provenance only when pretrained is "none").
     seed: int = 0
+    # How images are fitted to the backbone's resolution: "squash" (the paper's) or "crop" (resize.py).
+    resize: str = PAPER_RESIZE
+    # "tower": tokens through the tower's own final norm (ViT ln_post, timm head norm); "none": a timm
+    # tower's raw trunk map, only to rebuild what stores made before the head norm was applied hold.
+    token_norm: str = TOWER_NORM
+
+    def __post_init__(self) -> None:
+        if self.resize not in RESIZE_MODES:
+            raise InputError(f"resize mode must be one of {', '.join(RESIZE_MODES)}, not {self.resize!r}")
+        if self.token_norm not in TOKEN_NORMS:
+            raise ValueError(f"token_norm must be one of {TOKEN_NORMS}, not {self.token_norm!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,10 +104,8 @@ class TextFeatures:
 class Backbone:
     """A loaded, frozen open_clip model with its preprocessing and provenance."""
 
-    def __init__(self, model: torch.nn.Module, preprocess: Callable[[Image.Image], torch.Tensor],
-                 tokenizer: Callable, spec: BackboneSpec, weights: ResolvedWeights) -> None:
+    def __init__(self, model: torch.nn.Module, tokenizer: Callable, spec: BackboneSpec, weights: ResolvedWeights) -> None:
         self.model = model
-        self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.spec = spec
         visual = model.visual
@@ -98,8 +118,13 @@ class Backbone:
             self.kind = "timm"
         else:
             raise InputError(f"model {spec.model} has a {type(visual).__name__} image tower; use a ViT or timm-tower model")
-        self.preprocess_cfg: dict[str, Any] = dict(visual.preprocess_cfg)
+        self.preprocess_cfg: dict[str, Any] = {**visual.preprocess_cfg, "resize_mode": OPEN_CLIP_RESIZE_MODE[spec.resize]}
         self.image_size = _pair(visual.image_size)
+        pp = self.preprocess_cfg
+        # Image -> [3, H, W] input on the CPU; the GPU path (gpu_decode.py) reproduces it.
+        self.preprocess: Callable[[Image.Image], torch.Tensor] = ImagePreprocess(
+            self.image_size, spec.resize, tuple(pp["mean"]), tuple(pp["std"]), pp["interpolation"])
+        self.token_norm = self._token_norm()
         self.token_grid = self._token_grid()
         self.token_dim = self._token_dim()
         self.embed_dim = int(open_clip.get_model_config(spec.model)["embed_dim"])
@@ -137,6 +162,10 @@ class Backbone:
         B, D, h, w = fmap.shape
         tokens = fmap.flatten(2).transpose(1, 2)  # [B, h*w, D]
         embed = visual.head(visual.trunk.forward_head(fmap))  # [B, E]
+        if self.token_norm == HEAD_NORM:
+            # The head norm normalises the pooled map over channels; here each position's channels.
+            norm = visual.trunk.head.norm
+            tokens = F.layer_norm(tokens, norm.normalized_shape, norm.weight, norm.bias, norm.eps)  # [B, h*w, D]
         return tokens, embed
 
     @torch.inference_mode()
@@ -155,6 +184,17 @@ class Backbone:
         if tokens.ndim != 3 or tokens.shape[1] != ids.shape[1]:
             raise InputError(f"model {self.spec.model} normalises only its pooled text token; its text tokens are not supported")
         return text_features(ids[0], tokens[0], embed[0], self.tokenizer)
+
+    def _token_norm(self) -> str:
+        """The token normalisation the spec asks of this tower (the `token_norm` provenance field)."""
+        if self.kind == "vit":
+            if self.spec.token_norm != TOWER_NORM:
+                raise ValueError("ViT tokens are always taken after ln_post")
+            return LN_POST
+        norm = getattr(getattr(self.model.visual.trunk, "head", None), "norm", None)
+        # timm's LayerNorm2d is a LayerNorm over channels; a tower without one has no head norm to apply.
+        has_head_norm = isinstance(norm, torch.nn.LayerNorm)
+        return HEAD_NORM if self.spec.token_norm == TOWER_NORM and has_head_norm else NO_NORM
 
     def _token_grid(self) -> tuple[int, int]:
         visual = self.model.visual
@@ -175,6 +215,8 @@ class Backbone:
             "checkpoint_sha256": weights.checkpoint_sha256,
             "seed": self.spec.seed if weights.pretrained == RANDOM_WEIGHTS else None,
             "image_size": list(self.image_size),
+            "resize": self.spec.resize,
+            "token_norm": self.token_norm,
             "preprocess": {
                 "mean": list(pp["mean"]), "std": list(pp["std"]),
                 "interpolation": pp["interpolation"], "resize_mode": pp["resize_mode"],
@@ -205,13 +247,12 @@ def load_backbone(spec: BackboneSpec, device: str | torch.device = "cpu") -> Bac
     weights = resolve_weights(spec.model, spec.pretrained)
     if weights.path is None:
         torch.manual_seed(spec.seed)
-    model, preprocess = create_frozen_model(spec.model, weights, device)
-    return Backbone(model, preprocess, open_clip.get_tokenizer(spec.model), spec, weights)
+    model = create_frozen_model(spec.model, weights, device)
+    return Backbone(model, open_clip.get_tokenizer(spec.model), spec, weights)
 
 
-def create_frozen_model(model_name: str, weights: ResolvedWeights,
-                        device: str | torch.device) -> tuple[torch.nn.Module, Callable[[Image.Image], torch.Tensor]]:
-    """The frozen open_clip model and its eval transform, from resolved weights.
+def create_frozen_model(model_name: str, weights: ResolvedWeights, device: str | torch.device) -> torch.nn.Module:
+    """The frozen open_clip model, from resolved weights (its images are prepared by `resize.ImagePreprocess`).
 
     Random weights come from torch's current seed; `load_backbone` seeds it.
 
@@ -221,7 +262,7 @@ def create_frozen_model(model_name: str, weights: ResolvedWeights,
     """
     tag = weights.tag_cfg
     try:
-        model, preprocess = _create(model_name, weights, tag, device)
+        model = _create(model_name, weights, tag, device)
     except Exception as e:
         if weights.path is None:
             raise  # random weights: nothing the user gave can be wrong here
@@ -229,24 +270,23 @@ def create_frozen_model(model_name: str, weights: ResolvedWeights,
         raise InputError(f"weights file {weights.path} does not fit model {model_name} ({detail}); "
                          "pass an open_clip checkpoint of this model") from e
     model.eval().requires_grad_(False)
-    return model, preprocess
+    return model
 
 
-def _create(model_name: str, weights: ResolvedWeights, tag: dict,
-            device: str | torch.device) -> tuple[torch.nn.Module, Callable[[Image.Image], torch.Tensor]]:
+def _create(model_name: str, weights: ResolvedWeights, tag: dict, device: str | torch.device) -> torch.nn.Module:
     with _without_random_init_warning():
-        model, _, preprocess = open_clip.create_model_and_transforms(
+        model, _, _ = open_clip.create_model_and_transforms(
             model_name,
             pretrained=str(weights.path) if weights.path is not None else None,
             # The tag's preprocessing and activation travel with its weights; open_clip applies them
             # only when it downloads the tag itself, so they are passed on explicitly here.
             image_mean=tag.get("mean"), image_std=tag.get("std"),
-            image_interpolation=tag.get("interpolation"), image_resize_mode=tag.get("resize_mode"),
+            image_interpolation=tag.get("interpolation"),
             force_quick_gelu=bool(tag.get("quick_gelu", False)),
             pretrained_text=False,
             device=device,
         )
-    return model, preprocess
+    return model
 
 
 @contextlib.contextmanager
@@ -268,9 +308,10 @@ def compatibility_problem(a: dict[str, Any], b: dict[str, Any],
                           fields: Sequence[str] = COMPATIBILITY_FIELDS) -> str | None:
     """Why two provenance records cannot share features, or None when they can.
 
-    Compares `fields`; the sentence names the first differing field and both values.
+    Compares `fields`; the sentence names the first differing field and both values. Records made
+    before the cache choices (resize, views, token_norm) were recorded compare with their defaults.
     """
-    a, b = _plain(a), _plain(b)
+    a, b = _plain(with_cache_choices(a)), _plain(with_cache_choices(b))
     for field in fields:
         if a.get(field) != b.get(field):
             return f"backbone field '{field}' differs: {a.get(field)!r} vs {b.get(field)!r}"

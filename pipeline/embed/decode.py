@@ -97,7 +97,7 @@ class TarBatches(torch.utils.data.IterableDataset):
             tasks: the tars to read, in order.
             label_names: labels to read from each sample's json, in store order.
             batch_size: usable images per batch (the last batch of a tar may hold fewer).
-            preprocess: PIL image -> [3, H, W] tensor (the backbone's eval transform).
+            preprocess: PIL image -> [3, H, W] tensor (the backbone's `resize.ImagePreprocess`).
             jpeg_on_gpu: leave JPEGs undecoded for the GPU; other formats are still decoded here.
         """
         super().__init__()

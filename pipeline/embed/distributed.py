@@ -53,12 +53,14 @@ class TarJob:
     device: str
     # Images per forward pass; the same as a single-process run's for identical bytes.
     batch_size: int
+    # Also embed every image mirrored left to right (the store's views).
+    flip_view: bool = False
 
 
 def embed_distributed(manifest: Manifest, store_path: str | Path, backbone_spec: BackboneSpec, client,
                       device: str = "cpu", batch_size: int = 256, mode: str = "incremental",
                       compress: bool = False, store_config: StoreConfig | None = None, retries: int = 2,
-                      progress: Callable[[int, int], None] | None = None) -> EmbedSummary:
+                      progress: Callable[[int, int], None] | None = None, flip_view: bool = False) -> EmbedSummary:
     """Embed every tar of the manifest into the store on the workers of a dask cluster.
 
     Args:
@@ -73,6 +75,7 @@ def embed_distributed(manifest: Manifest, store_path: str | Path, backbone_spec:
         store_config: chunk and shard sizes (defaults to StoreConfig(compress=compress)).
         retries: times dask reruns a tar task that raised (a dead worker's tasks are rescheduled by dask).
         progress: called with (tars finished, tars to embed) after each tar.
+        flip_view: also embed every image mirrored left to right, as `embed` does.
 
     Returns:
         What was embedded, summed over the tar tasks.
@@ -88,7 +91,7 @@ def embed_distributed(manifest: Manifest, store_path: str | Path, backbone_spec:
     if batch_size < 1:
         raise InputError(f"need batch size >= 1, got {batch_size}")
     config = store_config or StoreConfig(compress=compress)
-    job = TarJob(Path(store_path).resolve(), backbone_spec, device, batch_size)
+    job = TarJob(Path(store_path).resolve(), backbone_spec, device, batch_size, flip_view)
     # The coordinator holds the store's lock for its workers: another embed into it is refused.
     with exclusive_output(job.store, "rankpipe embed (distributed)"):
         run = uuid.uuid4().hex[:8]
@@ -116,7 +119,7 @@ def prepare_store(manifest: Manifest, job: TarJob, mode: str, config: StoreConfi
     tars = input_tars(manifest)
     backbone = _worker_backbone(job)
     plan = plan_for_backbone(tars, backbone, config)
-    store = open_or_create_store(job.store, mode, backbone, manifest, plan, config)
+    store = open_or_create_store(job.store, mode, backbone, manifest, plan, config, job.flip_view)
     return [t for t, done in enumerate(store.done()) if not done], len(plan.tars)
 
 

@@ -1,50 +1,41 @@
 """JPEG decoding and CLIP preprocessing on the GPU (nvjpeg through torchvision).
 
 PIL decoding reaches about 120 images/s per core for 640x480 JPEGs, far below what a GPU backbone
-consumes; decoding and resizing on the GPU keeps it fed. The steps mirror open_clip's eval transform
-(resize the shortest side or squash, centre crop, scale to [0, 1], normalise) with antialiased
-interpolation, so features differ from the PIL path only by resampling rounding.
+consumes; decoding and resizing on the GPU keeps it fed. The steps are those of the CPU path
+(`resize.ImagePreprocess`): the same `resize_geometry` (squash, or shortest side + centre crop),
+then scale to [0, 1] and normalise, with antialiased interpolation, so features differ from the PIL
+path only by resampling rounding.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import torch
 import torchvision.transforms.v2.functional as TF
 from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms import InterpolationMode
+
+from rankpipe.pipeline.embed.resize import ImagePreprocess, interpolation_mode, resize_geometry
 
 logger = logging.getLogger(__name__)
-
-# open_clip resize modes this module reproduces; others ("longest") use the CPU path.
-GPU_RESIZE_MODES = ("shortest", "squash")
 
 
 class GpuPreprocess:
     """Raw JPEG bytes -> normalised [k, 3, H, W] float images on the GPU."""
 
-    def __init__(self, preprocess_cfg: dict[str, Any], image_size: tuple[int, int], device: torch.device) -> None:
+    def __init__(self, preprocess: ImagePreprocess, device: torch.device) -> None:
         """
         Args:
-            preprocess_cfg: open_clip preprocess config (mean, std, interpolation, resize_mode).
-            image_size: (H, W) fed to the backbone.
-            device: a CUDA device.
+            preprocess: the CPU path's preprocessing (image size, resize mode, normalisation), which
+                this one reproduces.
+            device: a CUDA device (any device for `preprocess_decoded`).
         """
-        if preprocess_cfg["resize_mode"] not in GPU_RESIZE_MODES:
-            raise ValueError(f"resize mode {preprocess_cfg['resize_mode']!r} has no GPU path")
         self.device = device
-        self.image_size = image_size
-        self.resize_mode = preprocess_cfg["resize_mode"]
-        bilinear = preprocess_cfg["interpolation"] == "bilinear"
-        self.interpolation = InterpolationMode.BILINEAR if bilinear else InterpolationMode.BICUBIC
-        self.mean = torch.tensor(preprocess_cfg["mean"], device=device).view(1, 3, 1, 1)  # [1, 3, 1, 1]
-        self.std = torch.tensor(preprocess_cfg["std"], device=device).view(1, 3, 1, 1)  # [1, 3, 1, 1]
-
-    @staticmethod
-    def supports(preprocess_cfg: dict[str, Any]) -> bool:
-        return preprocess_cfg["resize_mode"] in GPU_RESIZE_MODES
+        self.image_size = preprocess.image_size
+        self.resize = preprocess.resize
+        self.interpolation = interpolation_mode(preprocess.interpolation)
+        self.mean = torch.tensor(preprocess.mean, device=device).view(1, 3, 1, 1)  # [1, 3, 1, 1]
+        self.std = torch.tensor(preprocess.std, device=device).view(1, 3, 1, 1)  # [1, 3, 1, 1]
 
     def __call__(self, jpegs: list[torch.Tensor]) -> tuple[torch.Tensor | None, list[int], list[str]]:
         """Decode and preprocess.
@@ -56,9 +47,12 @@ class GpuPreprocess:
         decoded, ok, failures = self._decode(jpegs)
         if not decoded:
             return None, ok, failures
-        images = torch.stack([self._resize(image) for image in decoded])  # [k, 3, H, W] uint8
-        images = images.float().div_(255.0).sub_(self.mean).div_(self.std)  # [k, 3, H, W]
-        return images, ok, failures
+        return self.preprocess_decoded(decoded), ok, failures
+
+    def preprocess_decoded(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """Decoded [3, h, w] uint8 images (on `device`) -> [k, 3, H, W] float32, normalised."""
+        resized = torch.stack([self._resize(image) for image in images])  # [k, 3, H, W] uint8
+        return resized.float().div_(255.0).sub_(self.mean).div_(self.std)  # [k, 3, H, W]
 
     def _decode(self, jpegs: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[int], list[str]]:
         if not jpegs:
@@ -78,17 +72,8 @@ class GpuPreprocess:
         return decoded, ok, failures
 
     def _resize(self, image: torch.Tensor) -> torch.Tensor:
-        """[3, h, w] uint8 -> [3, H, W] uint8, as open_clip's eval transform."""
-        H, W = self.image_size
-        if self.resize_mode == "squash":
-            return TF.resize(image, [H, W], interpolation=self.interpolation, antialias=True)
-        if H == W:
-            # A one-element size scales the shortest side, exactly as open_clip's Resize(int).
-            size = [H]
-        else:
-            # A non-square target: scale so the image covers it, then crop.
-            _, h, w = image.shape
-            scale = max(H / h, W / w)
-            size = [max(H, round(h * scale)), max(W, round(w * scale))]
-        image = TF.resize(image, size, interpolation=self.interpolation, antialias=True)
-        return TF.center_crop(image, [H, W])
+        """[3, h, w] uint8 -> [3, H, W] uint8, with the CPU path's geometry."""
+        _, h, w = image.shape
+        geometry = resize_geometry(h, w, self.image_size, self.resize)
+        image = TF.resize(image, list(geometry.size), interpolation=self.interpolation, antialias=True)
+        return TF.crop(image, geometry.top, geometry.left, *self.image_size)

@@ -3,7 +3,9 @@
 Tars are the unit of work. Decoding runs in DataLoader workers (one tar per worker at a time), the
 forward pass in the main thread, and store writes in a writer thread. A tar's rows are written,
 then its `done` flag; a rerun skips finished tars and redoes unfinished ones whole, so a killed
-run resumes to the same bytes an uninterrupted run writes.
+run resumes to the same bytes an uninterrupted run writes. With a flip view (`flip_view`), every
+image also goes through the backbone mirrored left to right, in a forward pass of its own, so the
+original view's features are those of a store without a flip view, byte for byte.
 """
 
 from __future__ import annotations
@@ -27,10 +29,19 @@ from rankpipe.files import exclusive_output
 from rankpipe.pipeline.data.manifest import LabelSpec, Manifest
 from rankpipe.pipeline.data.tars import TarInfo, is_remote, list_tars
 from rankpipe.pipeline.embed.backbone import (
+    BACKBONE_FIELDS,
     Backbone,
     BackboneSpec,
     compatibility_problem,
     load_backbone,
+)
+from rankpipe.pipeline.embed.cache_choices import (
+    ORIGINAL_ONLY,
+    TRAINING_FIELDS,
+    WITH_FLIP,
+    cache_choices,
+    describe,
+    first_difference,
 )
 from rankpipe.pipeline.embed.decode import DecodedBatch, TarBatches, TarTask
 from rankpipe.pipeline.embed.gpu_decode import GpuPreprocess
@@ -112,7 +123,7 @@ def manifest_for_pattern(pattern: str, labels: Sequence[tuple[str, str]]) -> Man
 
 def embed(manifest: Manifest, store_path: str | Path, backbone_spec: BackboneSpec, device: str = "cpu",
           batch_size: int = 256, workers: int = 4, mode: str = "incremental", compress: bool = False,
-          progress: bool = True, store_config: StoreConfig | None = None) -> EmbedSummary:
+          progress: bool = True, store_config: StoreConfig | None = None, flip_view: bool = False) -> EmbedSummary:
     """Embed every tar of the manifest into the store, resuming an unfinished store.
 
     Args:
@@ -126,6 +137,8 @@ def embed(manifest: Manifest, store_path: str | Path, backbone_spec: BackboneSpe
         compress: zstd-compress the arrays of a new store.
         progress: show a progress bar.
         store_config: chunk and shard sizes (defaults to StoreConfig(compress=compress)).
+        flip_view: also embed every image mirrored left to right (a new store's `views`; a resumed
+            store must have been made with the same choice).
 
     Returns:
         What was embedded; `summary.line()` is the one-line report.
@@ -143,14 +156,15 @@ def embed(manifest: Manifest, store_path: str | Path, backbone_spec: BackboneSpe
     # One job at a time per store: a second embed into it is refused (distributed runs hold it in the coordinator).
     with exclusive_output(store_path, "rankpipe embed"):
         tars = input_tars(manifest)
-        if mode == "incremental" and finished_with(Path(store_path), manifest, backbone_spec, tars, config.compress):
+        if mode == "incremental" and finished_with(Path(store_path), manifest, backbone_spec, tars, config.compress,
+                                                   flip_view):
             # Nothing to embed: skip loading the backbone, which may need weights that are not at hand.
             summary = EmbedSummary(store=Path(store_path), tars_skipped=len(tars))
             summary.seconds = time.perf_counter() - start
             return summary
         backbone = load_backbone(backbone_spec, torch_device)
         plan = plan_for_backbone(tars, backbone, config)
-        store = open_or_create_store(Path(store_path), mode, backbone, manifest, plan, config)
+        store = open_or_create_store(Path(store_path), mode, backbone, manifest, plan, config, flip_view)
         pending = [t for t, done in enumerate(store.done()) if not done]
         summary = EmbedSummary(store=store.path, tars_skipped=len(plan.tars) - len(pending))
         if pending:
@@ -229,9 +243,8 @@ def _embed_tars(store: TokenStore, tars: list[int], backbone: Backbone, batch_si
                 progress: bool, summary: EmbedSummary) -> None:
     device = backbone.device
     on_gpu = device.type == "cuda"
-    gpu_pre = None
-    if on_gpu and GpuPreprocess.supports(backbone.preprocess_cfg):
-        gpu_pre = GpuPreprocess(backbone.preprocess_cfg, backbone.image_size, device)
+    gpu_pre = GpuPreprocess(backbone.preprocess, device) if on_gpu else None
+    flip_view = cache_choices(store.provenance).flip_view
     tasks = [TarTask(t, store.blocks[t].url, store.blocks[t].count) for t in tars]
     dataset = TarBatches(tasks, store.label_names, batch_size, backbone.preprocess, jpeg_on_gpu=gpu_pre is not None)
     num_workers = min(workers, len(tasks))
@@ -245,7 +258,7 @@ def _embed_tars(store: TokenStore, tars: list[int], backbone: Backbone, batch_si
     try:
         with torch.inference_mode():
             for batch, images, positions in staged:
-                writer.put(_encode(batch, images, positions, backbone))
+                writer.put(_encode(batch, images, positions, backbone, flip_view))
                 bar.update(len(batch.keys))
     except InputError as e:
         raise InputError(worker_message(e)) from None  # the sentence, without the worker's traceback
@@ -338,34 +351,40 @@ def _staged_on_side_stream(loader: Iterable[DecodedBatch], gpu_pre: GpuPreproces
     thread.join()
 
 
-def _encode(batch: DecodedBatch, x: torch.Tensor | None, positions: np.ndarray, backbone: Backbone) -> EmbeddedBatch:
-    """Run staged images through the backbone; device-to-host copies are left in flight for the writer."""
+def _encode(batch: DecodedBatch, x: torch.Tensor | None, positions: np.ndarray, backbone: Backbone,
+            flip_view: bool = False) -> EmbeddedBatch:
+    """Run staged images (and, with `flip_view`, their mirror images) through the backbone; device-to-host
+    copies are left in flight for the writer."""
     if x is None:
         return EmbeddedBatch(batch, positions, None, None)
     device = backbone.device
-    with autocast(device):
-        tokens, embed = backbone.encode_images(x)  # [k, P, D], [k, E]
-    tokens, embed = tokens.to(torch.float16), embed.to(torch.float16)
+    views = [x, x.flip(-1)] if flip_view else [x]  # [k, 3, H, W] each; mirrored along the width
+    features = []
+    for view in views:
+        with autocast(device):
+            tokens, embed = backbone.encode_images(view)  # [k, P, D], [k, E]
+        features += [tokens.to(torch.float16), embed.to(torch.float16)]
     if device.type != "cuda":
-        return EmbeddedBatch(batch, positions, tokens.contiguous(), embed.contiguous())
-    host_tokens = torch.empty(tokens.shape, dtype=torch.float16, pin_memory=True)
-    host_embed = torch.empty(embed.shape, dtype=torch.float16, pin_memory=True)
-    host_tokens.copy_(tokens, non_blocking=True)
-    host_embed.copy_(embed, non_blocking=True)
+        host = [f.contiguous() for f in features]
+        return EmbeddedBatch(batch, positions, *host[:2], flipped=tuple(host[2:]) or None)
+    host = [torch.empty(f.shape, dtype=torch.float16, pin_memory=True) for f in features]
+    for target, source in zip(host, features):
+        target.copy_(source, non_blocking=True)
     ready = torch.cuda.Event()
     ready.record()
-    return EmbeddedBatch(batch, positions, host_tokens, host_embed, ready)
+    return EmbeddedBatch(batch, positions, *host[:2], ready, flipped=tuple(host[2:]) or None)
 
 
 def open_or_create_store(path: Path, mode: str, backbone: Backbone, manifest: Manifest, plan: StorePlan,
-                    config: StoreConfig) -> TokenStore:
+                         config: StoreConfig, flip_view: bool = False) -> TokenStore:
     exists = path.exists() and (not path.is_dir() or any(path.iterdir()))
     if exists and interrupted_creation(path):
         logger.info("store %s was being created when a run stopped; creating it again", path)
         exists = False  # create_store replaces the folder
     if mode == "incremental" and exists:
         store = TokenStore.open(path, allow_incomplete=True, writable=True)
-        problem = store_mismatch(store, backbone.provenance, manifest, plan, config) or decoder_problem(store.provenance, backbone)
+        provenance = {**backbone.provenance, "views": list(WITH_FLIP if flip_view else ORIGINAL_ONLY)}
+        problem = store_mismatch(store, provenance, manifest, plan, config) or decoder_problem(store.provenance, backbone)
         if problem:
             raise InputError(f"store {path} was made from other inputs: {problem}; "
                              f"pass --mode overwrite to replace it, or choose another --store path")
@@ -373,12 +392,15 @@ def open_or_create_store(path: Path, mode: str, backbone: Backbone, manifest: Ma
     if mode == "overwrite" and path.exists() and not (path / "zarr.json").is_file() and path.is_dir():
         raise InputError(f"{path} exists and is not a Zarr store; refusing to delete it, choose another --store path")
     texts = {label.query: backbone.encode_text(label.query) for label in manifest.labels}
-    provenance = {**backbone.provenance, "image_decoder": image_decoder(backbone)}
+    provenance = {**backbone.provenance, "image_decoder": image_decoder(backbone),
+                  "views": list(WITH_FLIP if flip_view else ORIGINAL_ONLY)}
     return create_store(path, plan, provenance, manifest, texts, config)
 
 
-def finished_with(path: Path, manifest: Manifest, spec: BackboneSpec, tars: Sequence[TarInfo], compress: bool) -> bool:
-    """Whether the store at `path` is complete and was made from these tars, manifest, weights and compression.
+def finished_with(path: Path, manifest: Manifest, spec: BackboneSpec, tars: Sequence[TarInfo], compress: bool,
+                  flip_view: bool = False) -> bool:
+    """Whether the store at `path` is complete and was made from these tars, manifest, weights, cache
+    choices and compression.
 
     Decided from the store's records alone, without loading the backbone. Anything short of a sure
     match answers False, and the full check (which loads the backbone) then runs and explains.
@@ -396,7 +418,10 @@ def finished_with(path: Path, manifest: Manifest, spec: BackboneSpec, tars: Sequ
         same_weights = recorded.get("checkpoint_sha256") == file_sha256(Path(spec.pretrained))
     else:
         same_weights = recorded.get("pretrained") == spec.pretrained
-    return (store.is_complete and recorded.get("model") == spec.model and same_weights and store.compressed == compress
+    choices = cache_choices(recorded)
+    same_cache = choices.resize == spec.resize and choices.flip_view == flip_view
+    return (store.is_complete and recorded.get("model") == spec.model and same_weights and same_cache
+            and store.compressed == compress
             and [(b.url, b.count) for b in store.blocks] == [(t.url, t.count) for t in tars]
             and changed_tar(store.blocks, tars) is None and store.manifest.to_dict() == manifest.to_dict())
 
@@ -424,8 +449,7 @@ def image_decoder(backbone: Backbone) -> str:
     The two agree closely but not bit for bit, so a store records which one made its rows and is only
     resumed with the same one: every row of a store then comes from one decoder.
     """
-    on_gpu = backbone.device.type == "cuda"
-    return "gpu" if on_gpu and GpuPreprocess.supports(backbone.preprocess_cfg) else "pil"
+    return "gpu" if backbone.device.type == "cuda" else "pil"
 
 
 def decoder_problem(recorded: dict, backbone: Backbone) -> str | None:
@@ -440,6 +464,13 @@ def decoder_problem(recorded: dict, backbone: Backbone) -> str | None:
 def store_mismatch(store: TokenStore, provenance: dict, manifest: Manifest, plan: StorePlan,
                    config: StoreConfig) -> str | None:
     """Why an existing store cannot be resumed with these inputs, or None."""
+    problem = compatibility_problem(store.provenance, provenance, BACKBONE_FIELDS)
+    if problem:
+        return problem
+    difference = first_difference(store.provenance, provenance, TRAINING_FIELDS)
+    if difference is not None:
+        field, theirs, ours = difference
+        return f"it was embedded with {describe(field, theirs)} and this run asks for {describe(field, ours)}"
     problem = compatibility_problem(store.provenance, provenance)
     if problem:
         return problem

@@ -4,7 +4,8 @@ Ranking new images means running them through exactly the CLIP whose tokens the 
 on. The provenance says which: random weights are recreated from the recorded seed; a local weights
 file must be passed again (`--backbone-weights`) and must have the recorded SHA-256; an open_clip
 pretrained tag is loaded from the local cache or downloaded, or taken from a file given with
-`--backbone-weights` (tags record no hash, so such a file is trusted and a warning says so). The
+`--backbone-weights` (tags record no hash, so such a file is trusted and a warning says so). Images
+are resized and tokens normalised as the recorded store's were (its `resize` and `token_norm`). The
 rebuilt backbone's provenance must then agree with the recorded one, or it is refused.
 """
 
@@ -20,11 +21,14 @@ import torch
 from rankpipe.errors import InputError
 from rankpipe.pipeline.embed.backbone import (
     COMPATIBILITY_FIELDS,
+    TOWER_NORM,
     Backbone,
     BackboneSpec,
     compatibility_problem,
     create_frozen_model,
 )
+from rankpipe.pipeline.embed.cache_choices import NO_NORM, cache_choices
+from rankpipe.pipeline.embed.resize import RESIZE_MODES
 from rankpipe.pipeline.embed.weights import (
     FILE_WEIGHTS,
     RANDOM_WEIGHTS,
@@ -60,9 +64,15 @@ def load_recorded_backbone(provenance: dict[str, Any], device: str | torch.devic
     seed = int(provenance["seed"]) if weights.pretrained == RANDOM_WEIGHTS else 0
     if weights.path is None:
         torch.manual_seed(seed)
-    clip, preprocess = create_frozen_model(model, weights, device)
-    spec = BackboneSpec(model, str(weights.path) if weights.pretrained == FILE_WEIGHTS else weights.pretrained, seed)
-    backbone = Backbone(clip, preprocess, open_clip.get_tokenizer(model), spec, weights)
+    choices = cache_choices(provenance)
+    if choices.resize not in RESIZE_MODES:
+        raise InputError(f"{what} was trained on features of open_clip's {choices.resize!r} resize, which this rankpipe "
+                         f"does not make; embed its images with --resize squash or crop and train on that store")
+    clip = create_frozen_model(model, weights, device)
+    # The images are prepared and the tokens normalised as in the store the features came from.
+    spec = BackboneSpec(model, str(weights.path) if weights.pretrained == FILE_WEIGHTS else weights.pretrained, seed,
+                        resize=choices.resize, token_norm=NO_NORM if choices.token_norm == NO_NORM else TOWER_NORM)
+    backbone = Backbone(clip, open_clip.get_tokenizer(model), spec, weights)
     problem = compatibility_problem(provenance, backbone.provenance, COMPATIBILITY_FIELDS + _SHAPE_FIELDS)
     if problem is not None:
         raise InputError(

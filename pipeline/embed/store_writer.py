@@ -43,6 +43,8 @@ class EmbeddedBatch:
     embed: torch.Tensor | None
     # Set once the device-to-host copy of tokens/embed has finished (None: already on the host).
     ready: torch.cuda.Event | None = None
+    # The same features of the mirror images, in a store with a flip view (None otherwise).
+    flipped: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class BlockAccumulator:
@@ -73,6 +75,8 @@ class BlockAccumulator:
         self.shape = (S, P, D), (S, E)
         self.tokens = np.zeros(self.shape[0], dtype=TOKEN_DTYPE)  # [S, P, D] buffer of the current shard
         self.embed = np.zeros(self.shape[1], dtype=TOKEN_DTYPE)  # [S, E]
+        # The flip view's [S, P, D] and [S, E] buffers, in a store with one.
+        self.flipped = self._flip_buffers() if len(store.views) > 1 else None
         self.shard = 0  # index (within the block) of the shard being filled
         self.seen = 0  # samples of the tar covered so far
 
@@ -93,20 +97,26 @@ class BlockAccumulator:
             # A row the backbone turned into NaN or infinity would poison every metric it enters:
             # it becomes an invalid row with its reason, and keeps zeros like any invalid row.
             finite = np.isfinite(tokens).all(axis=(1, 2)) & np.isfinite(embed).all(axis=1)  # [k]
+            flipped = tuple(f.numpy() for f in item.flipped) if item.flipped is not None else None
+            if flipped is not None:  # either view non-finite makes the row invalid
+                finite &= np.isfinite(flipped[0]).all(axis=(1, 2)) & np.isfinite(flipped[1]).all(axis=1)
             if not finite.all():
                 self.meta.errors[batch.start + item.positions[~finite]] = NON_FINITE_REASON
             if finite.any():
-                self._place(item.positions[finite], tokens[finite], embed[finite])
+                self._place(item.positions[finite], tokens[finite], embed[finite],
+                            None if flipped is None else (flipped[0][finite], flipped[1][finite]))
         self.seen = rows.stop
         while self.seen >= (self.shard + 1) * self.store.shard_rows:
             self._flush()
 
-    def _place(self, positions: np.ndarray, tokens: np.ndarray, embed: np.ndarray) -> None:
+    def _place(self, positions: np.ndarray, tokens: np.ndarray, embed: np.ndarray,
+               flipped: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         """Copy features into the shard buffers, one block copy per shard the positions touch.
 
         Args:
             positions: [k] ascending tar positions, none in a shard already written.
             tokens: [k, P, D] and embed: [k, E], in `positions` order.
+            flipped: the flip view's tokens and embed, likewise (a store with a flip view).
         """
         S = self.store.shard_rows
         shard_of = positions // S  # [k], ascending
@@ -117,6 +127,9 @@ class BlockAccumulator:
             local = positions[first:stop] - shard * S  # rows within the shard buffer
             self.tokens[local] = tokens[first:stop]
             self.embed[local] = embed[first:stop]
+            if flipped is not None:
+                self.flipped[0][local] = flipped[0][first:stop]
+                self.flipped[1][local] = flipped[1][first:stop]
         self.meta.valid[positions] = True
 
     def finish(self, tar_error: str) -> None:
@@ -136,15 +149,21 @@ class BlockAccumulator:
     def _flush(self) -> None:
         row = self.block.row_start + self.shard * self.store.shard_rows
         if self.submit is None:
-            self.store.write_tokens(row, self.tokens, self.embed)
+            self.store.write_tokens(row, self.tokens, self.embed, self.flipped)
             self.tokens[:] = 0
             self.embed[:] = 0
+            for buffer in self.flipped or ():
+                buffer[:] = 0
         else:
             # The buffers travel with the write; the next shard gets fresh ones.
-            self.writes.append(self.submit(self.store.write_tokens, row, self.tokens, self.embed))
+            self.writes.append(self.submit(self.store.write_tokens, row, self.tokens, self.embed, self.flipped))
             self.tokens = np.zeros(self.shape[0], dtype=TOKEN_DTYPE)
             self.embed = np.zeros(self.shape[1], dtype=TOKEN_DTYPE)
+            self.flipped = self._flip_buffers() if self.flipped is not None else None
         self.shard += 1
+
+    def _flip_buffers(self) -> tuple[np.ndarray, np.ndarray]:
+        return np.zeros(self.shape[0], dtype=TOKEN_DTYPE), np.zeros(self.shape[1], dtype=TOKEN_DTYPE)
 
 
 class WriterThread:

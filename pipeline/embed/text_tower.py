@@ -108,7 +108,7 @@ def _text_state(model: str, weights: ResolvedWeights, provenance: dict[str, Any]
         return text_state_dict(load_state_dict(str(weights.path), device="cpu"))
     # The seed's text weights are what it draws after the image tower's: initialise both, keep one.
     torch.manual_seed(int(provenance["seed"]))
-    clip, _ = create_frozen_model(model, weights, "cpu")
+    clip = create_frozen_model(model, weights, "cpu")
     state = text_state_dict(clip.state_dict())
     del clip
     return state

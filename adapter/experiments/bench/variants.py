@@ -94,9 +94,13 @@ def _baseline(method: str, description: str, *settings: str) -> None:
     register_variant(Variant(method, method, tuple(settings), description))
 
 
-_baseline("zero-shot", "frozen CLIP, no training: cosine to the query, expected count over number prompts")
+_baseline("zero-shot", "frozen CLIP, no training: cosine to the query, expected count over number prompts or expected class over named-class prompts")
 _baseline("clip-iqa", "frozen CLIP, no training: softmax over an antonym prompt pair (CLIP-IQA)")
 _baseline("linear-probe", "ridge regression on the pooled image embedding, penalty chosen on val")
 _baseline("coop", "learned context tokens before class names, trained through the frozen text tower (CoOp)")
 _baseline("ordinalclip", "learned context and base ranks interpolated into rank prompts (OrdinalCLIP)")
 _baseline("l2rclip", "RankFormer rank prompts with global context, contrastive + ordinal pairwise loss (L2RCLIP)")
+_baseline("rank-axis", "projection on the axis from the lowest to the highest train image (rankability, k=1)")
+register_variant(Variant("rank-axis-all", "rank-axis", ("k=all",),
+                         "projection on the rank axis regressed on every train image (rankability, k=all)"))
+_baseline("text-axis", "frozen CLIP, no training: projection on the high-minus-low prompt direction")

@@ -7,7 +7,8 @@ Official layout (the AdienceBenchmarkGenderAndAgeClassification release):
     SRC/aligned/<user_id>/landmark_aligned_face.<face_id>.<original_image>
     SRC/faces/<user_id>/coarse_tilt_aligned_face.<face_id>.<original_image>
 
-The label is the age group's index 0..7 (ordinal). An `age` of the release lies inside one group
+The label is the age group's index 0..7 (ordinal); the manifest names the groups ("0-2" … "60+")
+for prompts. An `age` of the release lies inside one group
 ("(25, 32)", or a single year like "29") or it does not ("None", "(38, 48)" across two groups,
 "35" between groups): those faces are excluded and listed in excluded.csv. Each face's split
 value is its fold, `fold0`..`fold4`; manifest-fold<k>.yaml tests on fold k, validates on fold k+1
@@ -39,8 +40,12 @@ COLUMNS = ("user_id", "original_image", "face_id", "age")
 IMAGE_FOLDERS = {"aligned": "landmark_aligned_face", "faces": "coarse_tilt_aligned_face"}
 # The 8 age groups of the benchmark, in years (inclusive).
 AGE_GROUPS = ((0, 2), (4, 6), (8, 12), (15, 20), (25, 32), (38, 43), (48, 53), (60, 100))
+# The groups' names as the benchmark publishes them. The release's files write the third group as
+# "(8, 12)" while its paper names it 8-13, and the last is open-ended.
+AGE_GROUP_NAMES = ("0-2", "4-6", "8-13", "15-20", "25-32", "38-43", "48-53", "60+")
 AGE = LabelSpec(name="age_group", query="Sort images by the age of the person.", metric="ordinal",
-                classes=tuple(float(i) for i in range(len(AGE_GROUPS))))
+                classes=tuple(float(i) for i in range(len(AGE_GROUPS))), class_names=AGE_GROUP_NAMES,
+                class_prompt="A photo of a person aged {name}.")
 AGE_PATTERN = re.compile(r"^\(\s*(\d+)\s*,\s*(\d+)\s*\)$|^(\d+)$")
 
 

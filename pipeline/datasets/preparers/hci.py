@@ -5,7 +5,8 @@ Official layout (HistoricalColor-ECCV2012): one folder per decade, 265 images ea
     SRC/1930s/ 1940s/ 1950s/ 1960s/ 1970s/
     (or SRC/data/imgs/decade_database/<decade>/, or that under HistoricalColor-ECCV2012/)
 
-The label is the decade's first year, an ordinal class of [1930, …, 1970]. The standard protocol
+The label is the decade's first year, an ordinal class of [1930, …, 1970], named "1930s" … "1970s"
+in the manifest for prompts. The standard protocol
 (Palermo et al., followed by OrdinalCLIP and L2RCLIP) takes, per decade, 50 test and 5 validation
 images at random and trains on the other 210; here the draw is seeded by `seed`.
 """
@@ -30,7 +31,8 @@ from rankpipe.pipeline.datasets.preparers.common import (
 DECADES = (1930, 1940, 1950, 1960, 1970)
 ROOTS = (".", "data/imgs/decade_database", "HistoricalColor-ECCV2012/data/imgs/decade_database", "decade_database")
 DECADE = LabelSpec(name="decade", query="Sort images by the taken date of the photo.", metric="ordinal",
-                   classes=tuple(float(d) for d in DECADES))
+                   classes=tuple(float(d) for d in DECADES), class_names=tuple(f"{d}s" for d in DECADES),
+                   class_prompt="A photo taken in the {name}.")
 
 
 @dataclasses.dataclass(frozen=True)
