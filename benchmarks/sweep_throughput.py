@@ -1,8 +1,10 @@
 """Wall time of a sweep of N trials against a single trial, and trial throughput against dask workers.
 
 Writes a synthetic token store (random tokens of the requested shape whose first channel carries the
-label, so training has something to learn), then times `rankpipe sweep`'s runner twice on one device:
-one trial, and N trials (seeds 0..N-1 of the same settings) with `--concurrency` C. Evaluation after
+label, so training has something to learn), then times `rankpipe sweep`'s runner on one device:
+one trial, N trials (seeds 0..N-1 of the same settings) each trained alone with `--concurrency` C, and
+the same N trials fused into one model (`--fuse-max`, one unit at a time). Every row trains without
+dropout (`adapter.plain_dropout=0`): trials with dropout never fuse. Evaluation after
 training is off, so every timing is training only; an untimed short trial runs first to warm up.
 Prints a table: trials, concurrency, wall seconds, seconds per trial, trials per minute, and the
 ratio to the single trial (the target on one H100: 16 trials ≤ 4× one trial).
@@ -86,11 +88,11 @@ def write_store(path: Path, images: int, tokens: int, token_dim: int, tars: int,
 
 
 def time_sweep(store: Path, out: Path, trials: int, concurrency: int, base: tuple[str, ...], device: str,
-               client=None) -> float:
+               client=None, fuse_max: int = 1) -> float:
     """Seconds of one `run_sweep` call over seeds 0..trials-1; on the dask `client`'s workers when given."""
     spec = SweepSpec(base=base, grid={"train.seed": tuple(range(trials))})
     request = SweepRequest(store=store, out_dir=out, trial=TrialSettings(labels=(), eval_split=None),
-                           device=device, concurrency=concurrency)
+                           device=device, concurrency=concurrency, fuse_max=fuse_max)
     start = time.perf_counter()
     outcome = run_sweep(expand_trials(spec), request, varied=("train.seed",), client=client)
     seconds = time.perf_counter() - start
@@ -159,14 +161,18 @@ def worker_counts(ctx, param, text: str) -> tuple[int, ...]:
 @click.option("--token-dim", default=64, show_default=True, help="Width of an image token (D).")
 @click.option("--trials", default=4, show_default=True, help="Trials of the sweep (seeds 0..N-1).")
 @click.option("--concurrency", default=2, show_default=True, help="Trials run at once on the device.")
+@click.option("--fuse-max", default=16, show_default=True,
+              help="Also time the N trials fused, at most this many per fused model (1: skip that row).")
 @click.option("--steps", default=60, show_default=True, help="Training steps per trial.")
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--full-adapter", is_flag=True, help="The default adapter (d_model 768, K 16) instead of a small one.")
 @click.option("--workers-list", default="", callback=worker_counts,
               help="Also run the N trials on a dask LocalCluster of W workers, for each W of this list (e.g. 1,2).")
-def main(device, images, tokens, token_dim, trials, concurrency, steps, batch_size, full_adapter, workers_list):
+def main(device, images, tokens, token_dim, trials, concurrency, fuse_max, steps, batch_size, full_adapter,
+         workers_list):
+    # Without dropout, so that the fused row can fuse the trials (every row trains the same settings).
     base = (*(() if full_adapter else SMALL_ADAPTER), f"train.max_steps={steps}", f"train.batch_size={batch_size}",
-            f"train.eval_every={steps}", "train.log_every=20")
+            f"train.eval_every={steps}", "train.log_every=20", "adapter.plain_dropout=0")
     warm_up_base = (*base, "train.max_steps=5", "train.eval_every=5")
     clusters = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -176,6 +182,7 @@ def main(device, images, tokens, token_dim, trials, concurrency, steps, batch_si
         time_sweep(store, Path(tmp) / "warm-up", 1, 1, warm_up_base, device)
         single = time_sweep(store, Path(tmp) / "one", 1, 1, base, device)
         many = time_sweep(store, Path(tmp) / "many", trials, concurrency, base, device)
+        fused = time_sweep(store, Path(tmp) / "fused", trials, 1, base, device, fuse_max=fuse_max) if fuse_max > 1 else None
         if workers_list:
             warm_up_store = Path(tmp) / "warm-up.zarr"
             write_store(warm_up_store, WARM_UP_IMAGES, tokens, token_dim, tars=2, seed=1)
@@ -184,9 +191,13 @@ def main(device, images, tokens, token_dim, trials, concurrency, steps, batch_si
     adapter = "default (d_model 768, K 16)" if full_adapter else "small (d_model 64, K 4)"
     click.echo(f"# {device}; adapter {adapter}; store {images} x {tokens} x {token_dim} fp16; "
                f"{steps} steps of batch {batch_size} per trial")
-    click.echo(f"{'trials':>7} {'concurrency':>12} {'wall s':>9} {'s/trial':>9} {'trials/min':>11} {'vs 1 trial':>11}")
-    for n, c, seconds in ((1, 1, single), (trials, concurrency, many)):
-        click.echo(f"{n:>7} {c:>12} {seconds:>9.1f} {seconds / n:>9.2f} {60 * n / seconds:>11.1f} "
+    click.echo(f"{'trials':>7} {'concurrency':>12} {'fuse max':>9} {'wall s':>9} {'s/trial':>9} {'trials/min':>11} "
+               f"{'vs 1 trial':>11}")
+    rows = [(1, 1, 1, single), (trials, concurrency, 1, many)]
+    if fused is not None:
+        rows.append((trials, 1, fuse_max, fused))
+    for n, c, f, seconds in rows:
+        click.echo(f"{n:>7} {c:>12} {f:>9} {seconds:>9.1f} {seconds / n:>9.2f} {60 * n / seconds:>11.1f} "
                    f"{seconds / single:>10.2f}x")
     if clusters:
         print_cluster_table(clusters, trials)

@@ -18,12 +18,13 @@ from rankpipe.cli.params import NonEmptyPath
 @click.option("--label", "labels", multiple=True, help="Train on this label (repeatable); default: every label of the store.")
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), help="Where trials train; default cuda when available.")
 @click.option("--concurrency", default=1, show_default=True, type=click.IntRange(min=1), help="Trials trained at once on this machine's device, sharing one copy of the features (a store over train.max_resident_gb is streamed, one trial at a time).")
+@click.option("--fuse-max", default=16, show_default=True, type=click.IntRange(min=1), help="Most trials of the same shapes (differing only in optim.*, loss.*, seeds, lengths) trained as one fused model on this machine; 1 trains each trial alone.")
 @click.option("--cluster", help="local:N: run trials on a dask LocalCluster of N worker processes (one GPU each with --device cuda).")
 @click.option("--scheduler", help="Address of a running dask scheduler (tcp://host:8786) whose workers run the trials.")
 @click.option("--eval-split", default="test", show_default=True, type=click.Choice(["train", "val", "test", "none"]), help="Split the best checkpoint of each trial is evaluated on ('none' skips it).")
 @click.option("--bootstrap", default=0, show_default=True, type=click.IntRange(min=0), help="Bootstrap resamples for the evaluation's intervals (0: point values).")
 @click.option("--retry-failed", is_flag=True, help="Run trials recorded as failed again (e.g. after an out-of-memory).")
-def sweep(store_path, grid_path, out_dir, manifest_path, overrides, labels, device, concurrency, cluster, scheduler,
+def sweep(store_path, grid_path, out_dir, manifest_path, overrides, labels, device, concurrency, fuse_max, cluster, scheduler,
           eval_split, bootstrap, retry_failed):
     """Train one adapter per point of a grid or random search over run-config fields.
 
@@ -50,7 +51,7 @@ def sweep(store_path, grid_path, out_dir, manifest_path, overrides, labels, devi
         store=store_path.resolve(), out_dir=out_dir.resolve(),
         manifest=load_manifest(manifest_path) if manifest_path is not None else None,
         trial=TrialSettings(labels=tuple(labels), eval_split=None if eval_split == "none" else eval_split, bootstrap=bootstrap),
-        device=device, concurrency=concurrency, retry_failed=retry_failed,
+        device=device, concurrency=concurrency, fuse_max=fuse_max, retry_failed=retry_failed,
     )
     click.echo(f"{len(trials)} trials in {out_dir}", err=True)
 

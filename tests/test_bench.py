@@ -346,7 +346,9 @@ def test_sweep_throughput_script_adds_a_row_per_worker_count():
     result = CliRunner().invoke(sweep_throughput.main, args)
     assert result.exit_code == 0, result.output
     local = printed_rows(result.output, "trials")
-    assert [(r[0], r[1]) for r in local] == [("1", "1"), ("2", "2")] and local[0][-1] == "1.00x"
+    # One trial, the trials alone (concurrency 2), the trials fused (at most 16 per model).
+    assert [(r[0], r[1], r[2]) for r in local] == [("1", "1", "1"), ("2", "2", "1"), ("2", "1", "16")]
+    assert local[0][-1] == "1.00x"
     cluster = printed_rows(result.output, "workers")
     assert [(r[0], r[-1]) for r in cluster] == [("1", "1.00x")]
     assert float(cluster[0][3]) > 0  # trials per minute
@@ -377,9 +379,11 @@ def test_train_loop_script_times_steps_after_the_warm_up():
     result = CliRunner().invoke(train_loop.main, args)
     assert result.exit_code == 0, result.output
     rows = printed_rows(result.output, "train.compile")
-    assert [(r[0], r[-1]) for r in rows] == [("off", "1.00x")]
+    assert [(r[0], r[4]) for r in rows] == [("off", "1.00x")]
     ms, images_per_s = float(rows[0][2]), float(rows[0][3].replace(",", ""))
     assert ms > 0 and images_per_s == pytest.approx(8 * 1e3 / ms, rel=0.01, abs=0.5)  # printed rounded
+    step_ms, loop_per_step = float(rows[0][5]), float(rows[0][6].rstrip("x"))
+    assert step_ms > 0 and loop_per_step == pytest.approx(ms / step_ms, rel=0.02, abs=0.01)
 
 
 def test_train_loop_script_refuses_unknown_modes_and_short_runs():

@@ -13,6 +13,7 @@ import yaml
 from click.testing import CliRunner
 
 from rankpipe.adapter.evaluation.folds import recorded_splits
+from rankpipe.adapter.experiments.sweep import fused as sweep_fused
 from rankpipe.adapter.experiments.sweep import runner as sweep_runner
 from rankpipe.adapter.experiments.sweep.runner import (
     SweepRequest,
@@ -202,6 +203,33 @@ def test_local_sweep_records_failures_resumes_and_matches_concurrent_run(tmp_pat
     assert retried.ran == 2 and sum(r.state == FAILED for r in retried.records) == 2
 
 
+def test_trials_of_the_same_shapes_train_fused_and_end_as_they_would_alone(tmp_path, tiny_store, monkeypatch):
+    grid = {"optim.lr": [2e-3, 5e-3], "train.seed": [0, 1], "adapter.d_model": [32, 16]}
+    spec, trials = trials_of(tmp_path, grid=grid, set=[*BASE, "loss.weight=0.5"])
+    fused_calls = []
+    original = sweep_fused.train_fused
+
+    def counting(features, jobs, *args, **kwargs):
+        fused_calls.append(sorted(job.config.adapter.d_model for job in jobs))
+        return original(features, jobs, *args, **kwargs)
+
+    monkeypatch.setattr(sweep_fused, "train_fused", counting)
+    fused = run_sweep(trials, SweepRequest(store=tiny_store, out_dir=tmp_path / "fused", fuse_max=3), spec.varied)
+    # Two shapes of four trials each; at most three trials per fused model, so a fourth trains alone.
+    assert sorted(fused_calls) == [[16] * 3, [32] * 3]
+    alone = run_sweep(trials, SweepRequest(store=tiny_store, out_dir=tmp_path / "alone", fuse_max=1), spec.varied)
+    assert len(fused_calls) == 2  # fuse_max=1 fuses nothing
+    assert [r.state for r in fused.records] == [r.state for r in alone.records] == [DONE] * 8
+    for a, b in zip(fused.records, alone.records):
+        assert a.metrics["best_step"] == b.metrics["best_step"]
+        assert a.metrics["val_srcc"] == pytest.approx(b.metrics["val_srcc"], abs=1e-6)
+        for label, metrics in b.metrics["eval"].items():
+            assert a.metrics["eval"][label] == pytest.approx(metrics, abs=1e-5), label
+        wa, wb = (torch.load(r.folder / "last.pt", weights_only=True)["model"] for r in (a, b))
+        for key in wa:
+            torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=1e-4)
+
+
 def test_sweep_user_errors(tmp_path, tiny_store):
     _, trials = trials_of(tmp_path)
     with pytest.raises(InputError, match="does not exist"):
@@ -210,6 +238,8 @@ def test_sweep_user_errors(tmp_path, tiny_store):
         run_sweep(trials, SweepRequest(store=tiny_store, out_dir=tmp_path / "out", trial=TrialSettings(labels=("nope",))))
     with pytest.raises(InputError, match="concurrency"):
         SweepRequest(store=tiny_store, out_dir=tmp_path / "out", concurrency=0)
+    with pytest.raises(InputError, match="fuse-max"):
+        SweepRequest(store=tiny_store, out_dir=tmp_path / "out", fuse_max=0)
 
 
 def test_a_manifest_override_sets_the_split_each_trial_is_evaluated_on(tmp_path, tiny_store):
@@ -260,6 +290,7 @@ def test_cli_sweep_prints_the_table(tmp_path, tiny_store):
 @pytest.mark.parametrize("extra, message", [
     (["--cluster", "remote:2"], "not of the form local:N"),
     (["--cluster", "local:2", "--scheduler", "tcp://x:1"], "not both"),
+    (["--fuse-max", "0"], "--fuse-max"),
 ])
 def test_cli_sweep_user_errors_exit_2(tmp_path, tiny_store, extra, message):
     grid = write_grid(tmp_path / "grid.yaml")

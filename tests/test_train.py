@@ -13,11 +13,14 @@ from click.testing import CliRunner
 
 import rankpipe.adapter.training.loop as training
 from rankpipe.adapter.evaluation.scoring import load_checkpoint, predict
+from rankpipe.adapter.model.adapter import RankingAdapter
 from rankpipe.adapter.training.features import BatchSampler, load_features
 from rankpipe.adapter.training.loop import (
+    BatchPadder,
     TrainingDiverged,
     _lr_factor,
     compile_mode,
+    make_step_loss,
     spearman,
     train_adapter,
     train_from_store,
@@ -324,7 +327,15 @@ def test_compiled_run_through_inductor_resumes_and_predicts_like_an_eager_run(tm
 
 def test_compiled_step_with_varying_batch_shapes_trains_like_eager(tmp_path, monkeypatch, compiled_graphs):
     """Two queries whose batches differ in size and text length; aot_eager keeps the test fast."""
-    monkeypatch.setattr(training, "_compile", lambda fn, mode: torch.compile(fn, backend="aot_eager"))
+    graphs_seen = 0
+
+    def counting_backend(graph_module, example_inputs):
+        nonlocal graphs_seen
+        graphs_seen += 1
+        return aot_eager(graph_module, example_inputs)
+
+    aot_eager = torch._dynamo.lookup_backend("aot_eager")
+    monkeypatch.setattr(training, "_compile", lambda fn, mode: torch.compile(fn, backend=counting_backend))
     store = write_synthetic_store(tmp_path / "small.zarr", n=48)
     features = load_features(LabelledStore.open(store, labels=["count", "size"]), "cpu", 1.0)
     batch_size = max(features.train_sizes) - 1  # the smaller query's batches hold all its images
@@ -334,12 +345,41 @@ def test_compiled_step_with_varying_batch_shapes_trains_like_eager(tmp_path, mon
     eager = train_adapter(features, tmp_path / "eager", config, store.provenance)
     compiled = train_adapter(features, tmp_path / "compiled", dataclasses.replace(
         config, train=dataclasses.replace(config.train, compile="default")), store.provenance)
-    # One graph per batch size (the text length turns dynamic on the recompile), not one per step.
-    assert compiled_graphs() == 2
+    # One graph for the run: short batches are padded to the batch size and the text length is dynamic.
+    assert compiled_graphs() == 1
+    assert graphs_seen == 1
     assert history_losses(tmp_path / "compiled") == pytest.approx(history_losses(tmp_path / "eager"), rel=1e-4)
     for label in ("count", "size"):
         difference = np.abs(val_scores(compiled, store, label) - val_scores(eager, store, label)).max()
         assert difference < COMPILED_SCORE_TOLERANCE, label
+
+
+@pytest.mark.parametrize("extra", [(), ("loss.pairwise=hinge", "loss.regression_form=log"), ("loss.ties=half",)])
+def test_a_padded_batch_has_the_loss_and_gradients_of_the_unpadded_one(extra):
+    config = tiny_config(*extra)
+    torch.manual_seed(0)
+    model = RankingAdapter(config.adapter, 16, 12)
+    image_tokens, text_tokens = torch.randn(5, 4, 16), torch.randn(6, 12)  # 5 images, padded to 8 below
+    targets = torch.tensor([0.5, -1.0, 0.5, 2.0, 0.1])  # one tie
+    step_loss = make_step_loss(model, config.loss, torch.device("cpu"), None)
+
+    def loss_and_grads(*batch):
+        model.zero_grad()
+        parts = step_loss(*batch)
+        parts.total.backward()
+        return parts, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    plain, plain_grads = loss_and_grads(image_tokens, text_tokens, targets, None)
+    padded_images, padded_targets, valid = BatchPadder(8, torch.device("cpu"))(image_tokens, targets)
+    assert padded_images.shape == (8, 4, 16) and valid.tolist() == [True] * 5 + [False] * 3
+    padded, padded_grads = loss_and_grads(padded_images, text_tokens, padded_targets, valid)
+    for name in ("total", "regression", "pairwise"):
+        torch.testing.assert_close(getattr(padded, name), getattr(plain, name), rtol=1e-6, atol=1e-7)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(padded_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)  # grads are of order 1
+    # The mask matters: without it the repeated rows would count.
+    unmasked = step_loss(padded_images, text_tokens, padded_targets, None)
+    assert abs(float(unmasked.total.detach()) - float(plain.total.detach())) > 1e-4
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -33,19 +33,27 @@ class LossParts:
     pairwise: Tensor
 
 
-def regression_loss(scores: Tensor, targets: Tensor, cfg: LossConfig) -> Tensor:
-    """SmoothL1 (or log(1 + SmoothL1)) between scores [N] and targets [N]."""
-    loss = F.smooth_l1_loss(scores, targets, beta=cfg.smooth_l1_beta)
+def regression_loss(scores: Tensor, targets: Tensor, cfg: LossConfig, valid: Tensor | None = None) -> Tensor:
+    """SmoothL1 (or log(1 + SmoothL1)) between scores [N] and targets [N], averaged over the `valid` [N]
+    images (all when None)."""
+    if valid is None:
+        loss = F.smooth_l1_loss(scores, targets, beta=cfg.smooth_l1_beta)
+    else:
+        per_image = F.smooth_l1_loss(scores, targets, beta=cfg.smooth_l1_beta, reduction="none")  # (N,)
+        loss = torch.where(valid, per_image, torch.zeros_like(per_image)).sum() / valid.sum().clamp_min(1)
     return torch.log1p(loss) if cfg.regression_form == "log" else loss
 
 
-def pairwise_loss(pair_logits: Tensor, targets: Tensor, cfg: LossConfig) -> Tensor:
-    """Mean pairwise loss of pair_logits [N, N] (i above j) against targets [N]; 0 if no pair counts."""
+def pairwise_loss(pair_logits: Tensor, targets: Tensor, cfg: LossConfig, valid: Tensor | None = None) -> Tensor:
+    """Mean pairwise loss of pair_logits [N, N] (i above j) against targets [N] over pairs of `valid` [N]
+    images (all when None); 0 if no pair counts."""
     N = targets.shape[0]
     diff = targets[:, None] - targets[None, :]  # (N, N): y_i - y_j
     counted = ~torch.eye(N, dtype=torch.bool, device=targets.device)  # (N, N)
+    if valid is not None:
+        counted = counted & valid[:, None] & valid[None, :]
     if cfg.ties == "exclude":
-        counted &= diff != 0
+        counted = counted & (diff != 0)  # out of place: when fused runs vmap this, each run has its own mask
     if cfg.pairwise == "bce":
         label = (diff > 0).to(pair_logits.dtype)
         if cfg.ties == "half":
@@ -58,13 +66,15 @@ def pairwise_loss(pair_logits: Tensor, targets: Tensor, cfg: LossConfig) -> Tens
     return total / counted.sum().clamp_min(1)
 
 
-def ranking_loss(output: AdapterOutput, targets: Tensor, cfg: LossConfig) -> LossParts:
+def ranking_loss(output: AdapterOutput, targets: Tensor, cfg: LossConfig, valid: Tensor | None = None) -> LossParts:
     """Loss of one batch.
 
     Args:
         output: the adapter's output for N images (pair_logits may be None).
         targets: [N] normalised targets, finite.
         cfg: the loss configuration.
+        valid: [N] bool, the images that count (a batch padded to a fixed size marks its padding False);
+            None: all. Padding rows change neither the loss nor the gradients.
 
     Returns:
         LossParts of float32 scalars.
@@ -73,10 +83,10 @@ def ranking_loss(output: AdapterOutput, targets: Tensor, cfg: LossConfig) -> Los
     if targets.shape != scores.shape:
         raise ValueError(f"targets have shape {tuple(targets.shape)}, scores {tuple(scores.shape)}")
     targets = targets.to(device=scores.device, dtype=torch.float32)
-    regression = regression_loss(scores, targets, cfg)
+    regression = regression_loss(scores, targets, cfg, valid)
     if output.pair_logits is None:
         pairwise = scores.new_zeros(())
     else:
-        pairwise = pairwise_loss(output.pair_logits.float(), targets, cfg)
+        pairwise = pairwise_loss(output.pair_logits.float(), targets, cfg, valid)
     total = cfg.regression_weight * regression + cfg.weight * pairwise
     return LossParts(total=total, regression=regression, pairwise=pairwise)

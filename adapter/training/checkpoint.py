@@ -176,13 +176,15 @@ class CheckpointWriter:
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         sampler: BatchSampler,
+        rng: dict | None = None,
     ) -> None:
+        """Write last.pt; `rng` is the generator state to resume with (None: the process's current one)."""
         payload = self._payload("last", model, step, val_srcc, best)
         payload.update(
             optimizer=optimizer.state_dict(),
             scheduler=scheduler.state_dict(),
             sampler=sampler.state_dict(),
-            rng=rng_state(self.device),
+            rng=rng if rng is not None else rng_state(self.device),
         )
         save_checkpoint(payload, self.out_dir / LAST)
         self.last_good = f"the last good checkpoint is {self.out_dir / LAST} (step {step})"

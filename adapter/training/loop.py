@@ -4,7 +4,9 @@ One step draws a query (see features.BatchSampler), gathers a batch of its train
 resident token tensor (or from the current window of a streamed store, see adapter/training/streaming.py), and
 takes an AdamW step on the regression + pairwise loss. Loss values stay on
 the device between reports: every `train.log_every` steps they are read once, together with a
-device-side record of the first non-finite step, so the loop has no other host syncs.
+device-side record of the first non-finite step, so the loop has no other host syncs. Each step's
+loss parts and rows go into preallocated device buffers (see _LossMonitor) and batches are gathered
+with index_select, so the loop adds a few small copies to the step and allocates nothing of its own.
 
 Every `train.eval_every` steps (and at the last) the val split is scored, SRCC per query is computed
 with scipy, and OUT/last.pt (resumable), OUT/best.pt (best mean val SRCC) and a line of
@@ -30,7 +32,6 @@ from pathlib import Path
 import numpy as np
 import scipy.stats
 import torch
-import torch.nn.functional as F
 
 from rankpipe.adapter import ADAPTER_METHOD
 from rankpipe.adapter.model.adapter import RankingAdapter, score_batches
@@ -42,9 +43,10 @@ from rankpipe.adapter.training.checkpoint import (
     CheckpointWriter,
     load_resume_state,
     refuse_existing_run,
+    rng_state,
     set_rng_state,
 )
-from rankpipe.adapter.training.features import BatchSampler
+from rankpipe.adapter.training.features import BatchSampler, TrainBatch
 from rankpipe.adapter.training.optimizer import make_optimizer
 from rankpipe.adapter.training.run_config import OptimConfig, RunConfig
 from rankpipe.adapter.training.sampling import refuse_non_counts, refuse_single_label
@@ -182,96 +184,163 @@ def _train_adapter(
     store_identity: str | None,
     val_from_train: float,
 ) -> TrainResult:
-    out_dir = Path(out_dir)
-    device = torch.device(device)
-    cfg = run_config
-    labels = [q.name for q in features.queries]
-    if cfg.train.negative_share > 0:
-        refuse_single_label(len(labels))
-    saved = load_resume_state(out_dir / LAST, cfg, labels, provenance, device, store_identity) if resume else None
-    if saved is None and (out_dir / LAST).exists():
-        raise InputError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
-    # An adapter's best.pt without last.pt is a first run killed early: it starts again.
-    refuse_existing_run(out_dir, allowed=ADAPTER_METHOD)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    # Seeding and initialising read the process-wide generator; runs in concurrent threads take turns.
-    with _INIT_LOCK:
-        torch.manual_seed(cfg.train.seed)
-        model = RankingAdapter(cfg.adapter, features.image_token_dim, features.text_token_dim)
-    model = model.to(device)
-    model.train()
-    optimizer = make_optimizer(model, cfg.optim)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(cfg.optim, cfg.train.max_steps))
-    sampler = BatchSampler(features.train_sizes, cfg.train.batch_size, cfg.train.seed, device,
-                           cfg.train.sampling, cfg.train.negative_share)
-    step, best, val_srcc = 0, None, {}
-    if saved is not None:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        sampler.load_state_dict(saved["sampler"])
-        with _INIT_LOCK:
-            set_rng_state(saved["rng"], device)
-        step, best, val_srcc = int(saved["step"]), saved["best"], saved["val_srcc"]
-        _truncate_history(out_dir / HISTORY, step)
-        log.info("resumed %s at step %d", out_dir, step)
-
-    writer = CheckpointWriter(out_dir, cfg, features, provenance, device, splits=splits, store_identity=store_identity,
-                              val_from_train=val_from_train)
-    monitor = _LossMonitor(device, cfg.train.batch_size)
-    mode = compile_mode(cfg.train.compile, device)
-    step_loss = _step_loss(model, cfg.loss, device, mode)
-    latest_mean = _mean(val_srcc)
-    started = time.monotonic()
-    while step < cfg.train.max_steps:
-        step += 1
-        batch = features.train_batch(step, sampler)  # [B, P, D] fp16 tokens of one query's images
-        # Before the forward pass: the previous step's gradients may live in CUDA-graph memory.
-        optimizer.zero_grad(set_to_none=True)
+    run = TrainingRun(features, out_dir, run_config, provenance, device, resume, progress, splits, store_identity,
+                      val_from_train)
+    mode = compile_mode(run_config.train.compile, run.device)
+    step_loss = make_step_loss(run.model, run_config.loss, run.device, mode)
+    pad = BatchPadder(run_config.train.batch_size, run.device) if mode is not None else None
+    if mode is not None and len({q.text_tokens.shape[0] for q in features.queries}) > 1:
+        # One graph for every query: the text length is symbolic from the first compilation on.
+        for query in features.queries:
+            torch._dynamo.mark_dynamic(query.text_tokens, 0)
+    while not run.finished:
+        batch = run.begin_step()  # [B, P, D] fp16 tokens of one query's images
         if mode == "reduce-overhead":
             # CUDA-graph replays reuse their output buffers: this step's overwrites the previous
-            # step's loss parts, which monitor.update has copied; nothing else keeps them.
+            # step's loss parts, which the loss monitor has copied; nothing else keeps them.
             torch.compiler.cudagraph_mark_step_begin()
-        parts = step_loss(batch.image_tokens, features.queries[batch.query_index].text_tokens, batch.targets)
+        text_tokens = features.queries[batch.query_index].text_tokens
+        if pad is None:
+            parts = step_loss(batch.image_tokens, text_tokens, batch.targets, None)
+        else:  # compiled: every batch has train.batch_size rows, so one graph serves them all
+            image_tokens, targets, valid = pad(batch.image_tokens, batch.targets)
+            parts = step_loss(image_tokens, text_tokens, targets, valid)
         parts.total.backward()
+        run.end_step(parts, batch)
+    return run.result()
+
+
+class TrainingRun:
+    """One run's model, optimiser, schedule, sampler and bookkeeping: everything of a step but its forward
+    and backward pass, which the caller does between `begin_step` and `end_step` (the fused trainer of
+    adapter/training/fused.py does it for several runs at once).
+
+    Raises (constructor): InputError for a resume that does not match the saved run or a folder that
+    holds another run.
+    """
+
+    def __init__(
+        self,
+        features: TrainingFeatures,
+        out_dir: str | Path,
+        cfg: RunConfig,
+        provenance: dict,
+        device: str | torch.device,
+        resume: bool,
+        progress: Callable[[TrainEvent], None] | None = None,
+        splits: SplitSpec | None = None,
+        store_identity: str | None = None,
+        val_from_train: float = 0.0,
+    ):
+        out_dir = Path(out_dir)
+        device = torch.device(device)
+        self.features, self.out_dir, self.cfg, self.device, self.progress = features, out_dir, cfg, device, progress
+        labels = [q.name for q in features.queries]
+        if cfg.train.negative_share > 0:
+            refuse_single_label(len(labels))
+        saved = load_resume_state(out_dir / LAST, cfg, labels, provenance, device, store_identity) if resume else None
+        if saved is None and (out_dir / LAST).exists():
+            raise InputError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
+        # An adapter's best.pt without last.pt is a first run killed early: it starts again.
+        refuse_existing_run(out_dir, allowed=ADAPTER_METHOD)
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+        # Seeding and initialising read the process-wide generator; runs in concurrent threads take turns.
+        with _INIT_LOCK:
+            torch.manual_seed(cfg.train.seed)
+            model = RankingAdapter(cfg.adapter, features.image_token_dim, features.text_token_dim)
+            # The generator state this run starts from; dropout draws advance it from here.
+            self.start_rng = rng_state(device) if saved is None else saved["rng"]
+        # The generator state last.pt records: None saves the process's current one. A caller that
+        # trains several runs in one process (each without dropout) sets `start_rng` here.
+        self.rng_to_save: dict | None = None
+        self.model = model.to(device)
+        self.model.train()
+        self.optimizer = make_optimizer(self.model, cfg.optim)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_factor(cfg.optim, cfg.train.max_steps))
+        self.sampler = BatchSampler(features.train_sizes, cfg.train.batch_size, cfg.train.seed, device,
+                                    cfg.train.sampling, cfg.train.negative_share)
+        self.step, self.best, self.val_srcc = 0, None, {}
+        if saved is not None:
+            self.model.load_state_dict(saved["model"])
+            self.optimizer.load_state_dict(saved["optimizer"])
+            self.scheduler.load_state_dict(saved["scheduler"])
+            self.sampler.load_state_dict(saved["sampler"])
+            with _INIT_LOCK:
+                set_rng_state(saved["rng"], device)
+            self.step, self.best, self.val_srcc = int(saved["step"]), saved["best"], saved["val_srcc"]
+            _truncate_history(out_dir / HISTORY, self.step)
+            log.info("resumed %s at step %d", out_dir, self.step)
+
+        self.writer = CheckpointWriter(out_dir, cfg, features, provenance, device, splits=splits,
+                                       store_identity=store_identity, val_from_train=val_from_train)
+        self.monitor = _LossMonitor(device, cfg.train.batch_size, cfg.train.log_every)
+        self.latest_mean = _mean(self.val_srcc)
+        self.started = time.monotonic()
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.cfg.train.max_steps
+
+    def begin_step(self, batch: TrainBatch | None = None) -> TrainBatch:
+        """Count the step, clear the gradients and return its batch (drawn here unless given)."""
+        self.step += 1
+        if batch is None:
+            batch = self.features.train_batch(self.step, self.sampler)
+        # Before the forward pass: the previous step's gradients may live in CUDA-graph memory.
+        self.optimizer.zero_grad(set_to_none=True)
+        return batch
+
+    def end_step(self, parts: LossParts, batch: TrainBatch) -> None:
+        """After the backward pass: clip, step the optimiser and the schedule, and report when due.
+
+        Raises:
+            TrainingDiverged: a report found a non-finite loss.
+        """
+        cfg, step = self.cfg, self.step
         if cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        monitor.update(step, parts, batch.rows, batch.query_index)  # copies the loss parts
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.monitor.update(step, parts, batch.rows, batch.query_index)  # copies the loss parts
 
-        is_last = step == cfg.train.max_steps
-        is_eval = step % cfg.train.eval_every == 0 or is_last
+        is_eval = step % cfg.train.eval_every == 0 or self.finished
         if step % cfg.train.log_every == 0 or is_eval:
-            monitor.raise_if_diverged(features, writer.last_good)
-            loss = monitor.pop_means()
-            new_srcc = None
-            if is_eval:
-                new_srcc = validate(model, features, cfg.train.eval_batch_size, device)
-                val_srcc, latest_mean = new_srcc, _mean(new_srcc)
-                if best is None or _better(latest_mean, best["mean_srcc"]):
-                    best = {"step": step, "mean_srcc": latest_mean, "srcc": dict(new_srcc)}
-                    writer.save_best(model, step, new_srcc, best)
-                writer.save_last(model, step, new_srcc, best, optimizer, scheduler, sampler)
-                _append_history(
-                    out_dir / HISTORY,
-                    {
-                        "step": step, "lr": scheduler.get_last_lr()[0], "loss": loss, "val_srcc": new_srcc,
-                        "mean_val_srcc": latest_mean, "best_step": best["step"],
-                        "seconds": round(time.monotonic() - started, 3),
-                    },
-                )
-                log.info("step %d: val SRCC %s (mean %.4f)", step, new_srcc, latest_mean)
-            if progress is not None:
-                progress(TrainEvent(step, cfg.train.max_steps, scheduler.get_last_lr()[0], loss, new_srcc, latest_mean))
+            self.monitor.raise_if_diverged(self.features, self.writer.last_good)
+            loss = self.monitor.pop_means()
+            new_srcc = self._validate_and_save(step, loss) if is_eval else None
+            if self.progress is not None:
+                self.progress(TrainEvent(step, cfg.train.max_steps, self.scheduler.get_last_lr()[0], loss, new_srcc,
+                                         self.latest_mean))
 
-    if best is None:
-        raise InputError(f"{out_dir}/{LAST} records no validation; the run has no best checkpoint to report")
-    return TrainResult(
-        steps=step, best_step=best["step"], best_srcc=dict(best["srcc"]), best_mean_srcc=best["mean_srcc"],
-        best_path=out_dir / BEST, last_path=out_dir / LAST,
-    )
+    def _validate_and_save(self, step: int, loss: dict[str, float]) -> dict[str, float]:
+        new_srcc = validate(self.model, self.features, self.cfg.train.eval_batch_size, self.device)
+        self.val_srcc, self.latest_mean = new_srcc, _mean(new_srcc)
+        if self.best is None or _better(self.latest_mean, self.best["mean_srcc"]):
+            self.best = {"step": step, "mean_srcc": self.latest_mean, "srcc": dict(new_srcc)}
+            self.writer.save_best(self.model, step, new_srcc, self.best)
+        self.writer.save_last(self.model, step, new_srcc, self.best, self.optimizer, self.scheduler, self.sampler,
+                              rng=self.rng_to_save)
+        _append_history(
+            self.out_dir / HISTORY,
+            {
+                "step": step, "lr": self.scheduler.get_last_lr()[0], "loss": loss, "val_srcc": new_srcc,
+                "mean_val_srcc": self.latest_mean, "best_step": self.best["step"],
+                "seconds": round(time.monotonic() - self.started, 3),
+            },
+        )
+        log.info("step %d: val SRCC %s (mean %.4f)", step, new_srcc, self.latest_mean)
+        return new_srcc
+
+    def result(self) -> TrainResult:
+        """How the finished run ended."""
+        best = self.best
+        if best is None:
+            raise InputError(f"{self.out_dir}/{LAST} records no validation; the run has no best checkpoint to report")
+        return TrainResult(
+            steps=self.step, best_step=best["step"], best_srcc=dict(best["srcc"]), best_mean_srcc=best["mean_srcc"],
+            best_path=self.out_dir / BEST, last_path=self.out_dir / LAST,
+        )
 
 
 def validate(model: RankingAdapter, features: TrainingFeatures, batch_size: int, device: torch.device) -> dict[str, float]:
@@ -305,22 +374,46 @@ def compile_mode(setting: str, device: torch.device) -> str | None:
     return setting
 
 
-def _step_loss(
+def make_step_loss(
     model: RankingAdapter, loss_cfg: LossConfig, device: torch.device, mode: str | None
-) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], LossParts]:
-    """Forward pass and loss of one step: image tokens [B, P, D], text tokens [L, Dt], targets [B].
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], LossParts]:
+    """Forward pass and loss of one step: image tokens [B, P, D], text tokens [L, Dt], targets [B] and
+    which rows count, valid [B] bool (None: all; see BatchPadder).
 
-    Compiled with `mode` unless it is None. The first new text length recompiles once with the
-    length dynamic. The pairwise branch's chunking fixes the batch size, so each batch size compiles
-    its own graph: one more per query with fewer training images than `train.batch_size`.
+    Compiled with `mode` unless it is None. The pairwise branch's chunking fixes the batch size, so the
+    compiled loop pads every batch to `train.batch_size` (BatchPadder) and marks the text length
+    dynamic when queries' lengths differ: one graph serves the whole run.
     """
 
-    def loss_of(image_tokens: torch.Tensor, text_tokens: torch.Tensor, targets: torch.Tensor) -> LossParts:
+    def loss_of(image_tokens: torch.Tensor, text_tokens: torch.Tensor, targets: torch.Tensor,
+                valid: torch.Tensor | None) -> LossParts:
         with autocast(device):
             output = model(image_tokens, text_tokens, with_pairs=True)
-        return ranking_loss(output, targets, loss_cfg)
+        return ranking_loss(output, targets, loss_cfg, valid)
 
     return loss_of if mode is None else _compile(loss_of, mode)
+
+
+class BatchPadder:
+    """Pads a batch of fewer than `size` images (a query with fewer training images than the batch
+    size) to `size` rows by repeating its rows, with a mask that leaves them out of the loss.
+
+    Every image is scored independently and the loss reads only pairs and rows of valid images, so the
+    padding changes neither the loss nor the gradients; a compiled step then sees one batch shape.
+    """
+
+    def __init__(self, size: int, device: torch.device):
+        self.size = size
+        self.all_valid = torch.ones(size, dtype=torch.bool, device=device)  # [size], shared by full batches
+        self.positions = torch.arange(size, device=device)  # [size]
+
+    def __call__(self, image_tokens: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(image tokens [size, P, D], targets [size], valid [size]) of a batch of b <= size rows."""
+        b = image_tokens.shape[0]
+        if b == self.size:
+            return image_tokens, targets, self.all_valid
+        cycle = self.positions % b  # [size]: 0..b-1, 0..b-1, ...
+        return image_tokens.index_select(0, cycle), targets.index_select(0, cycle), self.positions < b
 
 
 def _compile(fn: Callable, mode: str) -> Callable:
@@ -341,43 +434,49 @@ def _lr_factor(optim: OptimConfig, max_steps: int) -> Callable[[int], float]:
 
 
 class _LossMonitor:
-    """Running loss sums and the first non-finite step, kept on the device until a report reads them."""
+    """Each step's loss parts and rows, kept on the device until a report reads them.
 
-    def __init__(self, device: torch.device, batch_size: int):
-        self.batch_size = batch_size
-        self.sums = torch.zeros(len(LOSS_PARTS), device=device)  # [3] sums of finite steps' loss parts
-        self.count = 0
-        self.bad_step = torch.full((), -1, dtype=torch.int64, device=device)  # first non-finite step or -1
-        self.bad_query = torch.full((), -1, dtype=torch.int64, device=device)
-        self.bad_rows = torch.full((batch_size,), -1, dtype=torch.int64, device=device)  # its rows, -1 padded
+    A step costs two small copies into preallocated buffers (no host sync, no allocation); a report
+    finds the first non-finite step and the mean of the finite ones over the buffered steps at once.
+    Reports come at least every `log_every` steps, so that many rows are enough.
+    """
+
+    def __init__(self, device: torch.device, batch_size: int, log_every: int):
+        self.values = torch.zeros(log_every, len(LOSS_PARTS), device=device)  # [S, 3] loss parts of each step
+        self.rows = torch.full((log_every, batch_size), -1, dtype=torch.int64, device=device)  # [S, B], -1 padded
+        self.steps: list[int] = []  # the buffered steps
+        self.queries: list[int] = []  # their query indices
 
     def update(self, step: int, parts: LossParts, rows: torch.Tensor, query_index: int) -> None:
-        values = torch.stack([parts.total, parts.regression, parts.pairwise]).detach().float()  # [3]
-        finite = torch.isfinite(values).all()
-        first = finite.logical_not() & (self.bad_step < 0)
-        self.bad_step = torch.where(first, step, self.bad_step)
-        self.bad_query = torch.where(first, query_index, self.bad_query)
-        padded = F.pad(rows, (0, self.batch_size - rows.shape[0]), value=-1)  # [batch_size]
-        self.bad_rows = torch.where(first, padded, self.bad_rows)
-        self.sums += torch.where(finite, values, torch.zeros_like(values))
-        self.count += 1
+        slot = len(self.steps)
+        torch.stack([parts.total.detach(), parts.regression.detach(), parts.pairwise.detach()], out=self.values[slot])
+        self.rows[slot, : rows.shape[0]] = rows
+        if rows.shape[0] < self.rows.shape[1]:  # a query with fewer training images than the batch size
+            self.rows[slot, rows.shape[0]:] = -1
+        self.steps.append(step)
+        self.queries.append(query_index)
 
     def raise_if_diverged(self, features: TrainingFeatures, last_good: str) -> None:
-        bad_step = int(self.bad_step)
-        if bad_step < 0:
+        count = len(self.steps)
+        finite = torch.isfinite(self.values[:count]).all(dim=1)  # [S]
+        first_bad = int(torch.where(finite, count, torch.arange(count, device=finite.device)).min()) if count else 0
+        if first_bad >= count:
             return
-        rows = self.bad_rows.cpu().numpy()
+        rows = self.rows[first_bad].cpu().numpy()
         keys = [str(k) for k in features.keys[rows[rows >= 0]]]
-        query = features.queries[int(self.bad_query)].name
+        query = features.queries[self.queries[first_bad]].name
         raise TrainingDiverged(
-            f"the loss became non-finite at step {bad_step} (label {query!r}, batch keys: {', '.join(keys)}); "
-            f"training stopped, {last_good}. Lower optim.lr or check these images' features."
+            f"the loss became non-finite at step {self.steps[first_bad]} (label {query!r}, batch keys: "
+            f"{', '.join(keys)}); training stopped, {last_good}. Lower optim.lr or check these images' features."
         )
 
     def pop_means(self) -> dict[str, float]:
-        means = (self.sums / max(1, self.count)).tolist()
-        self.sums.zero_()
-        self.count = 0
+        values = self.values[: len(self.steps)]  # [S, 3]
+        finite = torch.isfinite(values).all(dim=1, keepdim=True)  # [S, 1]
+        sums = torch.where(finite, values, torch.zeros_like(values)).sum(dim=0)  # [3] sums of finite steps
+        means = (sums / max(1, len(self.steps))).tolist()
+        self.steps.clear()
+        self.queries.clear()
         return dict(zip(LOSS_PARTS, means))
 
 

@@ -22,4 +22,6 @@ def make_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
             {"params": [p for p in params if p.ndim >= 2], "weight_decay": optim.weight_decay},
         ]
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, amsgrad=optim.amsgrad)
+    # On a GPU the fused kernel: one launch per step, not several per parameter list.
+    fused = True if params and params[0].is_cuda else None
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, amsgrad=optim.amsgrad, fused=fused)

@@ -1,8 +1,10 @@
 """Running a sweep's trials: concurrently on this machine's device, or as tasks on a dask cluster.
 
 Locally, the store's features are read onto the device once and every trial trains from that one
-resident copy; `concurrency` trials run at once in threads, each with its own model and optimiser
-(and, on a GPU, its own CUDA stream), so small adapters keep the device busy together. A store whose
+resident copy. Trials of the same shapes (see adapter/training/fused.py) train as one fused model, up
+to `fuse_max` at a time: one forward and backward pass per step for all of them. The work units —
+fused groups and trials alone — run `concurrency` at a time in threads, each with its own models and
+optimisers (and, on a GPU, its own CUDA stream), so small adapters keep the device busy together. A store whose
 train and val tokens exceed `train.max_resident_gb` is streamed instead, as `rankpipe train` streams
 it: each trial reads its own windows, and trials run one at a time so that only one trial's windows
 are in memory.
@@ -30,6 +32,7 @@ from pathlib import Path
 import torch
 
 from rankpipe.adapter.evaluation.evaluate import split_rows
+from rankpipe.adapter.experiments.sweep.fused import run_unit, work_units
 from rankpipe.adapter.experiments.sweep.results import write_results_table
 from rankpipe.adapter.experiments.sweep.spec import Trial
 from rankpipe.adapter.experiments.sweep.trial import (
@@ -80,12 +83,17 @@ class SweepRequest:
     retry_failed: bool = False
     # Times dask reruns a trial task that raised on a worker (a worker's death is retried by the scheduler).
     retries: int = 2
+    # Most trials of the same shapes trained as one fused model (local runs of resident features; see
+    # adapter/experiments/sweep/fused.py); 1 trains every trial alone.
+    fuse_max: int = 16
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
             raise InputError(f"--concurrency must be >= 1, not {self.concurrency}")
         if self.retries < 0:
             raise InputError(f"retries must be >= 0, not {self.retries}")
+        if self.fuse_max < 1:
+            raise InputError(f"--fuse-max must be >= 1, not {self.fuse_max}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,17 +176,19 @@ def _run_here(pending: Sequence[Trial], request: SweepRequest, data: LabelledSto
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # the features are read on other streams from here on
 
-    def one(trial: Trial) -> TrialRecord:
+    def one(unit: list[Trial]) -> list[TrialRecord]:
         with _own_stream(device):
-            record = run_trial(trial, request.out_dir, features, data, request.trial, device)
+            records = run_unit(unit, request.out_dir, features, data, request.trial, device)
         if progress is not None:
-            progress(record)
-        return record
+            for record in records:
+                progress(record)
+        return records
 
-    if request.concurrency == 1 or len(pending) == 1:
-        return [one(trial) for trial in pending]
-    with concurrent.futures.ThreadPoolExecutor(min(request.concurrency, len(pending)), thread_name_prefix="trial") as pool:
-        return list(pool.map(one, pending))
+    units = work_units(pending, request.fuse_max)
+    if request.concurrency == 1 or len(units) == 1:
+        return [record for unit in units for record in one(unit)]
+    with concurrent.futures.ThreadPoolExecutor(min(request.concurrency, len(units)), thread_name_prefix="trial") as pool:
+        return [record for records in pool.map(one, units) for record in records]
 
 
 def _run_streamed_here(pending: Sequence[Trial], request: SweepRequest, data: LabelledStore,

@@ -33,7 +33,7 @@ from rankpipe.adapter.evaluation.metrics import MetricConfig
 from rankpipe.adapter.evaluation.scoring import load_checkpoint
 from rankpipe.adapter.experiments.sweep.spec import Trial
 from rankpipe.adapter.training.checkpoint import LAST
-from rankpipe.adapter.training.loop import train_adapter
+from rankpipe.adapter.training.loop import TrainResult, train_adapter
 from rankpipe.adapter.training.streaming import TrainingFeatures
 from rankpipe.files import write_text_atomic
 from rankpipe.pipeline.labelled_store import LabelledStore
@@ -114,18 +114,50 @@ def run_trial(
         The trial's record: DONE with metrics, or FAILED with the reason.
     """
     folder = trial_folder(sweep_dir, trial.id)
+    done = begin_trial(trial, folder)
+    if done is not None:
+        return done
+    started = time.monotonic()
+    try:
+        result = train_adapter(features, folder, trial.config, data.provenance, device, resume=(folder / LAST).is_file(),
+                               splits=data.manifest.splits, store_identity=data.identity,
+                               val_from_train=data.val_share)
+    except Exception as e:  # recorded by finish_trial; the sweep goes on
+        result = e
+    return finish_trial(trial, folder, result, data, settings, device, started)
+
+
+def begin_trial(trial: Trial, folder: Path) -> TrialRecord | None:
+    """The record of a trial that is already done, or None after marking its folder as running."""
     record = read_record(folder, trial.id)
     if record.state == DONE:
         return record
     folder.mkdir(parents=True, exist_ok=True)
     _write_config(folder, trial)
     _write_status(folder, RUNNING)
-    started = time.monotonic()
+    return None
+
+
+def finish_trial(
+    trial: Trial,
+    folder: Path,
+    trained: TrainResult | BaseException,
+    data: LabelledStore,
+    settings: TrialSettings,
+    device: str | torch.device,
+    started: float,
+) -> TrialRecord:
+    """Evaluate a trained trial and record it as done, or record why it failed; never raises for a failed trial.
+
+    Args:
+        trained: how its training ended: the result, or the exception that stopped it.
+        started: `time.monotonic()` when its training began (metrics.json records the seconds since).
+        Others: as for run_trial.
+    """
     try:
-        resume = (folder / LAST).is_file()
-        result = train_adapter(features, folder, trial.config, data.provenance, device, resume=resume,
-                               splits=data.manifest.splits, store_identity=data.identity,
-                               val_from_train=data.val_share)
+        if isinstance(trained, BaseException):
+            raise trained
+        result = trained
         metrics = {
             "best_step": result.best_step,
             "steps": result.steps,
