@@ -242,6 +242,15 @@ def test_sweep_user_errors(tmp_path, tiny_store):
         SweepRequest(store=tiny_store, out_dir=tmp_path / "out", fuse_max=0)
 
 
+def test_negatives_on_a_label_that_is_not_a_count_are_refused_before_any_trial_runs(tmp_path, tiny_store):
+    # brightness holds fractions: zero-count negatives make no sense for it, as in `rankpipe train`.
+    _, trials = trials_of(tmp_path, grid={"train.negative_share": [0.0, 0.2]})
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match="train.negative_share is for count labels, but label 'brightness'"):
+        run_sweep(trials, SweepRequest(store=tiny_store, out_dir=out))
+    assert not out.exists()
+
+
 def test_a_manifest_override_sets_the_split_each_trial_is_evaluated_on(tmp_path, tiny_store):
     store = TokenStore.open(tiny_store)
     manifest = dataclasses.replace(store.manifest, splits=SplitSpec(test=("val",)))  # evaluate on the val images

@@ -50,6 +50,7 @@ from rankpipe.adapter.training.features import (
     load_features,
     train_val_gigabytes,
 )
+from rankpipe.adapter.training.sampling import refuse_non_counts
 from rankpipe.adapter.training.streaming import open_features
 from rankpipe.errors import InputError
 from rankpipe.files import exclusive_output, write_text_atomic
@@ -139,6 +140,9 @@ def run_sweep(
     data = LabelledStore.open(TokenStore.open(request.store), request.manifest, request.trial.labels)
     if request.trial.eval_split is not None:
         split_rows(data.store, request.trial.eval_split, data.manifest.splits)
+    if any(t.config.train.negative_share > 0 for t in trials):
+        # Refused before any trial runs: a label that is not a count is the sweep's mistake, not a trial's.
+        refuse_non_counts(data)
     # One sweep at a time per folder (trials on dask workers lock their own trial folders).
     with exclusive_output(request.out_dir, "rankpipe sweep"):
         out_dir = Path(request.out_dir)
