@@ -16,6 +16,7 @@ RANKING_HEAD_NAMES = ("none", "subtraction", "relational")
 PAIR_COMBINES = ("subtract", "concat")
 POOLINGS = ("cross", "self")
 FUSION_BLOCKS = ("released", "paper")
+REGRESSION_POOLINGS = ("sum", "sum_std")
 PAIRWISE_LOSSES = ("bce", "hinge")
 REGRESSION_FORMS = ("plain", "log")
 TIE_RULES = ("exclude", "half")
@@ -73,6 +74,10 @@ class AdapterConfig:
     head_hidden: int | None = None
     # Hidden Linear-LN-ReLU layers of the regression head (2 in the paper).
     regression_layers: int = 2
+    # How the regression head pools its normalised tokens: "sum" (the paper) or "sum_std", which also
+    # feeds the per-channel spread of the tokens over the image (std over tokens): blur and similar
+    # distortions make patch tokens alike, a change a sum cannot see (docs/fidelity.md).
+    regression_pooling: str = "sum"
     # Hidden Linear-LN-ReLU layers of the pair head that turns a pair feature into a logit (3 released).
     pair_layers: int = 3
     # Auxiliary pairwise branch: "none" (regression only), "subtraction" (difference of token-averaged
@@ -114,6 +119,7 @@ class AdapterConfig:
         _choice("ranking_head", self.ranking_head, RANKING_HEAD_NAMES)
         _choice("pair_combine", self.pair_combine, PAIR_COMBINES)
         _choice("pooling", self.pooling, POOLINGS)
+        _choice("regression_pooling", self.regression_pooling, REGRESSION_POOLINGS)
         if not self.split_dot_product and self.pair_combine != "subtract":
             raise InputError(
                 "pair_combine 'concat' needs split_dot_product: the merged form has no halves to concatenate."

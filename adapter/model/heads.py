@@ -43,12 +43,21 @@ class MLPStack(nn.Module):
 
 
 class RegressionHead(nn.Module):
-    """LayerNorm -> sum over tokens -> MLP -> one score per image (paper §3.2)."""
+    """LayerNorm -> sum over tokens -> MLP -> one score per image (paper §3.2).
+
+    With `regression_pooling` "sum_std" the MLP also reads the per-channel standard deviation of the
+    normalised tokens over the image, scaled by sqrt(P) (the norm a sum of P independent tokens would
+    have). A sum is first-order in the tokens: it cannot tell an image whose patches are all alike
+    (blurred) from a sharp one with the same average, and the frozen tokens are already normalised
+    one by one, so no per-token scale is left to carry that difference either.
+    """
 
     def __init__(self, cfg: AdapterConfig) -> None:
         super().__init__()
+        self.with_spread = cfg.regression_pooling == "sum_std"
         self.ln = nn.LayerNorm(cfg.d_model)
-        self.mlp = MLPStack(cfg.d_model, cfg.hidden, cfg.regression_layers)
+        d_in = 2 * cfg.d_model if self.with_spread else cfg.d_model
+        self.mlp = MLPStack(d_in, cfg.hidden, cfg.regression_layers)
 
     def init_weights(self) -> None:
         nn.init.ones_(self.ln.weight)
@@ -57,7 +66,12 @@ class RegressionHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x [N, P, D] -> scores [N]."""
-        return self.mlp(self.ln(x).sum(dim=1))
+        z = self.ln(x)  # (N, P, D)
+        pooled = z.sum(dim=1)  # (N, D)
+        if self.with_spread:
+            spread = z.std(dim=1, unbiased=False) * z.shape[1] ** 0.5  # (N, D)
+            pooled = torch.cat([pooled, spread], dim=-1)  # (N, 2D)
+        return self.mlp(pooled)
 
 
 class PairHead(nn.Module):
