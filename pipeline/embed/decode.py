@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from rankpipe.errors import InputError
+from rankpipe.pipeline.data.tar_reader import tar_samples
 
 logger = logging.getLogger(__name__)
 
@@ -123,8 +123,7 @@ class TarBatches(torch.utils.data.IterableDataset):
             logger.warning("reading %s: %s", task.url, tar_errors[-1])
             return True
 
-        samples = wds.WebDataset(task.url, shardshuffle=False, handler=record, nodesplitter=None,
-                                 workersplitter=None, empty_check=False)
+        samples = tar_samples(task.url, record)
         builder = _BatchBuilder(task.index, 0, len(self.label_names))
         position = 0
         for position, sample in enumerate(samples):
@@ -142,7 +141,8 @@ class TarBatches(torch.utils.data.IterableDataset):
 
     def _add_sample(self, builder: _BatchBuilder, position: int, sample: dict[str, Any]) -> None:
         key = str(sample.get("__key__", ""))
-        meta = parse_json(sample.get("json"), self.label_names)
+        json_data = sample.get("json")  # bytes, or a memoryview from the offset reader
+        meta = parse_json(None if json_data is None else bytes(json_data), self.label_names)
         error = meta.error
         ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
         if not error and ext is None:
