@@ -22,26 +22,29 @@ from rankpipe.pipeline.embed.decode import TarBatches, TarTask, tar_error_text
 from conftest import encode, tiny_image, write_tiny_shards
 
 
-def read_both(url: str) -> tuple[tuple[list[dict], list[str]], tuple[list[dict], list[str]]]:
+def read_both(url: str, readers=(tar_samples, webdataset_samples)) -> list[tuple[list[dict], list[str]]]:
     """(samples, error texts) of the offset reader and of webdataset, values as bytes."""
     results = []
-    for read in (tar_samples, webdataset_samples):
+    for read in readers:
         errors: list[str] = []
         samples = [{k: v if k.startswith("__") else bytes(v) for k, v in sample.items()}
                    for sample in read(url, lambda e: errors.append(tar_error_text(e)) or True)]
         results.append((samples, errors))
-    return results[0], results[1]
+    return results
 
 
 def add_member(archive: tarfile.TarFile, name: str, data: bytes, kind: bytes = tarfile.REGTYPE) -> None:
     info = tarfile.TarInfo(name)
-    info.size, info.type, info.mtime = (len(data) if kind == tarfile.REGTYPE else 0), kind, 1_700_000_000
+    info.size, info.type = (len(data) if kind == tarfile.REGTYPE else 0), kind
+    # A fractional time, as webdataset's writer sets it: a pax header before every member of a pax tar.
+    info.mtime = 1_700_000_000.25
     archive.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
 
 
 def write_odd_tar(path: Path, tar_format: int = tarfile.USTAR_FORMAT) -> None:
     """Member names webdataset groups in its own ways: folders with dots, upper-case and multi-part
-    extensions, names without an extension, meta members, a directory entry, a ustar-prefixed long name."""
+    extensions, names without an extension, meta members, a directory entry, a ustar-prefixed long name
+    (a pax tar adds names beyond ASCII and beyond ustar's length)."""
     rng = np.random.default_rng(0)
     jpeg = encode(tiny_image(rng, 2))
     long_folder = "deep/" + "f" * 90 + "/" + "g" * 40
@@ -57,27 +60,41 @@ def write_odd_tar(path: Path, tar_format: int = tarfile.USTAR_FORMAT) -> None:
         add_member(archive, "B.txt", b"")
         add_member(archive, f"{long_folder}/c.jpg", jpeg)
         add_member(archive, "e f.jpeg", b"x" * 1500)
+        if tar_format == tarfile.PAX_FORMAT:
+            add_member(archive, "ünïcode/ä.JPG", jpeg)
+            add_member(archive, "l" * 120 + "/" + "m" * 120 + ".jpg", jpeg)
 
 
+@pytest.mark.parametrize("tar_format", [tarfile.USTAR_FORMAT, tarfile.PAX_FORMAT], ids=["ustar", "pax"])
 @pytest.mark.parametrize("piece_bytes", [tar_reader.READ_BYTES, 1024, 700])
-def test_odd_member_names_give_webdatasets_samples(tmp_path, monkeypatch, piece_bytes):
+def test_odd_member_names_give_webdatasets_samples(tmp_path, monkeypatch, piece_bytes, tar_format):
     # Small pieces put member headers, bytes and padding across piece borders.
     monkeypatch.setattr(tar_reader, "READ_BYTES", piece_bytes)
     path = tmp_path / "odd.tar"
-    write_odd_tar(path)
-    (ours, our_errors), (theirs, their_errors) = read_both(str(path))
+    write_odd_tar(path, tar_format)
+    monkeypatch.setattr(tar_reader, "webdataset_samples", lambda url, handler: pytest.fail("handed over"))
+    (ours, our_errors) = read_both(str(path), [tar_samples])[0]
+    monkeypatch.undo()
+    (theirs, their_errors) = read_both(str(path), [webdataset_samples])[0]
     assert ours == theirs and our_errors == their_errors == []
-    assert [s["__key__"] for s in ours] == ["d.1/a", "B", "deep/" + "f" * 90 + "/" + "g" * 40 + "/c", "e f"]
+    keys = ["d.1/a", "B", "deep/" + "f" * 90 + "/" + "g" * 40 + "/c", "e f"]
+    if tar_format == tarfile.PAX_FORMAT:
+        keys += ["ünïcode/ä", "l" * 120 + "/" + "m" * 120]
+    assert [s["__key__"] for s in ours] == keys
     assert sorted(ours[0]) == ["__key__", "__local_path__", "__url__", "jpg", "json", "seg.png"]
 
 
-def test_the_offset_reader_reads_plain_tars_itself(tmp_path, monkeypatch):
-    # Every sample comes from the offset reader: webdataset is never asked.
-    path = tmp_path / "odd.tar"
-    write_odd_tar(path)
+def test_a_webdataset_written_tar_is_read_by_offset(tmp_path, monkeypatch):
+    # webdataset's writer puts a pax header (a fractional mtime) before every member.
+    path = tmp_path / "w.tar"
+    with wds.TarWriter(str(path)) as sink:
+        for i in range(5):
+            sink.write({"__key__": f"k{i}", "jpg": bytes([i]) * (700 * i), "json": b"{}"})
+    theirs = read_both(str(path), [webdataset_samples])[0]
     monkeypatch.setattr(tar_reader, "webdataset_samples", lambda url, handler: pytest.fail("handed over"))
     samples = list(tar_samples(str(path), lambda e: False))
-    assert len(samples) == 4 and all(isinstance(v, memoryview) for s in samples for k, v in s.items() if k[0] != "_")
+    assert all(isinstance(s["jpg"], memoryview) for s in samples)
+    assert read_both(str(path), [tar_samples])[0] == theirs and len(theirs[0]) == 5
 
 
 @pytest.mark.parametrize("cut", ["data", "header", "boundary", "padding", "end-blocks"])
@@ -115,14 +132,14 @@ def test_a_damaged_header_gives_webdatasets_reading(tmp_path, damage):
     assert ours == theirs and len(ours[0]) >= 1
 
 
-@pytest.mark.parametrize("kind", ["pax", "gnu-long-name", "gzip", "duplicate", "empty", "missing", "not-a-tar"])
+@pytest.mark.parametrize("kind", ["pax-global", "gnu-long-name", "gzip", "duplicate", "empty", "missing", "not-a-tar"])
 def test_tars_left_to_webdataset_read_the_same(tmp_path, kind):
     path = tmp_path / "x.tar"
-    if kind in ("pax", "gnu-long-name"):
-        write_odd_tar(path, tarfile.PAX_FORMAT if kind == "pax" else tarfile.GNU_FORMAT)
-        if kind == "pax":
-            with tarfile.open(path, "a", format=tarfile.PAX_FORMAT) as archive:
-                add_member(archive, "ünïcode.jpg", b"pax path header")
+    if kind == "gnu-long-name":
+        write_odd_tar(path, tarfile.GNU_FORMAT)
+    elif kind == "pax-global":
+        with tarfile.open(path, "w", format=tarfile.PAX_FORMAT, pax_headers={"comment": "global"}) as archive:
+            add_member(archive, "a.jpg", b"after a global header")
     elif kind == "gzip":
         write_odd_tar(tmp_path / "plain.tar")
         path.write_bytes(gzip.compress((tmp_path / "plain.tar").read_bytes()))

@@ -6,8 +6,9 @@ read here in large pieces instead; member headers are located by their sizes, ch
 per piece (checksum and number fields, as `tarfile` checks them), and each member's bytes are a
 memoryview into the piece, never copied.
 
-Only plain ustar headers of regular files and directories are read this way, the way `tarfile`
-reads them. At anything else (a damaged or truncated tar, pax or GNU long-name headers, a compressed
+Only ustar headers of regular files and directories, and the pax headers Python's `tarfile` (so
+webdataset's writer) puts before them (path, size, times), are read this way, the way `tarfile` reads
+them. At anything else (a damaged or truncated tar, global pax or GNU long-name headers, a compressed
 tar, a missing end-of-archive block, a duplicate file in a sample) the tar is handed over to
 webdataset from that sample on: the samples already given are skipped, so what follows, and any
 error webdataset reports, is exactly webdataset's own. Remote tars always go through webdataset.
@@ -35,7 +36,10 @@ _NAME_ENCODING = sys.getfilesystemencoding()
 # (start, length) of the header's number fields: mode, uid, gid, size, mtime, chksum, devmajor, devminor.
 _NUMBER_FIELDS = ((100, 8), (108, 8), (116, 8), (124, 12), (136, 12), (148, 8), (329, 8), (337, 8))
 _CHKSUM = (148, 8)
-_REGULAR, _OLD_REGULAR, _DIRECTORY = b"0", b"\0", b"5"
+_REGULAR, _OLD_REGULAR, _DIRECTORY, _PAX = b"0", b"\0", b"5", b"x"
+# A pax record, "<length> <keyword>=<value>\n", and the keywords that change nothing read here.
+_PAX_RECORD = re.compile(rb"(\d+) ([^=]+)=")
+_PAX_IGNORED = {b"mtime", b"atime", b"ctime", b"uid", b"gid", b"uname", b"gname"}
 
 # A tar read error goes to this; it returns True to go on (webdataset's handler convention).
 Handler = Callable[[Exception], bool]
@@ -104,18 +108,16 @@ def _members(path: str) -> Iterator[tuple[str, memoryview]]:
         unread = os.fstat(file.fileno()).st_size
         buf, pos, seen = b"", 0, False
         while True:
-            entries, stop, need = _scan(buf, pos)
-            headers = [offset for offset, _, _, _ in entries]
-            if need and len(buf) - stop >= BLOCK:
-                headers.append(stop)  # a member that runs past the piece: checked before its size is trusted
-            valid = _valid_headers(buf, headers)
+            scan = _Scan(buf)
+            stop, need = scan.run(pos)
+            valid = _valid_headers(buf, scan.headers)
             view = memoryview(buf)
-            for (offset, name, size, regular), ok in zip(entries, valid):
-                if not ok:
+            for (headers, name, start, size, regular) in scan.entries:
+                if not all(valid[h] for h in headers):
                     raise _HandOver
                 if regular:
-                    yield name, view[offset + BLOCK:offset + BLOCK + size]
-            seen = seen or bool(entries)
+                    yield name, view[start:start + size]
+            seen = seen or bool(scan.entries)
             if not all(valid) or stop is None or (need == 0 and not seen):
                 raise _HandOver  # damaged, unusual, or empty: webdataset decides
             if need == 0:
@@ -127,42 +129,106 @@ def _members(path: str) -> Iterator[tuple[str, memoryview]]:
             buf, pos = buf[stop:] + more, 0
 
 
-def _scan(buf: bytes, pos: int) -> tuple[list[tuple[int, str, int, bool]], int | None, int]:
-    """Members whose header, bytes and padding lie in buf from pos on, where the scan stopped, and bytes still needed.
+class _Scan:
+    """The members whose headers, bytes and padding lie in one piece of a tar."""
 
-    Returns (entries, stop, need): entries are (header offset, name, size, regular); need > 0 means
-    the piece ends within the member (or header) at stop; need == 0 means stop is the
-    end-of-archive block, or stop is None for a header this reader leaves to webdataset.
-    """
-    entries = []
-    end = len(buf)
-    while True:
-        if end - pos < BLOCK:
-            return entries, pos, BLOCK - (end - pos)
-        header = buf[pos:pos + BLOCK]
-        if header == _ZERO_BLOCK:
-            return entries, pos, 0
-        kind = header[156:157]
-        if kind not in (_REGULAR, _OLD_REGULAR, _DIRECTORY) or header[124] in (0o200, 0o377):
-            return entries, None, 0
-        try:
-            size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-        except ValueError:
-            return entries, None, 0
-        name = header[:100].split(b"\0", 1)[0].decode(_NAME_ENCODING, "surrogateescape")
-        directory = kind == _DIRECTORY or (kind == _OLD_REGULAR and name.endswith("/"))
-        if directory:
-            if size:
-                return entries, None, 0  # tarfile would not skip a directory's bytes
-            name = name.rstrip("/")
-        prefix = header[345:500].split(b"\0", 1)[0]
-        if prefix:
-            name = prefix.decode(_NAME_ENCODING, "surrogateescape") + "/" + name
-        stride = BLOCK + -(-size // BLOCK) * BLOCK
-        if end - pos < stride:
-            return entries, pos, stride - (end - pos)
-        entries.append((pos, name, size, not directory))
-        pos += stride
+    def __init__(self, buf: bytes) -> None:
+        self.buf = buf
+        # Offsets of the headers read, for `_valid_headers`.
+        self.headers: list[int] = []
+        # (indices into headers, name, data offset, size, regular file) per member.
+        self.entries: list[tuple[tuple[int, ...], str, int, int, bool]] = []
+
+    def run(self, pos: int) -> tuple[int | None, int]:
+        """Scan from pos; returns where the scan stopped and the bytes still needed there.
+
+        need > 0: the piece ends within the member at stop (its headers are in `headers` when whole,
+        so they are checked before their sizes are trusted). need == 0: stop is the end-of-archive
+        block, or None at a header this reader leaves to webdataset.
+        """
+        buf, end = self.buf, len(self.buf)
+        while True:
+            first_header = len(self.headers)
+            if end - pos < BLOCK:
+                return pos, BLOCK - (end - pos)
+            header = buf[pos:pos + BLOCK]
+            if header == _ZERO_BLOCK:
+                return pos, 0
+            self.headers.append(pos)
+            kind, size = _kind_and_size(header)
+            path = None
+            member = pos
+            if kind == _PAX:  # the extended header of the next member: its path, size, times
+                if size is None:
+                    return None, 0
+                member = pos + BLOCK + -(-size // BLOCK) * BLOCK
+                if end - member < BLOCK:
+                    return pos, member + BLOCK - end
+                fields = _pax_fields(buf[pos + BLOCK:pos + BLOCK + size])
+                header = buf[member:member + BLOCK]
+                self.headers.append(member)
+                if fields is None or header == _ZERO_BLOCK:
+                    return None, 0
+                path, pax_size = fields
+                kind, size = _kind_and_size(header)
+                if pax_size is not None and size is not None:
+                    size = max(size, pax_size) if kind == _DIRECTORY else pax_size  # a directory needs both 0
+            if kind not in (_REGULAR, _OLD_REGULAR, _DIRECTORY) or size is None:
+                return None, 0
+            name = header[:100].split(b"\0", 1)[0].decode(_NAME_ENCODING, "surrogateescape")
+            directory = kind == _DIRECTORY or (kind == _OLD_REGULAR and name.endswith("/"))
+            if directory:
+                if size:
+                    return None, 0  # tarfile would not skip a directory's bytes
+                name = name.rstrip("/")
+            prefix = header[345:500].split(b"\0", 1)[0]
+            if prefix:
+                name = prefix.decode(_NAME_ENCODING, "surrogateescape") + "/" + name
+            if path is not None:
+                name = path
+            stop = member + BLOCK + -(-size // BLOCK) * BLOCK
+            if stop > end:
+                return pos, stop - end
+            self.entries.append((tuple(range(first_header, len(self.headers))), name, member + BLOCK, size, not directory))
+            pos = stop
+
+
+def _kind_and_size(header: bytes) -> tuple[bytes, int | None]:
+    """A header's type flag and size (None where the size is not a plain octal number)."""
+    if header[124] in (0o200, 0o377):
+        return header[156:157], None  # base-256
+    try:
+        return header[156:157], int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        return header[156:157], None
+
+
+def _pax_fields(records: bytes) -> tuple[str | None, int | None] | None:
+    """(path, size) of a pax extended header, either None where absent; None for a header with other
+    keywords (or anything `tarfile` might read another way)."""
+    path = size = None
+    pos = 0
+    while pos < len(records):
+        match = _PAX_RECORD.match(records, pos)
+        if not match:
+            return None
+        stop = match.start(1) + int(match.group(1))
+        if stop <= match.end() or stop > len(records) or records[stop - 1] != ord("\n"):
+            return None
+        keyword, value = match.group(2), records[match.end():stop - 1]
+        if keyword == b"path":
+            try:
+                path = value.decode("utf-8").rstrip("/")
+            except UnicodeDecodeError:
+                return None
+        elif keyword == b"size":
+            if not value.isdigit():
+                return None
+            size = int(value)
+        elif keyword not in _PAX_IGNORED:
+            return None
+        pos = stop
+    return path, size
 
 
 def _valid_headers(buf: bytes, offsets: list[int]) -> list[bool]:

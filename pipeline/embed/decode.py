@@ -22,6 +22,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from rankpipe.errors import InputError
 from rankpipe.pipeline.data.tar_reader import tar_samples
+from rankpipe.pipeline.embed.gpu_decode import gpu_decodable_jpeg
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +152,7 @@ class TarBatches(torch.utils.data.IterableDataset):
             builder.add_meta(key, meta, error)
             return
         data = sample[ext]
-        if self.jpeg_on_gpu and ext in _JPEG_EXTENSIONS and _is_gpu_decodable_jpeg(data):
+        if self.jpeg_on_gpu and ext in _JPEG_EXTENSIONS and gpu_decodable_jpeg(data):
             builder.add_meta(key, meta, "")
             builder.add_jpeg(position, data)
             return
@@ -166,8 +167,6 @@ class TarBatches(torch.utils.data.IterableDataset):
 
 # How every decoder turns an image file into 8-bit RGB pixels; recorded in the provenance (its
 # preprocess.pixels), so stores and checkpoints of another rule are not mixed with this one.
-# The EXIF tag that says how a photo is rotated or mirrored (1 = upright).
-ORIENTATION_TAG = 0x0112
 PIXEL_RULE = "rgb8: EXIF orientation applied, alpha over white, high bit depth scaled to 8 bits"
 # Transparent pixels are shown over this colour, as a viewer on a white page shows them.
 ALPHA_BACKGROUND = (255, 255, 255)
@@ -275,18 +274,6 @@ def parse_json(data: bytes | None, label_names: Sequence[str]) -> SampleMeta:
     if np.isnan(labels).all():
         return SampleMeta(split, labels, source, f"no value for any label ({', '.join(label_names)})")
     return SampleMeta(split, labels, source, "")
-
-
-def _is_gpu_decodable_jpeg(data: bytes) -> bool:
-    # Reads only the header: nvjpeg handles baseline/progressive RGB and greyscale JPEGs;
-    # CMYK and anything PIL cannot identify go through the CPU path (which records the error).
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            # A rotated or mirrored JPEG (EXIF orientation other than 1) is turned upright on the CPU.
-            upright = image.getexif().get(ORIENTATION_TAG, 1) == 1
-            return image.format == "JPEG" and image.mode in ("RGB", "L") and upright
-    except Exception:
-        return False
 
 
 class _BatchBuilder:
