@@ -288,7 +288,7 @@ class _BatchBuilder:
         self.labels: list[np.ndarray] = []
         self.images: list[torch.Tensor] = []
         self.image_positions: list[int] = []
-        self.jpegs: list[bytes] = []
+        self.jpegs: list[bytes | memoryview] = []
         self.jpeg_positions: list[int] = []
 
     @property
@@ -306,20 +306,35 @@ class _BatchBuilder:
         self.images.append(image)
         self.image_positions.append(position)
 
-    def add_jpeg(self, position: int, data: bytes) -> None:
+    def add_jpeg(self, position: int, data: bytes | memoryview) -> None:
         self.jpegs.append(data)
         self.jpeg_positions.append(position)
 
     def build(self) -> DecodedBatch:
         labels = np.stack(self.labels) if self.labels else np.zeros((0, self.num_labels), np.float32)
+        jpeg_offsets = np.zeros(len(self.jpegs) + 1, dtype=np.int64)  # [k + 1]
+        np.cumsum([len(data) for data in self.jpegs], out=jpeg_offsets[1:])
         return DecodedBatch(
             tar=self.tar, start=self.start, keys=self.keys, splits=self.splits, sources=self.sources, errors=self.errors,
             labels=labels,  # [n, n_labels]
             images=torch.stack(self.images) if self.images else None,  # [k, 3, H, W]
             image_positions=np.asarray(self.image_positions, dtype=np.int64),
-            # bytearray's join makes the one writable buffer in a single copy (bytes' join then bytearray: two).
-            jpeg_bytes=torch.frombuffer(bytearray().join(self.jpegs), dtype=torch.uint8) if self.jpegs
-            else torch.zeros(0, dtype=torch.uint8),
-            jpeg_offsets=np.cumsum([0] + [len(data) for data in self.jpegs]),
+            jpeg_bytes=self._joined_jpegs(jpeg_offsets), jpeg_offsets=jpeg_offsets,
             jpeg_positions=np.asarray(self.jpeg_positions, dtype=np.int64),
         )
+
+    def _joined_jpegs(self, offsets: np.ndarray) -> torch.Tensor:
+        """The JPEG files one after another in one uint8 tensor, each copied once.
+
+        In a DataLoader worker the tensor is made in shared memory to begin with: the DataLoader
+        would otherwise copy it there once more to hand it to the main process.
+        """
+        joined = torch.empty(int(offsets[-1]), dtype=torch.uint8)  # [total bytes]
+        if not self.jpegs:
+            return joined
+        if torch.utils.data.get_worker_info() is not None:
+            joined.share_memory_()
+        out = memoryview(joined.numpy())
+        for data, start, stop in zip(self.jpegs, offsets[:-1].tolist(), offsets[1:].tolist()):
+            out[start:stop] = data
+        return joined
