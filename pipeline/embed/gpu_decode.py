@@ -90,8 +90,11 @@ _NVJPEG_FRAMES = frozenset((0xC0, 0xC1, 0xC2))
 # The other start-of-frame markers (lossless, arithmetic coding, hierarchical): decoded on the CPU.
 _OTHER_FRAMES = frozenset((0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))
 # Segments PIL only stores or skips when it opens a JPEG: Huffman and arithmetic tables, restart
-# interval, DNL/DHP/EXP, comments, and APPn segments other than those looked into below.
-_PLAIN_SEGMENTS = frozenset((0xC4, 0xC8, 0xCC, 0xDC, 0xDD, 0xDE, 0xDF, 0xFE) + tuple(range(0xE0, 0xF0)))
+# interval, DNL/DHP/EXP, comments, and the APPn segments it does not look into.
+_SKIPPED_SEGMENTS = frozenset((0xC4, 0xC8, 0xCC, 0xDC, 0xDD, 0xDE, 0xDF, 0xFE) + tuple(range(0xE3, 0xED)) + (0xEF,))
+# APPn segments PIL looks into (JFIF, Exif and XMP, ICC and multi-picture, Photoshop, Adobe) that
+# `jpeg_header_verdict` passes over once it has checked them.
+_LOOKED_INTO_SEGMENTS = frozenset((0xE0, 0xE1, 0xE2, 0xED, 0xEE))
 _XMP_PREFIX = b"http://ns.adobe.com/xap/1.0/\x00"
 _XMP_ORIENTATION = re.compile(rb'tiff:Orientation(="|>)([0-9])')
 
@@ -121,10 +124,12 @@ def jpeg_header_verdict(data: bytes | memoryview) -> bool | None:
         if marker == 0xDA:  # start of scan: the header is complete
             break
         length = data[pos + 2] << 8 | data[pos + 3]
-        segment = data[pos + 4:pos + 2 + length]
-        if length < 2 or len(segment) != length - 2:
+        start, pos = pos + 4, pos + 2 + length
+        if length < 2 or pos > end:
             return None
-        pos += 2 + length
+        if marker in _SKIPPED_SEGMENTS:
+            continue
+        segment = data[start:pos]
         if marker in _NVJPEG_FRAMES or marker in _OTHER_FRAMES:
             if frame is not None or len(segment) < 6 or (len(segment) - 6) % 3:
                 return None
@@ -144,7 +149,7 @@ def jpeg_header_verdict(data: bytes | memoryview) -> bool | None:
                 segment[:4] == b"MPF\x00" or (segment[:12] == b"ICC_PROFILE\x00" and len(segment) < 14))) or (
                 marker == 0xED and segment[:14] == b"Photoshop 3.0\x00"):
             return None  # short JFIF/Adobe/ICC segments, multi-picture files, Photoshop blocks
-        elif marker not in _PLAIN_SEGMENTS:
+        elif marker not in _LOOKED_INTO_SEGMENTS:
             return None
     if frame is None:
         return None
