@@ -25,8 +25,8 @@ import numpy as np
 import webdataset as wds
 from webdataset.tariterators import base_plus_ext
 
-# webdataset skips members named like "__key__" or "__meta__/..." when it groups samples.
-WDS_META = re.compile(r"__[^/]*__($|/)")
+from rankpipe.pipeline.data.tars import WDS_META, is_remote
+
 # Bytes per read of a local tar (a member larger than this is read whole). Pieces well below glibc's
 # largest mmap threshold (32 MiB) reuse freed memory instead of faulting in fresh pages each time.
 READ_BYTES = 4 << 20
@@ -52,7 +52,7 @@ def tar_samples(url: str, handler: Handler) -> Iterator[dict]:
     Values are memoryviews for a local tar read by offset and bytes from webdataset; both hold the
     member's exact bytes. Read errors go to `handler`, as webdataset's `handler=` gets them.
     """
-    if "://" in url or url.startswith("pipe:"):
+    if is_remote(url):
         yield from webdataset_samples(url, handler)
         return
     given = 0

@@ -1,7 +1,7 @@
 """Reading tars into batches of images for the backbone, in DataLoader worker processes.
 
-Each worker streams whole tars (one at a time) with webdataset, so every batch belongs to one tar and
-covers a contiguous run of its samples. A batch carries the per-sample metadata of that run (key,
+Each worker reads whole tars (one at a time; local ones by member offset, `tar_reader.py`, as
+webdataset groups them), so every batch belongs to one tar and covers a contiguous run of its samples. A batch carries the per-sample metadata of that run (key,
 split, labels, or why the sample is unusable) plus the usable images, either decoded and
 preprocessed on the CPU, or as raw JPEG bytes for decoding on the GPU.
 """
@@ -37,7 +37,7 @@ class TarTask:
 
     # Index of the tar in the store.
     index: int
-    # Where webdataset reads it from.
+    # A local path or a URL webdataset reads.
     url: str
     # Samples the store allocated for it.
     count: int
