@@ -113,7 +113,7 @@ def test_a_truncated_tar_gives_webdatasets_samples_and_error(tmp_path, cut):
         assert errors and all("unexpected end of data" in e for e in errors)
 
 
-@pytest.mark.parametrize("damage", ["checksum", "size", "name-encoding"])
+@pytest.mark.parametrize("damage", ["checksum", "size", "mode", "name-encoding"])
 def test_a_damaged_header_gives_webdatasets_reading(tmp_path, damage):
     path = tmp_path / "bad.tar"
     write_odd_tar(path)
@@ -125,7 +125,10 @@ def test_a_damaged_header_gives_webdatasets_reading(tmp_path, damage):
     elif damage == "size":
         data[offset + 124:offset + 136] = b"0000000x200\0"
     else:
-        data[offset] = 0xE9  # not UTF-8: kept as a surrogate escape, as tarfile keeps it
+        if damage == "mode":
+            data[offset + 100:offset + 108] = b"00006x4\0"  # tarfile ends the archive at this header
+        else:
+            data[offset] = 0xE9  # not UTF-8: kept as a surrogate escape, as tarfile keeps it
         data[offset + 148:offset + 156] = b"%06o\0 " % (sum(data[offset:offset + 148]) + sum(data[offset + 156:offset + 512]) + 256)
     path.write_bytes(bytes(data))
     ours, theirs = read_both(str(path))

@@ -36,7 +36,12 @@ _ZERO_BLOCK = bytes(BLOCK)
 _NAME_ENCODING = sys.getfilesystemencoding()
 # (start, length) of the header's number fields: mode, uid, gid, size, mtime, chksum, devmajor, devminor.
 _NUMBER_FIELDS = ((100, 8), (108, 8), (116, 8), (124, 12), (136, 12), (148, 8), (329, 8), (337, 8))
-_CHKSUM = (148, 8)
+# Their columns side by side, the position (among those) of each column's field's first column, and
+# where the checksum's columns are.
+_FIELD_COLUMNS = np.concatenate([np.arange(start, start + length) for start, length in _NUMBER_FIELDS])
+_FIELD_FIRST = np.concatenate([np.full(length, sum(n for _, n in _NUMBER_FIELDS[:i]))
+                               for i, (_, length) in enumerate(_NUMBER_FIELDS)])
+_CHKSUM_COLUMNS = np.flatnonzero((_FIELD_COLUMNS >= 148) & (_FIELD_COLUMNS < 156))
 _REGULAR, _OLD_REGULAR, _DIRECTORY, _PAX = b"0", b"\0", b"5", b"x"
 # A pax record, "<length> <keyword>=<value>\n", and the keywords that change nothing read here.
 _PAX_RECORD = re.compile(rb"(\d+) ([^=]+)=")
@@ -244,19 +249,18 @@ def _valid_headers(buf: bytes, offsets: list[int]) -> list[bool]:
     if not offsets:
         return []
     blocks = np.frombuffer(buf, np.uint8)[np.asarray(offsets)[:, None] + np.arange(BLOCK)]  # (n, 512)
-    valid = np.ones(len(offsets), dtype=bool)
-    for start, length in _NUMBER_FIELDS:
-        field = blocks[:, start:start + length]  # (n, length)
-        before_nul = np.cumsum(field == 0, axis=1) == 0  # (n, length)
-        octal = (field >= ord("0")) & (field <= ord("7"))
-        valid &= (octal | ~before_nul).all(axis=1)
-    start, length = _CHKSUM
-    field = blocks[:, start:start + length].astype(np.int64)  # (n, 8)
-    before_nul = np.cumsum(field == 0, axis=1) == 0  # (n, 8)
-    stored = np.zeros(len(offsets), dtype=np.int64)  # the octal number before the first NUL
-    for column in range(length):
-        stored = np.where(before_nul[:, column], stored * 8 + field[:, column] - ord("0"), stored)
+    fields = blocks[:, _FIELD_COLUMNS]  # (n, c) the number fields' bytes
+    nul = fields == 0
+    # NULs from the start of each column's field up to the column: 0 before the field's first NUL.
+    nuls = np.cumsum(nul, axis=1)
+    before_nul = nuls - nuls[:, _FIELD_FIRST] + nul[:, _FIELD_FIRST] == 0  # (n, c)
+    octal = (fields >= ord("0")) & (fields <= ord("7"))
+    valid = (octal | ~before_nul).all(axis=1)
+    # The stored checksum: the octal digits before the field's first NUL.
+    digits = np.where(before_nul[:, _CHKSUM_COLUMNS], fields[:, _CHKSUM_COLUMNS].astype(np.int64) - ord("0"), 0)
+    places = before_nul[:, _CHKSUM_COLUMNS].sum(axis=1, keepdims=True) - 1 - np.arange(len(_CHKSUM_COLUMNS))
+    stored = (digits * np.where(places >= 0, 8 ** np.maximum(places, 0), 0)).sum(axis=1)  # (n,)
     # The checksum field itself counts as eight spaces.
-    computed = blocks.sum(axis=1, dtype=np.int64) - field.sum(axis=1) + 8 * ord(" ")
-    valid &= computed == stored
-    return valid.tolist()
+    chksum_bytes = fields[:, _CHKSUM_COLUMNS].sum(axis=1, dtype=np.int64)
+    computed = blocks.sum(axis=1, dtype=np.int64) - chksum_bytes + 8 * ord(" ")
+    return (valid & (computed == stored)).tolist()

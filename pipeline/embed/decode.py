@@ -256,6 +256,7 @@ def parse_json(data: bytes | None, label_names: Sequence[str]) -> SampleMeta:
     if not isinstance(split, str):
         return SampleMeta("", labels, source, f"split is not a string: {split!r}")
     values = meta["labels"]
+    found = False
     for i, name in enumerate(label_names):
         value = values.get(name)
         if value is None:
@@ -271,7 +272,8 @@ def parse_json(data: bytes | None, label_names: Sequence[str]) -> SampleMeta:
         if math.isinf(number):
             return SampleMeta(split, labels, source, f"label {name!r} is not finite: {str(value)[:24]}")
         labels[i] = number
-    if np.isnan(labels).all():
+        found = True
+    if not found:
         return SampleMeta(split, labels, source, f"no value for any label ({', '.join(label_names)})")
     return SampleMeta(split, labels, source, "")
 
