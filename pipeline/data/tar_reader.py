@@ -1,7 +1,8 @@
-"""A tar's samples, grouped as webdataset groups them, read by member offset at close to the disk's speed.
+"""A tar's samples, grouped as webdataset groups them, read by member offset in large pieces.
 
 webdataset streams a tar through Python's `tarfile` (a header object per member, member bytes read
-in small pieces and joined): per sample that costs far more than reading the bytes. A local tar is
+in small pieces and joined): per sample that costs far more than reading the bytes (BENCHMARKS.md,
+the tar reader). A local tar is
 read here in large pieces instead; member headers are located by their sizes, checked all at once
 per piece (checksum and number fields, as `tarfile` checks them), and each member's bytes are a
 memoryview into the piece, never copied.
