@@ -191,3 +191,17 @@ def test_tar_batches_hold_webdatasets_bytes(tmp_path, monkeypatch, with_index):
     expected = b"".join(s.get("jpg", b"") for url in tars for s in wds.WebDataset(url.url, shardshuffle=False, nodesplitter=None,
                                                                          workersplitter=None, empty_check=False))
     assert b"".join(bytes(a.jpeg_bytes.numpy()) for a in ours) == expected
+
+
+def test_batches_from_a_dataloader_worker_hold_the_same_jpeg_bytes(tmp_path):
+    # In a worker the JPEGs are written straight into shared memory; the main process reads them there.
+    manifest = write_tiny_shards(tmp_path / "shards", n_tars=2, per_tar=7, with_index=True)
+    tars = list_tars([str(p) for p in sorted(manifest.parent.glob("*.tar"))])
+    dataset = TarBatches([TarTask(t, tar.url, tar.count) for t, tar in enumerate(tars)], ["squares"], 3,
+                         preprocess=pixels, jpeg_on_gpu=True)
+    here = list(dataset)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=1)
+    there = list(loader)
+    assert [b.start for b in there] == [b.start for b in here] and sum(b.num_images for b in there) == 14
+    for a, b in zip(here, there):
+        assert [bytes(j.numpy()) for j in a.jpegs()] == [bytes(j.numpy()) for j in b.jpegs()]
