@@ -4,10 +4,11 @@ Generates JPEG tars (the photo crops of `embed_throughput`) in a folder on the d
 in one run times, over the same files:
 
     plain MB/s     each tar read start to end in 8 MiB reads, one after another, in this process
-    reader MB/s    the embed job's reader (`TarBatches`: webdataset's tar iteration, each sample's json
-                   and label parsing, batches of raw JPEG bytes as for GPU decoding, no pixel
-                   decoding) in this process, and again in a DataLoader with --workers processes
-                   as `rankpipe embed` runs it
+    reader MB/s    the embed job's reader (`TarBatches`: local tars read by member offset,
+                   `pipeline/data/tar_reader.py`; each sample's json and label parsing, the nvJPEG
+                   check of each JPEG's header, batches of raw JPEG bytes as for GPU decoding, no
+                   pixel decoding) in this process, and again in a DataLoader with --workers
+                   processes as `rankpipe embed` runs it
     ratio          reader MB/s / plain MB/s (of the same pass)
 
 Page cache: every tar is read once before anything is timed, and the machine's memory holds them

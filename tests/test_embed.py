@@ -28,13 +28,13 @@ from rankpipe.pipeline.data.manifest import LabelSpec, Manifest, load_manifest
 from rankpipe.pipeline.embed.backbone import TINY_CONVNEXT, TINY_VIT, Backbone, BackboneSpec
 from rankpipe.pipeline.embed.decode import (
     ALPHA_BACKGROUND,
-    ORIENTATION_TAG,
     PIXEL_RULE,
     TarBatches,
     TarTask,
     parse_json,
     to_rgb,
 )
+from rankpipe.pipeline.embed.gpu_decode import ORIENTATION_TAG
 from rankpipe.pipeline.embed.job import embed, manifest_for_pattern
 from rankpipe.pipeline.embed.store_writer import NON_FINITE_REASON
 from rankpipe.pipeline.labelled_store import LabelledStore

@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 INDEX_FILE = "index.json"
 # webdataset skips members named like "__key__" or "__meta__/..." when it groups samples.
-_WDS_META = re.compile(r"__[^/]*__($|/)")
+WDS_META = re.compile(r"__[^/]*__($|/)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +104,7 @@ def tar_samples(path: Path) -> Iterator[tuple[str, dict[str, tarfile.TarInfo]]]:
     try:
         with tarfile.open(path, "r:") as archive:
             for member in archive:
-                if not member.isreg() or _WDS_META.match(member.name):
+                if not member.isreg() or WDS_META.match(member.name):
                     continue
                 name, ext = base_plus_ext(member.name)
                 if name is None:

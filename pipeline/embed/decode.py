@@ -1,7 +1,7 @@
 """Reading tars into batches of images for the backbone, in DataLoader worker processes.
 
-Each worker streams whole tars (one at a time) with webdataset, so every batch belongs to one tar and
-covers a contiguous run of its samples. A batch carries the per-sample metadata of that run (key,
+Each worker reads whole tars (one at a time; local ones by member offset, `tar_reader.py`, as
+webdataset groups them), so every batch belongs to one tar and covers a contiguous run of its samples. A batch carries the per-sample metadata of that run (key,
 split, labels, or why the sample is unusable) plus the usable images, either decoded and
 preprocessed on the CPU, or as raw JPEG bytes for decoding on the GPU.
 """
@@ -18,10 +18,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from rankpipe.errors import InputError
+from rankpipe.pipeline.data.tar_reader import tar_samples
+from rankpipe.pipeline.embed.gpu_decode import gpu_decodable_jpeg
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ class TarTask:
 
     # Index of the tar in the store.
     index: int
-    # Where webdataset reads it from.
+    # A local path or a URL webdataset reads.
     url: str
     # Samples the store allocated for it.
     count: int
@@ -123,8 +124,7 @@ class TarBatches(torch.utils.data.IterableDataset):
             logger.warning("reading %s: %s", task.url, tar_errors[-1])
             return True
 
-        samples = wds.WebDataset(task.url, shardshuffle=False, handler=record, nodesplitter=None,
-                                 workersplitter=None, empty_check=False)
+        samples = tar_samples(task.url, record)
         builder = _BatchBuilder(task.index, 0, len(self.label_names))
         position = 0
         for position, sample in enumerate(samples):
@@ -142,7 +142,8 @@ class TarBatches(torch.utils.data.IterableDataset):
 
     def _add_sample(self, builder: _BatchBuilder, position: int, sample: dict[str, Any]) -> None:
         key = str(sample.get("__key__", ""))
-        meta = parse_json(sample.get("json"), self.label_names)
+        json_data = sample.get("json")  # bytes, or a memoryview from the offset reader
+        meta = parse_json(None if json_data is None else bytes(json_data), self.label_names)
         error = meta.error
         ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
         if not error and ext is None:
@@ -151,7 +152,7 @@ class TarBatches(torch.utils.data.IterableDataset):
             builder.add_meta(key, meta, error)
             return
         data = sample[ext]
-        if self.jpeg_on_gpu and ext in _JPEG_EXTENSIONS and _is_gpu_decodable_jpeg(data):
+        if self.jpeg_on_gpu and ext in _JPEG_EXTENSIONS and gpu_decodable_jpeg(data):
             builder.add_meta(key, meta, "")
             builder.add_jpeg(position, data)
             return
@@ -166,8 +167,6 @@ class TarBatches(torch.utils.data.IterableDataset):
 
 # How every decoder turns an image file into 8-bit RGB pixels; recorded in the provenance (its
 # preprocess.pixels), so stores and checkpoints of another rule are not mixed with this one.
-# The EXIF tag that says how a photo is rotated or mirrored (1 = upright).
-ORIENTATION_TAG = 0x0112
 PIXEL_RULE = "rgb8: EXIF orientation applied, alpha over white, high bit depth scaled to 8 bits"
 # Transparent pixels are shown over this colour, as a viewer on a white page shows them.
 ALPHA_BACKGROUND = (255, 255, 255)
@@ -257,6 +256,7 @@ def parse_json(data: bytes | None, label_names: Sequence[str]) -> SampleMeta:
     if not isinstance(split, str):
         return SampleMeta("", labels, source, f"split is not a string: {split!r}")
     values = meta["labels"]
+    found = False
     for i, name in enumerate(label_names):
         value = values.get(name)
         if value is None:
@@ -272,21 +272,10 @@ def parse_json(data: bytes | None, label_names: Sequence[str]) -> SampleMeta:
         if math.isinf(number):
             return SampleMeta(split, labels, source, f"label {name!r} is not finite: {str(value)[:24]}")
         labels[i] = number
-    if np.isnan(labels).all():
+        found = True
+    if not found:
         return SampleMeta(split, labels, source, f"no value for any label ({', '.join(label_names)})")
     return SampleMeta(split, labels, source, "")
-
-
-def _is_gpu_decodable_jpeg(data: bytes) -> bool:
-    # Reads only the header: nvjpeg handles baseline/progressive RGB and greyscale JPEGs;
-    # CMYK and anything PIL cannot identify go through the CPU path (which records the error).
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            # A rotated or mirrored JPEG (EXIF orientation other than 1) is turned upright on the CPU.
-            upright = image.getexif().get(ORIENTATION_TAG, 1) == 1
-            return image.format == "JPEG" and image.mode in ("RGB", "L") and upright
-    except Exception:
-        return False
 
 
 class _BatchBuilder:
@@ -301,7 +290,7 @@ class _BatchBuilder:
         self.labels: list[np.ndarray] = []
         self.images: list[torch.Tensor] = []
         self.image_positions: list[int] = []
-        self.jpegs: list[bytes] = []
+        self.jpegs: list[bytes | memoryview] = []
         self.jpeg_positions: list[int] = []
 
     @property
@@ -319,20 +308,35 @@ class _BatchBuilder:
         self.images.append(image)
         self.image_positions.append(position)
 
-    def add_jpeg(self, position: int, data: bytes) -> None:
+    def add_jpeg(self, position: int, data: bytes | memoryview) -> None:
         self.jpegs.append(data)
         self.jpeg_positions.append(position)
 
     def build(self) -> DecodedBatch:
         labels = np.stack(self.labels) if self.labels else np.zeros((0, self.num_labels), np.float32)
+        jpeg_offsets = np.zeros(len(self.jpegs) + 1, dtype=np.int64)  # [k + 1]
+        np.cumsum([len(data) for data in self.jpegs], out=jpeg_offsets[1:])
         return DecodedBatch(
             tar=self.tar, start=self.start, keys=self.keys, splits=self.splits, sources=self.sources, errors=self.errors,
             labels=labels,  # [n, n_labels]
             images=torch.stack(self.images) if self.images else None,  # [k, 3, H, W]
             image_positions=np.asarray(self.image_positions, dtype=np.int64),
-            # bytearray's join makes the one writable buffer in a single copy (bytes' join then bytearray: two).
-            jpeg_bytes=torch.frombuffer(bytearray().join(self.jpegs), dtype=torch.uint8) if self.jpegs
-            else torch.zeros(0, dtype=torch.uint8),
-            jpeg_offsets=np.cumsum([0] + [len(data) for data in self.jpegs]),
+            jpeg_bytes=self._joined_jpegs(jpeg_offsets), jpeg_offsets=jpeg_offsets,
             jpeg_positions=np.asarray(self.jpeg_positions, dtype=np.int64),
         )
+
+    def _joined_jpegs(self, offsets: np.ndarray) -> torch.Tensor:
+        """The JPEG files one after another in one uint8 tensor, each copied once.
+
+        In a DataLoader worker the tensor is made in shared memory to begin with: the DataLoader
+        would otherwise copy it there once more to hand it to the main process.
+        """
+        joined = torch.empty(int(offsets[-1]), dtype=torch.uint8)  # [total bytes]
+        if not self.jpegs:
+            return joined
+        if torch.utils.data.get_worker_info() is not None:
+            joined.share_memory_()
+        out = memoryview(joined.numpy())
+        for data, start, stop in zip(self.jpegs, offsets[:-1].tolist(), offsets[1:].tolist()):
+            out[start:stop] = data
+        return joined

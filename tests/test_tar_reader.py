@@ -1,0 +1,207 @@
+"""The offset tar reader gives webdataset's samples, byte for byte, and webdataset's errors on damaged tars."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from rankpipe.pipeline.data import tar_reader
+from rankpipe.pipeline.data.tar_reader import tar_samples, webdataset_samples
+from rankpipe.pipeline.data.tars import list_tars
+from rankpipe.pipeline.embed.decode import TarBatches, TarTask, tar_error_text
+
+from conftest import encode, tiny_image, write_tiny_shards
+
+
+def read_both(url: str, readers=(tar_samples, webdataset_samples)) -> list[tuple[list[dict], list[str]]]:
+    """(samples, error texts) of the offset reader and of webdataset, values as bytes."""
+    results = []
+    for read in readers:
+        errors: list[str] = []
+        samples = [{k: v if k.startswith("__") else bytes(v) for k, v in sample.items()}
+                   for sample in read(url, lambda e: errors.append(tar_error_text(e)) or True)]
+        results.append((samples, errors))
+    return results
+
+
+def add_member(archive: tarfile.TarFile, name: str, data: bytes, kind: bytes = tarfile.REGTYPE) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.type = (len(data) if kind == tarfile.REGTYPE else 0), kind
+    # A fractional time, as webdataset's writer sets it: a pax header before every member of a pax tar.
+    info.mtime = 1_700_000_000.25
+    archive.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+
+
+def write_odd_tar(path: Path, tar_format: int = tarfile.USTAR_FORMAT) -> None:
+    """Member names webdataset groups in its own ways: folders with dots, upper-case and multi-part
+    extensions, names without an extension, meta members, a directory entry, a ustar-prefixed long name
+    (a pax tar adds names beyond ASCII and beyond ustar's length)."""
+    rng = np.random.default_rng(0)
+    jpeg = encode(tiny_image(rng, 2))
+    long_folder = "deep/" + "f" * 90 + "/" + "g" * 40
+    with tarfile.open(path, "w", format=tar_format) as archive:
+        add_member(archive, "__meta__/info.txt", b"skipped")
+        add_member(archive, "d.1/", b"", tarfile.DIRTYPE)
+        add_member(archive, "d.1/a.jpg", jpeg)
+        add_member(archive, "d.1/a.json", b'{"labels": {"squares": 2}}')
+        add_member(archive, "d.1/a.seg.PNG", b"\x89PNG not really")
+        add_member(archive, "README", b"no extension: not part of any sample")
+        add_member(archive, "__key__", b"meta")
+        add_member(archive, "B.JPG", jpeg[:100])
+        add_member(archive, "B.txt", b"")
+        add_member(archive, f"{long_folder}/c.jpg", jpeg)
+        add_member(archive, "e f.jpeg", b"x" * 1500)
+        if tar_format == tarfile.PAX_FORMAT:
+            add_member(archive, "ünïcode/ä.JPG", jpeg)
+            add_member(archive, "l" * 120 + "/" + "m" * 120 + ".jpg", jpeg)
+
+
+@pytest.mark.parametrize("tar_format", [tarfile.USTAR_FORMAT, tarfile.PAX_FORMAT], ids=["ustar", "pax"])
+@pytest.mark.parametrize("piece_bytes", [tar_reader.READ_BYTES, 1024, 700])
+def test_odd_member_names_give_webdatasets_samples(tmp_path, monkeypatch, piece_bytes, tar_format):
+    # Small pieces put member headers, bytes and padding across piece borders.
+    monkeypatch.setattr(tar_reader, "READ_BYTES", piece_bytes)
+    path = tmp_path / "odd.tar"
+    write_odd_tar(path, tar_format)
+    monkeypatch.setattr(tar_reader, "webdataset_samples", lambda url, handler: pytest.fail("handed over"))
+    (ours, our_errors) = read_both(str(path), [tar_samples])[0]
+    monkeypatch.undo()
+    (theirs, their_errors) = read_both(str(path), [webdataset_samples])[0]
+    assert ours == theirs and our_errors == their_errors == []
+    keys = ["d.1/a", "B", "deep/" + "f" * 90 + "/" + "g" * 40 + "/c", "e f"]
+    if tar_format == tarfile.PAX_FORMAT:
+        keys += ["ünïcode/ä", "l" * 120 + "/" + "m" * 120]
+    assert [s["__key__"] for s in ours] == keys
+    assert sorted(ours[0]) == ["__key__", "__local_path__", "__url__", "jpg", "json", "seg.png"]
+
+
+def test_a_webdataset_written_tar_is_read_by_offset(tmp_path, monkeypatch):
+    # webdataset's writer puts a pax header (a fractional mtime) before every member.
+    path = tmp_path / "w.tar"
+    with wds.TarWriter(str(path)) as sink:
+        for i in range(5):
+            sink.write({"__key__": f"k{i}", "jpg": bytes([i]) * (700 * i), "json": b"{}"})
+    theirs = read_both(str(path), [webdataset_samples])[0]
+    monkeypatch.setattr(tar_reader, "webdataset_samples", lambda url, handler: pytest.fail("handed over"))
+    samples = list(tar_samples(str(path), lambda e: False))
+    assert all(isinstance(s["jpg"], memoryview) for s in samples)
+    assert read_both(str(path), [tar_samples])[0] == theirs and len(theirs[0]) == 5
+
+
+@pytest.mark.parametrize("cut", ["data", "header", "boundary", "padding", "end-blocks"])
+def test_a_truncated_tar_gives_webdatasets_samples_and_error(tmp_path, cut):
+    path = tmp_path / "cut.tar"
+    write_odd_tar(path)
+    with tarfile.open(path) as archive:
+        member = archive.getmember("e f.jpeg")
+    end = {"data": member.offset_data + 700, "header": member.offset + 100, "boundary": member.offset,
+           "padding": member.offset_data + member.size + 10, "end-blocks": member.offset_data + 2048}[cut]
+    os.truncate(path, end)
+    assert read_both(str(path))[0] == read_both(str(path))[1]
+    (samples, errors), _ = read_both(str(path))
+    assert len(samples) >= 3
+    if cut == "data":
+        assert errors and all("unexpected end of data" in e for e in errors)
+
+
+@pytest.mark.parametrize("damage", ["checksum", "size", "mode", "name-encoding"])
+def test_a_damaged_header_gives_webdatasets_reading(tmp_path, damage):
+    path = tmp_path / "bad.tar"
+    write_odd_tar(path)
+    with tarfile.open(path) as archive:
+        offset = archive.getmember("B.JPG").offset
+    data = bytearray(path.read_bytes())
+    if damage == "checksum":
+        data[offset + 5] ^= 1  # the name changes, the checksum no longer matches
+    elif damage == "size":
+        data[offset + 124:offset + 136] = b"0000000x200\0"
+    else:
+        if damage == "mode":
+            data[offset + 100:offset + 108] = b"00006x4\0"  # tarfile ends the archive at this header
+        else:
+            data[offset] = 0xE9  # not UTF-8: kept as a surrogate escape, as tarfile keeps it
+        data[offset + 148:offset + 156] = b"%06o\0 " % (sum(data[offset:offset + 148]) + sum(data[offset + 156:offset + 512]) + 256)
+    path.write_bytes(bytes(data))
+    ours, theirs = read_both(str(path))
+    assert ours == theirs and len(ours[0]) >= 1
+
+
+@pytest.mark.parametrize("kind", ["pax-global", "gnu-long-name", "gzip", "duplicate", "empty", "missing", "not-a-tar"])
+def test_tars_left_to_webdataset_read_the_same(tmp_path, kind):
+    path = tmp_path / "x.tar"
+    if kind == "gnu-long-name":
+        write_odd_tar(path, tarfile.GNU_FORMAT)
+    elif kind == "pax-global":
+        with tarfile.open(path, "w", format=tarfile.PAX_FORMAT, pax_headers={"comment": "global"}) as archive:
+            add_member(archive, "a.jpg", b"after a global header")
+    elif kind == "gzip":
+        write_odd_tar(tmp_path / "plain.tar")
+        path.write_bytes(gzip.compress((tmp_path / "plain.tar").read_bytes()))
+    elif kind == "duplicate":
+        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as archive:
+            for name in ("a.jpg", "a.json", "a.jpg", "b.jpg"):
+                add_member(archive, name, name.encode())
+    elif kind == "empty":
+        with tarfile.open(path, "w"):
+            pass
+    elif kind == "not-a-tar":
+        path.write_bytes(b"plain text " * 100)
+    ours, theirs = read_both(str(path))
+    assert ours == theirs
+    if kind in ("missing", "not-a-tar", "duplicate"):
+        assert ours[1], "webdataset reports an error here"
+
+
+def pixels(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)  # (3, H, W) uint8
+
+
+def hand_over(url: str):
+    """An offset reader that hands every tar to webdataset from its first sample."""
+    raise tar_reader._HandOver
+    yield
+
+
+@pytest.mark.parametrize("with_index", [False, True])
+def test_tar_batches_hold_webdatasets_bytes(tmp_path, monkeypatch, with_index):
+    manifest = write_tiny_shards(tmp_path / "shards", n_tars=2, per_tar=7, with_index=with_index)
+    tars = list_tars([str(p) for p in sorted(manifest.parent.glob("*.tar"))])
+    tasks = [TarTask(t, tar.url, tar.count) for t, tar in enumerate(tars)]
+    ours = list(TarBatches(tasks, ["squares"], 3, preprocess=pixels, jpeg_on_gpu=True))
+    monkeypatch.setattr(tar_reader, "_local_samples", hand_over)
+    theirs = list(TarBatches(tasks, ["squares"], 3, preprocess=pixels, jpeg_on_gpu=True))
+    assert len(ours) == len(theirs) == 6
+    for a, b in zip(ours, theirs):
+        assert (a.tar, a.start, a.keys, a.splits, a.errors, a.last) == (b.tar, b.start, b.keys, b.splits, b.errors, b.last)
+        np.testing.assert_array_equal(a.labels, b.labels)
+        np.testing.assert_array_equal(a.jpeg_offsets, b.jpeg_offsets)
+        assert bytes(a.jpeg_bytes.numpy()) == bytes(b.jpeg_bytes.numpy())
+        np.testing.assert_array_equal(a.image_positions, b.image_positions)
+        assert (a.images is None) == (b.images is None) and (a.images is None or a.images.equal(b.images))
+    assert sum(len(a.image_positions) for a in ours) == 2  # the PNGs, decoded on the CPU
+    expected = b"".join(s.get("jpg", b"") for url in tars for s in wds.WebDataset(url.url, shardshuffle=False, nodesplitter=None,
+                                                                         workersplitter=None, empty_check=False))
+    assert b"".join(bytes(a.jpeg_bytes.numpy()) for a in ours) == expected
+
+
+def test_batches_from_a_dataloader_worker_hold_the_same_jpeg_bytes(tmp_path):
+    # In a worker the JPEGs are written straight into shared memory; the main process reads them there.
+    manifest = write_tiny_shards(tmp_path / "shards", n_tars=2, per_tar=7, with_index=True)
+    tars = list_tars([str(p) for p in sorted(manifest.parent.glob("*.tar"))])
+    dataset = TarBatches([TarTask(t, tar.url, tar.count) for t, tar in enumerate(tars)], ["squares"], 3,
+                         preprocess=pixels, jpeg_on_gpu=True)
+    here = list(dataset)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=1)
+    there = list(loader)
+    assert [b.start for b in there] == [b.start for b in here] and sum(b.num_images for b in there) == 14
+    for a, b in zip(here, there):
+        assert [bytes(j.numpy()) for j in a.jpegs()] == [bytes(j.numpy()) for j in b.jpegs()]
