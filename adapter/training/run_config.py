@@ -157,7 +157,12 @@ class RunConfig:
     @classmethod
     def from_json(cls, text: str) -> RunConfig:
         """Inverse of `to_json`; a config saved before a field existed keeps the behaviour it was trained with."""
-        return cls.from_dict(_saved_behaviour(json.loads(text)), where="checkpoint run config")
+        return cls.from_saved(json.loads(text))
+
+    @classmethod
+    def from_saved(cls, data: Any, where: str = "checkpoint run config") -> RunConfig:
+        """A config a checkpoint or metrics record saved as plain data, read as `from_json` reads its text."""
+        return cls.from_dict(_saved_behaviour(data), where=where)
 
     def differences(self, other: RunConfig) -> list[str]:
         """Dotted names of the fields whose values differ between two configs."""

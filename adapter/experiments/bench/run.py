@@ -353,7 +353,9 @@ def finished_run(run_dir: Path, run_config) -> dict | None:
     if not path.is_file():
         return None
     record = json.loads(path.read_text())
-    changed = RunConfig.from_dict(record["run_config"]).differences(run_config)
+    # Read as checkpoints are: a record saved before a config field changed keeps the behaviour it was
+    # trained with, so it reads as trained with other settings rather than failing on the old field.
+    changed = RunConfig.from_saved(record["run_config"], where=str(path)).differences(run_config)
     if changed:
         raise InputError(f"{run_dir} was trained with other settings ({', '.join(changed)} differ); "
                          "use another --out, or delete that run folder to train it again")
