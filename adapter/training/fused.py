@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -142,7 +143,9 @@ def _train_together(features: TrainingFeatures, runs: list[TrainingRun], device:
     for run in runs:
         run.sampler = samplers.setdefault(run.cfg.train.seed, run.sampler)
     active = [i for i, run in enumerate(runs) if not run.finished]
+    began = time.monotonic()
     for i, run in enumerate(runs):
+        run.started = began  # not the earlier groups' training: each run's seconds are its own
         if run.finished:
             outcomes[i] = _result(run)
     while active:

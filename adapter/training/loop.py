@@ -103,6 +103,9 @@ class TrainResult:
     best_path: Path
     # OUT/last.pt.
     last_path: Path
+    # Wall-clock seconds this process trained the run: from its first step here to its last, validations
+    # and checkpoints included (a fused run's own share ends when it does).
+    seconds: float
 
 
 def train_from_store(
@@ -336,13 +339,14 @@ class TrainingRun:
         return new_srcc
 
     def result(self) -> TrainResult:
-        """How the finished run ended."""
+        """How the finished run ended; called when it ends, which dates its `seconds`."""
         best = self.best
         if best is None:
             raise InputError(f"{self.out_dir}/{LAST} records no validation; the run has no best checkpoint to report")
         return TrainResult(
             steps=self.step, best_step=best["step"], best_srcc=dict(best["srcc"]), best_mean_srcc=best["mean_srcc"],
             best_path=self.out_dir / BEST, last_path=self.out_dir / LAST,
+            seconds=round(time.monotonic() - self.started, 3),
         )
 
 

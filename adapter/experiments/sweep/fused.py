@@ -9,7 +9,6 @@ many trials at once) continues alone from its last.pt.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -59,7 +58,6 @@ def run_unit(unit: Sequence[Trial], sweep_dir: str | Path, features: ResidentFea
         else:
             to_train.append(trial)
     folders = [trial_folder(sweep_dir, trial.id) for trial in to_train]
-    started = time.monotonic()
     outcomes = train_fused(
         features, [FusedJob(folder, trial.config, (folder / LAST).is_file()) for trial, folder in zip(to_train, folders)],
         data.provenance, device, splits=data.manifest.splits, store_identity=data.identity,
@@ -69,5 +67,5 @@ def run_unit(unit: Sequence[Trial], sweep_dir: str | Path, features: ResidentFea
         if outcome is None:  # the fused pass failed as a whole: the trial continues alone
             records[trial.id] = run_trial(trial, sweep_dir, features, data, settings, device)
         else:
-            records[trial.id] = finish_trial(trial, folder, outcome, data, settings, device, started)
+            records[trial.id] = finish_trial(trial, folder, outcome, data, settings, device)
     return [records[trial.id] for trial in unit]
