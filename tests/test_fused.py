@@ -150,6 +150,10 @@ def test_runs_that_cannot_fuse_have_no_key_and_mixed_keys_are_refused(tmp_path, 
     assert fusion_key(tiny_config("adapter.pair_checkpoint=true")) is None
     assert fusion_key(tiny_config("adapter.d_model=16")) != fusion_key(tiny_config())
     assert fusion_key(tiny_config("train.batch_size=8")) != fusion_key(tiny_config())
+    # The features are shared: runs that would hold or stream them differently do not fuse.
+    assert fusion_key(tiny_config("train.max_resident_gb=0.5")) != fusion_key(tiny_config())
+    assert fusion_key(tiny_config("train.window_steps=7")) != fusion_key(tiny_config())
+    assert fusion_key(tiny_config("train.eval_every=7", "train.seed=3")) == fusion_key(tiny_config())
     labelled, features = data
     jobs = [FusedJob(tmp_path / "a", tiny_config(), False), FusedJob(tmp_path / "b", tiny_config("adapter.d_model=16"), False)]
     with pytest.raises(ValueError, match="one fusion key"):
