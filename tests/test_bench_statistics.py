@@ -136,6 +136,25 @@ def test_compare_rows_counts_wins_ties_and_losses(truth):
         "- `new` vs `ref`: 1 better, 1 no difference, 1 worse (of 3 queries)"]
 
 
+def test_n_counts_the_images_the_estimates_use(truth):
+    rows = np.arange(N)
+
+    def scores(seed: int, unlabelled: list[int]) -> RunScores:
+        labels = truth.copy()
+        labels[unlabelled] = np.nan
+        return RunScores(rows, {"a": truth + np.random.default_rng(seed).normal(size=N)}, {"a": labels})
+
+    # The first run of `new` has every label; its second lacks image 0 and the reference lacks image 1.
+    runs = {("new", 0): scores(0, []), ("new", 1): scores(1, [0]), ("ref", 0): scores(2, [1])}
+    table = {row.variant: row for row in compare_rows(runs, {"a": False}, ["ref", "new"], "ref", "srcc", CONFIG)}
+    assert table["ref"].n == N - 1
+    assert table["new"].n == N - 2  # Δ is resampled over the images labelled in all three runs
+    mask = np.isfinite(runs[("new", 1)].truth["a"]) & np.isfinite(runs[("ref", 0)].truth["a"])
+    direct = np.mean([stats.spearmanr(runs[("new", s)].scores["a"][mask], truth[mask]).statistic for s in (0, 1)])
+    direct -= stats.spearmanr(runs[("ref", 0)].scores["a"][mask], truth[mask]).statistic
+    assert table["new"].difference.value == pytest.approx(direct, abs=1e-12)
+
+
 def test_query_matrix_diagonal_dominates_only_when_the_query_steers():
     rng = np.random.default_rng(5)
     labels = {name: rng.normal(size=200) for name in ("blur", "brightness", "count")}
