@@ -133,8 +133,16 @@ def comparison_csv(rows: Sequence[ComparisonRow], metric: str) -> str:
 
 
 def _verdict(difference: Estimate | None) -> str | None:
-    """None where there is nothing to judge: no difference computed, or too few labelled images for an interval."""
-    return None if difference is None or math.isnan(difference.low) else verdict(difference)
+    """None where there is nothing to judge: no difference computed, or too few labelled images for an interval.
+
+    A difference of exactly 0 is no difference even without an interval: identical rows differ by 0 on
+    every resample, a degenerate bootstrap distribution whose interval a scipy release may give as NaN.
+    """
+    if difference is None or math.isnan(difference.value):
+        return None
+    if math.isnan(difference.low) or math.isnan(difference.high):
+        return SAME if difference.value == 0.0 else None
+    return verdict(difference)
 
 
 def _interval(estimate: Estimate | None, signed: bool = False) -> str:
