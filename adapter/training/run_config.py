@@ -87,7 +87,8 @@ class TrainConfig:
     # Share of each batch filled with training images of the other labels, given the target of a zero
     # label (the released loader mixes in 20% for counting). Only for labels that are counts, where an
     # image without the label holds none of the thing counted; needs 2+ labels trained together and
-    # every training label a non-negative integer. 0 = off.
+    # every training label a non-negative integer, and at least 2 of each batch's images left to the
+    # label itself. 0 = off.
     negative_share: float = 0.0
     # Validate on the val split, write last.pt and maybe best.pt every this many steps (and at the end).
     eval_every: int = 500
@@ -122,6 +123,11 @@ class TrainConfig:
             raise ValueError(f"sampling must be one of {', '.join(SAMPLINGS)}, not {self.sampling!r}")
         if not 0 <= self.negative_share < 1:
             raise ValueError(f"negative_share must be in [0, 1), not {self.negative_share}")
+        # The batch's own images, as BatchSampler.draw counts them: a pair needs two of them.
+        own = int(self.batch_size * (1 - self.negative_share) + 1e-9)
+        if self.negative_share > 0 and own < 2:
+            raise ValueError(f"negative_share={self.negative_share} leaves {own} of batch_size={self.batch_size} "
+                             "images to the label itself; lower negative_share or raise batch_size so at least 2 remain")
 
 
 @dataclasses.dataclass(frozen=True)
