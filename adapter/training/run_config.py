@@ -51,7 +51,8 @@ class OptimConfig:
     warmup_steps: int = 500
     # Learning rate at the end of the cosine, as a fraction of `lr`.
     min_lr_ratio: float = 0.0
-    # Clip the global gradient norm to this value; 0 turns clipping off (the released code does not clip).
+    # Clip the global gradient norm to this value; 0 turns clipping off, as released. Clipping at 1.0 is a
+    # deliberate default, a guard against single bad batches (docs/fidelity.md says why).
     grad_clip: float = 1.0
 
     def __post_init__(self) -> None:
