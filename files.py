@@ -45,9 +45,9 @@ def atomic_target(path: str | Path) -> Iterator[Path]:
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write `path` through a temporary file, so readers see the old or the new text, never half."""
+    """Write `path` as UTF-8 through a temporary file, so readers see the old or the new text, never half."""
     with atomic_target(path) as partial:
-        partial.write_text(text)
+        partial.write_text(text, encoding="utf-8")
 
 
 @contextlib.contextmanager

@@ -37,7 +37,7 @@ import webdataset as wds
 from PIL import Image
 from skimage import data as skdata
 
-from rankpipe.benchmarks.store_write import feed_writer, random_features
+from rankpipe.benchmarks.synthetic_store import feed_writer, random_features
 from rankpipe.pipeline.codec_pipelines import resolve_codec_pipeline
 from rankpipe.pipeline.data.manifest import LabelSpec, Manifest
 from rankpipe.pipeline.embed.backbone import (

@@ -30,20 +30,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from rankpipe.benchmarks.synthetic_store import feed_writer, make_store, random_features
 from rankpipe.pipeline.codec_pipelines import CODEC_PIPELINES, codec_pipeline_available
-from rankpipe.pipeline.data.manifest import LabelSpec, Manifest
-from rankpipe.pipeline.data.tars import TarInfo
-from rankpipe.pipeline.embed.backbone import TextFeatures
-from rankpipe.pipeline.embed.decode import DecodedBatch
-from rankpipe.pipeline.embed.store_writer import EmbeddedBatch, WriterThread
-from rankpipe.pipeline.store import TOKEN_DTYPE, StoreConfig, TokenStore, create_store, plan_store
+from rankpipe.pipeline.store import TOKEN_DTYPE
 
 # Bytes per call of the plain sequential write.
 PLAIN_WRITE_BYTES = 64 << 20
-# Batches between the producer and the writer thread, as in the embed job.
-WRITE_QUEUE_BATCHES = 8
 
 
 def main() -> None:
@@ -97,54 +90,6 @@ def main() -> None:
                           f"{nbytes / plain.wall / 1e6:,.0f}", f"{nbytes / writer.wall / 1e6:,.0f}",
                           f"{plain.wall / writer.wall:.2f}", f"{plain.cpu / nbytes * 1e9:.2f}",
                           f"{writer.cpu / nbytes * 1e9:.2f}")))
-
-
-def random_features(batch_size: int, tokens: int, token_dim: int, embed_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, P, D] and [B, E] float16 features of random normal values (they barely compress, like CLIP's)."""
-    rng = np.random.default_rng(0)
-    return (torch.from_numpy(rng.standard_normal((batch_size, tokens, token_dim), dtype=np.float32).astype(TOKEN_DTYPE)),
-            torch.from_numpy(rng.standard_normal((batch_size, embed_dim), dtype=np.float32).astype(TOKEN_DTYPE)))
-
-
-def make_store(path: Path, images: int, tars: int, tokens: int, token_dim: int, embed_dim: int,
-               compress: bool) -> TokenStore:
-    """An empty store of `images` rows of this token shape, laid out as `rankpipe embed` lays it out."""
-    manifest = Manifest(name="write-bench", shards=f"x-{{000000..{tars - 1:06d}}}.tar",
-                        labels=(LabelSpec("score", "Sort images by score."),))
-    text = TextFeatures(tokens=np.zeros((4, 8), TOKEN_DTYPE), length=4, embed=np.zeros(embed_dim, TOKEN_DTYPE))
-    provenance = {"model": "synthetic", "pretrained": "none", "checkpoint_sha256": None, "seed": 0,
-                  "image_size": [1, 1], "preprocess": {}, "token_grid": [tokens, 1], "token_dim": token_dim,
-                  "embed_dim": embed_dim, "text_token_dim": 8, "context_length": 4}
-    per_tar = [images // tars + (t < images % tars) for t in range(tars)]
-    config = StoreConfig(compress=compress)
-    plan = plan_store([TarInfo(f"x-{t:06d}.tar", n) for t, n in enumerate(per_tar)],
-                      tokens * token_dim * np.dtype(TOKEN_DTYPE).itemsize, config)
-    return create_store(path, plan, provenance, manifest, {manifest.labels[0].query: text}, config)
-
-
-def feed_writer(store: TokenStore, tokens: torch.Tensor, embed: torch.Tensor, write_threads: int,
-                codec_pipeline: str = "zarr") -> None:
-    """Every tar of the store through a WriterThread, in batches of the features' size, as the embed job hands them.
-
-    Args:
-        store: an allocated store, opened for writing.
-        tokens: [B, P, D] and embed: [B, E] features reused for every batch.
-        write_threads: shard files written in parallel.
-        codec_pipeline: the Zarr codec pipeline that encodes and writes the shards.
-    """
-    batch_size = tokens.shape[0]
-    writer = WriterThread(store, lambda t, meta: None, max_queue=WRITE_QUEUE_BATCHES, write_threads=write_threads,
-                          codec_pipeline=codec_pipeline)
-    for t, block in enumerate(store.blocks):
-        for first in range(0, block.count, batch_size):
-            n = min(batch_size, block.count - first)
-            batch = DecodedBatch(tar=t, start=first, keys=[f"{t}-{first + i}" for i in range(n)], splits=["train"] * n,
-                                 sources=[""] * n, errors=[""] * n, labels=np.zeros((n, 1), np.float32), images=None,
-                                 image_positions=np.zeros(0, np.int64), jpeg_bytes=torch.zeros(0, dtype=torch.uint8),
-                                 jpeg_offsets=np.zeros(1, np.int64), jpeg_positions=np.zeros(0, np.int64),
-                                 last=first + n >= block.count)
-            writer.put(EmbeddedBatch(batch, np.arange(first, first + n), tokens[:n], embed[:n]))
-    writer.close()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -159,6 +159,14 @@ def test_extremes_break_ties_by_train_order():
     assert low.tolist() == [1, 2, 6] and high.tolist() == [3, 4, 0]
 
 
+
+def test_extremes_never_share_an_image_when_targets_tie():
+    low, high = extreme_rows(np.array([1.0, 1.0, 1.0, 2.0]), 2, "y")
+    assert low.tolist() == [0, 1] and high.tolist() == [3, 2]
+    low, high = extreme_rows(np.ones(6), 3, "y")  # all equal: the first half is low, the rest high
+    assert low.tolist() == [0, 1, 2] and high.tolist() == [3, 4, 5]
+
+
 @pytest.mark.parametrize("n, k", [(5, 3), (1, 1)])
 def test_more_extremes_than_half_the_split_is_refused(n, k):
     with pytest.raises(InputError, match=rf"k={k} needs 2k = {2 * k} train images but the train split has {n}"):

@@ -283,6 +283,18 @@ def test_method_settings_overrides(store, tmp_path):
     assert list(load_checkpoint(result.path).labels) == ["squares"]
 
 
+@pytest.mark.parametrize("setting, message", [
+    ("class_prompt=A {name} in {era}.", r"class_prompt may use only the placeholder \{name\}"),
+    ("class_prompt=A {0} photo of {name}.", r"class_prompt may use only the placeholder \{name\}"),
+    ("class_prompt=A photo of {name", r"class_prompt may use only the placeholder \{name\}"),
+    ("class_prompt=A photo.", r"class_prompt must contain \{name\}"),
+    ("count_prompt={count} {category} at {place}", r"count_prompt may use only the placeholders \{count\} and \{category\}"),
+])
+def test_zero_shot_templates_are_checked_by_formatting_them(setting, message):
+    with pytest.raises(InputError, match=message):
+        method_config(get_method("zero-shot"), [setting])
+
+
 @pytest.mark.parametrize("args, message", [
     (["--method", "cop"], "unknown method 'cop'; choose one of: adapter, clip-iqa, coop, l2rclip, linear-probe, ordinalclip, rank-axis, text-axis, zero-shot"),
     (["--method", "zero-shot", "--max-steps", "3"], "--max-steps: option(s) of adapter training"),

@@ -210,6 +210,30 @@ def test_rerun_with_other_settings_is_refused(tasks, bench_out):
     assert "was trained with other settings (train.max_steps differ)" in result.output
 
 
+def _metrics_from_before_the_dropout_split(run_dir: Path, dropout: float) -> None:
+    """A metrics.json as bench wrote it when the adapter had one `dropout` and no fusion block choice."""
+    from rankpipe.adapter.training.run_config import RunConfig
+
+    saved = RunConfig().to_dict()
+    for field in ("fusion_block", "fusion_dropout", "plain_dropout"):
+        del saved["adapter"][field]
+    saved["adapter"]["dropout"] = dropout
+    run_dir.mkdir(parents=True)
+    (run_dir / METRICS_FILE).write_text(json.dumps({"run_config": saved, "steps": 7}))
+
+
+def test_a_finished_run_from_before_the_dropout_split_keeps_its_old_behaviour(tmp_path):
+    from rankpipe.adapter.experiments.bench.run import finished_run
+    from rankpipe.adapter.training.run_config import RunConfig
+
+    _metrics_from_before_the_dropout_split(tmp_path / "run", 0.2)
+    old = RunConfig.from_dict({"adapter": {"fusion_block": "paper", "fusion_dropout": 0.2, "plain_dropout": 0.2}})
+    assert finished_run(tmp_path / "run", old)["steps"] == 7
+    with pytest.raises(InputError, match=r"trained with other settings \(adapter\.fusion_block, "
+                                         r"adapter\.fusion_dropout, adapter\.plain_dropout differ\)"):
+        finished_run(tmp_path / "run", RunConfig())
+
+
 @pytest.mark.parametrize("variants", ["nope", "default,k7", " , "])
 def test_unknown_variant_exits_2_naming_the_known_ones(tmp_path, variants):
     args = ["bench", "--model", TINY_VIT, "--variants", variants, "--out", str(tmp_path / "b"), "--device", "cpu"]

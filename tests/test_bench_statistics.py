@@ -15,6 +15,7 @@ from rankpipe.adapter.experiments.bench.bootstrap import (
     SAME,
     WORSE,
     BootstrapConfig,
+    Estimate,
     Run,
     paired_difference,
     pearson,
@@ -22,7 +23,7 @@ from rankpipe.adapter.experiments.bench.bootstrap import (
     spearman,
     verdict,
 )
-from rankpipe.adapter.experiments.bench.compare import compare_rows, summary_lines
+from rankpipe.adapter.experiments.bench.compare import _verdict, compare_rows, summary_lines
 from rankpipe.adapter.experiments.bench.curves import curves_markdown, mean_curve, plot_curves, read_curve
 from rankpipe.adapter.experiments.bench.query_matrix import truth_matrix, variant_matrix
 from rankpipe.adapter.experiments.bench.runs import RunScores
@@ -91,8 +92,21 @@ def test_a_clearly_better_row_is_better_and_the_reference_worse_against_it(truth
 def test_identical_rows_tie_with_a_zero_interval(truth):
     runs = noisy_runs(truth, 1.0, 2, 60)
     difference = paired_difference(runs, list(runs), "srcc", CONFIG)
-    assert (difference.value, difference.low, difference.high) == (0.0, 0.0, 0.0)
+    assert difference.value == 0.0
+    # Every resample differs by 0: scipy's percentile interval is [0, 0], or NaN where a scipy release
+    # calls the degenerate bootstrap distribution undefined. Either way the rows do not differ.
+    interval = (difference.low, difference.high)
+    assert interval == (0.0, 0.0) or np.isnan(interval).all(), interval
     assert verdict(difference) == SAME
+    assert _verdict(difference) == SAME
+
+
+def test_a_zero_difference_without_an_interval_is_no_difference():
+    assert _verdict(Estimate(0.0, float("nan"), float("nan"))) == SAME
+    # A difference that is not 0 cannot be judged without its interval; too few images give no value.
+    assert _verdict(Estimate(0.1, float("nan"), float("nan"))) is None
+    assert _verdict(Estimate(float("nan"), float("nan"), float("nan"))) is None
+    assert _verdict(None) is None
 
 
 def test_pairing_sees_a_small_consistent_gain_that_separate_intervals_miss(truth):
@@ -134,6 +148,25 @@ def test_compare_rows_counts_wins_ties_and_losses(truth):
     assert all(row.n == N and row.seeds == 2 for row in table)
     assert summary_lines(table, ["ref", "new"], "ref") == [
         "- `new` vs `ref`: 1 better, 1 no difference, 1 worse (of 3 queries)"]
+
+
+def test_n_counts_the_images_the_estimates_use(truth):
+    rows = np.arange(N)
+
+    def scores(seed: int, unlabelled: list[int]) -> RunScores:
+        labels = truth.copy()
+        labels[unlabelled] = np.nan
+        return RunScores(rows, {"a": truth + np.random.default_rng(seed).normal(size=N)}, {"a": labels})
+
+    # The first run of `new` has every label; its second lacks image 0 and the reference lacks image 1.
+    runs = {("new", 0): scores(0, []), ("new", 1): scores(1, [0]), ("ref", 0): scores(2, [1])}
+    table = {row.variant: row for row in compare_rows(runs, {"a": False}, ["ref", "new"], "ref", "srcc", CONFIG)}
+    assert table["ref"].n == N - 1
+    assert table["new"].n == N - 2  # Δ is resampled over the images labelled in all three runs
+    mask = np.isfinite(runs[("new", 1)].truth["a"]) & np.isfinite(runs[("ref", 0)].truth["a"])
+    direct = np.mean([stats.spearmanr(runs[("new", s)].scores["a"][mask], truth[mask]).statistic for s in (0, 1)])
+    direct -= stats.spearmanr(runs[("ref", 0)].scores["a"][mask], truth[mask]).statistic
+    assert table["new"].difference.value == pytest.approx(direct, abs=1e-12)
 
 
 def test_query_matrix_diagonal_dominates_only_when_the_query_steers():

@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from rankpipe.benchmarks.store_write import feed_writer, make_store
+from rankpipe.benchmarks.synthetic_store import feature_batch, feed_writer, make_store
 from rankpipe.errors import InputError
 from rankpipe.pipeline.codec_pipelines import codec_pipeline_available, resolve_codec_pipeline
-from rankpipe.pipeline.embed.decode import DecodedBatch
 from rankpipe.pipeline.embed.store_writer import NON_FINITE_REASON, BlockAccumulator, EmbeddedBatch, finite_rows
 from rankpipe.pipeline.store import TokenStore
 
@@ -69,10 +68,7 @@ def test_finite_rows_agrees_with_numpy_on_every_kind_of_value():
 def test_a_finiteness_mask_given_with_the_batch_decides_which_rows_are_invalid(tmp_path):
     store = make_store(tmp_path / "s.zarr", 5, 1, 6, 8, 4, False)
     tokens, embed = features(1)
-    batch = DecodedBatch(tar=0, start=0, keys=[f"k{i}" for i in range(5)], splits=["train"] * 5, sources=[""] * 5,
-                         errors=[""] * 5, labels=np.zeros((5, 1), np.float32), images=None,
-                         image_positions=np.zeros(0, np.int64), jpeg_bytes=torch.zeros(0, dtype=torch.uint8),
-                         jpeg_offsets=np.zeros(1, np.int64), jpeg_positions=np.zeros(0, np.int64), last=True)
+    batch = feature_batch(0, 0, 5, last=True)
     finite = torch.tensor([True, False, True, True, True])  # as the GPU found it
     block = BlockAccumulator(store, 0)
     block.add(EmbeddedBatch(batch, np.arange(5), tokens, embed, finite=finite))

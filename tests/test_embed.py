@@ -279,6 +279,22 @@ def test_rerun_of_finished_store_does_not_load_the_backbone(tmp_path, tiny_shard
         run_embed(tiny_shards, path, spec=BackboneSpec(TINY_VIT, "none", seed=1))
 
 
+def test_a_store_of_raw_trunk_map_tokens_is_refused_finished_or_not(tmp_path, tiny_shards):
+    # A ConvNeXt store as rankpipe made them before the head norm: token_norm "none".
+    path = tmp_path / "x.zarr"
+    raw = BackboneSpec(TINY_CONVNEXT, "none", seed=0, token_norm="none")
+    run_embed(tiny_shards, path, spec=raw)
+    assert "nothing to do" in run_embed(tiny_shards, path, spec=raw).line()
+    # Today's spec normalises tokens: the complete store is refused as the unfinished one is, not skipped.
+    today = BackboneSpec(TINY_CONVNEXT, "none", seed=0)
+    with pytest.raises(InputError, match="embedded with raw timm trunk-map tokens") as complete:
+        run_embed(tiny_shards, path, spec=today)
+    zarr.open_group(str(path), mode="r+")["done"][0] = False
+    with pytest.raises(InputError, match="embedded with raw timm trunk-map tokens") as unfinished:
+        run_embed(tiny_shards, path, spec=today)
+    assert str(complete.value) == str(unfinished.value)
+
+
 def test_store_records_its_decoder_and_refuses_to_resume_with_another(tmp_path, tiny_shards):
     path = tmp_path / "x.zarr"
     run_embed(tiny_shards, path)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import types
 
 import pytest
 import torch
 
+import rankpipe.adapter.training.fused as fused_module
+import rankpipe.adapter.training.loop as loop_module
 from rankpipe.adapter.training.features import load_features
 from rankpipe.adapter.training.fused import FusedJob, fusion_key, train_fused
 from rankpipe.adapter.training.loop import TrainingDiverged, TrainResult, train_adapter
@@ -118,6 +121,26 @@ def test_a_diverging_run_fails_alone_and_an_interrupted_run_resumes_fused(tmp_pa
     assert_same_run(tmp_path / "a", tmp_path / "solo", fused[0], solo)
 
 
+def test_each_fused_run_reports_the_seconds_until_it_ended(tmp_path, data, monkeypatch):
+    # A clock on which every fused step takes one second: a run's seconds count the steps it was in.
+    clock = [100.0]
+
+    def one_second_step(*args, **kwargs):
+        clock[0] += 1.0
+        return fused_losses(*args, **kwargs)
+
+    fused_losses = fused_module._fused_losses
+    monkeypatch.setattr(fused_module, "_fused_losses", one_second_step)
+    fake_time = types.SimpleNamespace(monotonic=lambda: clock[0])
+    monkeypatch.setattr(fused_module, "time", fake_time)
+    monkeypatch.setattr(loop_module, "time", fake_time)
+    labelled, features = data
+    configs = [tiny_config("train.max_steps=6", "train.eval_every=3"), tiny_config("train.max_steps=12", "train.eval_every=3")]
+    jobs = [FusedJob(tmp_path / f"run{i}", c, resume=False) for i, c in enumerate(configs)]
+    short, long = train_fused(features, jobs, labelled.provenance, "cpu")
+    assert (short.seconds, long.seconds) == (6.0, 12.0)
+
+
 def test_runs_that_cannot_fuse_have_no_key_and_mixed_keys_are_refused(tmp_path, data):
     assert fusion_key(tiny_config("adapter.fusion_dropout=0.1")) is None
     assert fusion_key(tiny_config("adapter.plain_layers=1", "adapter.plain_dropout=0.1")) is None
@@ -127,6 +150,10 @@ def test_runs_that_cannot_fuse_have_no_key_and_mixed_keys_are_refused(tmp_path, 
     assert fusion_key(tiny_config("adapter.pair_checkpoint=true")) is None
     assert fusion_key(tiny_config("adapter.d_model=16")) != fusion_key(tiny_config())
     assert fusion_key(tiny_config("train.batch_size=8")) != fusion_key(tiny_config())
+    # The features are shared: runs that would hold or stream them differently do not fuse.
+    assert fusion_key(tiny_config("train.max_resident_gb=0.5")) != fusion_key(tiny_config())
+    assert fusion_key(tiny_config("train.window_steps=7")) != fusion_key(tiny_config())
+    assert fusion_key(tiny_config("train.eval_every=7", "train.seed=3")) == fusion_key(tiny_config())
     labelled, features = data
     jobs = [FusedJob(tmp_path / "a", tiny_config(), False), FusedJob(tmp_path / "b", tiny_config("adapter.d_model=16"), False)]
     with pytest.raises(ValueError, match="one fusion key"):

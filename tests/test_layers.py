@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Lowest first. A module may import modules of its own rank or lower.
 LAYERS = [
-    ("shared", ["rankpipe", "rankpipe.errors", "rankpipe.settings", "rankpipe.files", "rankpipe.devices"]),
+    ("shared", ["rankpipe", "rankpipe.errors", "rankpipe.settings", "rankpipe.files", "rankpipe.devices",
+                "rankpipe.templates"]),
     ("pipeline", ["rankpipe.pipeline"]),
     ("adapter", ["rankpipe.adapter"]),
     ("adapter.model", ["rankpipe.adapter.model"]),

@@ -84,6 +84,7 @@ def _with_label(**fields):
     (_with_label(metric="ordinal", classes=[1, 2], class_names="a b"), "'labels[0].class_names'"),
     (_with_label(metric="ordinal", classes=[1, 2], class_names=["a", " "]), "'labels[0]'"),
     (_with_label(metric="ordinal", classes=[1, 2], class_names=["a", "b"], class_prompt="A photo."), "'labels[0]'"),
+    (_with_label(metric="ordinal", classes=[1, 2], class_names=["a", "b"], class_prompt="A {name} in {era}."), "'labels[0]'"),
     (_with_label(metric="ordinal", classes=[1, 2], class_names=["a", "b"], class_prompt=["x"]), "'labels[0].class_prompt'"),
     (_with_label(class_prompt="A photo of {name}."), "'labels[0]'"),
     (_with_label(query=3), "'labels[0].query'"),
@@ -111,6 +112,12 @@ def test_specific_messages(tmp_path):
         load_manifest(_write(tmp_path, _with_label(metric="ranking")))
     with pytest.raises(ManifestError, match="needs its ordered 'classes'"):
         load_manifest(_write(tmp_path, _with_label(metric="ordinal")))
+    # A placeholder nothing fills is refused here, not by a KeyError when zero-shot formats the prompt.
+    named = {"metric": "ordinal", "classes": [1, 2], "class_names": ["a", "b"]}
+    with pytest.raises(ManifestError, match=r"'class_prompt' may use only the placeholder \{name\}, not 'A \{name\} in \{era\}\.'"):
+        load_manifest(_write(tmp_path, _with_label(**named, class_prompt="A {name} in {era}.")))
+    with pytest.raises(ManifestError, match=r"'class_prompt' must contain \{name\}"):
+        load_manifest(_write(tmp_path, _with_label(**named, class_prompt="A photo of {{name}}.")))
 
 
 def test_class_names_are_optional_and_read_as_text(tmp_path):

@@ -179,8 +179,13 @@ def test_ordinal_classes_and_tied_bins(store, manifest):
     classes = rank_classes(tied, 4)
     np.testing.assert_array_equal(classes.values, [1.0, 2.5])
     np.testing.assert_array_equal(classes.train_class, [0, 0, 0, 0, 0, 0, 1, 1])
-    with pytest.raises(InputError, match="one class"):
+    with pytest.raises(InputError, match=r"has 1 class on the train split \(of 1\)"):
         rank_classes(dataclasses.replace(tied, train_targets=np.ones(8)), 4)
+    # Six classes in the manifest, but every train image in one: nothing to rank between.
+    one_class = dataclasses.replace(split, train_targets=np.full(len(split.train_targets), SQUARE_CLASSES[2]))
+    with pytest.raises(InputError, match=r"label 'squares' has 1 class on the train split \(of 6\); prompt "
+                                         "learning needs train images of at least 2 classes"):
+        rank_classes(one_class, 3)
 
 
 SQUARE_NAMES = ("none", "one", "two", "three", "four", "five")

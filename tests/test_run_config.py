@@ -104,6 +104,15 @@ def test_bad_overrides_name_the_problem(override, match):
         load_run_config(overrides=[override])
 
 
+@pytest.mark.parametrize("batch_size, share, own", [(2, 0.2, 1), (8, 0.9, 0), (10, 0.85, 1)])
+def test_negatives_must_leave_a_pair_of_the_label_s_own_images(batch_size, share, own):
+    with pytest.raises(InputError, match=rf"negative_share={share} leaves {own} of batch_size={batch_size} images "
+                                         "to the label itself; lower negative_share or raise batch_size"):
+        load_run_config(overrides=[f"train.batch_size={batch_size}", f"train.negative_share={share}"])
+    # Exactly two of its own are enough (10 · 0.8 = 2, with float rounding as the sampler counts).
+    assert load_run_config(overrides=["train.batch_size=10", "train.negative_share=0.8"]).train.negative_share == 0.8
+
+
 @pytest.mark.parametrize(
     "text,match",
     [

@@ -207,3 +207,6 @@ def test_streamed_training_learns_the_synthetic_ranking(tmp_path, six_tars, sett
 def test_a_tar_larger_than_a_window_is_refused_with_the_budget_named(six_tars):
     with pytest.raises(InputError, match=r"x-00000\d\.tar has \d+ training images.*train\.max_resident_gb=6e-06"):
         open_with(six_tars, "train.max_resident_gb=6e-6")
+    # Negatives need resident tokens whatever the tars' sizes: that refusal comes first.
+    with pytest.raises(InputError, match=r"train\.negative_share needs the train/val image tokens resident"):
+        open_with(six_tars, "train.max_resident_gb=6e-6", "train.negative_share=0.2")

@@ -230,6 +230,24 @@ def test_trials_of_the_same_shapes_train_fused_and_end_as_they_would_alone(tmp_p
             torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=1e-4)
 
 
+def test_a_sweep_kept_apart_only_by_dropout_says_so_once(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger=sweep_fused.__name__)
+    _, with_dropout = trials_of(tmp_path, set=[*BASE, "adapter.plain_layers=1"])  # plain_dropout 0.1 by default
+    assert [len(unit) for unit in sweep_fused.work_units(with_dropout, 16)] == [1, 1, 1, 1]
+    said = [r.getMessage() for r in caplog.records]
+    assert said == ["no trial of this sweep trains fused: 4 of its 4 trials use dropout (the plain layers' default "
+                    "is 0.1), and trials with dropout never fuse; set adapter.plain_dropout=0 in the sweep's set to "
+                    "fuse them"]
+    caplog.clear()
+    _, without = trials_of(tmp_path, set=[*BASE, "adapter.plain_layers=1", "adapter.plain_dropout=0"])
+    assert [len(unit) for unit in sweep_fused.work_units(without, 16)] == [4]
+    assert [len(unit) for unit in sweep_fused.work_units(with_dropout, 1)] == [1, 1, 1, 1]  # fusing asked off
+    # Trials of other shapes would not fuse anyway: dropout is not the reason, nothing is said.
+    _, shapes = trials_of(tmp_path, grid={"adapter.d_model": [16, 32]}, set=[*BASE, "adapter.plain_layers=1"])
+    sweep_fused.work_units(shapes, 16)
+    assert caplog.records == []
+
+
 def test_sweep_user_errors(tmp_path, tiny_store):
     _, trials = trials_of(tmp_path)
     with pytest.raises(InputError, match="does not exist"):

@@ -132,6 +132,15 @@ def test_huge_learning_rate_stops_before_any_checkpoint(tmp_path, store):
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
+def test_a_huge_log_every_buffers_only_the_steps_between_evals(tmp_path, store):
+    # The loss buffers hold the steps between two reports; evals report too, so 10**12 costs nothing.
+    config = tiny_config("train.max_steps=10", "train.eval_every=5", "train.log_every=1000000000000")
+    train_from_store(store, tmp_path / "run", config)
+    history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [5, 10]
+    assert all(np.isfinite(h["loss"]["total"]) for h in history)
+
+
 @pytest.mark.parametrize("log_every", [1, 7])
 def test_nan_features_stop_training_and_keep_the_last_good_checkpoint(tmp_path, store, log_every):
     config = tiny_config("train.max_steps=60", f"train.log_every={log_every}")

@@ -87,7 +87,7 @@ def rank_classes(split: LabelSplits, num_bins: int) -> RankClasses:
     empty bins (ties) are dropped; value = mean target in the bin.
 
     Raises:
-        InputError: fewer than two distinct classes among the train targets.
+        InputError: the train targets fall in fewer than two classes.
     """
     t = np.asarray(split.train_targets, dtype=np.float64)
     named = split.named_classes()
@@ -104,8 +104,12 @@ def rank_classes(split: LabelSplits, num_bins: int) -> RankClasses:
         used = np.unique(raw)
         assign = np.searchsorted(used, raw)  # renumbered without empty bins
         values = np.array([t[assign == k].mean() for k in range(len(used))])
-    if len(values) < 2:
-        raise InputError(f"label {split.name!r} has one class on the train split; prompt learning needs at least 2")
+    # The classes the train split holds, not those the manifest lists: the loss needs images of 2 of them.
+    present = len(np.unique(assign))
+    if present < 2:
+        noun = "class" if present == 1 else "classes"
+        raise InputError(f"label {split.name!r} has {present} {noun} on the train split (of {len(values)}); "
+                         "prompt learning needs train images of at least 2 classes")
     return RankClasses(values, assign.astype(np.int64), names or [f"{v:.3g}" for v in values])
 
 

@@ -59,7 +59,11 @@ def unit_rows(embed: np.ndarray) -> np.ndarray:
 
 
 def extreme_rows(targets: np.ndarray, k: int, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """Positions of the k lowest and the k highest targets; ties go to the earlier position at either end.
+    """Positions of the k lowest and the k highest targets, two disjoint sets.
+
+    Ties go to the earlier position at either end, the low end first: the high end is drawn from the
+    positions the low end left, so with many equal targets (t = [1, 1, 1, 2], k = 2: low [0, 1], high
+    [3, 2]) no image sits at both ends.
 
     Args:
         targets: [n] train targets.
@@ -77,7 +81,8 @@ def extreme_rows(targets: np.ndarray, k: int, what: str) -> tuple[np.ndarray, np
         raise InputError(f"{what}: k={k} needs 2k = {2 * k} train images but the train split has {t.size}; "
                          f"set k to at most {t.size // 2} or k=all")
     low = np.argsort(t, kind="stable")[:k]
-    high = np.argsort(-t, kind="stable")[:k]
+    rest = np.setdiff1d(np.arange(t.size), low)  # ascending: ties keep train order
+    high = rest[np.argsort(-t[rest], kind="stable")[:k]]
     return low, high
 
 

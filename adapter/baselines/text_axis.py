@@ -28,17 +28,10 @@ from rankpipe.adapter.baselines.data import LabelSplits
 from rankpipe.adapter.baselines.prompts import PromptEncoder
 from rankpipe.adapter.baselines.rank_axis import unit_rows
 from rankpipe.adapter.baselines.zero_shot import count_category
+from rankpipe.templates import check_template
 
 # "Sort images by [the] X." -> X (the ranked attribute).
 _SORT_QUERY = re.compile(r"^\s*sort images by\s+(?:the\s+)?(?P<attribute>.+?)\s*\.?\s*$", re.IGNORECASE)
-
-
-def _check_template(name: str, template: str, field: str) -> None:
-    """Refuse a prompt template that names a placeholder other than {field}."""
-    try:
-        template.format(**{field: "x"})
-    except (KeyError, IndexError, ValueError) as e:
-        raise ValueError(f"{name} may use only the placeholder {{{field}}}, not {template!r}") from e
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,10 +50,10 @@ class TextAxisConfig:
     normalize: bool = True
 
     def __post_init__(self) -> None:
-        _check_template("high_prompt", self.high_prompt, "attribute")
-        _check_template("low_prompt", self.low_prompt, "attribute")
-        _check_template("count_high_prompt", self.count_high_prompt, "category")
-        _check_template("count_low_prompt", self.count_low_prompt, "category")
+        check_template("high_prompt", self.high_prompt, ("attribute",), required=False)
+        check_template("low_prompt", self.low_prompt, ("attribute",), required=False)
+        check_template("count_high_prompt", self.count_high_prompt, ("category",), required=False)
+        check_template("count_low_prompt", self.count_low_prompt, ("category",), required=False)
         if self.high_prompt == self.low_prompt or self.count_high_prompt == self.count_low_prompt:
             raise ValueError("the high and low prompts must differ, or the axis has no direction")
 

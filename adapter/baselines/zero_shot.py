@@ -29,6 +29,7 @@ from rankpipe.adapter.baselines import register_method
 from rankpipe.adapter.baselines.base import AffineBaseline
 from rankpipe.adapter.baselines.data import LabelSplits
 from rankpipe.adapter.baselines.prompts import PromptEncoder, cosine, softmax
+from rankpipe.templates import check_template
 
 # "Sort images by the number of X." -> X (the counted category).
 _COUNT_QUERY = re.compile(r"^\s*sort images by the number of (?P<category>.+?)\s*\.?\s*$", re.IGNORECASE)
@@ -52,10 +53,8 @@ class ZeroShotConfig:
             raise ValueError(f"max_count must be >= 1, not {self.max_count}")
         if not self.logit_scale > 0:
             raise ValueError(f"logit_scale must be positive, not {self.logit_scale}")
-        if "{count}" not in self.count_prompt or "{category}" not in self.count_prompt:
-            raise ValueError(f"count_prompt must contain {{count}} and {{category}}, not {self.count_prompt!r}")
-        if "{name}" not in self.class_prompt:
-            raise ValueError(f"class_prompt must contain {{name}}, not {self.class_prompt!r}")
+        check_template("count_prompt", self.count_prompt, ("count", "category"))
+        check_template("class_prompt", self.class_prompt, ("name",))
 
 
 def count_category(query: str) -> str | None:

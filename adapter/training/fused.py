@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -51,10 +52,11 @@ from rankpipe.pipeline.data.manifest import SplitSpec
 log = logging.getLogger(__name__)
 
 # Fields that may differ between fused runs: each run applies its own. Every other field (the adapter's
-# architecture, the batch size, train.compile, any field added later) must be equal.
+# architecture, the batch size, train.compile, any field added later) must be equal; so must
+# train.max_resident_gb and train.window_steps, which decide the features the runs share (resident or
+# streamed, and the window schedule).
 PER_RUN_SECTIONS = ("optim", "loss")
-PER_RUN_TRAIN_FIELDS = ("seed", "max_steps", "eval_every", "log_every", "eval_batch_size", "max_resident_gb",
-                        "window_steps")
+PER_RUN_TRAIN_FIELDS = ("seed", "max_steps", "eval_every", "log_every", "eval_batch_size")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +144,9 @@ def _train_together(features: TrainingFeatures, runs: list[TrainingRun], device:
     for run in runs:
         run.sampler = samplers.setdefault(run.cfg.train.seed, run.sampler)
     active = [i for i, run in enumerate(runs) if not run.finished]
+    began = time.monotonic()
     for i, run in enumerate(runs):
+        run.started = began  # not the earlier groups' training: each run's seconds are its own
         if run.finished:
             outcomes[i] = _result(run)
     while active:

@@ -103,6 +103,9 @@ class TrainResult:
     best_path: Path
     # OUT/last.pt.
     last_path: Path
+    # Wall-clock seconds this process trained the run: from its first step here to its last, validations
+    # and checkpoints included (a fused run's own share ends when it does).
+    seconds: float
 
 
 def train_from_store(
@@ -274,7 +277,10 @@ class TrainingRun:
 
         self.writer = CheckpointWriter(out_dir, cfg, features, provenance, device, splits=splits,
                                        store_identity=store_identity, val_from_train=val_from_train)
-        self.monitor = _LossMonitor(device, cfg.train.batch_size, cfg.train.log_every)
+        # A report comes every log_every steps, at every eval and at the last step (see end_step), so
+        # no more steps than this are ever buffered between two.
+        steps_between_reports = min(cfg.train.log_every, cfg.train.eval_every, cfg.train.max_steps)
+        self.monitor = _LossMonitor(device, cfg.train.batch_size, steps_between_reports)
         self.latest_mean = _mean(self.val_srcc)
         self.started = time.monotonic()
 
@@ -333,13 +339,14 @@ class TrainingRun:
         return new_srcc
 
     def result(self) -> TrainResult:
-        """How the finished run ended."""
+        """How the finished run ended; called when it ends, which dates its `seconds`."""
         best = self.best
         if best is None:
             raise InputError(f"{self.out_dir}/{LAST} records no validation; the run has no best checkpoint to report")
         return TrainResult(
             steps=self.step, best_step=best["step"], best_srcc=dict(best["srcc"]), best_mean_srcc=best["mean_srcc"],
             best_path=self.out_dir / BEST, last_path=self.out_dir / LAST,
+            seconds=round(time.monotonic() - self.started, 3),
         )
 
 
@@ -438,12 +445,12 @@ class _LossMonitor:
 
     A step costs two small copies into preallocated buffers (no host sync, no allocation); a report
     finds the first non-finite step and the mean of the finite ones over the buffered steps at once.
-    Reports come at least every `log_every` steps, so that many rows are enough.
+    `steps` is the most steps between two reports: that many rows are enough.
     """
 
-    def __init__(self, device: torch.device, batch_size: int, log_every: int):
-        self.values = torch.zeros(log_every, len(LOSS_PARTS), device=device)  # [S, 3] loss parts of each step
-        self.rows = torch.full((log_every, batch_size), -1, dtype=torch.int64, device=device)  # [S, B], -1 padded
+    def __init__(self, device: torch.device, batch_size: int, steps: int):
+        self.values = torch.zeros(steps, len(LOSS_PARTS), device=device)  # [S, 3] loss parts of each step
+        self.rows = torch.full((steps, batch_size), -1, dtype=torch.int64, device=device)  # [S, B], -1 padded
         self.steps: list[int] = []  # the buffered steps
         self.queries: list[int] = []  # their query indices
 

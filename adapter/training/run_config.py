@@ -51,7 +51,8 @@ class OptimConfig:
     warmup_steps: int = 500
     # Learning rate at the end of the cosine, as a fraction of `lr`.
     min_lr_ratio: float = 0.0
-    # Clip the global gradient norm to this value; 0 turns clipping off (the released code does not clip).
+    # Clip the global gradient norm to this value; 0 turns clipping off, as released. Clipping at 1.0 is a
+    # deliberate default, a guard against single bad batches (docs/fidelity.md says why).
     grad_clip: float = 1.0
 
     def __post_init__(self) -> None:
@@ -87,7 +88,8 @@ class TrainConfig:
     # Share of each batch filled with training images of the other labels, given the target of a zero
     # label (the released loader mixes in 20% for counting). Only for labels that are counts, where an
     # image without the label holds none of the thing counted; needs 2+ labels trained together and
-    # every training label a non-negative integer. 0 = off.
+    # every training label a non-negative integer, and at least 2 of each batch's images left to the
+    # label itself. 0 = off.
     negative_share: float = 0.0
     # Validate on the val split, write last.pt and maybe best.pt every this many steps (and at the end).
     eval_every: int = 500
@@ -122,6 +124,11 @@ class TrainConfig:
             raise ValueError(f"sampling must be one of {', '.join(SAMPLINGS)}, not {self.sampling!r}")
         if not 0 <= self.negative_share < 1:
             raise ValueError(f"negative_share must be in [0, 1), not {self.negative_share}")
+        # The batch's own images, as BatchSampler.draw counts them: a pair needs two of them.
+        own = int(self.batch_size * (1 - self.negative_share) + 1e-9)
+        if self.negative_share > 0 and own < 2:
+            raise ValueError(f"negative_share={self.negative_share} leaves {own} of batch_size={self.batch_size} "
+                             "images to the label itself; lower negative_share or raise batch_size so at least 2 remain")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,7 +164,12 @@ class RunConfig:
     @classmethod
     def from_json(cls, text: str) -> RunConfig:
         """Inverse of `to_json`; a config saved before a field existed keeps the behaviour it was trained with."""
-        return cls.from_dict(_saved_behaviour(json.loads(text)), where="checkpoint run config")
+        return cls.from_saved(json.loads(text))
+
+    @classmethod
+    def from_saved(cls, data: Any, where: str = "checkpoint run config") -> RunConfig:
+        """A config a checkpoint or metrics record saved as plain data, read as `from_json` reads its text."""
+        return cls.from_dict(_saved_behaviour(data), where=where)
 
     def differences(self, other: RunConfig) -> list[str]:
         """Dotted names of the fields whose values differ between two configs."""

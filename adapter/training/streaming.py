@@ -241,6 +241,12 @@ def open_features(data: LabelledStore, device: torch.device | str, train: TrainC
     if token_gigabytes(store, len(needed_rows(per_label))) * views <= budget:
         return read_resident(data, per_label, device)
 
+    # Before the window checks: no tar size or budget split would let a streamed store take negatives.
+    if train.negative_share > 0:
+        raise InputError(
+            f"train.negative_share needs the train/val image tokens resident, but they exceed "
+            f"train.max_resident_gb={budget}; raise it with --set train.max_resident_gb=N or set train.negative_share=0"
+        )
     all_val_rows = np.unique(np.concatenate([val for _, val in per_label.values()]))  # [V] ascending
     val_gb = token_gigabytes(store, len(all_val_rows))
     val_resident = val_gb <= _VAL_SHARE * budget
@@ -273,11 +279,6 @@ def open_features(data: LabelledStore, device: torch.device | str, train: TrainC
             f"({token_gigabytes(store, int(block_rows[largest])) * views:.2g} GB of image tokens), more than a training window "
             f"of train.max_resident_gb={budget} holds ({window_gb:.2g} GB: half of what validation leaves, as the next "
             "window is read while one trains); raise it with --set train.max_resident_gb=N or write smaller tars"
-        )
-    if train.negative_share > 0:
-        raise InputError(
-            f"train.negative_share needs the train/val image tokens resident, but they exceed "
-            f"train.max_resident_gb={budget}; raise it with --set train.max_resident_gb=N or set train.negative_share=0"
         )
     schedule = WindowSchedule(block_rows[used], block_query_rows[used], capacity, train.window_steps, train.seed,
                               uniform_queries=train.sampling == "released")

@@ -16,6 +16,7 @@ import yaml
 
 from rankpipe.errors import InputError
 from rankpipe.settings import load_yaml
+from rankpipe.templates import check_template
 
 METRIC_FAMILIES = ("correlation", "ordinal")
 SPLIT_ROLES = ("train", "val", "test")
@@ -80,8 +81,7 @@ class LabelSpec:
         if self.class_prompt is not None:
             if self.class_names is None:
                 raise ValueError("'class_prompt' needs the label's 'class_names'")
-            if "{name}" not in self.class_prompt:
-                raise ValueError("'class_prompt' must contain {name}, where the class name goes")
+            check_template("'class_prompt'", self.class_prompt, ("name",))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,6 +37,9 @@ from rankpipe.pipeline.embed.backbone import (
     load_backbone,
 )
 from rankpipe.pipeline.embed.cache_choices import (
+    HEAD_NORM,
+    LN_POST,
+    NO_NORM,
     ORIGINAL_ONLY,
     TRAINING_FIELDS,
     WITH_FLIP,
@@ -428,11 +431,24 @@ def finished_with(path: Path, manifest: Manifest, spec: BackboneSpec, tars: Sequ
     else:
         same_weights = recorded.get("pretrained") == spec.pretrained
     choices = cache_choices(recorded)
-    same_cache = choices.resize == spec.resize and choices.flip_view == flip_view
+    same_cache = (choices.resize == spec.resize and choices.flip_view == flip_view
+                  and surely_same_token_norm(spec, choices.token_norm))
     return (store.is_complete and recorded.get("model") == spec.model and same_weights and same_cache
             and store.compressed == compress
             and [(b.url, b.count) for b in store.blocks] == [(t.url, t.count) for t in tars]
             and changed_tar(store.blocks, tars) is None and store.manifest.to_dict() == manifest.to_dict())
+
+
+def surely_same_token_norm(spec: BackboneSpec, recorded: str) -> bool:
+    """Whether `spec` gives tokens normalised as a store recording `recorded` (same model), without loading it.
+
+    A spec asking for raw trunk maps gives "none"; one asking for the tower's own norm gives "ln_post"
+    (ViT) or "head_norm" (a timm tower with a head norm), and "none" only for a timm tower without one,
+    which only loading it tells: that case answers False and the full check decides.
+    """
+    if spec.token_norm == NO_NORM:
+        return recorded == NO_NORM
+    return recorded in (LN_POST, HEAD_NORM)
 
 
 def changed_tar(recorded: Sequence[TarBlock], current: Sequence[TarInfo | TarBlock]) -> str | None:

@@ -115,11 +115,16 @@ def verdict(difference: Estimate) -> str:
     return SAME
 
 
-def _labelled(runs: Sequence[Run]) -> list[np.ndarray]:
-    """Scores and truth of every run, flattened to (scores, truth, scores, truth, …), labelled images only."""
+def labelled_images(runs: Sequence[Run]) -> np.ndarray:
+    """(N,) bool: the test images every run has a label for, the images an estimate over `runs` uses."""
     if len({len(run.scores) for run in runs} | {len(run.truth) for run in runs}) != 1:
         raise ValueError("every run must score the same test images")
-    labelled = np.logical_and.reduce([np.isfinite(run.truth) for run in runs])  # (N,)
+    return np.logical_and.reduce([np.isfinite(run.truth) for run in runs])
+
+
+def _labelled(runs: Sequence[Run]) -> list[np.ndarray]:
+    """Scores and truth of every run, flattened to (scores, truth, scores, truth, …), labelled images only."""
+    labelled = labelled_images(runs)  # (N,)
     return [np.asarray(a, dtype=np.float64)[labelled] for run in runs for a in (run.scores, run.truth)]
 
 

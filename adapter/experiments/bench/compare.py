@@ -23,6 +23,7 @@ from rankpipe.adapter.experiments.bench.bootstrap import (
     BootstrapConfig,
     Estimate,
     Run,
+    labelled_images,
     paired_difference,
     row_estimate,
     verdict,
@@ -37,7 +38,8 @@ class ComparisonRow:
     unseen: bool
     label: str
     variant: str
-    # Seeds pooled and labelled test images.
+    # Seeds pooled, and the test images compared: labelled in every run of the row and, where the row
+    # is compared with the reference, in every run of the reference too (the images Δ resamples).
     seeds: int
     n: int
     # The metric pooled over seeds, with its interval.
@@ -70,10 +72,11 @@ def compare_rows(runs: Mapping[tuple[str, int], RunScores], unseen: Mapping[str,
         for variant, row_runs in by_variant.items():
             if not row_runs:
                 continue
-            difference = None
+            difference, compared = None, row_runs
             if base is not None and variant != reference:
                 difference = paired_difference(row_runs, base, metric, config)
-            n = int(sum(map(math.isfinite, row_runs[0].truth)))
+                compared = [*row_runs, *base]
+            n = int(labelled_images(compared).sum())
             rows.append(ComparisonRow(unseen[label], label, variant, len(row_runs), n,
                                       row_estimate(row_runs, metric, config), difference,
                                       _verdict(difference)))
@@ -130,8 +133,16 @@ def comparison_csv(rows: Sequence[ComparisonRow], metric: str) -> str:
 
 
 def _verdict(difference: Estimate | None) -> str | None:
-    """None where there is nothing to judge: no difference computed, or too few labelled images for an interval."""
-    return None if difference is None or math.isnan(difference.low) else verdict(difference)
+    """None where there is nothing to judge: no difference computed, or too few labelled images for an interval.
+
+    A difference of exactly 0 is no difference even without an interval: identical rows differ by 0 on
+    every resample, a degenerate bootstrap distribution whose interval a scipy release may give as NaN.
+    """
+    if difference is None or math.isnan(difference.value):
+        return None
+    if math.isnan(difference.low) or math.isnan(difference.high):
+        return SAME if difference.value == 0.0 else None
+    return verdict(difference)
 
 
 def _interval(estimate: Estimate | None, signed: bool = False) -> str:

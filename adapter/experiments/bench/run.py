@@ -37,6 +37,7 @@ from rankpipe.adapter.experiments.bench.variants import Variant
 from rankpipe.adapter.training.run_config import SMALL_ADAPTER_OVERRIDES
 from rankpipe.devices import torch_device_for
 from rankpipe.errors import InputError
+from rankpipe.files import write_text_atomic
 from rankpipe.pipeline.embed.backbone import RANDOM_WEIGHTS, BackboneSpec
 
 log = logging.getLogger(__name__)
@@ -213,8 +214,8 @@ def run_bench(config: BenchConfig, on_stage: Callable[[str], None] = lambda line
     curves_png, curves_section = write_curves(out, plan, header[0])
     markdown += "\n" + curves_section
     md_path, csv_path = out / "results.md", out / "results.csv"
-    md_path.write_text(markdown, encoding="utf-8")
-    csv_path.write_text(results_csv(rows), encoding="utf-8")
+    write_text_atomic(md_path, markdown)
+    write_text_atomic(csv_path, results_csv(rows))
     return BenchResult(markdown, md_path, csv_path, curves_png, trained, len(plan) - trained)
 
 
@@ -238,7 +239,6 @@ def write_comparison(out: Path, records: Sequence[dict], scores, config: BenchCo
         comparison_csv,
         comparison_markdown,
     )
-    from rankpipe.files import write_text_atomic
 
     unseen = {q["label"]: q["unseen"] for record in records for q in record["queries"]}
     rows = compare_rows(scores, unseen, config.variant_names, config.reference_row, config.metric, config.bootstrap)
@@ -255,7 +255,6 @@ def write_query_matrices(out: Path, store, scores, config: BenchConfig) -> str:
         truth_matrix,
         variant_matrix,
     )
-    from rankpipe.files import write_text_atomic
 
     rows = next(iter(scores.values())).rows
     labels = {name: np.asarray(store.label(name), dtype=np.float64)[rows] for name in store.label_names}
@@ -282,7 +281,6 @@ def write_curves(out: Path, plan, title: str) -> tuple[Path | None, str]:
         read_curve,
     )
     from rankpipe.adapter.training.loop import HISTORY
-    from rankpipe.files import write_text_atomic
 
     curves = [read_curve(v.name, seed, out / "runs" / v.name / f"seed{seed}" / HISTORY)
               for v, seed, _ in plan if v.method == ADAPTER_METHOD]
@@ -353,7 +351,9 @@ def finished_run(run_dir: Path, run_config) -> dict | None:
     if not path.is_file():
         return None
     record = json.loads(path.read_text())
-    changed = RunConfig.from_dict(record["run_config"]).differences(run_config)
+    # Read as checkpoints are: a record saved before a config field changed keeps the behaviour it was
+    # trained with, so it reads as trained with other settings rather than failing on the old field.
+    changed = RunConfig.from_saved(record["run_config"], where=str(path)).differences(run_config)
     if changed:
         raise InputError(f"{run_dir} was trained with other settings ({', '.join(changed)} differ); "
                          "use another --out, or delete that run folder to train it again")
@@ -371,7 +371,6 @@ def run_one(store, variant: Variant, seed: int, run_config, train_labels: Sequen
     from rankpipe.adapter.experiments.bench.runs import SCORES_FILE, evaluate_run
     from rankpipe.adapter.training.checkpoint import LAST
     from rankpipe.adapter.training.loop import train_from_store
-    from rankpipe.files import write_text_atomic
 
     started = time.monotonic()
     if variant.method == ADAPTER_METHOD:

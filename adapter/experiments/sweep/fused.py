@@ -9,7 +9,8 @@ many trials at once) continues alone from its last.pt.
 
 from __future__ import annotations
 
-import time
+import dataclasses
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,8 +27,10 @@ from rankpipe.adapter.experiments.sweep.trial import (
 )
 from rankpipe.adapter.training.checkpoint import LAST
 from rankpipe.adapter.training.features import ResidentFeatures
-from rankpipe.adapter.training.fused import FusedJob, fusion_key, train_fused
+from rankpipe.adapter.training.fused import FusedJob, fusion_key, train_fused, uses_dropout
 from rankpipe.pipeline.labelled_store import LabelledStore
+
+log = logging.getLogger(__name__)
 
 
 def work_units(trials: Sequence[Trial], fuse_max: int) -> list[list[Trial]]:
@@ -42,7 +45,20 @@ def work_units(trials: Sequence[Trial], fuse_max: int) -> list[list[Trial]]:
             open_units.append([])
             units.append(open_units[-1])
         open_units[-1].append(trial)
+    if fuse_max > 1 and len(trials) > 1 and all(len(unit) == 1 for unit in units):
+        _say_when_dropout_kept_them_apart(trials)
     return units
+
+
+def _say_when_dropout_kept_them_apart(trials: Sequence[Trial]) -> None:
+    """Log one line when trials that fuse nothing would have fused without dropout (a released default)."""
+    with_dropout = [trial.config for trial in trials if uses_dropout(trial.config)]
+    keys = [fusion_key(dataclasses.replace(config, adapter=dataclasses.replace(
+        config.adapter, fusion_dropout=0.0, plain_dropout=0.0))) for config in with_dropout]
+    if any(key is not None and keys.count(key) > 1 for key in keys):
+        log.warning("no trial of this sweep trains fused: %d of its %d trials use dropout (the plain layers' "
+                    "default is 0.1), and trials with dropout never fuse; set adapter.plain_dropout=0 in the "
+                    "sweep's set to fuse them", len(with_dropout), len(trials))
 
 
 def run_unit(unit: Sequence[Trial], sweep_dir: str | Path, features: ResidentFeatures, data: LabelledStore,
@@ -59,7 +75,6 @@ def run_unit(unit: Sequence[Trial], sweep_dir: str | Path, features: ResidentFea
         else:
             to_train.append(trial)
     folders = [trial_folder(sweep_dir, trial.id) for trial in to_train]
-    started = time.monotonic()
     outcomes = train_fused(
         features, [FusedJob(folder, trial.config, (folder / LAST).is_file()) for trial, folder in zip(to_train, folders)],
         data.provenance, device, splits=data.manifest.splits, store_identity=data.identity,
@@ -69,5 +84,5 @@ def run_unit(unit: Sequence[Trial], sweep_dir: str | Path, features: ResidentFea
         if outcome is None:  # the fused pass failed as a whole: the trial continues alone
             records[trial.id] = run_trial(trial, sweep_dir, features, data, settings, device)
         else:
-            records[trial.id] = finish_trial(trial, folder, outcome, data, settings, device, started)
+            records[trial.id] = finish_trial(trial, folder, outcome, data, settings, device)
     return [records[trial.id] for trial in unit]

@@ -117,14 +117,13 @@ def run_trial(
     done = begin_trial(trial, folder)
     if done is not None:
         return done
-    started = time.monotonic()
     try:
         result = train_adapter(features, folder, trial.config, data.provenance, device, resume=(folder / LAST).is_file(),
                                splits=data.manifest.splits, store_identity=data.identity,
                                val_from_train=data.val_share)
     except Exception as e:  # recorded by finish_trial; the sweep goes on
         result = e
-    return finish_trial(trial, folder, result, data, settings, device, started)
+    return finish_trial(trial, folder, result, data, settings, device)
 
 
 def begin_trial(trial: Trial, folder: Path) -> TrialRecord | None:
@@ -145,15 +144,14 @@ def finish_trial(
     data: LabelledStore,
     settings: TrialSettings,
     device: str | torch.device,
-    started: float,
 ) -> TrialRecord:
     """Evaluate a trained trial and record it as done, or record why it failed; never raises for a failed trial.
 
     Args:
         trained: how its training ended: the result, or the exception that stopped it.
-        started: `time.monotonic()` when its training began (metrics.json records the seconds since).
         Others: as for run_trial.
     """
+    evaluating = time.monotonic()
     try:
         if isinstance(trained, BaseException):
             raise trained
@@ -174,7 +172,8 @@ def finish_trial(
             results = evaluate(loaded, data.store, config, data.manifest)
             write_results(results, folder)
             metrics["eval"] = trial_metrics(results)
-        metrics["seconds"] = round(time.monotonic() - started, 3)
+        # Its own training (in a fused unit, until its run ended) and its own evaluation.
+        metrics["seconds"] = round(result.seconds + time.monotonic() - evaluating, 3)
         _write_json(folder / METRICS_FILE, metrics)
         _write_status(folder, DONE)
         log.info("trial %s done: mean val SRCC %s", trial.id, metrics["mean_val_srcc"])
