@@ -19,6 +19,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from scipy import stats
 
+from rankpipe.adapter.evaluation.metrics import Estimate
+
 # Verdicts of a paired difference at the bootstrap's confidence level.
 BETTER, WORSE, SAME = "better", "worse", "no difference"
 # Resamples evaluated per vectorised call: bounds memory at about batch × images × arrays floats.
@@ -41,15 +43,6 @@ class BootstrapConfig:
             raise ValueError(f"resamples must be at least 10, not {self.resamples}")
         if not 0.0 < self.confidence < 1.0:
             raise ValueError(f"confidence must lie in (0, 1), not {self.confidence}")
-
-
-@dataclasses.dataclass(frozen=True)
-class Estimate:
-    """A point estimate and its bootstrap interval."""
-
-    value: float
-    low: float
-    high: float
 
 
 @dataclasses.dataclass(frozen=True)

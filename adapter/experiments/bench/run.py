@@ -53,12 +53,7 @@ QUICK_STEPS = 150
 # CPU cores (docs/bench.md has the measurement: scoring the test and val images costs as much as
 # training). `--set adapter.d_model=768 ...` gives the paper's width.
 BENCH_OVERRIDES = (
-    "adapter.d_model=64",
-    "adapter.heads=4",
-    "adapter.text_extra_tokens=8",
-    "adapter.head_hidden=64",
-    "optim.lr=1e-3",
-    "optim.warmup_steps=30",
+    *SMALL_ADAPTER_OVERRIDES,  # later assignments win: the bench's own batch and schedule below
     "train.batch_size=16",
     "train.eval_every=80",
     "train.log_every=20",
