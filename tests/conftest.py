@@ -153,6 +153,21 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+class Interrupted(Exception):
+    """Raised by `stop_at`'s callback: a training run killed the way a crash would kill it."""
+
+
+def stop_at(step: int):
+    """A training progress callback that kills the run right after its validation at `step`, so its
+    last.pt holds that step."""
+
+    def crash(event) -> None:
+        if event.val_srcc is not None and event.step == step:
+            raise Interrupted
+
+    return crash
+
+
 def tiny_config(*extra: str) -> RunConfig:
     """The tiny run preset plus `extra` overrides."""
     return load_run_config(None, [*TINY_RUN, *extra])

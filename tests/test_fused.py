@@ -15,7 +15,7 @@ from rankpipe.adapter.training.fused import FusedJob, fusion_key, train_fused
 from rankpipe.adapter.training.loop import TrainingDiverged, TrainResult, train_adapter
 from rankpipe.pipeline.labelled_store import LabelledStore
 
-from conftest import tiny_config, weights, write_synthetic_store
+from conftest import Interrupted, stop_at, tiny_config, weights, write_synthetic_store
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -105,15 +105,8 @@ def test_a_diverging_run_fails_alone_and_an_interrupted_run_resumes_fused(tmp_pa
     bad = tiny_config(STEPS, "train.seed=2", "optim.lr=1e30")
     solo = train_adapter(features, tmp_path / "solo", good, labelled.provenance)
 
-    class Interrupt(Exception):
-        pass
-
-    def crash(event):
-        if event.val_srcc is not None and event.step == 20:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        train_adapter(features, tmp_path / "a", good, labelled.provenance, progress=crash)
+    with pytest.raises(Interrupted):
+        train_adapter(features, tmp_path / "a", good, labelled.provenance, progress=stop_at(20))
     # The interrupted run continues from step 20 while a diverging one starts from 0.
     fused = train_fused(features, [FusedJob(tmp_path / "a", good, True), FusedJob(tmp_path / "b", bad, False)],
                         labelled.provenance, "cpu")

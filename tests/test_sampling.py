@@ -22,7 +22,16 @@ from rankpipe.errors import InputError
 from rankpipe.pipeline.data.manifest import LabelSpec, Manifest, TargetTransform
 from rankpipe.pipeline.store import TextFeatures
 
-from conftest import STREAMED, SYNTHETIC_PROVENANCE, tiny_config, weights, write_store_rows, write_synthetic_store
+from conftest import (
+    STREAMED,
+    SYNTHETIC_PROVENANCE,
+    Interrupted,
+    stop_at,
+    tiny_config,
+    weights,
+    write_store_rows,
+    write_synthetic_store,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -115,15 +124,8 @@ def test_released_sampling_resumes_like_an_uninterrupted_run(tmp_path, budget):
     config = tiny_config("train.max_steps=40", "train.sampling=released", "optim.grad_clip=0", *share, *budget)
     full = train_from_store(store, tmp_path / "full", config)
 
-    class Interrupt(Exception):
-        pass
-
-    def crash(event):
-        if event.val_srcc is not None and event.step == 20:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        train_from_store(store, tmp_path / "cut", config, progress=crash)
+    with pytest.raises(Interrupted):
+        train_from_store(store, tmp_path / "cut", config, progress=stop_at(20))
     resumed = train_from_store(store, tmp_path / "cut", config, resume=True)
     a, b = weights(full.last_path), weights(resumed.last_path)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -183,15 +185,8 @@ def test_an_old_run_resumes_with_the_optimiser_it_was_trained_with(tmp_path):
                          "optim.amsgrad=false", "optim.decay_norms_and_biases=true")
     full = train_from_store(store, tmp_path / "full", config)
 
-    class Interrupt(Exception):
-        pass
-
-    def crash(event):
-        if event.val_srcc is not None and event.step == 20:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        train_from_store(store, tmp_path / "cut", config, progress=crash)
+    with pytest.raises(Interrupted):
+        train_from_store(store, tmp_path / "cut", config, progress=stop_at(20))
     last = tmp_path / "cut" / "last.pt"
     payload = torch.load(last, weights_only=True)
     payload["run_config"] = old_form(payload["run_config"], dropout=0.0)

@@ -37,7 +37,7 @@ from rankpipe.pipeline.store import (
     TokenStore,
 )
 
-from conftest import STREAMED, SYNTHETIC_PROVENANCE, TINY_RUN, tiny_config, weights, write_synthetic_store
+from conftest import STREAMED, SYNTHETIC_PROVENANCE, TINY_RUN, Interrupted, stop_at, tiny_config, weights, write_synthetic_store
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -88,15 +88,8 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, store, interrupt_at, budge
     config = tiny_config("train.max_steps=60", "adapter.fusion_dropout=0.1", "adapter.plain_dropout=0.1", *budget)
     full = train_from_store(store, tmp_path / "full", config)
 
-    class Interrupt(Exception):
-        pass
-
-    def crash(event):
-        if event.val_srcc is not None and event.step == interrupt_at:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        train_from_store(store, tmp_path / "cut", config, progress=crash)
+    with pytest.raises(Interrupted):
+        train_from_store(store, tmp_path / "cut", config, progress=stop_at(interrupt_at))
     assert torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["step"] == interrupt_at
     resumed = train_from_store(store, tmp_path / "cut", config, resume=True)
     assert resumed.steps == 60 and resumed.best_step == full.best_step
@@ -318,15 +311,8 @@ def test_compiled_run_through_inductor_resumes_and_predicts_like_an_eager_run(tm
     assert np.abs(val_scores(full, store) - val_scores(eager, store)).max() < COMPILED_SCORE_TOLERANCE
     assert weights(full.last_path).keys() == weights(eager.last_path).keys()
 
-    class Interrupt(Exception):
-        pass
-
-    def crash(event):
-        if event.val_srcc is not None and event.step == 20:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        train_from_store(store, tmp_path / "cut", config, labels=["count"], progress=crash)
+    with pytest.raises(Interrupted):
+        train_from_store(store, tmp_path / "cut", config, labels=["count"], progress=stop_at(20))
     resumed = train_from_store(store, tmp_path / "cut", config, labels=["count"], resume=True)
     a, b = weights(full.last_path), weights(resumed.last_path)
     assert resumed.steps == 40 and all(torch.equal(a[k], b[k]) for k in a)
