@@ -16,7 +16,7 @@ RANKING_HEAD_NAMES = ("none", "subtraction", "relational")
 PAIR_COMBINES = ("subtract", "concat")
 POOLINGS = ("cross", "self")
 FUSION_BLOCKS = ("released", "paper")
-REGRESSION_POOLINGS = ("sum", "sum_std")
+REGRESSION_POOLINGS = ("sum", "sum_spread")
 PAIRWISE_LOSSES = ("bce", "hinge")
 REGRESSION_FORMS = ("plain", "log")
 TIE_RULES = ("exclude", "half")
@@ -74,9 +74,9 @@ class AdapterConfig:
     head_hidden: int | None = None
     # Hidden Linear-LN-ReLU layers of the regression head (2 in the paper).
     regression_layers: int = 2
-    # How the regression head pools its normalised tokens: "sum" (the paper) or "sum_std", which also
-    # feeds the per-channel spread of the tokens over the image (std over tokens): blur and similar
-    # distortions make patch tokens alike, a change a sum cannot see (docs/fidelity.md).
+    # How the regression head pools its normalised tokens: "sum" (the paper) or "sum_spread", which adds
+    # a second MLP's score of the per-channel spread of the tokens over the image (std over tokens):
+    # blur and similar distortions make patch tokens alike, a change a sum cannot see (docs/fidelity.md).
     regression_pooling: str = "sum"
     # Hidden Linear-LN-ReLU layers of the pair head that turns a pair feature into a logit (3 released).
     pair_layers: int = 3

@@ -45,33 +45,37 @@ class MLPStack(nn.Module):
 class RegressionHead(nn.Module):
     """LayerNorm -> sum over tokens -> MLP -> one score per image (paper §3.2).
 
-    With `regression_pooling` "sum_std" the MLP also reads the per-channel standard deviation of the
-    normalised tokens over the image, scaled by sqrt(P) (the norm a sum of P independent tokens would
-    have). A sum is first-order in the tokens: it cannot tell an image whose patches are all alike
-    (blurred) from a sharp one with the same average, and the frozen tokens are already normalised
-    one by one, so no per-token scale is left to carry that difference either.
+    With `regression_pooling` "sum_spread" a second MLP reads the per-channel standard deviation of
+    the normalised tokens over the image, scaled by sqrt(P) (the norm a sum of P independent tokens
+    would have), and its output is added to the first one's. A sum is first-order in the tokens: it
+    cannot tell an image whose patches are all alike (blurred) from a sharp one with the same
+    average. The spread gets an MLP of its own rather than a place beside the sum in one MLP's
+    input, because that MLP's first LayerNorm divides both by a scale the sum's image-to-image
+    content variation dominates, and the spread's signal drowns (docs/fidelity.md).
     """
 
     def __init__(self, cfg: AdapterConfig) -> None:
         super().__init__()
-        self.with_spread = cfg.regression_pooling == "sum_std"
         self.ln = nn.LayerNorm(cfg.d_model)
-        d_in = 2 * cfg.d_model if self.with_spread else cfg.d_model
-        self.mlp = MLPStack(d_in, cfg.hidden, cfg.regression_layers)
+        self.mlp = MLPStack(cfg.d_model, cfg.hidden, cfg.regression_layers)
+        self.spread_mlp = (MLPStack(cfg.d_model, cfg.hidden, cfg.regression_layers)
+                           if cfg.regression_pooling == "sum_spread" else None)
 
     def init_weights(self) -> None:
         nn.init.ones_(self.ln.weight)
         nn.init.zeros_(self.ln.bias)
         self.mlp.init_weights()
+        if self.spread_mlp is not None:
+            self.spread_mlp.init_weights()
 
     def forward(self, x: Tensor) -> Tensor:
         """x [N, P, D] -> scores [N]."""
         z = self.ln(x)  # (N, P, D)
-        pooled = z.sum(dim=1)  # (N, D)
-        if self.with_spread:
+        scores = self.mlp(z.sum(dim=1))  # (N,)
+        if self.spread_mlp is not None:
             spread = z.std(dim=1, unbiased=False) * z.shape[1] ** 0.5  # (N, D)
-            pooled = torch.cat([pooled, spread], dim=-1)  # (N, 2D)
-        return self.mlp(pooled)
+            scores = scores + self.spread_mlp(spread)  # (N,)
+        return scores
 
 
 class PairHead(nn.Module):

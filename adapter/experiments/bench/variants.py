@@ -87,8 +87,8 @@ _adapter("concat", "pair feature [a_i ; a_j] instead of a_i - a_j", "adapter.pai
 _adapter("self-pooling", "the pair's own tokens query the pair (self-attention) instead of relational tokens",
          "adapter.pooling=self")
 _adapter("hinge", "the paper's hinge pairwise loss instead of BCE", "loss.pairwise=hinge")
-_adapter("spread-pooling", "regression head also reads the std of the tokens over the image",
-         "adapter.regression_pooling=sum_std")
+_adapter("spread-pooling", "regression head adds an MLP of the tokens' std over the image to the sum's",
+         "adapter.regression_pooling=sum_spread")
 
 
 
