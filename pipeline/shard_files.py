@@ -26,7 +26,7 @@ from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ShardingCodecInd
 from zarr.core.chunk_grids import RegularChunkGrid
 from zarr.storage import LocalStore
 
-from rankpipe.files import atomic_target
+from rankpipe.files import PARTIAL_SUFFIX, atomic_target
 
 # write(first_row, rows): rows [n, ...] of whole shards starting at first_row.
 ShardWrite = Callable[[int, np.ndarray], None]
@@ -75,13 +75,29 @@ def raw_shard_writer(array: zarr.Array) -> ShardWrite | None:
             shard = rows[start:start + rows_per_file]
             key = metadata.encode_chunk_key(((first_row + start) // rows_per_file,) + (0,) * (rows.ndim - 1))
             trailer = b"" if inner_rows is None else _shard_index(rows_per_file // inner_rows, inner_rows * row_bytes)
+            target = folder / key
+            _remove_stale_partials(target)
             # Like zarr's own writes: a whole new file renamed into place, not flushed to disk one by
             # one (the tar's done flag, written after every shard of the tar, is what resume trusts).
-            with atomic_target(folder / key, durable=False) as partial, open(partial, "wb") as file:
+            with atomic_target(target, durable=False) as partial, open(partial, "wb") as file:
                 file.write(memoryview(shard).cast("B"))
                 file.write(trailer)
 
     return write
+
+
+def _remove_stale_partials(target: Path) -> None:
+    """Delete what killed writes of `target` left: their temporary files (".NAME.*.partial" from
+    `atomic_target`, "NAME.*.partial" from zarr-python's own writes).
+
+    Only the job holding the store's lock writes it, and it writes each shard from one thread, so a
+    temporary file of this shard found now is a killed run's: a resumed store ends with the files of
+    an uninterrupted one.
+    """
+    if target.parent.is_dir():
+        for pattern in (f".{target.name}.*{PARTIAL_SUFFIX}", f"{target.name}.*{PARTIAL_SUFFIX}"):
+            for stale in target.parent.glob(pattern):
+                stale.unlink(missing_ok=True)
 
 
 def _little_endian_bytes(codec: object) -> bool:

@@ -85,6 +85,21 @@ def test_raw_shard_files_leave_layouts_they_do_not_know_to_a_codec_pipeline(tmp_
     assert raw_shard_writer(in_memory) is None
 
 
+def test_a_raw_shard_write_removes_what_a_killed_write_of_that_shard_left(tmp_path):
+    store = make_store(tmp_path / "s", 16, 2, 6, 8, 4, compress=False)
+    folder = tmp_path / "s" / "image" / "tokens" / "c"
+    (folder / "0" / "0").mkdir(parents=True)
+    (folder / "1" / "0").mkdir(parents=True)
+    left = [folder / "0" / "0" / ".0.123-abcd1234.partial", folder / "0" / "0" / "0.0f1e2d.partial"]
+    other_shard = folder / "1" / "0" / ".0.123-abcd1234.partial"
+    for path in [*left, other_shard]:
+        path.write_bytes(b"")
+    raw_shard_writer(store._root["image/tokens"])(0, np.ones((8, 6, 8), np.float16))
+    assert not any(path.exists() for path in left)
+    assert other_shard.exists()  # another shard's: its own write removes it
+    assert sorted(p.name for p in (folder / "0" / "0").iterdir()) == ["0"]
+
+
 def test_raw_shard_files_refuse_rows_that_are_not_whole_shards(tmp_path):
     store = make_store(tmp_path / "s", 8, 1, 6, 8, 4, compress=False)
     write = raw_shard_writer(store._root["image/tokens"])
