@@ -31,8 +31,8 @@ def atomic_target(path: str | Path, durable: bool = True) -> Iterator[Path]:
     The temporary name is unique, so two writers of one target never write into the same file; the
     last rename wins whole. A failed write leaves no temporary behind and the old file as it was.
     With durable=False the bytes are not flushed to disk before the rename (a killed process still
-    leaves the old file or the new one; only a machine that loses power may not): for files whose
-    completion something written later records, such as a store's shards and its done flags.
+    leaves the old file or the new one; only a machine that loses power may not): for files that
+    something written after them vouches for, such as a store's shards (the tar's done flag).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

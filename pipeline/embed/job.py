@@ -71,8 +71,8 @@ WRITE_QUEUE_BATCHES = 8
 # Shard files written in parallel (each is its own file; one thread writes a few hundred MB/s).
 WRITE_THREADS = 4
 # The codec pipeline of the shard writes: "raw" (an uncompressed shard written as its rows' bytes and
-# index; a compressed one through zarrs where installed, else zarr-python's own); every pipeline
-# writes the same bytes (rankpipe.pipeline.codec_pipelines).
+# index, a compressed one through zarr-python's pipeline: zarr-python's bytes either way); "zarrs"
+# writes the same values, not always the same bytes (rankpipe.pipeline.codec_pipelines).
 WRITE_CODEC_PIPELINE = AUTO
 # Batches decoded ahead of the forward pass on the GPU path.
 STAGED_BATCHES = 2
