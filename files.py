@@ -25,11 +25,14 @@ PARTIAL_SUFFIX = ".partial"
 
 
 @contextlib.contextmanager
-def atomic_target(path: str | Path) -> Iterator[Path]:
+def atomic_target(path: str | Path, durable: bool = True) -> Iterator[Path]:
     """A hidden temporary path beside `path` to write to: renamed onto `path` when the block succeeds.
 
     The temporary name is unique, so two writers of one target never write into the same file; the
     last rename wins whole. A failed write leaves no temporary behind and the old file as it was.
+    With durable=False the bytes are not flushed to disk before the rename (a killed process still
+    leaves the old file or the new one; only a machine that loses power may not): for files that
+    something written after them vouches for, such as a store's shards (the tar's done flag).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -37,8 +40,9 @@ def atomic_target(path: str | Path) -> Iterator[Path]:
     partial = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}")
     try:
         yield partial
-        with open(partial, "rb+") as f:  # the bytes reach the disk before the name does
-            os.fsync(f.fileno())
+        if durable:
+            with open(partial, "rb+") as f:  # the bytes reach the disk before the name does
+                os.fsync(f.fileno())
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)

@@ -9,13 +9,14 @@ still in the page cache). Each variant of the writer runs between two plain writ
 with their mean, which evens out a machine whose load changes during the run:
 
     plain MB/s        one file, 64 MiB writes, then fsync (mean of the writes before and after)
-    writer MB/s       WriterThread with N shard-write threads, through a Zarr codec pipeline, then fsync
+    writer MB/s       WriterThread with N shard-write threads, through a codec pipeline ("raw": an
+                      uncompressed shard's rows written as they lie, no codec run), then fsync
     ratio             writer MB/s / plain MB/s
     CPU s/GB          CPU time of this process (all threads) per GB, writer and plain: what the write
                       costs when the cores are shared, where wall-clock rates mostly say how busy they were
 
     python -m rankpipe.benchmarks.store_write                                     # ~1 GB, seconds to a minute
-    python -m rankpipe.benchmarks.store_write --write-threads 1,4,8 --codec-pipelines zarr,zarrs --compress
+    python -m rankpipe.benchmarks.store_write --write-threads 1,4,8 --codec-pipelines raw,zarr,zarrs --compress
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def main() -> None:
     parser.add_argument("--embed-dim", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=256, help="images per batch handed to the writer")
     parser.add_argument("--write-threads", default="1,4", help="comma-separated shard-write thread counts to time")
-    parser.add_argument("--codec-pipelines", default="zarr,zarrs",
+    parser.add_argument("--codec-pipelines", default="raw,zarr,zarrs",
                         help=f"comma-separated codec pipelines to time ({', '.join(CODEC_PIPELINES)}); "
                              "ones not installed are skipped")
     parser.add_argument("--compress", action="store_true", help="also time a zstd-compressed store")

@@ -32,8 +32,11 @@ def random_features(batch_size: int, tokens: int, token_dim: int, embed_dim: int
 
 
 def make_store(path: Path, images: int, tars: int, tokens: int, token_dim: int, embed_dim: int,
-               compress: bool) -> TokenStore:
-    """An empty store of `images` rows of this token shape, laid out as `rankpipe embed` lays it out."""
+               compress: bool, chunk_bytes: int = StoreConfig.chunk_bytes,
+               shard_bytes: int = StoreConfig.shard_bytes) -> TokenStore:
+    """An empty store of `images` rows of this token shape, laid out as `rankpipe embed` lays it out
+    (`chunk_bytes`, `shard_bytes`: target bytes of an inner chunk and a shard, smaller to test shards
+    of several chunks and tars of several shards)."""
     manifest = Manifest(name="write-bench", shards=f"x-{{000000..{tars - 1:06d}}}.tar",
                         labels=(LabelSpec("score", "Sort images by score."),))
     text = TextFeatures(tokens=np.zeros((4, 8), TOKEN_DTYPE), length=4, embed=np.zeros(embed_dim, TOKEN_DTYPE))
@@ -41,7 +44,7 @@ def make_store(path: Path, images: int, tars: int, tokens: int, token_dim: int, 
                   "image_size": [1, 1], "preprocess": {}, "token_grid": [tokens, 1], "token_dim": token_dim,
                   "embed_dim": embed_dim, "text_token_dim": 8, "context_length": 4}
     per_tar = [images // tars + (t < images % tars) for t in range(tars)]
-    config = StoreConfig(compress=compress)
+    config = StoreConfig(chunk_bytes=chunk_bytes, shard_bytes=shard_bytes, compress=compress)
     plan = plan_store([TarInfo(f"x-{t:06d}.tar", n) for t, n in enumerate(per_tar)],
                       tokens * token_dim * np.dtype(TOKEN_DTYPE).itemsize, config)
     return create_store(path, plan, provenance, manifest, {manifest.labels[0].query: text}, config)

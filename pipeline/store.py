@@ -21,11 +21,12 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from rankpipe.errors import InputError
-from rankpipe.pipeline.codec_pipelines import whole_chunk_writer
+from rankpipe.pipeline.codec_pipelines import whole_shard_writer
 from rankpipe.pipeline.data.manifest import Manifest, ManifestError, manifest_from_dict
 from rankpipe.pipeline.data.tars import TarInfo
 from rankpipe.pipeline.embed.backbone import TextFeatures
 from rankpipe.pipeline.embed.cache_choices import HFLIP, ORIGINAL, cache_choices
+from rankpipe.pipeline.shard_files import ShardWrite
 
 __all__ = ["StoreConfig", "StorePlan", "TarBlock", "BlockMeta", "TokenStore", "TextFeatures", "plan_store",
            "create_store", "prompt_id"]
@@ -210,7 +211,7 @@ class TokenStore:
     def __init__(self, path: Path, root: zarr.Group) -> None:
         self.path = path
         self._root = root
-        self._shard_writers: dict[tuple[str, str], zarr.Array] = {}
+        self._shard_writers: dict[tuple[str, str], ShardWrite] = {}
         attrs = dict(root.attrs)
         self.provenance: dict[str, Any] = attrs["provenance"]
         self._manifest_dict: dict[str, Any] = attrs["manifest"]
@@ -398,7 +399,7 @@ class TokenStore:
         Safe to call from several threads at once for different shards.
 
         Args:
-            codec_pipeline: "zarr" or "zarrs" (see rankpipe.pipeline.codec_pipelines); same bytes either way.
+            codec_pipeline: "raw", "zarr" or "zarrs" (see rankpipe.pipeline.codec_pipelines); same bytes any way.
         """
         n = tokens.shape[0]
         if row_start % self.shard_rows or n % self.shard_rows:
@@ -409,13 +410,13 @@ class TokenStore:
         if flipped is not None:
             arrays += list(zip(VIEW_ARRAYS[HFLIP], flipped))
         for name, values in arrays:
-            self._shard_writer(name, codec_pipeline)[row_start:row_start + n] = values
+            self._shard_writer(name, codec_pipeline)(row_start, values)
 
-    def _shard_writer(self, name: str, codec_pipeline: str) -> zarr.Array:
-        # One handle per array and pipeline, made on first use (two threads making it at once make equal ones).
+    def _shard_writer(self, name: str, codec_pipeline: str) -> ShardWrite:
+        # One writer per array and pipeline, made on first use (two threads making it at once make equal ones).
         key = (name, codec_pipeline)
         if key not in self._shard_writers:
-            self._shard_writers[key] = whole_chunk_writer(self._root[name], codec_pipeline)
+            self._shard_writers[key] = whole_shard_writer(self._root[name], codec_pipeline)
         return self._shard_writers[key]
 
     def write_block_meta(self, t: int, meta: BlockMeta) -> None:

@@ -47,6 +47,9 @@ _REGULAR, _OLD_REGULAR, _DIRECTORY, _PAX = b"0", b"\0", b"5", b"x"
 # A pax record, "<length> <keyword>=<value>\n", and the keywords that change nothing read here.
 _PAX_RECORD = re.compile(rb"(\d+) ([^=]+)=")
 _PAX_IGNORED = {b"mtime", b"atime", b"ctime", b"uid", b"gid", b"uname", b"gname"}
+# The pax header Python's `tarfile` writes for a float mtime alone (so before every webdataset
+# member): one record of an ignored keyword, read here in one step.
+_PAX_LONE_IGNORED = re.compile(rb"(\d+) (?:" + b"|".join(sorted(_PAX_IGNORED)) + rb")=[^\n]*\n")
 
 # A tar read error goes to this; it returns True to go on (webdataset's handler convention).
 Handler = Callable[[Exception], bool]
@@ -216,6 +219,9 @@ def _kind_and_size(header: bytes) -> tuple[bytes, int | None]:
 def _pax_fields(records: bytes) -> tuple[str | None, int | None] | None:
     """(path, size) of a pax extended header, either None where absent; None for a header with other
     keywords (or anything `tarfile` might read another way)."""
+    lone = _PAX_LONE_IGNORED.fullmatch(records)
+    if lone and int(lone.group(1)) == len(records):
+        return None, None
     path = size = None
     pos = 0
     while pos < len(records):
@@ -249,7 +255,10 @@ def _valid_headers(buf: bytes, offsets: list[int]) -> list[bool]:
     """
     if not offsets:
         return []
-    blocks = np.frombuffer(buf, np.uint8)[np.asarray(offsets)[:, None] + np.arange(BLOCK)]  # (n, 512)
+    # Headers lie at multiples of 512 from the piece's start (a piece starts at a header), so the
+    # piece's blocks are a view and the headers rows of it: no (n, 512) index array to build.
+    blocks = np.frombuffer(buf, np.uint8, count=len(buf) // BLOCK * BLOCK).reshape(-1, BLOCK)
+    blocks = blocks[np.asarray(offsets) // BLOCK]  # (n, 512)
     fields = blocks[:, _FIELD_COLUMNS]  # (n, c) the number fields' bytes
     nul = fields == 0
     # NULs from the start of each column's field up to the column: 0 before the field's first NUL.
@@ -263,5 +272,5 @@ def _valid_headers(buf: bytes, offsets: list[int]) -> list[bool]:
     stored = (digits * np.where(places >= 0, 8 ** np.maximum(places, 0), 0)).sum(axis=1)  # (n,)
     # The checksum field itself counts as eight spaces.
     chksum_bytes = fields[:, _CHKSUM_COLUMNS].sum(axis=1, dtype=np.int64)
-    computed = blocks.sum(axis=1, dtype=np.int64) - chksum_bytes + 8 * ord(" ")
+    computed = blocks.sum(axis=1, dtype=np.uint32).astype(np.int64) - chksum_bytes + 8 * ord(" ")
     return (valid & (computed == stored)).tolist()

@@ -70,8 +70,9 @@ MODES = ("incremental", "overwrite")
 WRITE_QUEUE_BATCHES = 8
 # Shard files written in parallel (each is its own file; one thread writes a few hundred MB/s).
 WRITE_THREADS = 4
-# The Zarr codec pipeline of the shard writes: zarrs (Rust, the optional extra rankpipe[zarrs]) where
-# installed, else zarr-python's own; both write the same bytes (rankpipe.pipeline.codec_pipelines).
+# The codec pipeline of the shard writes: "raw" (an uncompressed shard written as its rows' bytes and
+# index, a compressed one through zarr-python's pipeline: zarr-python's bytes either way); "zarrs"
+# writes the same values, not always the same bytes (rankpipe.pipeline.codec_pipelines).
 WRITE_CODEC_PIPELINE = AUTO
 # Batches decoded ahead of the forward pass on the GPU path.
 STAGED_BATCHES = 2
