@@ -36,27 +36,33 @@ _WORD = 0xFFFFFFFF
 _MULTIPLIERS = (0x7FEB352D, 0x846CA68B - (1 << 32))
 
 
-def mix32(x: Tensor) -> Tensor:
-    """A bijective 32-bit integer hash (Wellons' "lowbias32") of int64 values in [0, 2³²), elementwise."""
-    x = x ^ (x >> 16)
-    x = (x * _MULTIPLIERS[0]) & _WORD
-    x = x ^ (x >> 15)
-    x = (x * _MULTIPLIERS[1]) & _WORD
-    return x ^ (x >> 16)
+def mix32_(x: Tensor) -> Tensor:
+    """A bijective 32-bit integer hash (Wellons' "lowbias32") of int64 values in [0, 2³²), elementwise,
+    in place (a mask's worth of int64 temporaries per operation would cost more than the arithmetic)."""
+    x ^= x >> 16
+    x *= _MULTIPLIERS[0]
+    x &= _WORD
+    x ^= x >> 15
+    x *= _MULTIPLIERS[1]
+    x &= _WORD
+    x ^= x >> 16
+    return x
 
 
 def site_keys(key: Tensor, sites: int) -> Tensor:
     """int64 [sites, 2]: the words of each of `sites` sites under the step key `key` (int64 [2])."""
-    first = mix32((key[0] + torch.arange(sites, device=key.device, dtype=torch.int64)) & _WORD)  # (S,)
+    first = mix32_((key[0] + torch.arange(sites, device=key.device, dtype=torch.int64)) & _WORD)  # (S,)
     return torch.stack([first, key[1].expand(sites)], dim=-1)  # (S, 2)
 
 
 def keep_mask(words: Tensor, shape: torch.Size, p: float) -> Tensor:
     """[*shape] bool: which elements a dropout of rate `p` keeps under a site's `words` (int64 [2])."""
     index = torch.arange(shape.numel(), device=words.device, dtype=torch.int64).view(shape)  # (*shape)
-    # Two rounds, each keyed by a word: masks of different keys are not shifts of one another.
-    bits = mix32(mix32(index ^ words[0]) ^ words[1])  # (*shape) uniform in [0, 2³²)
-    return bits >= round(p * 2**32)
+    # Two rounds, each keyed by a word: masks of different keys are not shifts of one another. The first
+    # operation makes a new tensor (under vmap, one per run), which the others then modify in place.
+    bits = mix32_(index ^ words[0])
+    bits ^= words[1]
+    return mix32_(bits) >= round(p * 2**32)  # (*shape): hash values uniform in [0, 2³²)
 
 
 class KeyedDropout(nn.Module):
@@ -102,8 +108,8 @@ class StepKeys:
     def __init__(self, seed: int, max_steps: int, device: torch.device) -> None:
         words = np.random.SeedSequence([seed, _DROPOUT_TAG]).generate_state(2).astype(np.int64)
         steps = torch.arange(1, max_steps + 1, dtype=torch.int64)  # (S,)
-        first = mix32(steps ^ int(words[0]))
-        second = mix32(mix32(steps) ^ int(words[1]))
+        first = mix32_(steps ^ int(words[0]))
+        second = mix32_(mix32_(steps.clone()) ^ int(words[1]))
         self.keys = torch.stack([first, second], dim=1).to(device)  # (S, 2)
 
     def __getitem__(self, step: int) -> Tensor:
