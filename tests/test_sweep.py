@@ -231,6 +231,19 @@ def test_trials_of_the_same_shapes_train_fused_and_end_as_they_would_alone(tmp_p
             torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=1e-4)
 
 
+def test_trials_with_dropout_in_concurrent_threads_end_as_one_after_another(tmp_path, tiny_store):
+    """Each trial's dropout masks come from its seed and steps, not the generator the threads share."""
+    grid = {"optim.lr": [2e-3, 5e-3], "train.seed": [0, 1]}
+    spec, trials = trials_of(tmp_path, grid=grid, set=[*BASE, "adapter.plain_layers=1", "adapter.fusion_dropout=0.1"])
+    runs = {n: run_sweep(trials, SweepRequest(store=tiny_store, out_dir=tmp_path / str(n), concurrency=n, fuse_max=1),
+                         spec.varied) for n in (1, 2)}
+    assert [r.state for r in runs[2].records] == [DONE] * 4
+    assert metrics_by_id(runs[2]) == metrics_by_id(runs[1])
+    for a, b in zip(runs[1].records, runs[2].records):
+        wa, wb = (torch.load(r.folder / "last.pt", weights_only=True)["model"] for r in (a, b))
+        assert all(torch.equal(wa[key], wb[key]) for key in wa)
+
+
 def test_trials_with_the_default_dropout_fuse(tmp_path):
     _, with_dropout = trials_of(tmp_path, set=[*BASE, "adapter.plain_layers=1"])  # plain_dropout 0.1 by default
     assert [len(unit) for unit in sweep_fused.work_units(with_dropout, 16)] == [4]
