@@ -3,7 +3,9 @@
 nn.Dropout draws its masks from the process's generator, in the order the layers run. A run trained
 alone and the same run trained fused with others (adapter/training/fused.py, under `torch.func.vmap`)
 cannot draw the same masks that way: vmap refuses random draws, and one generator for several runs
-hands each run other numbers than it would get alone. Here a mask is computed, not drawn: every
+hands each run other numbers than it would get alone. Nor would a generator seeded per step and site
+do: vmap cannot batch one, and a CUDA graph replays the seed it captured. Masks drawn outside the pass
+and handed in would need every site's shape in advance. So here a mask is computed, not drawn: every
 element's keep bit is an integer hash of (step key, site, the element's flat index). The hash is
 plain integer tensor arithmetic, so it
 
