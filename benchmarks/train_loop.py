@@ -29,6 +29,7 @@ import click
 import torch
 
 from rankpipe.adapter.model.adapter import RankingAdapter
+from rankpipe.adapter.model.dropout import StepKeys
 from rankpipe.adapter.training.features import BatchSampler
 from rankpipe.adapter.training.loop import (
     TrainEvent,
@@ -65,12 +66,14 @@ def time_bare_step(store: TokenStore, overrides: list[str], mode: str, warmup: i
     step_loss = make_step_loss(model, config.loss, run_device, compile_mode(mode, run_device))
     batch = features.train_batch(1, BatchSampler(features.train_sizes, config.train.batch_size, 0, run_device))
     text = features.queries[batch.query_index].text_tokens
+    # One step's dropout key for every timed step: the masks cost the same whatever the key.
+    dropout_key = StepKeys(config.train.seed, 1, run_device)[1]
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         if mode == "reduce-overhead" and run_device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()
-        step_loss(batch.image_tokens, text, batch.targets, None).total.backward()
+        step_loss(batch.image_tokens, text, batch.targets, None, dropout_key).total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
         optimizer.step()
 

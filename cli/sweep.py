@@ -18,7 +18,7 @@ from rankpipe.cli.params import NonEmptyPath
 @click.option("--label", "labels", multiple=True, help="Train on this label (repeatable); default: every label of the store.")
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), help="Where trials train; default cuda when available.")
 @click.option("--concurrency", default=1, show_default=True, type=click.IntRange(min=1), help="Trials trained at once on this machine's device, sharing one copy of the features (a store over train.max_resident_gb is streamed, one trial at a time).")
-@click.option("--fuse-max", default=16, show_default=True, type=click.IntRange(min=1), help="Most trials of the same shapes (differing only in optim.*, loss.*, seeds, lengths) trained as one fused model on this machine; 1 trains each trial alone. Trials with dropout never fuse, and the default plain layers have 0.1: set adapter.plain_dropout=0 to fuse them.")
+@click.option("--fuse-max", default=16, show_default=True, type=click.IntRange(min=1), help="Most trials of the same shapes (differing only in optim.*, loss.*, seeds, lengths) trained as one fused model on this machine; 1 trains each trial alone.")
 @click.option("--cluster", help="local:N: run trials on a dask LocalCluster of N worker processes (one GPU each with --device cuda).")
 @click.option("--scheduler", help="Address of a running dask scheduler (tcp://host:8786) whose workers run the trials.")
 @click.option("--eval-split", default="test", show_default=True, type=click.Choice(["train", "val", "test", "none"]), help="Split the best checkpoint of each trial is evaluated on ('none' skips it).")

@@ -7,6 +7,7 @@ import torch
 
 from rankpipe.adapter.model.adapter import RankingAdapter
 from rankpipe.adapter.model.config import AdapterConfig
+from rankpipe.adapter.model.dropout import KeyedDropout
 from rankpipe.adapter.model.encoder import PaperFusionBlock, ReleasedFusionBlock
 
 # The paper's sizes: d_model 768, 8 heads, 2 fusion blocks + 2 plain layers, K = 16 relational
@@ -101,6 +102,7 @@ def test_fusion_block_setting_picks_the_block(fusion_block, cls):
 
 def test_dropout_defaults_follow_the_released_code():
     model = RankingAdapter(AdapterConfig(d_model=16, heads=2), 8, 8)
-    assert all(layer.self_attn.dropout == 0.1 for layer in model.encoder.plain_layers)
-    assert all(not isinstance(m, torch.nn.Dropout) and getattr(m, "dropout", 0.0) == 0.0
-               for m in model.encoder.blocks.modules())
+    plain = [m for m in model.encoder.plain_layers.modules() if isinstance(m, KeyedDropout)]
+    assert len(plain) == 4 * len(model.encoder.plain_layers) and all(m.p == 0.1 for m in plain)
+    assert all(m.p == 0.0 for m in model.encoder.blocks.modules() if isinstance(m, KeyedDropout))
+    assert not any(isinstance(m, torch.nn.Dropout) for m in model.modules())

@@ -34,6 +34,9 @@ SHARED_LOSS = [
     ("train.seed=1", "optim.weight_decay=0.1", "train.max_steps=25"),
 ]
 STEPS = "train.max_steps=30"
+# The released code's dropout (0.1 in a plain layer), and dropout in the fusion blocks as well.
+PLAIN_DROPOUT = ("adapter.plain_layers=1", "adapter.plain_dropout=0.1")
+ALL_DROPOUT = (*PLAIN_DROPOUT, "adapter.fusion_dropout=0.1")
 
 
 @pytest.fixture(scope="module")
@@ -83,10 +86,12 @@ def assert_same_run(fused_dir, solo_dir, fused: TrainResult, solo: TrainResult) 
         torch.testing.assert_close(a["exp_avg_sq"], b["exp_avg_sq"], rtol=5e-2, atol=1e-6)
 
 
-@pytest.mark.parametrize("variants", [VARIANTS, SHARED_LOSS], ids=["own-losses", "shared-loss"])
-def test_fused_runs_end_with_the_weights_and_metrics_of_solo_runs(tmp_path, data, variants):
+@pytest.mark.parametrize("variants, dropout", [(VARIANTS, ()), (SHARED_LOSS, ()), (VARIANTS, PLAIN_DROPOUT),
+                                               (SHARED_LOSS, ALL_DROPOUT)],
+                         ids=["own-losses", "shared-loss", "own-losses-plain-dropout", "shared-loss-all-dropout"])
+def test_fused_runs_end_with_the_weights_and_metrics_of_solo_runs(tmp_path, data, variants, dropout):
     labelled, features = data
-    configs = [tiny_config(STEPS, *variant) for variant in variants]
+    configs = [tiny_config(STEPS, *dropout, *variant) for variant in variants]
     assert len({fusion_key(c) for c in configs}) == 1 and fusion_key(configs[0]) is not None
     solo = [train_adapter(features, tmp_path / f"solo{i}", c, labelled.provenance) for i, c in enumerate(configs)]
     jobs = [FusedJob(tmp_path / f"fused{i}", c, resume=False) for i, c in enumerate(configs)]
@@ -101,13 +106,14 @@ def test_fused_runs_end_with_the_weights_and_metrics_of_solo_runs(tmp_path, data
 
 def test_a_diverging_run_fails_alone_and_an_interrupted_run_resumes_fused(tmp_path, data):
     labelled, features = data
-    good = tiny_config(STEPS, "train.seed=2")
-    bad = tiny_config(STEPS, "train.seed=2", "optim.lr=1e30")
+    good = tiny_config(STEPS, *ALL_DROPOUT, "train.seed=2")
+    bad = tiny_config(STEPS, *ALL_DROPOUT, "train.seed=2", "optim.lr=1e30")
     solo = train_adapter(features, tmp_path / "solo", good, labelled.provenance)
 
     with pytest.raises(Interrupted):
         train_adapter(features, tmp_path / "a", good, labelled.provenance, progress=stop_at(20))
-    # The interrupted run continues from step 20 while a diverging one starts from 0.
+    # The interrupted run continues from step 20 (with the masks of steps 21 on, as alone) while a
+    # diverging one starts from 0.
     fused = train_fused(features, [FusedJob(tmp_path / "a", good, True), FusedJob(tmp_path / "b", bad, False)],
                         labelled.provenance, "cpu")
     assert isinstance(fused[1], TrainingDiverged) and "non-finite" in str(fused[1])
@@ -135,10 +141,8 @@ def test_each_fused_run_reports_the_seconds_until_it_ended(tmp_path, data, monke
 
 
 def test_runs_that_cannot_fuse_have_no_key_and_mixed_keys_are_refused(tmp_path, data):
-    assert fusion_key(tiny_config("adapter.fusion_dropout=0.1")) is None
-    assert fusion_key(tiny_config("adapter.plain_layers=1", "adapter.plain_dropout=0.1")) is None
-    assert fusion_key(tiny_config("adapter.plain_layers=1", "adapter.plain_dropout=0.0")) is not None
-    assert fusion_key(tiny_config("adapter.plain_dropout=0.1")) is not None  # no plain layers: no dropout
+    assert fusion_key(tiny_config(*ALL_DROPOUT)) is not None  # dropout fuses (its masks are keyed)
+    assert fusion_key(tiny_config(*ALL_DROPOUT)) != fusion_key(tiny_config(*PLAIN_DROPOUT))
     assert fusion_key(tiny_config("train.compile=default")) is None
     assert fusion_key(tiny_config("adapter.pair_checkpoint=true")) is None
     assert fusion_key(tiny_config("adapter.d_model=16")) != fusion_key(tiny_config())

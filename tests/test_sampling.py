@@ -179,9 +179,13 @@ def test_an_old_checkpoint_loads_as_the_paper_blocks_and_scores_as_before(tmp_pa
     np.testing.assert_array_equal(predict(old, store, "count", rows), predict(new, store, "count", rows))
 
 
-def test_an_old_run_resumes_with_the_optimiser_it_was_trained_with(tmp_path):
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_an_old_run_resumes_with_the_optimiser_it_was_trained_with(tmp_path, dropout):
+    """With dropout too: the process generator state an old last.pt holds is restored, and the run
+    continues with the keyed masks of its seed and steps."""
     store = write_synthetic_store(tmp_path / "synthetic.zarr")
-    config = tiny_config("train.max_steps=40", "adapter.fusion_block=paper", "adapter.plain_dropout=0",
+    config = tiny_config("train.max_steps=40", "adapter.fusion_block=paper", "adapter.plain_layers=1",
+                         f"adapter.plain_dropout={dropout}", f"adapter.fusion_dropout={dropout}",
                          "optim.amsgrad=false", "optim.decay_norms_and_biases=true")
     full = train_from_store(store, tmp_path / "full", config)
 
@@ -189,7 +193,8 @@ def test_an_old_run_resumes_with_the_optimiser_it_was_trained_with(tmp_path):
         train_from_store(store, tmp_path / "cut", config, progress=stop_at(20))
     last = tmp_path / "cut" / "last.pt"
     payload = torch.load(last, weights_only=True)
-    payload["run_config"] = old_form(payload["run_config"], dropout=0.0)
+    payload["run_config"] = old_form(payload["run_config"], dropout=dropout)
+    payload["rng"] = {"torch": torch.Generator().manual_seed(99).get_state()}  # where old dropout draws left it
     torch.save(payload, last)
     resumed = train_from_store(store, tmp_path / "cut", saved_run_config(last), resume=True)
     a, b = weights(full.last_path), weights(resumed.last_path)

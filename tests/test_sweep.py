@@ -205,7 +205,8 @@ def test_local_sweep_records_failures_resumes_and_matches_concurrent_run(tmp_pat
 
 def test_trials_of_the_same_shapes_train_fused_and_end_as_they_would_alone(tmp_path, tiny_store, monkeypatch):
     grid = {"optim.lr": [2e-3, 5e-3], "train.seed": [0, 1], "adapter.d_model": [32, 16]}
-    spec, trials = trials_of(tmp_path, grid=grid, set=[*BASE, "loss.weight=0.5"])
+    # A plain layer with its default dropout (0.1), as the released code has.
+    spec, trials = trials_of(tmp_path, grid=grid, set=[*BASE, "loss.weight=0.5", "adapter.plain_layers=1"])
     fused_calls = []
     original = sweep_fused.train_fused
 
@@ -230,22 +231,26 @@ def test_trials_of_the_same_shapes_train_fused_and_end_as_they_would_alone(tmp_p
             torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=1e-4)
 
 
-def test_a_sweep_kept_apart_only_by_dropout_says_so_once(tmp_path, caplog):
-    caplog.set_level(logging.WARNING, logger=sweep_fused.__name__)
+def test_trials_with_dropout_in_concurrent_threads_end_as_one_after_another(tmp_path, tiny_store):
+    """Each trial's dropout masks come from its seed and steps, not the generator the threads share."""
+    grid = {"optim.lr": [2e-3, 5e-3], "train.seed": [0, 1]}
+    spec, trials = trials_of(tmp_path, grid=grid, set=[*BASE, "adapter.plain_layers=1", "adapter.fusion_dropout=0.1"])
+    runs = {n: run_sweep(trials, SweepRequest(store=tiny_store, out_dir=tmp_path / str(n), concurrency=n, fuse_max=1),
+                         spec.varied) for n in (1, 2)}
+    assert [r.state for r in runs[2].records] == [DONE] * 4
+    assert metrics_by_id(runs[2]) == metrics_by_id(runs[1])
+    for a, b in zip(runs[1].records, runs[2].records):
+        wa, wb = (torch.load(r.folder / "last.pt", weights_only=True)["model"] for r in (a, b))
+        assert all(torch.equal(wa[key], wb[key]) for key in wa)
+
+
+def test_trials_with_the_default_dropout_fuse(tmp_path):
     _, with_dropout = trials_of(tmp_path, set=[*BASE, "adapter.plain_layers=1"])  # plain_dropout 0.1 by default
-    assert [len(unit) for unit in sweep_fused.work_units(with_dropout, 16)] == [1, 1, 1, 1]
-    said = [r.getMessage() for r in caplog.records]
-    assert said == ["no trial of this sweep trains fused: 4 of its 4 trials use dropout (the plain layers' default "
-                    "is 0.1), and trials with dropout never fuse; set adapter.plain_dropout=0 in the sweep's set to "
-                    "fuse them"]
-    caplog.clear()
-    _, without = trials_of(tmp_path, set=[*BASE, "adapter.plain_layers=1", "adapter.plain_dropout=0"])
-    assert [len(unit) for unit in sweep_fused.work_units(without, 16)] == [4]
+    assert [len(unit) for unit in sweep_fused.work_units(with_dropout, 16)] == [4]
     assert [len(unit) for unit in sweep_fused.work_units(with_dropout, 1)] == [1, 1, 1, 1]  # fusing asked off
-    # Trials of other shapes would not fuse anyway: dropout is not the reason, nothing is said.
-    _, shapes = trials_of(tmp_path, grid={"adapter.d_model": [16, 32]}, set=[*BASE, "adapter.plain_layers=1"])
-    sweep_fused.work_units(shapes, 16)
-    assert caplog.records == []
+    _, shapes = trials_of(tmp_path, grid={"adapter.d_model": [16, 32], "train.seed": [0, 1]},
+                          set=[*BASE, "adapter.plain_layers=1"])
+    assert [len(unit) for unit in sweep_fused.work_units(shapes, 16)] == [2, 2]
 
 
 def test_sweep_user_errors(tmp_path, tiny_store):

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 import rankpipe.adapter.training.loop as training
 from rankpipe.adapter.evaluation.scoring import load_checkpoint, predict
 from rankpipe.adapter.model.adapter import RankingAdapter
+from rankpipe.adapter.model.dropout import StepKeys
 from rankpipe.adapter.training.features import BatchSampler, load_features
 from rankpipe.adapter.training.loop import (
     BatchPadder,
@@ -85,7 +86,8 @@ def test_same_seed_gives_identical_weights_and_other_seed_does_not(tmp_path, sto
 @pytest.mark.parametrize("budget", [(), STREAMED], ids=["resident", "streamed"])
 @pytest.mark.parametrize("interrupt_at", [20, 40])
 def test_resume_equals_an_uninterrupted_run(tmp_path, store, interrupt_at, budget):
-    config = tiny_config("train.max_steps=60", "adapter.fusion_dropout=0.1", "adapter.plain_dropout=0.1", *budget)
+    config = tiny_config("train.max_steps=60", "adapter.fusion_dropout=0.1", "adapter.plain_layers=1",
+                         "adapter.plain_dropout=0.1", *budget)
     full = train_from_store(store, tmp_path / "full", config)
 
     with pytest.raises(Interrupted):
@@ -300,7 +302,8 @@ def test_compiled_run_through_inductor_resumes_and_predicts_like_an_eager_run(tm
     A smaller adapter than TINY: Inductor compiles each kernel with the C++ compiler, and TINY's
     relational head takes over a minute to compile on two CPU cores (the other tests trace it).
     """
-    small = ("train.max_steps=40", "adapter.blocks=0", "adapter.ranking_head=subtraction")
+    # With a plain layer's dropout: the compiled step computes the same keyed masks.
+    small = ("train.max_steps=40", "adapter.blocks=0", "adapter.ranking_head=subtraction", "adapter.plain_layers=1")
     eager = train_from_store(store, tmp_path / "eager", tiny_config(*small), labels=["count"])
     config = tiny_config(*small, "train.compile=reduce-overhead")
     with caplog.at_level(logging.INFO, logger=training.__name__):
@@ -336,7 +339,7 @@ def test_compiled_step_with_varying_batch_shapes_trains_like_eager(tmp_path, mon
     batch_size = max(features.train_sizes) - 1  # the smaller query's batches hold all its images
     assert min(features.train_sizes) < batch_size
     assert len({q.text_tokens.shape[0] for q in features.queries}) == 2
-    config = tiny_config("train.max_steps=40", f"train.batch_size={batch_size}")
+    config = tiny_config("train.max_steps=40", f"train.batch_size={batch_size}", "adapter.fusion_dropout=0.1")
     eager = train_adapter(features, tmp_path / "eager", config, store.provenance)
     compiled = train_adapter(features, tmp_path / "compiled", dataclasses.replace(
         config, train=dataclasses.replace(config.train, compile="default")), store.provenance)
@@ -349,7 +352,8 @@ def test_compiled_step_with_varying_batch_shapes_trains_like_eager(tmp_path, mon
         assert difference < COMPILED_SCORE_TOLERANCE, label
 
 
-@pytest.mark.parametrize("extra", [(), ("loss.pairwise=hinge", "loss.regression_form=log"), ("loss.ties=half",)])
+@pytest.mark.parametrize("extra", [(), ("loss.pairwise=hinge", "loss.regression_form=log"), ("loss.ties=half",),
+                                   ("adapter.plain_layers=1", "adapter.fusion_dropout=0.1")])
 def test_a_padded_batch_has_the_loss_and_gradients_of_the_unpadded_one(extra):
     config = tiny_config(*extra)
     torch.manual_seed(0)
@@ -357,10 +361,12 @@ def test_a_padded_batch_has_the_loss_and_gradients_of_the_unpadded_one(extra):
     image_tokens, text_tokens = torch.randn(5, 4, 16), torch.randn(6, 12)  # 5 images, padded to 8 below
     targets = torch.tensor([0.5, -1.0, 0.5, 2.0, 0.1])  # one tie
     step_loss = make_step_loss(model, config.loss, torch.device("cpu"), None)
+    # With dropout, a row's masks do not depend on the rows after it: the padded rows leave them alone.
+    dropout_key = StepKeys(0, 1, torch.device("cpu"))[1]
 
     def loss_and_grads(*batch):
         model.zero_grad()
-        parts = step_loss(*batch)
+        parts = step_loss(*batch, dropout_key)
         parts.total.backward()
         return parts, {name: p.grad.clone() for name, p in model.named_parameters()}
 
@@ -373,7 +379,7 @@ def test_a_padded_batch_has_the_loss_and_gradients_of_the_unpadded_one(extra):
     for name, grad in plain_grads.items():
         torch.testing.assert_close(padded_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)  # grads are of order 1
     # The mask matters: without it the repeated rows would count.
-    unmasked = step_loss(padded_images, text_tokens, padded_targets, None)
+    unmasked = step_loss(padded_images, text_tokens, padded_targets, None, dropout_key)
     assert abs(float(unmasked.total.detach()) - float(plain.total.detach())) > 1e-4
 
 

@@ -86,20 +86,23 @@ class RankingAdapter(nn.Module):
             return torch.get_autocast_dtype(device.type)
         return self.encoder.image_proj.weight.dtype
 
-    def forward(self, image_tokens: Tensor, text_tokens: Tensor, with_pairs: bool = True) -> AdapterOutput:
+    def forward(self, image_tokens: Tensor, text_tokens: Tensor, with_pairs: bool = True,
+                dropout_key: Tensor | None = None) -> AdapterOutput:
         """Score a batch of images for one query.
 
         Args:
             image_tokens: [N, P, D_img] CLIP image tokens, any float dtype (cast to the module's dtype).
             text_tokens: [L, D_txt] tokens of one query shared by the batch, or [N, L, D_txt].
             with_pairs: also compute the [N, N] pair logits (training); False skips the pairwise branch.
+            dropout_key: int64 [2], the key of a training step's dropout masks (dropout.StepKeys); None in
+                training mode draws one from the process's generator. Eval mode applies no dropout.
 
         Returns:
             AdapterOutput with scores [N] and pair_logits [N, N] or None.
         """
         self.check_inputs(image_tokens, text_tokens)
         dtype = self.compute_dtype(image_tokens.device)
-        x = self.encoder(image_tokens.to(dtype), text_tokens.to(dtype))  # (N, P, D)
+        x = self.encoder(image_tokens.to(dtype), text_tokens.to(dtype), dropout_key)  # (N, P, D)
         scores = self.regression_head(x)  # (N,)
         pair_logits = self.ranking_head(x) if with_pairs and self.ranking_head is not None else None
         return AdapterOutput(scores=scores, pair_logits=pair_logits)

@@ -14,6 +14,10 @@ width d_model) as in the released code, kept here as `plain_layers`.
 
 The text of one query is shared by the whole batch, so its keys and values are computed once and
 broadcast over the images instead of being repeated N times.
+
+Dropout (`fusion_dropout`, `plain_dropout`) sits where the released code has it, as `KeyedDropout`s
+(adapter/model/dropout.py): a training forward pass takes a dropout key, and every mask is a function
+of that key and the dropout's site, so a run draws the same masks alone, fused with others or resumed.
 """
 
 from __future__ import annotations
@@ -23,15 +27,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rankpipe.adapter.model.config import AdapterConfig
+from rankpipe.adapter.model.dropout import KeyedDropout, number_sites, random_key, site_keys
 
 
 class Attention(nn.Module):
-    """Multi-head attention through `F.scaled_dot_product_attention`; self- or cross-attention."""
+    """Multi-head attention through `F.scaled_dot_product_attention`; self- or cross-attention.
+
+    Dropout of the attention weights (nn.MultiheadAttention's) needs the weights themselves: while it is
+    active the attention is computed step by step (as SDPA's math kernel does), otherwise by SDPA.
+    """
 
     def __init__(self, d_model: int, heads: int, dropout: float, cross: bool) -> None:
         super().__init__()
         self.heads = heads
-        self.dropout = dropout
+        self.weights_drop = KeyedDropout(dropout)
         if cross:  # queries from x, keys/values from the context
             self.q_proj = nn.Linear(d_model, d_model)
             self.kv_proj = nn.Linear(d_model, 2 * d_model)
@@ -39,9 +48,9 @@ class Attention(nn.Module):
             self.qkv_proj = nn.Linear(d_model, 3 * d_model)
         self.out_proj = nn.Linear(d_model, d_model)
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor | None = None, drop_keys: Tensor | None = None) -> Tensor:
         """Attend from `x` [N, T, D] to `context` ([N, S, D], or [S, D] shared by the batch; None for
-        self-attention)."""
+        self-attention); `drop_keys` are the pass's dropout keys (see KeyedDropout)."""
         N, T, D = x.shape
         H, c = self.heads, D // self.heads
         if context is None:
@@ -58,15 +67,13 @@ class Attention(nn.Module):
         else:
             k = k.reshape(N, S, H, c).transpose(1, 2)  # (N, H, S, c)
             v = v.reshape(N, S, H, c).transpose(1, 2)  # (N, H, S, c)
-        p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # (N, H, T, c)
+        if self.training and self.weights_drop.p > 0:
+            weights = torch.softmax(q @ k.transpose(-2, -1) * c**-0.5, dim=-1)  # (N, H, T, S)
+            y = self.weights_drop(weights, drop_keys) @ v  # (N, H, T, c)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, c)
         y = y.transpose(1, 2).reshape(N, T, D)  # (N, T, D)
         return self.out_proj(y)
-
-
-def dropout_layer(p: float) -> nn.Module:
-    """nn.Dropout, or Identity at p = 0 so that no kernel is launched for nothing."""
-    return nn.Dropout(p) if p > 0 else nn.Identity()
 
 
 class MLP(nn.Module):
@@ -76,10 +83,10 @@ class MLP(nn.Module):
         super().__init__()
         self.fc_in = nn.Linear(d_model, hidden)
         self.fc_out = nn.Linear(hidden, d_model)
-        self.drop = dropout_layer(dropout)
+        self.drop = KeyedDropout(dropout)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.drop(self.fc_out(F.gelu(self.fc_in(x))))
+    def forward(self, x: Tensor, drop_keys: Tensor | None = None) -> Tensor:
+        return self.drop(self.fc_out(F.gelu(self.fc_in(x))), drop_keys)
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -96,13 +103,13 @@ class ResidualAttentionBlock(nn.Module):
         self.attn = Attention(d_model, heads, dropout, cross=cross)
         self.ln_mlp = nn.LayerNorm(d_model)
         self.mlp = MLP(d_model, int(d_model * mlp_ratio), dropout)
-        self.drop = dropout_layer(dropout)
+        self.drop = KeyedDropout(dropout)
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor | None = None, drop_keys: Tensor | None = None) -> Tensor:
         """x [N, T, D], context [S, D] or [N, S, D] (cross) or None (self) -> [N, T, D]."""
         context = self.ln_context(context) if self.ln_context is not None else None
-        x = x + self.drop(self.attn(self.ln_attn(x), context))
-        return x + self.mlp(self.ln_mlp(x))
+        x = x + self.drop(self.attn(self.ln_attn(x), context, drop_keys), drop_keys)
+        return x + self.mlp(self.ln_mlp(x), drop_keys)
 
 
 class ReleasedFusionBlock(nn.Module):
@@ -114,9 +121,9 @@ class ReleasedFusionBlock(nn.Module):
         self.self_block = ResidualAttentionBlock(D, cfg.heads, cfg.mlp_ratio, cfg.fusion_dropout, cross=False)
         self.cross_block = ResidualAttentionBlock(D, cfg.heads, cfg.mlp_ratio, cfg.fusion_dropout, cross=True)
 
-    def forward(self, x: Tensor, text: Tensor) -> Tensor:
+    def forward(self, x: Tensor, text: Tensor, drop_keys: Tensor | None = None) -> Tensor:
         """x [N, P, D] image tokens, text [L, D] or [N, L, D] -> [N, P, D]."""
-        return self.cross_block(self.self_block(x), text)
+        return self.cross_block(self.self_block(x, None, drop_keys), text, drop_keys)
 
 
 class PaperFusionBlock(nn.Module):
@@ -132,13 +139,15 @@ class PaperFusionBlock(nn.Module):
         self.cross_attn = Attention(D, cfg.heads, cfg.fusion_dropout, cross=True)
         self.ln_mlp = nn.LayerNorm(D)
         self.mlp = MLP(D, int(D * cfg.mlp_ratio), cfg.fusion_dropout)
-        self.drop = dropout_layer(cfg.fusion_dropout)
+        # One module per place it is applied: each place draws its own masks.
+        self.drop_self = KeyedDropout(cfg.fusion_dropout)
+        self.drop_cross = KeyedDropout(cfg.fusion_dropout)
 
-    def forward(self, x: Tensor, text: Tensor) -> Tensor:
+    def forward(self, x: Tensor, text: Tensor, drop_keys: Tensor | None = None) -> Tensor:
         """x [N, P, D] image tokens, text [L, D] or [N, L, D] -> [N, P, D]."""
-        x = x + self.drop(self.self_attn(self.ln_self(x)))
-        x = x + self.drop(self.cross_attn(self.ln_cross(x), self.ln_text(text)))
-        return x + self.mlp(self.ln_mlp(x))
+        x = x + self.drop_self(self.self_attn(self.ln_self(x), None, drop_keys), drop_keys)
+        x = x + self.drop_cross(self.cross_attn(self.ln_cross(x), self.ln_text(text), drop_keys), drop_keys)
+        return x + self.mlp(self.ln_mlp(x), drop_keys)
 
 
 # fusion_block name -> the block class.
@@ -157,12 +166,15 @@ class PlainLayer(nn.Module):
         self.fc_in = nn.Linear(D, D)
         self.fc_out = nn.Linear(D, D)
         self.ln_ff = nn.LayerNorm(D)
-        self.drop = dropout_layer(cfg.plain_dropout)
+        # nn.TransformerEncoderLayer's dropout1, dropout and dropout2: one module per place it is applied.
+        self.drop_attn = KeyedDropout(cfg.plain_dropout)
+        self.drop_hidden = KeyedDropout(cfg.plain_dropout)
+        self.drop_ff = KeyedDropout(cfg.plain_dropout)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.ln_attn(x + self.drop(self.self_attn(x)))
-        ff = self.fc_out(self.drop(F.relu(self.fc_in(x))))
-        return self.ln_ff(x + self.drop(ff))
+    def forward(self, x: Tensor, drop_keys: Tensor | None = None) -> Tensor:
+        x = self.ln_attn(x + self.drop_attn(self.self_attn(x, None, drop_keys), drop_keys))
+        ff = self.fc_out(self.drop_hidden(F.relu(self.fc_in(x)), drop_keys))
+        return self.ln_ff(x + self.drop_ff(ff, drop_keys))
 
 
 class AdapterEncoder(nn.Module):
@@ -182,6 +194,9 @@ class AdapterEncoder(nn.Module):
         self.blocks = nn.ModuleList(fusion_block(cfg) for _ in range(cfg.blocks))
         self.ln_out = nn.LayerNorm(D)
         self.plain_layers = nn.ModuleList(PlainLayer(cfg) for _ in range(cfg.plain_layers))
+        self.dropout_sites = number_sites(self)
+        # Whether a training pass drops anything (only then does it need keys).
+        self.drops = any(m.p > 0 for m in self.modules() if isinstance(m, KeyedDropout))
 
     def init_weights(self) -> None:
         """Truncated-normal linear weights (std 0.02), zero biases, unit norms, small extra tokens."""
@@ -194,7 +209,13 @@ class AdapterEncoder(nn.Module):
                 nn.init.zeros_(m.bias)
         nn.init.normal_(self.text_extra, std=self.text_extra.shape[-1] ** -0.5)
 
-    def forward(self, image_tokens: Tensor, text_tokens: Tensor) -> Tensor:
+    def forward(self, image_tokens: Tensor, text_tokens: Tensor, dropout_key: Tensor | None = None) -> Tensor:
+        """`dropout_key` (int64 [2], see adapter/model/dropout.py) fixes a training pass's dropout masks;
+        without one a training pass draws a key from the process's generator, as nn.Dropout would."""
+        drop_keys = None
+        if self.training and self.drops:
+            key = dropout_key if dropout_key is not None else random_key(image_tokens.device)
+            drop_keys = site_keys(key, self.dropout_sites)  # (sites, 2), once for the whole pass
         x = self.image_proj(image_tokens)  # (N, P, D)
         text = self.text_proj(text_tokens)  # (L, D) or (N, L, D)
         extra = self.text_extra.to(text.dtype)
@@ -202,8 +223,8 @@ class AdapterEncoder(nn.Module):
             extra = extra.expand(text.shape[0], -1, -1)  # (N, T, D)
         text = torch.cat([text, extra], dim=-2)  # (L + T, D) or (N, L + T, D)
         for block in self.blocks:
-            x = block(x, text)
+            x = block(x, text, drop_keys)
         x = self.ln_out(x)
         for layer in self.plain_layers:
-            x = layer(x)
+            x = layer(x, drop_keys)
         return x  # (N, P, D)

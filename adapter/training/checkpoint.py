@@ -176,15 +176,15 @@ class CheckpointWriter:
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         sampler: BatchSampler,
-        rng: dict | None = None,
+        rng: dict,
     ) -> None:
-        """Write last.pt; `rng` is the generator state to resume with (None: the process's current one)."""
+        """Write last.pt; `rng` is the generator state to resume with (`rng_state`'s form)."""
         payload = self._payload("last", model, step, val_srcc, best)
         payload.update(
             optimizer=optimizer.state_dict(),
             scheduler=scheduler.state_dict(),
             sampler=sampler.state_dict(),
-            rng=rng if rng is not None else rng_state(self.device),
+            rng=rng,
         )
         save_checkpoint(payload, self.out_dir / LAST)
         self.last_good = f"the last good checkpoint is {self.out_dir / LAST} (step {step})"
@@ -228,7 +228,8 @@ def load_resume_state(path: Path, cfg: RunConfig, labels: list[str], provenance:
 
 
 def rng_state(device: torch.device) -> dict:
-    """The global torch RNG states (CPU, and the CUDA device's) that dropout draws from."""
+    """The global torch RNG states (CPU, and the CUDA device's); a run records them as its initialisation
+    left them (training draws nothing from them: its dropout masks are keyed, adapter/model/dropout.py)."""
     state = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)

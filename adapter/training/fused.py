@@ -11,16 +11,16 @@ every run's scores and pair logits in one pass (and the loss too when the runs s
 settings; otherwise each run's loss is computed with its own), and one backward pass of their sum gives every run the gradients it would get alone (runs share no
 weights, so no gradient crosses from one to another). A fused run therefore ends with the weights (to
 float rounding: batched matrix products round differently) and the checkpoints, history and metrics
-it would have had alone, and its last.pt resumes alone or fused alike.
+it would have had alone, and its last.pt resumes alone or fused alike. Dropout does not stand in the
+way: its masks are a function of (seed, step, site) (adapter/model/dropout.py), and each run's step key
+is one more input of the vmapped pass, so every run draws the masks it draws alone.
 
 Runs of one seed draw the same batches: they share one gather. Runs of different seeds gather their
 own batches, which are stacked; since queries' text lengths differ, a step's runs are grouped by the
 query they train, one fused pass per query.
 
-Left to train alone (`fusion_key` is None): dropout above 0 — a run alone draws its dropout masks from
-the process's generator in its own order, which a fused pass cannot reproduce —, `train.compile` other
-than "off" (the fused pass is eager), and `adapter.pair_checkpoint` (activation checkpointing does not
-compose with vmap).
+Left to train alone (`fusion_key` is None): `train.compile` other than "off" (the fused pass is eager)
+and `adapter.pair_checkpoint` (activation checkpointing does not compose with vmap).
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ Outcome = TrainResult | BaseException | None
 
 def fusion_key(config: RunConfig) -> str | None:
     """Runs whose keys are equal can train fused; None: this run trains alone (see the module docstring)."""
-    if uses_dropout(config) or config.train.compile != "off" or config.adapter.pair_checkpoint:
+    if config.train.compile != "off" or config.adapter.pair_checkpoint:
         return None
     shared = config.to_dict()
     for section in PER_RUN_SECTIONS:
@@ -86,12 +86,6 @@ def fusion_key(config: RunConfig) -> str | None:
     for name in PER_RUN_TRAIN_FIELDS:
         shared["train"].pop(name)
     return json.dumps(shared, sort_keys=True)
-
-
-def uses_dropout(config: RunConfig) -> bool:
-    """Whether the adapter draws dropout masks: dropout above 0 in layers it has."""
-    adapter = config.adapter
-    return (adapter.fusion_dropout > 0 and adapter.blocks > 0) or (adapter.plain_dropout > 0 and adapter.plain_layers > 0)
 
 
 def train_fused(
@@ -125,8 +119,6 @@ def train_fused(
                 outcomes[index] = e
         by_start = collections.defaultdict(list)
         for index, run in runs.items():
-            # Without dropout nothing draws from the process's generator after initialisation.
-            run.rng_to_save = run.start_rng
             by_start[run.step].append(index)
         for indices in by_start.values():
             group = {i: runs[i] for i in indices}
@@ -204,6 +196,7 @@ def _fused_losses(runs: list[TrainingRun], batches: dict[int, TrainBatch], featu
         text = features.queries[query_index].text_tokens  # (L, Dt)
         template = group[0].model
         params = stack_parameters([run.model for run in group])  # name -> (R, ...)
+        keys = torch.stack([run.dropout_key for run in group])  # (R, 2) each run's step key
         if all(run.cfg.loss == group[0].cfg.loss for run in group):
             # One loss setting: the loss joins the vmapped pass.
             if images_dim is None:
@@ -211,19 +204,20 @@ def _fused_losses(runs: list[TrainingRun], batches: dict[int, TrainBatch], featu
             else:
                 targets, targets_dim = torch.stack([b.targets for b in group_batches]), 0  # (R, B)
             loss_of = _vmapped_loss(template, group[0].cfg.loss, device)
-            total, regression, pairwise = vmap(loss_of, in_dims=(0, images_dim, None, targets_dim))(
-                params, images, text, targets)  # (R,) each
+            total, regression, pairwise = vmap(loss_of, in_dims=(0, images_dim, None, targets_dim, 0))(
+                params, images, text, targets, keys)  # (R,) each
             for r, i in enumerate(members):
                 parts[i] = LossParts(total=total[r], regression=regression[r], pairwise=pairwise[r])
             continue
 
         def forward(p: dict[str, torch.Tensor], image_tokens: torch.Tensor, text_tokens: torch.Tensor,
-                    template: RankingAdapter = template) -> tuple[torch.Tensor, ...]:
-            out = functional_call(template, p, (image_tokens, text_tokens), {"with_pairs": True})
+                    dropout_key: torch.Tensor, template: RankingAdapter = template) -> tuple[torch.Tensor, ...]:
+            out = functional_call(template, p, (image_tokens, text_tokens),
+                                  {"with_pairs": True, "dropout_key": dropout_key})
             return (out.scores,) if out.pair_logits is None else (out.scores, out.pair_logits)
 
         with autocast(device), _batchable_attention(device):
-            outputs = vmap(forward, in_dims=(0, images_dim, None))(params, images, text)  # (R, B), (R, B, B)
+            outputs = vmap(forward, in_dims=(0, images_dim, None, 0))(params, images, text, keys)  # (R, B), (R, B, B)
         for r, (i, run) in enumerate(zip(members, group)):  # each run's own loss settings
             pair_logits = outputs[1][r] if len(outputs) > 1 else None
             output = AdapterOutput(scores=outputs[0][r], pair_logits=pair_logits)
@@ -232,13 +226,14 @@ def _fused_losses(runs: list[TrainingRun], batches: dict[int, TrainBatch], featu
 
 
 def _vmapped_loss(template: RankingAdapter, loss: LossConfig, device: torch.device):
-    """The loss parts (total, regression, pairwise) of one run's parameters, batch and targets: the step's
-    function to vmap over runs that share their loss settings."""
+    """The loss parts (total, regression, pairwise) of one run's parameters, batch, targets and dropout
+    key: the step's function to vmap over runs that share their loss settings."""
 
     def loss_of(p: dict[str, torch.Tensor], image_tokens: torch.Tensor, text_tokens: torch.Tensor,
-                targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                targets: torch.Tensor, dropout_key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         with autocast(device), _batchable_attention(device):
-            output = functional_call(template, p, (image_tokens, text_tokens), {"with_pairs": True})
+            output = functional_call(template, p, (image_tokens, text_tokens),
+                                     {"with_pairs": True, "dropout_key": dropout_key})
         parts = ranking_loss(output, targets, loss)
         return parts.total, parts.regression, parts.pairwise
 

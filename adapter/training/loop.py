@@ -7,6 +7,8 @@ the device between reports: every `train.log_every` steps they are read once, to
 device-side record of the first non-finite step, so the loop has no other host syncs. Each step's
 loss parts and rows go into preallocated device buffers (see _LossMonitor) and batches are gathered
 with index_select, so the loop adds a few small copies to the step and allocates nothing of its own.
+Dropout masks are keyed by (seed, step) and the dropout's site (adapter/model/dropout.py), not drawn
+from the process's generator: a resumed run, or one trained fused with others, draws the same masks.
 
 Every `train.eval_every` steps (and at the last) the val split is scored, SRCC per query is computed
 with scipy, and OUT/last.pt (resumable), OUT/best.pt (best mean val SRCC) and a line of
@@ -36,6 +38,7 @@ import torch
 from rankpipe.adapter import ADAPTER_METHOD
 from rankpipe.adapter.model.adapter import RankingAdapter, score_batches
 from rankpipe.adapter.model.config import LossConfig
+from rankpipe.adapter.model.dropout import StepKeys
 from rankpipe.adapter.model.losses import LossParts, ranking_loss
 from rankpipe.adapter.training.checkpoint import (
     BEST,
@@ -204,10 +207,10 @@ def _train_adapter(
             torch.compiler.cudagraph_mark_step_begin()
         text_tokens = features.queries[batch.query_index].text_tokens
         if pad is None:
-            parts = step_loss(batch.image_tokens, text_tokens, batch.targets, None)
+            parts = step_loss(batch.image_tokens, text_tokens, batch.targets, None, run.dropout_key)
         else:  # compiled: every batch has train.batch_size rows, so one graph serves them all
             image_tokens, targets, valid = pad(batch.image_tokens, batch.targets)
-            parts = step_loss(image_tokens, text_tokens, targets, valid)
+            parts = step_loss(image_tokens, text_tokens, targets, valid, run.dropout_key)
         parts.total.backward()
         run.end_step(parts, batch)
     return run.result()
@@ -252,11 +255,11 @@ class TrainingRun:
         with _INIT_LOCK:
             torch.manual_seed(cfg.train.seed)
             model = RankingAdapter(cfg.adapter, features.image_token_dim, features.text_token_dim)
-            # The generator state this run starts from; dropout draws advance it from here.
+            # The generator state this run starts from, which last.pt records: training draws nothing
+            # from the process's generator (dropout masks are keyed), so it is also the state at every
+            # step, whatever other runs of the process draw meanwhile.
             self.start_rng = rng_state(device) if saved is None else saved["rng"]
-        # The generator state last.pt records: None saves the process's current one. A caller that
-        # trains several runs in one process (each without dropout) sets `start_rng` here.
-        self.rng_to_save: dict | None = None
+        self.dropout_keys = StepKeys(cfg.train.seed, cfg.train.max_steps, device)
         self.model = model.to(device)
         self.model.train()
         self.optimizer = make_optimizer(self.model, cfg.optim)
@@ -287,6 +290,11 @@ class TrainingRun:
     @property
     def finished(self) -> bool:
         return self.step >= self.cfg.train.max_steps
+
+    @property
+    def dropout_key(self) -> torch.Tensor:
+        """int64 [2], on the device: the key of the current step's dropout masks (after begin_step)."""
+        return self.dropout_keys[self.step]
 
     def begin_step(self, batch: TrainBatch | None = None) -> TrainBatch:
         """Count the step, clear the gradients and return its batch (drawn here unless given)."""
@@ -326,7 +334,7 @@ class TrainingRun:
             self.best = {"step": step, "mean_srcc": self.latest_mean, "srcc": dict(new_srcc)}
             self.writer.save_best(self.model, step, new_srcc, self.best)
         self.writer.save_last(self.model, step, new_srcc, self.best, self.optimizer, self.scheduler, self.sampler,
-                              rng=self.rng_to_save)
+                              rng=self.start_rng)
         _append_history(
             self.out_dir / HISTORY,
             {
@@ -383,9 +391,9 @@ def compile_mode(setting: str, device: torch.device) -> str | None:
 
 def make_step_loss(
     model: RankingAdapter, loss_cfg: LossConfig, device: torch.device, mode: str | None
-) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], LossParts]:
-    """Forward pass and loss of one step: image tokens [B, P, D], text tokens [L, Dt], targets [B] and
-    which rows count, valid [B] bool (None: all; see BatchPadder).
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor], LossParts]:
+    """Forward pass and loss of one step: image tokens [B, P, D], text tokens [L, Dt], targets [B],
+    which rows count, valid [B] bool (None: all; see BatchPadder), and the step's dropout key, int64 [2].
 
     Compiled with `mode` unless it is None. The pairwise branch's chunking fixes the batch size, so the
     compiled loop pads every batch to `train.batch_size` (BatchPadder) and marks the text length
@@ -393,9 +401,9 @@ def make_step_loss(
     """
 
     def loss_of(image_tokens: torch.Tensor, text_tokens: torch.Tensor, targets: torch.Tensor,
-                valid: torch.Tensor | None) -> LossParts:
+                valid: torch.Tensor | None, dropout_key: torch.Tensor) -> LossParts:
         with autocast(device):
-            output = model(image_tokens, text_tokens, with_pairs=True)
+            output = model(image_tokens, text_tokens, with_pairs=True, dropout_key=dropout_key)
         return ranking_loss(output, targets, loss_cfg, valid)
 
     return loss_of if mode is None else _compile(loss_of, mode)

@@ -1,16 +1,14 @@
 """Sweep trials of the same shapes trained as one fused model (see rankpipe.adapter.training.fused).
 
 The runner splits the pending trials into work units: trials of one fusion key, up to `fuse_max` at a
-time, train together; a trial with no partner, or one that cannot fuse (dropout, train.compile,
-pair_checkpoint), trains alone as before. Each fused trial is evaluated and recorded in its own folder
+time, train together; a trial with no partner, or one that cannot fuse (train.compile, pair_checkpoint),
+trains alone as before. Each fused trial is evaluated and recorded in its own folder
 exactly as a solo trial is; a trial whose fused pass failed as a whole (e.g. out of memory with that
 many trials at once) continues alone from its last.pt.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,10 +25,8 @@ from rankpipe.adapter.experiments.sweep.trial import (
 )
 from rankpipe.adapter.training.checkpoint import LAST
 from rankpipe.adapter.training.features import ResidentFeatures
-from rankpipe.adapter.training.fused import FusedJob, fusion_key, train_fused, uses_dropout
+from rankpipe.adapter.training.fused import FusedJob, fusion_key, train_fused
 from rankpipe.pipeline.labelled_store import LabelledStore
-
-log = logging.getLogger(__name__)
 
 
 def work_units(trials: Sequence[Trial], fuse_max: int) -> list[list[Trial]]:
@@ -45,20 +41,7 @@ def work_units(trials: Sequence[Trial], fuse_max: int) -> list[list[Trial]]:
             open_units.append([])
             units.append(open_units[-1])
         open_units[-1].append(trial)
-    if fuse_max > 1 and len(trials) > 1 and all(len(unit) == 1 for unit in units):
-        _say_when_dropout_kept_them_apart(trials)
     return units
-
-
-def _say_when_dropout_kept_them_apart(trials: Sequence[Trial]) -> None:
-    """Log one line when trials that fuse nothing would have fused without dropout (a released default)."""
-    with_dropout = [trial.config for trial in trials if uses_dropout(trial.config)]
-    keys = [fusion_key(dataclasses.replace(config, adapter=dataclasses.replace(
-        config.adapter, fusion_dropout=0.0, plain_dropout=0.0))) for config in with_dropout]
-    if any(key is not None and keys.count(key) > 1 for key in keys):
-        log.warning("no trial of this sweep trains fused: %d of its %d trials use dropout (the plain layers' "
-                    "default is 0.1), and trials with dropout never fuse; set adapter.plain_dropout=0 in the "
-                    "sweep's set to fuse them", len(with_dropout), len(trials))
 
 
 def run_unit(unit: Sequence[Trial], sweep_dir: str | Path, features: ResidentFeatures, data: LabelledStore,
