@@ -25,6 +25,9 @@ from rankpipe.cli.params import NonEmptyPath
               help="Training seeds per variant (0..N-1); the table shows mean ± std over them.")
 @click.option("--out", "out_dir", required=True, type=NonEmptyPath(file_okay=False, path_type=Path),
               help="Folder for the store, the runs and results.md/results.csv; rerunning resumes it.")
+@click.option("--labels", "labels_text", metavar="LABEL,...",
+              help="Train and table only these labels of the task set (comma-separated), as one adapter per run; "
+                   "default: the task set's train labels, with photo-tasks' held-out counting labels as unseen queries.")
 @click.option("--quick", is_flag=True, help="Small adapter and few steps: the whole bench on a CPU in minutes.")
 @click.option("--steps", type=click.IntRange(min=1), help="Training steps per run (default: 150 with --quick, "
                                                           "else 160).")
@@ -43,7 +46,7 @@ from rankpipe.cli.params import NonEmptyPath
               help="Bootstrap resamples of the test images for intervals and paired differences.")
 @click.option("--bootstrap-seed", default=0, show_default=True, type=int,
               help="Seed of the bootstrap resampling, so a rerun gives the same intervals.")
-def bench(tasks, model, pretrained, variants_text, seeds, out_dir, quick, steps, overrides, device, workers,
+def bench(tasks, model, pretrained, variants_text, seeds, out_dir, labels_text, quick, steps, overrides, device, workers,
           embed_batch_size, reference, metric, resamples, bootstrap_seed) -> None:
     """Embed a task set once, then train and evaluate each variant with each seed into one table.
 
@@ -64,7 +67,8 @@ def bench(tasks, model, pretrained, variants_text, seeds, out_dir, quick, steps,
     device = default_device(device)
     config = BenchConfig(
         out_dir=out_dir, backbone=BackboneSpec(model, pretrained), variants=tuple(parse_variants(variants_text)),
-        seeds=seeds, tasks=tasks, quick=quick, steps=steps, overrides=tuple(overrides), device=device,
+        seeds=seeds, tasks=tasks, quick=quick, labels=_labels(labels_text), steps=steps, overrides=tuple(overrides),
+        device=device,
         embed_batch_size=embed_batch_size, workers=workers, reference=reference, metric=metric,
         bootstrap=BootstrapConfig(resamples=resamples, seed=bootstrap_seed),
     )
@@ -73,3 +77,8 @@ def bench(tasks, model, pretrained, variants_text, seeds, out_dir, quick, steps,
     click.echo(f"{result.trained} run(s) trained, {result.reused} reused; table in {result.results_md} and {result.results_csv}")
     if result.curves_png is not None:
         click.echo(f"learning curves in {result.curves_png}")
+
+
+def _labels(text: str | None) -> tuple[str, ...] | None:
+    """--labels as a tuple, each once in order; None when left out."""
+    return None if text is None else tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))

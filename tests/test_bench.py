@@ -437,3 +437,29 @@ def test_query_matrix_on_mixed_images_covers_every_query_and_label(tmp_path):
     truth = np.array(matrices["truth"]["srcc"], dtype=float)
     np.testing.assert_allclose(np.diag(truth), 1.0)
     assert "- `truth`: dominance" in result.output and "- `default`: dominance" in result.output
+
+
+def test_labels_trains_and_tables_only_those_queries_and_a_rerun_on_other_labels_is_refused(tasks, bench_out, tmp_path):
+    record = json.loads((tasks / "photo_tasks.json").read_text())
+    store = TokenStore.open(bench_out[0] / "store.zarr")
+    chosen = list(LabelledStore.open(store, among=record["train_labels"]).labels)[:2]
+    args = bench_args(tasks, tmp_path / "bench", "--labels", ",".join(chosen))
+    args[args.index("--seeds") + 1] = "1"
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    rows = read_csv(tmp_path / "bench" / "results.csv")
+    assert {(r["section"], r["label"], r["variant"]) for r in rows} == {
+        ("trained", label, v) for label in chosen for v in VARIANTS}
+    metrics = json.loads((tmp_path / "bench" / "runs" / "default" / "seed0" / METRICS_FILE).read_text())
+    assert sorted(q["label"] for q in metrics["queries"]) == sorted(chosen)
+    assert f"Trained and tabled queries: {', '.join(chosen)} only" in (tmp_path / "bench" / "results.md").read_text()
+
+    args[args.index("--labels") + 1] = chosen[0]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2 and "was trained on other labels" in result.output
+
+
+def test_unknown_label_exits_2(tasks, tmp_path):
+    args = bench_args(tasks, tmp_path / "bench", "--labels", "no_such_label")
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2 and "no_such_label" in result.output

@@ -85,6 +85,9 @@ class BenchConfig:
     steps: int | None = None
     # `section.field=value` overrides for every run, applied before each variant's own.
     overrides: tuple[str, ...] = ()
+    # Labels to train and table, in place of the task set's; None = the task set's train labels and,
+    # for photo-tasks, its held-out counting labels as unseen queries (there are none with `labels`).
+    labels: tuple[str, ...] | None = None
     # Where the backbone and the adapters run: "cpu" or "cuda[:i]".
     device: str = "cpu"
     # Images per backbone forward pass while embedding.
@@ -107,6 +110,8 @@ class BenchConfig:
             raise InputError(f"--steps must be at least 1, not {self.steps}")
         if not self.variants:
             raise InputError("name at least one variant with --variants")
+        if self.labels is not None and not self.labels:
+            raise InputError("--labels names no label; give comma-separated labels of the task set, or leave it out")
         if self.reference is not None and self.reference not in self.variant_names:
             raise InputError(f"--reference {self.reference} is not among --variants; add it there or name "
                              f"one of {', '.join(self.variant_names)}")
@@ -182,13 +187,16 @@ def run_bench(config: BenchConfig, on_stage: Callable[[str], None] = lambda line
     embed(load_manifest(tasks.manifest), store_path, config.backbone, device=config.device,
           batch_size=config.embed_batch_size, workers=config.workers, progress=False)
     store = TokenStore.open(store_path)
-    train_labels = list(LabelledStore.open(store, among=tasks.train_labels).labels)
-    unseen = [name for name in tasks.unseen_labels if name in store.label_names and name not in train_labels]
+    if config.labels is not None:
+        train_labels, unseen = list(LabelledStore.open(store, labels=config.labels).labels), []
+    else:
+        train_labels = list(LabelledStore.open(store, among=tasks.train_labels).labels)
+        unseen = [name for name in tasks.unseen_labels if name in store.label_names and name not in train_labels]
 
     records, trained = [], 0
     for i, (variant, seed, run_config) in enumerate(plan, 1):
         run_dir = out / "runs" / variant.name / f"seed{seed}"
-        record = finished_run(run_dir, run_config)
+        record = finished_run(run_dir, run_config, train_labels)
         if record is None:
             what = f"({run_config.train.max_steps} steps)" if variant.method == ADAPTER_METHOD else "(baseline)"
             on_stage(f"[{i}/{len(plan)}] training {variant.name} seed {seed} {what} into {run_dir}")
@@ -334,11 +342,12 @@ def resolve_tasks(config: BenchConfig, on_stage: Callable[[str], None]) -> TaskS
                    record.get("sources", {}))
 
 
-def finished_run(run_dir: Path, run_config) -> dict | None:
+def finished_run(run_dir: Path, run_config, train_labels: Sequence[str] | None = None) -> dict | None:
     """The metrics record of a finished run, None when it has not finished.
 
     Raises:
-        InputError: the run finished with other settings than `run_config`.
+        InputError: the run finished with other settings than `run_config`, or trained other labels
+            than `train_labels` (when given).
     """
     from rankpipe.adapter.training.run_config import RunConfig
 
@@ -352,6 +361,10 @@ def finished_run(run_dir: Path, run_config) -> dict | None:
     if changed:
         raise InputError(f"{run_dir} was trained with other settings ({', '.join(changed)} differ); "
                          "use another --out, or delete that run folder to train it again")
+    trained = [q["label"] for q in record.get("queries", []) if not q["unseen"]]
+    if train_labels is not None and "queries" in record and sorted(trained) != sorted(train_labels):
+        raise InputError(f"{run_dir} was trained on other labels ({', '.join(trained)}); use another --out, "
+                         "or delete that run folder to train it again")
     return record
 
 
@@ -420,6 +433,8 @@ def header_lines(config: BenchConfig, store, tasks: TaskSet, plan) -> list[str]:
         f"Backbone `{spec.model}` at {height}×{width} px ({grid[0]}×{grid[1]} patch tokens), {weights}.",
         f"Task set `{tasks.manifest.parent}` ({store.num_rows} images: {per_split}); split `{config.split}`.",
     ]
+    if config.labels is not None:
+        lines.append(f"Trained and tabled queries: {', '.join(config.labels)} only (`--labels`).")
     if adapter_runs:
         run = adapter_runs[0]
         a = run.adapter
