@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from rankpipe.adapter.experiments.bench.variants import variant_names
+from rankpipe.adapter.experiments.bench.variants import DEFAULT_VARIANTS, variant_names
 from rankpipe.cli.params import NonEmptyPath
 
 
@@ -18,7 +18,7 @@ from rankpipe.cli.params import NonEmptyPath
               help="open_clip model name (rankpipe-tiny-vit for a quick CPU check).")
 @click.option("--pretrained", default="none", show_default=True,
               help="open_clip pretrained tag, a local checkpoint file, or 'none' for random weights.")
-@click.option("--variants", "variants_text", default="default,regression-only,subtraction-head,k1,k4,k9",
+@click.option("--variants", "variants_text", default=DEFAULT_VARIANTS,
               show_default=True,
               help=f"Comma-separated rows to train, from: {', '.join(variant_names())} (docs/bench.md).")
 @click.option("--seeds", default=3, show_default=True, type=click.IntRange(min=1),

@@ -34,6 +34,8 @@ class Variant:
 
 
 _VARIANTS: dict[str, Variant] = {}
+# The rows `rankpipe bench` trains when --variants is left out.
+DEFAULT_VARIANTS = "default,regression-only,subtraction-head,spread-pooling"
 
 
 def register_variant(variant: Variant) -> Variant:
