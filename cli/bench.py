@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from rankpipe.adapter.experiments.bench.steps import BENCH_STEPS, QUICK_STEPS
 from rankpipe.adapter.experiments.bench.variants import DEFAULT_VARIANTS, variant_names
 from rankpipe.cli.params import NonEmptyPath
 
@@ -29,8 +30,8 @@ from rankpipe.cli.params import NonEmptyPath
               help="Train and table only these labels of the task set (comma-separated), as one adapter per run; "
                    "default: the task set's train labels, with photo-tasks' held-out counting labels as unseen queries.")
 @click.option("--quick", is_flag=True, help="Small adapter and few steps: the whole bench on a CPU in minutes.")
-@click.option("--steps", type=click.IntRange(min=1), help="Training steps per run (default: 150 with --quick, "
-                                                          "else 160).")
+@click.option("--steps", type=click.IntRange(min=1),
+              help=f"Training steps per run (default: {QUICK_STEPS} with --quick, else {BENCH_STEPS}).")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.FIELD=VALUE",
               help="Run-config override for every run, applied before each variant's own (repeatable).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Where to embed and train; default cuda when available.")

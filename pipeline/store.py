@@ -399,7 +399,8 @@ class TokenStore:
         Safe to call from several threads at once for different shards.
 
         Args:
-            codec_pipeline: "raw", "zarr" or "zarrs" (see rankpipe.pipeline.codec_pipelines); same bytes any way.
+            codec_pipeline: "raw", "zarr" or "zarrs" (see rankpipe.pipeline.codec_pipelines); the same values any
+                way, and the same bytes with "raw" or "zarr".
         """
         n = tokens.shape[0]
         if row_start % self.shard_rows or n % self.shard_rows:

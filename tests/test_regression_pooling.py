@@ -84,3 +84,12 @@ def test_sum_pooling_has_no_spread_mlp_so_paper_checkpoints_keep_their_keys():
 def test_unknown_regression_pooling_is_refused():
     with pytest.raises(InputError, match="regression_pooling"):
         AdapterConfig(regression_pooling="max")
+
+
+def test_a_run_saved_with_the_removed_sum_std_head_is_refused_saying_what_to_do():
+    from rankpipe.adapter.training.run_config import RunConfig
+
+    saved = RunConfig().to_dict()
+    saved["adapter"]["regression_pooling"] = "sum_std"
+    with pytest.raises(InputError, match=r"runs/x/best.pt uses adapter.regression_pooling=sum_std.*train it again"):
+        RunConfig.from_saved(saved, where="runs/x/best.pt")

@@ -19,7 +19,9 @@ so it opens with `torch.load(path, weights_only=True)` — no pickled code runs.
                          target = the TargetScale as plain data (transform and train mean/std)
     val_srcc             {label: SRCC} at `step`;  best  {step, mean_srcc, srcc} of the run so far
     device_type          "cpu" or "cuda": the device whose RNG state is saved
-    optimizer, scheduler, sampler, rng   (last only) what `--resume` needs to continue the same run
+    optimizer, scheduler, sampler, rng   (last only) what `--resume` needs to continue the same run; the
+                         process RNG state is restored too, though training draws nothing from it
+                         now (dropout masks are keyed by seed and step), so files keep one format
 
 Writes go to a temporary file in the same folder that is then renamed over the target, so a crash
 never leaves a half-written checkpoint.
@@ -132,7 +134,6 @@ class CheckpointWriter:
         splits: SplitSpec | None = None, store_identity: str | None = None, val_from_train: float = 0.0,
     ):
         self.out_dir = out_dir
-        self.device = device
         self.common = {
             "rankpipe_checkpoint": FORMAT_VERSION,
             "method": ADAPTER_METHOD,

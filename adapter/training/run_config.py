@@ -169,7 +169,7 @@ class RunConfig:
     @classmethod
     def from_saved(cls, data: Any, where: str = "checkpoint run config") -> RunConfig:
         """A config a checkpoint or metrics record saved as plain data, read as `from_json` reads its text."""
-        return cls.from_dict(_saved_behaviour(data), where=where)
+        return cls.from_dict(_saved_behaviour(data, where), where=where)
 
     def differences(self, other: RunConfig) -> list[str]:
         """Dotted names of the fields whose values differ between two configs."""
@@ -230,18 +230,30 @@ def load_run_config(
     return instantiate_config(RunConfig, data, "run config", prefix="")
 
 
-def _saved_behaviour(data: Any) -> Any:
+# The regression pooling that concatenated the sum and the spread into one MLP, replaced by sum_spread.
+REMOVED_POOLING = "sum_std"
+
+
+def _saved_behaviour(data: Any, where: str) -> Any:
     """A checkpoint's config with the values that fields added later had implicitly when it was saved.
 
     Checkpoints store every field, so a missing one means the file predates it: its adapter had the
     paper's fusion blocks and one `dropout` for the whole encoder, and its optimiser decayed every
     parameter without AMSGrad. Without this, the new defaults would rebuild another architecture
     (whose weights do not load) or resume with another optimiser.
+
+    Raises:
+        InputError: the run used a regression pooling that no longer exists (`sum_std`, whose single
+            MLP read the sum and the spread side by side; its weights fit no head of today's).
     """
     if not isinstance(data, dict):
         return data
     data = {**data}
     adapter = data.get("adapter")
+    if isinstance(adapter, dict) and adapter.get("regression_pooling") == REMOVED_POOLING:
+        raise InputError(f"{where} uses adapter.regression_pooling={REMOVED_POOLING}, a head rankpipe no longer has "
+                         "(its weights fit no current head); train it again, with sum_spread for the spread, or "
+                         "delete its run folder")
     if isinstance(adapter, dict) and "fusion_block" not in adapter:
         adapter = {**adapter, "fusion_block": "paper"}
         dropout = adapter.pop("dropout", 0.0)

@@ -257,8 +257,11 @@ def _valid_headers(buf: bytes, offsets: list[int]) -> list[bool]:
         return []
     # Headers lie at multiples of 512 from the piece's start (a piece starts at a header), so the
     # piece's blocks are a view and the headers rows of it: no (n, 512) index array to build.
+    starts = np.asarray(offsets)  # (n,)
+    if (starts % BLOCK).any():  # the scan steps by whole blocks; anything else is a bug, not a tar
+        raise ValueError(f"tar header offsets must be multiples of {BLOCK}")
     blocks = np.frombuffer(buf, np.uint8, count=len(buf) // BLOCK * BLOCK).reshape(-1, BLOCK)
-    blocks = blocks[np.asarray(offsets) // BLOCK]  # (n, 512)
+    blocks = blocks[starts // BLOCK]  # (n, 512)
     fields = blocks[:, _FIELD_COLUMNS]  # (n, c) the number fields' bytes
     nul = fields == 0
     # NULs from the start of each column's field up to the column: 0 before the field's first NUL.

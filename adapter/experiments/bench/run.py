@@ -28,6 +28,7 @@ from pathlib import Path
 
 from rankpipe.adapter import ADAPTER_METHOD
 from rankpipe.adapter.experiments.bench.bootstrap import METRICS, BootstrapConfig
+from rankpipe.adapter.experiments.bench.steps import BENCH_STEPS, QUICK_STEPS
 from rankpipe.adapter.experiments.bench.table import (
     results_csv,
     results_markdown,
@@ -46,8 +47,6 @@ METRICS_FILE = "metrics.json"
 TASKS_RECORD = "photo_tasks.json"
 # --quick trains the small adapter of the demo, so each run takes seconds on a CPU.
 QUICK_OVERRIDES = SMALL_ADAPTER_OVERRIDES
-# Training steps of each --quick run unless --steps says otherwise.
-QUICK_STEPS = 150
 # Without --quick: the paper's adapter design at a width a CPU trains, sized so the default bench
 # (4 variants × 3 seeds on photo-tasks --size bench, ViT-B-32 at 224 px) takes about an hour on 2
 # CPU cores (docs/bench.md has the measurement). `--set adapter.d_model=768 ...` gives the paper's width.
@@ -57,9 +56,6 @@ BENCH_OVERRIDES = (
     "train.eval_every=500",
     "train.log_every=100",
 )
-# Training steps of each run without --quick unless --steps says otherwise: a step costs about 0.04
-# CPU-s at this width, far less than the run's fixed costs (loading the tokens, scoring val and test).
-BENCH_STEPS = 2000
 # The task set built when --tasks is left out.
 QUICK_SIZE, BENCH_SIZE = "small", "bench"
 
