@@ -89,7 +89,13 @@ def write_store(path: Path, images: int, tokens: int, token_dim: int, tars: int,
 
 def time_sweep(store: Path, out: Path, trials: int, concurrency: int, base: tuple[str, ...], device: str,
                client=None, fuse_max: int = 1) -> float:
-    """Seconds of one `run_sweep` call over seeds 0..trials-1; on the dask `client`'s workers when given."""
+    """Seconds of one `run_sweep` call over seeds 0..trials-1; on the dask `client`'s workers when given.
+
+    On CUDA in this process, the call's peak of allocated device memory is left in `torch.cuda`'s
+    statistics (reset here first) for `peak_gb` to read.
+    """
+    if device.startswith("cuda") and client is None:
+        torch.cuda.reset_peak_memory_stats(device)
     spec = SweepSpec(base=base, grid={"train.seed": tuple(range(trials))})
     request = SweepRequest(store=store, out_dir=out, trial=TrialSettings(labels=(), eval_split=None),
                            device=device, concurrency=concurrency, fuse_max=fuse_max)
@@ -141,6 +147,11 @@ def warm_every_worker(client, store: Path, out: Path, base: tuple[str, ...], dev
         raise click.ClickException(f"a warm-up trial failed: {failed[0].reason}")
 
 
+def peak_gb(device: str) -> str:
+    """The peak device memory of the last `time_sweep` in this process, in GB; "-" off CUDA."""
+    return f"{torch.cuda.max_memory_allocated(device) / 1e9:.2f}" if device.startswith("cuda") else "-"
+
+
 def worker_counts(ctx, param, text: str) -> tuple[int, ...]:
     """ "1,2" -> (1, 2); "" -> () (no cluster runs)."""
     if not text:
@@ -180,8 +191,12 @@ def main(device, images, tokens, token_dim, trials, concurrency, fuse_max, steps
         # Untimed: imports, allocator and kernel warm-up would otherwise be charged to the first timing.
         time_sweep(store, Path(tmp) / "warm-up", 1, 1, warm_up_base, device)
         single = time_sweep(store, Path(tmp) / "one", 1, 1, base, device)
+        rows = [(1, 1, 1, single, peak_gb(device))]
         many = time_sweep(store, Path(tmp) / "many", trials, concurrency, base, device)
-        fused = time_sweep(store, Path(tmp) / "fused", trials, 1, base, device, fuse_max=fuse_max) if fuse_max > 1 else None
+        rows.append((trials, concurrency, 1, many, peak_gb(device)))
+        if fuse_max > 1:  # keyed dropout masks and stacked weights: the peak grows with the trials fused
+            fused = time_sweep(store, Path(tmp) / "fused", trials, 1, base, device, fuse_max=fuse_max)
+            rows.append((trials, 1, fuse_max, fused, peak_gb(device)))
         if workers_list:
             warm_up_store = Path(tmp) / "warm-up.zarr"
             write_store(warm_up_store, WARM_UP_IMAGES, tokens, token_dim, tars=2, seed=1)
@@ -191,13 +206,10 @@ def main(device, images, tokens, token_dim, trials, concurrency, fuse_max, steps
     click.echo(f"# {device}; adapter {adapter}; store {images} x {tokens} x {token_dim} fp16; "
                f"{steps} steps of batch {batch_size} per trial")
     click.echo(f"{'trials':>7} {'concurrency':>12} {'fuse max':>9} {'wall s':>9} {'s/trial':>9} {'trials/min':>11} "
-               f"{'vs 1 trial':>11}")
-    rows = [(1, 1, 1, single), (trials, concurrency, 1, many)]
-    if fused is not None:
-        rows.append((trials, 1, fuse_max, fused))
-    for n, c, f, seconds in rows:
+               f"{'peak GB':>8} {'vs 1 trial':>11}")
+    for n, c, f, seconds, peak in rows:
         click.echo(f"{n:>7} {c:>12} {f:>9} {seconds:>9.1f} {seconds / n:>9.2f} {60 * n / seconds:>11.1f} "
-                   f"{seconds / single:>10.2f}x")
+                   f"{peak:>8} {seconds / single:>10.2f}x")
     if clusters:
         print_cluster_table(clusters, trials)
 
