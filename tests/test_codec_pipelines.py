@@ -3,7 +3,7 @@ zarrs pipeline the same values, and the writer's finiteness check agrees with nu
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -143,15 +143,23 @@ def test_a_finiteness_mask_given_with_the_batch_decides_which_rows_are_invalid(t
     np.testing.assert_array_equal(store.image_tokens(np.array([0, 2, 3, 4])), tokens.numpy()[[0, 2, 3, 4]])
 
 
-@pytest.mark.parametrize("threads", [0, 1, 2])
+def run_now(fn, *args, **kwargs) -> Future:
+    """A pool's `submit` that writes at once: every buffer is free again before the next shard starts."""
+    future = Future()
+    future.set_result(fn(*args, **kwargs))
+    return future
+
+
+@pytest.mark.parametrize("threads", [0, 1, 2, "now"])
 def test_a_shard_buffer_used_again_keeps_no_rows_of_the_shard_before(tmp_path, threads):
     # 4-row shards: 12 rows in 3 shards, so every buffer after the first ones held another shard's rows.
     store = make_store(tmp_path / "s.zarr", 11, 1, 6, 8, 4, False, chunk_bytes=96, shard_bytes=4 * 96)
     assert store.shard_rows == 4
     tokens, embed = (torch.cat([f, f + 1]) for f in features(2))  # [10, 6, 8], [10, 4]
     tokens[6, 0, 0] = np.inf  # row 6: invalid, in the last buffer
-    pool = ThreadPoolExecutor(threads) if threads else None
-    block = BlockAccumulator(store, 0, pool.submit if pool else None, "raw")
+    pool = ThreadPoolExecutor(threads) if isinstance(threads, int) and threads else None
+    submit = run_now if threads == "now" else pool.submit if pool else None
+    block = BlockAccumulator(store, 0, submit, "raw")
     # Rows 0-3 and 4-7 in one batch each, then row 9 alone (row 8 unread: its sample has no image).
     block.add(EmbeddedBatch(feature_batch(0, 0, 4, last=False), np.arange(4), tokens[:4], embed[:4]))
     block.add(EmbeddedBatch(feature_batch(0, 4, 4, last=False), np.arange(4, 8), tokens[4:8], embed[4:8]))
