@@ -459,7 +459,8 @@ def test_labels_trains_and_tables_only_those_queries_and_a_rerun_on_other_labels
     assert result.exit_code == 2 and "was trained on other labels" in result.output
 
 
-def test_unknown_label_exits_2(tasks, tmp_path):
+def test_unknown_label_exits_2_before_embedding(tasks, tmp_path):
     args = bench_args(tasks, tmp_path / "bench", "--labels", "no_such_label")
     result = CliRunner().invoke(cli, args)
-    assert result.exit_code == 2 and "no_such_label" in result.output
+    assert result.exit_code == 2 and "no label 'no_such_label'; labels are:" in result.output
+    assert not (tmp_path / "bench" / "store.zarr").exists()

@@ -178,9 +178,12 @@ def run_bench(config: BenchConfig, on_stage: Callable[[str], None] = lambda line
     plan = [(v, seed, run_config_for(v, seed, config)) for v in config.variants for seed in range(config.seeds)]
     tasks = resolve_tasks(config, on_stage)
 
+    manifest = load_manifest(tasks.manifest)
+    for name in config.labels or ():  # a misspelt --labels fails now, not after the embedding
+        manifest.label(name)
     store_path = out / "store.zarr"
     on_stage(f"embedding {tasks.manifest} with {config.backbone.model} ({_weights(config.backbone)}) into {store_path}")
-    embed(load_manifest(tasks.manifest), store_path, config.backbone, device=config.device,
+    embed(manifest, store_path, config.backbone, device=config.device,
           batch_size=config.embed_batch_size, workers=config.workers, progress=False)
     store = TokenStore.open(store_path)
     if config.labels is not None:
