@@ -133,8 +133,12 @@ def _load(payload: dict, path: Path, device: torch.device) -> LoadedCheckpoint:
     dims = payload["dims"]
     image_dim, text_dim = int(dims["image_token_dim"]), int(dims["text_token_dim"])
     _check_shapes(path, payload["model"], run_config, image_dim, text_dim)
-    model = RankingAdapter(run_config.adapter, image_dim, text_dim)  # allocates only after the shapes agree
-    model.load_state_dict(payload["model"])
+    # Built on the meta device and given the checkpoint's tensors: initialising real weights would draw
+    # from the process-wide generator, which a run training in another thread (a sweep trial) has just
+    # seeded for its own initial weights.
+    with torch.device("meta"):
+        model = RankingAdapter(run_config.adapter, image_dim, text_dim)
+    model.load_state_dict(payload["model"], assign=True)
     model.to(device).eval()
     labels = {
         entry["name"]: CheckpointLabel(
