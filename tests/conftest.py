@@ -168,6 +168,16 @@ def stop_at(step: int):
     return crash
 
 
+def interrupted_then_resumed(store, out_dir, config: RunConfig, at: int = 20, **train_kwargs):
+    """Train into `out_dir`, kill the run right after its validation at step `at`, then resume it to the
+    end; the resumed run's TrainResult."""
+    from rankpipe.adapter.training.loop import train_from_store
+
+    with pytest.raises(Interrupted):
+        train_from_store(store, out_dir, config, progress=stop_at(at), **train_kwargs)
+    return train_from_store(store, out_dir, config, resume=True, **train_kwargs)
+
+
 def tiny_config(*extra: str) -> RunConfig:
     """The tiny run preset plus `extra` overrides."""
     return load_run_config(None, [*TINY_RUN, *extra])

@@ -22,7 +22,7 @@ from rankpipe.pipeline.embed.job import embed
 from rankpipe.pipeline.labelled_store import LabelledStore
 from rankpipe.pipeline.store import TokenStore
 
-from conftest import Interrupted, read_tar_samples, stop_at, tiny_config, weights, write_synthetic_store
+from conftest import interrupted_then_resumed, read_tar_samples, tiny_config, weights, write_synthetic_store
 
 TINY = BackboneSpec(TINY_VIT, "none", seed=0)
 # Twice conftest's STREAMED budget: a flip-view store holds both views of its training rows, so its
@@ -133,9 +133,7 @@ def test_flip_training_resumes_to_the_uninterrupted_run_and_differs_from_no_flip
     config = tiny_config("train.max_steps=40", *budget)
     full = train_from_store(store, tmp_path / "full", config)
 
-    with pytest.raises(Interrupted):
-        train_from_store(store, tmp_path / "cut", config, progress=stop_at(20))
-    resumed = train_from_store(store, tmp_path / "cut", config, resume=True)
+    resumed = interrupted_then_resumed(store, tmp_path / "cut", config)
     a, b = weights(full.last_path), weights(resumed.last_path)
     assert all(torch.equal(a[k], b[k]) for k in a)
     # The same original tokens without a flip view train other weights: the flipped views were used.

@@ -26,6 +26,7 @@ from conftest import (
     STREAMED,
     SYNTHETIC_PROVENANCE,
     Interrupted,
+    interrupted_then_resumed,
     stop_at,
     tiny_config,
     weights,
@@ -124,9 +125,7 @@ def test_released_sampling_resumes_like_an_uninterrupted_run(tmp_path, budget):
     config = tiny_config("train.max_steps=40", "train.sampling=released", "optim.grad_clip=0", *share, *budget)
     full = train_from_store(store, tmp_path / "full", config)
 
-    with pytest.raises(Interrupted):
-        train_from_store(store, tmp_path / "cut", config, progress=stop_at(20))
-    resumed = train_from_store(store, tmp_path / "cut", config, resume=True)
+    resumed = interrupted_then_resumed(store, tmp_path / "cut", config)
     a, b = weights(full.last_path), weights(resumed.last_path)
     assert all(torch.equal(a[k], b[k]) for k in a)
     other = train_from_store(store, tmp_path / "proportional", tiny_config("train.max_steps=40", *budget))

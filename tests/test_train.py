@@ -38,7 +38,17 @@ from rankpipe.pipeline.store import (
     TokenStore,
 )
 
-from conftest import STREAMED, SYNTHETIC_PROVENANCE, TINY_RUN, Interrupted, stop_at, tiny_config, weights, write_synthetic_store
+from conftest import (
+    STREAMED,
+    SYNTHETIC_PROVENANCE,
+    TINY_RUN,
+    Interrupted,
+    interrupted_then_resumed,
+    stop_at,
+    tiny_config,
+    weights,
+    write_synthetic_store,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -314,9 +324,7 @@ def test_compiled_run_through_inductor_resumes_and_predicts_like_an_eager_run(tm
     assert np.abs(val_scores(full, store) - val_scores(eager, store)).max() < COMPILED_SCORE_TOLERANCE
     assert weights(full.last_path).keys() == weights(eager.last_path).keys()
 
-    with pytest.raises(Interrupted):
-        train_from_store(store, tmp_path / "cut", config, labels=["count"], progress=stop_at(20))
-    resumed = train_from_store(store, tmp_path / "cut", config, labels=["count"], resume=True)
+    resumed = interrupted_then_resumed(store, tmp_path / "cut", config, labels=["count"])
     a, b = weights(full.last_path), weights(resumed.last_path)
     assert resumed.steps == 40 and all(torch.equal(a[k], b[k]) for k in a)
     # One query, one batch shape: every run, the resumed one too, reuses the first compiled graph.
