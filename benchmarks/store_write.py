@@ -6,7 +6,13 @@ float16 as every store keeps them) in a folder on the disk under test, feeds the
 disk. In the same run and on the same disk it writes the same number of bytes to one file in large
 sequential writes. Both timings end with an fsync of every file written (so neither counts bytes
 still in the page cache). Each variant of the writer runs between two plain writes and is compared
-with their mean, which evens out a machine whose load changes during the run:
+with their mean, which evens out a machine whose load changes during the run.
+
+Every timed write starts just after the previous one's files were deleted (the first after an
+untimed plain write of the same size, written and deleted). Page cache freed a moment ago is cheap
+to write into again, while pages the kernel must find elsewhere cost several times more kernel
+time, on a virtual machine above all (there, 0.3 against 2-3 CPU s/GB for the same plain write):
+a write that follows a deletion and one that does not are not timing the same thing.
 
     plain MB/s        one file, 64 MiB writes, then fsync (mean of the writes before and after)
     writer MB/s       WriterThread with N shard-write threads, through a codec pipeline ("raw": an
@@ -66,16 +72,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         folder = Path(tmp)
         tokens, embed = random_features(args.batch_size, args.tokens, args.token_dim, args.embed_dim)
-        for pipeline, threads, compress in variants:
-            store = make_store(folder / "bench.zarr", args.images, args.tars, args.tokens, args.token_dim,
-                               args.embed_dim, compress)
+        plain_path, store_path = folder / "plain.bin", folder / "bench.zarr"
+        for variant, (pipeline, threads, compress) in enumerate(variants):
+            store = make_store(store_path, args.images, args.tars, args.tokens, args.token_dim, args.embed_dim,
+                               compress)
+            # Rows of whole shards, padding included, as the writer writes them.
             nbytes = store.num_rows * (args.tokens * args.token_dim + args.embed_dim) * np.dtype(TOKEN_DTYPE).itemsize
-            before = timed(lambda: plain_write(folder / "plain.bin", nbytes), folder / "plain.bin")
-            writer = timed(lambda: feed_writer(store, tokens, embed, threads, pipeline), folder / "bench.zarr")
-            on_disk = sum(p.stat().st_size for p in (folder / "bench.zarr").rglob("*") if p.is_file())
-            shutil.rmtree(folder / "bench.zarr")
-            after = timed(lambda: plain_write(folder / "plain.bin", nbytes), folder / "plain.bin")
-            (folder / "plain.bin").unlink()
+            if variant == 0:  # untimed: the first timed write, too, follows a deletion of its size
+                timed(lambda: plain_write(plain_path, nbytes), plain_path)
+                plain_path.unlink()
+            before = timed(lambda: plain_write(plain_path, nbytes), plain_path)
+            plain_path.unlink()
+            writer = timed(lambda: feed_writer(store, tokens, embed, threads, pipeline), store_path)
+            on_disk = sum(p.stat().st_size for p in store_path.rglob("*") if p.is_file())
+            shutil.rmtree(store_path)
+            after = timed(lambda: plain_write(plain_path, nbytes), plain_path)
+            plain_path.unlink()
             plain = Timing((before.wall + after.wall) / 2, (before.cpu + after.cpu) / 2)
             rows.append((pipeline, threads, "zstd" if compress else "none", nbytes, on_disk, plain, writer))
 
