@@ -11,9 +11,14 @@ in one run times, over the same files:
                    processes as `rankpipe embed` runs it
     ratio          reader MB/s / plain MB/s (of the same pass)
 
-Page cache: every tar is read once before anything is timed, and the machine's memory holds them
-all, so every timed pass reads warm files: these ratios say what the reader's own work costs per
-byte, not how fast the disk is. Each pass is timed --repeats times, alternating plain and reader.
+Two page-cache states, each timed --repeats times, alternating plain and reader:
+
+    cold           every tar is dropped from the page cache (fsync, then posix_fadvise DONTNEED)
+                   before each timed pass, so both sides read from the disk: the reader against the
+                   disk's speed
+    warm           every tar is read once before timing and the machine's memory holds them all, so
+                   both sides read cached files: what the reader's own work costs per byte (the
+                   plain pass is then a memory copy)
 
     python -m rankpipe.benchmarks.tar_read                                        # ~0.5 GB of tars
     python -m rankpipe.benchmarks.tar_read --images 20000 --tars 16 --workers 14  # ~1.5 GB, a larger machine
@@ -22,6 +27,7 @@ byte, not how fast the disk is. Each pass is timed --repeats times, alternating 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -43,32 +49,46 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader processes of the second reader pass")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--image-source-size", default="640x480", help="WxH of the generated JPEGs")
-    parser.add_argument("--repeats", type=int, default=2, help="timed passes of each reader")
+    parser.add_argument("--repeats", type=int, default=2, help="timed passes of each reader, per page-cache state")
+    parser.add_argument("--cache", default="cold,warm",
+                        help="comma-separated page-cache states to time: cold (tars dropped from the page cache "
+                             "before each pass; needs posix_fadvise, so Linux) and warm")
     parser.add_argument("--dir", default=None, help="folder on the disk to test (default: the temporary folder)")
     args = parser.parse_args()
     width, height = (int(v) for v in args.image_source_size.lower().split("x"))
+    caches = [cache for cache in args.cache.split(",") if cache]
+    if set(caches) - {"cold", "warm"}:
+        parser.error(f"--cache takes cold and warm, not {args.cache!r}")
+    skipped = ""
+    if "cold" in caches and not hasattr(os, "posix_fadvise"):
+        caches.remove("cold")
+        skipped = "cold passes skipped: this platform cannot drop a file from the page cache (no posix_fadvise)"
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         folder = Path(tmp)
         tars = input_tars(write_tars(folder, args.images, args.tars, (width, height)))
         tasks = [TarTask(t, tar.url, tar.count) for t, tar in enumerate(tars)]
         nbytes = sum(Path(tar.url).stat().st_size for tar in tars)
-        plain_read(tasks)  # the untimed pass that brings every tar into the page cache
         rows = []
-        for repeat in range(args.repeats):
-            for workers in (0, args.workers):
-                plain = timed(lambda: plain_read(tasks))
-                images, reader = timed_reader(tasks, args.batch_size, workers)
-                if images != args.images:
-                    raise SystemExit(f"the reader gave {images} images of {args.images}")
-                rows.append((repeat + 1, workers, plain, reader))
+        for cache in caches:
+            if cache == "warm":
+                plain_read(tasks)  # the untimed pass that brings every tar into the page cache
+            for repeat in range(args.repeats):
+                for workers in (0, args.workers):
+                    plain = timed(lambda: plain_read(tasks), cache, tasks)
+                    images, reader = timed_reader(tasks, args.batch_size, workers, cache)
+                    if images != args.images:
+                        raise SystemExit(f"the reader gave {images} images of {args.images}")
+                    rows.append((cache, repeat + 1, workers, plain, reader))
 
-    print(f"{args.images} JPEGs {width}x{height} in {args.tars} tars, {nbytes / 1e6:,.0f} MB; warm page cache "
-          f"(every tar read once before timing)")
-    print(" | ".join(("pass", "reader processes", "plain MB/s", "reader MB/s", "reader img/s", "ratio")))
-    for repeat, workers, plain, reader in rows:
-        processes = "in this process" if workers == 0 else f"{workers} DataLoader workers"
-        print(" | ".join((str(repeat), processes, f"{nbytes / plain / 1e6:,.0f}", f"{nbytes / reader / 1e6:,.0f}",
+    print(f"{args.images} JPEGs {width}x{height} in {args.tars} tars, {nbytes / 1e6:,.0f} MB; cold: read from the "
+          f"disk (dropped from the page cache before each pass), warm: every tar in the page cache")
+    if skipped:
+        print(skipped)
+    print(" | ".join(("page cache", "pass", "reader processes", "plain MB/s", "reader MB/s", "reader img/s", "ratio")))
+    for cache, repeat, workers, plain, reader in rows:
+        processes = "in this process" if workers == 0 else f"{workers} DataLoader worker{'s' * (workers > 1)}"
+        print(" | ".join((cache, str(repeat), processes, f"{nbytes / plain / 1e6:,.0f}", f"{nbytes / reader / 1e6:,.0f}",
                           f"{args.images / reader:,.0f}", f"{plain / reader:.2f}")))
 
 
@@ -81,18 +101,36 @@ def plain_read(tasks: list[TarTask]) -> None:
                 pass
 
 
-def timed(read) -> float:
+def drop_from_page_cache(tasks: list[TarTask]) -> None:
+    """Every tar's pages out of the page cache, so the next read comes from the disk (dirty pages
+    are written first: the kernel drops only clean ones)."""
+    for task in tasks:
+        fd = os.open(task.url, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def timed(read, cache: str, tasks: list[TarTask]) -> float:
+    """Seconds of `read`, the tars first dropped from the page cache for a cold pass."""
+    if cache == "cold":
+        drop_from_page_cache(tasks)
     start = time.perf_counter()
     read()
     return time.perf_counter() - start
 
 
-def timed_reader(tasks: list[TarTask], batch_size: int, workers: int) -> tuple[int, float]:
-    """Images read and seconds of the embed job's reader, JPEGs left undecoded (as for GPU decoding)."""
+def timed_reader(tasks: list[TarTask], batch_size: int, workers: int, cache: str) -> tuple[int, float]:
+    """Images read and seconds of the embed job's reader, JPEGs left undecoded (as for GPU decoding),
+    the tars first dropped from the page cache for a cold pass."""
     dataset = TarBatches(tasks, ["score"], batch_size, preprocess=None, jpeg_on_gpu=True)
     workers = min(workers, len(tasks))
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
                                          prefetch_factor=4 if workers else None)
+    if cache == "cold":
+        drop_from_page_cache(tasks)
     start = time.perf_counter()
     images = sum(batch.num_images for batch in loader)
     return images, time.perf_counter() - start

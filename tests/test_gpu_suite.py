@@ -72,7 +72,10 @@ def test_io_tables_give_ratios_of_their_own_rates(suite_output):
         if plain >= 10 and writer >= 10:  # rates print without decimals; tiny stores write a few MB
             assert number(cells["ratio"]) == pytest.approx(writer / plain, rel=0.15)
     header, *rows = table_rows((tables / "tar_read.txt").read_text())
-    assert len(rows) == 2 and header[-1] == "ratio"  # one pass, in this process and in DataLoader workers
+    assert header[0] == "page cache" and header[-1] == "ratio"
+    # One pass per page-cache state, in this process and in DataLoader workers.
+    assert [(row[0], row[2]) for row in rows] == [("cold", "in this process"), ("cold", "1 DataLoader worker"),
+                                                  ("warm", "in this process"), ("warm", "1 DataLoader worker")]
     for row in rows:
         assert number(row[-1]) > 0 and number(row[-2]) > 0
 
