@@ -173,6 +173,7 @@ def read_throughput(tasks: list[TarTask], backbone: Backbone, batch_size: int, w
     kept, images = [], 0
     start = time.perf_counter()
     for batch in loader:
+        batch.load_jpegs()  # their bytes in this process, as the GPU decoder takes them
         images += batch.num_images
         if len(kept) < DECODE_BATCHES:
             kept.append(batch)

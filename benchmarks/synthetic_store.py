@@ -77,4 +77,4 @@ def feature_batch(tar: int, start: int, n: int, last: bool) -> DecodedBatch:
     return DecodedBatch(tar=tar, start=start, keys=[f"{tar}-{start + i}" for i in range(n)], splits=["train"] * n,
                         sources=[""] * n, errors=[""] * n, labels=np.zeros((n, 1), np.float32), images=None,
                         image_positions=np.zeros(0, np.int64), jpeg_bytes=torch.zeros(0, dtype=torch.uint8),
-                        jpeg_offsets=np.zeros(1, np.int64), jpeg_positions=np.zeros(0, np.int64), last=last)
+                        jpeg_spans=np.zeros((0, 2), np.int64), jpeg_positions=np.zeros(0, np.int64), last=last)

@@ -6,9 +6,9 @@ in one run times, over the same files:
     plain MB/s     each tar read start to end in 8 MiB reads, one after another, in this process
     reader MB/s    the embed job's reader (`TarBatches`: local tars read by member offset,
                    `pipeline/data/tar_reader.py`; each sample's json and label parsing, the nvJPEG
-                   check of each JPEG's header, batches of raw JPEG bytes as for GPU decoding, no
-                   pixel decoding) in this process, and again in a DataLoader with --workers
-                   processes as `rankpipe embed` runs it
+                   check of each JPEG's header, each batch's raw JPEG bytes brought into this
+                   process as for GPU decoding, no pixel decoding) in this process, and again in a
+                   DataLoader with --workers processes as `rankpipe embed` runs it
     ratio          reader MB/s / plain MB/s (of the same pass)
 
 Two page-cache states, each timed --repeats times, alternating plain and reader:
@@ -132,7 +132,10 @@ def timed_reader(tasks: list[TarTask], batch_size: int, workers: int, cache: str
     if cache == "cold":
         drop_from_page_cache(tasks)
     start = time.perf_counter()
-    images = sum(batch.num_images for batch in loader)
+    images = 0
+    for batch in loader:
+        batch.load_jpegs()  # their bytes in this process, as the GPU decoder takes them
+        images += batch.num_images
     return images, time.perf_counter() - start
 
 

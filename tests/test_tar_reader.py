@@ -14,9 +14,11 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from rankpipe.errors import InputError
 from rankpipe.pipeline.data import tar_reader
-from rankpipe.pipeline.data.tar_reader import tar_samples, webdataset_samples
+from rankpipe.pipeline.data.tar_reader import FILE_OFFSETS, tar_samples, webdataset_samples
 from rankpipe.pipeline.data.tars import list_tars
+from rankpipe.pipeline.embed import decode
 from rankpipe.pipeline.embed.decode import TarBatches, TarTask, tar_error_text
 
 from conftest import encode, tiny_image, write_tiny_shards
@@ -29,8 +31,23 @@ def read_both(url: str, readers=(tar_samples, webdataset_samples)) -> list[tuple
         errors: list[str] = []
         samples = [{k: v if k.startswith("__") else bytes(v) for k, v in sample.items()}
                    for sample in read(url, lambda e: errors.append(tar_error_text(e)) or True)]
+        for sample in samples:
+            check_file_offsets(url, sample)
         results.append((samples, errors))
     return results
+
+
+def check_file_offsets(url: str, sample: dict) -> None:
+    """Each member of a sample read by offset lies in the tar where its FILE_OFFSETS entry says (the
+    entry is then removed, as webdataset's samples have none)."""
+    offsets = sample.pop(FILE_OFFSETS, None)
+    if offsets is None:
+        return
+    assert offsets.keys() == {k for k in sample if not k.startswith("__")}
+    with open(url, "rb") as file:
+        for extension, offset in offsets.items():
+            file.seek(offset)
+            assert file.read(len(sample[extension])) == sample[extension]
 
 
 def add_member(archive: tarfile.TarFile, name: str, data: bytes, kind: bytes = tarfile.REGTYPE) -> None:
@@ -183,25 +200,64 @@ def test_tar_batches_hold_webdatasets_bytes(tmp_path, monkeypatch, with_index):
     for a, b in zip(ours, theirs):
         assert (a.tar, a.start, a.keys, a.splits, a.errors, a.last) == (b.tar, b.start, b.keys, b.splits, b.errors, b.last)
         np.testing.assert_array_equal(a.labels, b.labels)
-        np.testing.assert_array_equal(a.jpeg_offsets, b.jpeg_offsets)
-        assert bytes(a.jpeg_bytes.numpy()) == bytes(b.jpeg_bytes.numpy())
+        assert [bytes(j.numpy()) for j in a.jpegs()] == [bytes(j.numpy()) for j in b.jpegs()]
         np.testing.assert_array_equal(a.image_positions, b.image_positions)
         assert (a.images is None) == (b.images is None) and (a.images is None or a.images.equal(b.images))
     assert sum(len(a.image_positions) for a in ours) == 2  # the PNGs, decoded on the CPU
     expected = b"".join(s.get("jpg", b"") for url in tars for s in wds.WebDataset(url.url, shardshuffle=False, nodesplitter=None,
                                                                          workersplitter=None, empty_check=False))
-    assert b"".join(bytes(a.jpeg_bytes.numpy()) for a in ours) == expected
+    assert b"".join(bytes(j.numpy()) for a in ours for j in a.jpegs()) == expected
 
 
-def test_batches_from_a_dataloader_worker_hold_the_same_jpeg_bytes(tmp_path):
-    # In a worker the JPEGs are written straight into shared memory; the main process reads them there.
+@pytest.mark.parametrize("jpegs_from", ["tar", "shared memory"])
+def test_batches_from_a_dataloader_worker_hold_the_same_jpeg_bytes(tmp_path, monkeypatch, jpegs_from):
+    # A worker leaves the JPEGs in the tar for the main process to read (or, where other members take
+    # more of the range than allowed, writes them into shared memory); the bytes are the same.
+    if jpegs_from == "shared memory":
+        monkeypatch.setattr(decode._BatchBuilder, "_jpegs_in_tar", lambda self: None)
     manifest = write_tiny_shards(tmp_path / "shards", n_tars=2, per_tar=7, with_index=True)
     tars = list_tars([str(p) for p in sorted(manifest.parent.glob("*.tar"))])
     dataset = TarBatches([TarTask(t, tar.url, tar.count) for t, tar in enumerate(tars)], ["squares"], 3,
                          preprocess=pixels, jpeg_on_gpu=True)
     here = list(dataset)
+    assert all(b.jpeg_source is None for b in here)  # in this process the JPEGs are copied
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=1)
     there = list(loader)
     assert [b.start for b in there] == [b.start for b in here] and sum(b.num_images for b in there) == 14
+    with_jpegs = [b for b in there if len(b.jpeg_positions)]
+    assert with_jpegs and all((b.jpeg_source is not None) == (jpegs_from == "tar") for b in with_jpegs)
+    assert all(len(b.jpeg_bytes) == 0 for b in with_jpegs if b.jpeg_source is not None)
     for a, b in zip(here, there):
         assert [bytes(j.numpy()) for j in a.jpegs()] == [bytes(j.numpy()) for j in b.jpegs()]
+    assert all(b.jpeg_source is None for b in there)  # read once, by the first jpegs()
+
+
+def test_jpegs_with_large_other_members_between_them_are_copied(monkeypatch):
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())  # as in a DataLoader worker
+    monkeypatch.setattr(decode, "JPEG_RANGE_EXTRA_BYTES", 100)
+    meta = decode.parse_json(b'{"labels": {"squares": 1}}', ["squares"])
+
+    def batch(second_offset: int) -> decode.DecodedBatch:
+        builder = decode._BatchBuilder(TarTask(0, "x.tar", 2), 0, 1)
+        for position, (data, offset) in enumerate([(b"a" * 60, 1000), (b"b" * 40, second_offset)]):
+            builder.add_meta(str(position), meta, "")
+            builder.add_jpeg(position, data, offset)
+        return builder.build()
+
+    # 100 JPEG bytes: up to 100 + 100 other bytes in the range leave them in the tar.
+    near = batch(1060 + 200)
+    assert near.jpeg_source == ("x.tar", 1000) and near.jpeg_spans.tolist() == [[0, 60], [260, 300]]
+    far = batch(1060 + 201)
+    assert far.jpeg_source is None and far.jpeg_spans.tolist() == [[0, 60], [60, 100]]
+    assert [bytes(j.numpy()) for j in far.jpegs()] == [b"a" * 60, b"b" * 40]
+
+
+def test_a_tar_cut_short_before_its_jpegs_are_read_is_a_clear_error(tmp_path):
+    manifest = write_tiny_shards(tmp_path / "shards", n_tars=1, per_tar=7, with_index=True)
+    (tar,) = list_tars([str(p) for p in sorted(manifest.parent.glob("*.tar"))])
+    dataset = TarBatches([TarTask(0, tar.url, tar.count)], ["squares"], 3, preprocess=pixels, jpeg_on_gpu=True)
+    batches = list(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=1))
+    last = [b for b in batches if b.jpeg_source is not None][-1]
+    os.truncate(tar.url, last.jpeg_source[1] + 10)
+    with pytest.raises(InputError, match="changed while it was being embedded"):
+        last.jpegs()

@@ -55,11 +55,16 @@ _PAX_LONE_IGNORED = re.compile(rb"(\d+) (?:" + b"|".join(sorted(_PAX_IGNORED)) +
 Handler = Callable[[Exception], bool]
 
 
+# A sample's {extension: byte offset in the tar file} of its members, where they were read by offset.
+FILE_OFFSETS = "__file_offsets__"
+
+
 def tar_samples(url: str, handler: Handler) -> Iterator[dict]:
     """The samples of a tar as webdataset yields them: {"__key__", "__url__", ..., extension: bytes-like}.
 
     Values are memoryviews for a local tar read by offset and bytes from webdataset; both hold the
-    member's exact bytes. Read errors go to `handler`, as webdataset's `handler=` gets them.
+    member's exact bytes. A sample read by offset also has `FILE_OFFSETS`: where each member's bytes
+    lie in the file. Read errors go to `handler`, as webdataset's `handler=` gets them.
     """
     if is_remote(url):
         yield from webdataset_samples(url, handler)
@@ -90,7 +95,7 @@ class _HandOver(Exception):
 def _local_samples(url: str) -> Iterator[dict]:
     """Samples of a local tar grouped by key (webdataset's `group_by_keys` over its member filter)."""
     key, sample = None, None
-    for name, data in _members(url):
+    for name, data, offset in _members(url):
         if name.startswith("__") and name.endswith("__") and "/" not in name or WDS_META.match(name):
             continue
         prefix, suffix = base_plus_ext(name)
@@ -100,16 +105,18 @@ def _local_samples(url: str) -> Iterator[dict]:
         if sample is None or prefix != key:
             if sample is not None:
                 yield sample
-            key, sample = prefix, {"__key__": prefix, "__url__": url, "__local_path__": url}
+            key, sample = prefix, {"__key__": prefix, "__url__": url, "__local_path__": url, FILE_OFFSETS: {}}
         if suffix in sample or suffix.startswith("__"):
             raise _HandOver  # webdataset reports the duplicate (or treats a "__x__" entry its own way)
         sample[suffix] = data
+        sample[FILE_OFFSETS][suffix] = offset
     if sample is not None:
         yield sample
 
 
-def _members(path: str) -> Iterator[tuple[str, memoryview]]:
-    """(name, bytes) of each regular member, read in large pieces; raises _HandOver at anything unusual."""
+def _members(path: str) -> Iterator[tuple[str, memoryview, int]]:
+    """(name, bytes, offset of the bytes in the file) of each regular member, read in large pieces;
+    raises _HandOver at anything unusual."""
     try:
         file = open(path, "rb")  # noqa: SIM115 - closed below, after the last member
     except OSError as e:
@@ -127,7 +134,7 @@ def _members(path: str) -> Iterator[tuple[str, memoryview]]:
                 if not all(valid[h] for h in headers):
                     raise _HandOver
                 if regular:
-                    yield name, view[start:start + length]
+                    yield name, view[start:start + length], base + start
             seen = seen or bool(scan.entries)
             if not all(valid) or stop is None or (need == 0 and not seen):
                 raise _HandOver  # damaged, unusual, or empty: webdataset decides

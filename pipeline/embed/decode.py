@@ -21,7 +21,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from rankpipe.errors import InputError
-from rankpipe.pipeline.data.tar_reader import tar_samples
+from rankpipe.pipeline.data.tar_reader import FILE_OFFSETS, tar_samples
 from rankpipe.pipeline.embed.gpu_decode import gpu_decodable_jpeg
 
 logger = logging.getLogger(__name__)
@@ -62,29 +62,43 @@ class DecodedBatch:
     # [k, 3, H, W] float32 images decoded on the CPU, and their positions within the tar.
     images: torch.Tensor | None
     image_positions: np.ndarray
-    # Raw JPEG files left for GPU decoding, concatenated into one uint8 tensor (one shared-memory
-    # transfer per batch instead of one per file), their [k + 1] byte offsets, and their positions.
+    # Raw JPEG files left for GPU decoding: one uint8 tensor holding them all (one shared-memory
+    # transfer per batch instead of one per file), each file's [k, 2] (start, stop) in it, and their
+    # positions.
     jpeg_bytes: torch.Tensor
-    jpeg_offsets: np.ndarray
+    jpeg_spans: np.ndarray
     jpeg_positions: np.ndarray
     # True on a tar's final batch.
     last: bool = False
     # On the final batch: the error that ended the tar early ("" when it was read to its end).
     tar_error: str = ""
+    # Where jpeg_bytes is still to be read from: (the local tar, the file offset of its first byte),
+    # jpeg_bytes empty until then (see `_BatchBuilder.build`); None when jpeg_bytes holds the files.
+    jpeg_source: tuple[str, int] | None = None
 
     @property
     def num_images(self) -> int:
         return len(self.image_positions) + len(self.jpeg_positions)
 
+    def load_jpegs(self) -> None:
+        """Bring the JPEG files into jpeg_bytes, reading them from the tar where the batch names it."""
+        if self.jpeg_source is None:
+            return
+        path, offset = self.jpeg_source
+        self.jpeg_bytes = read_file_range(path, offset, int(self.jpeg_spans[-1, 1]))
+        self.jpeg_source = None
+
     def jpegs(self) -> list[torch.Tensor]:
         """The JPEG files as 1-D uint8 views into jpeg_bytes."""
-        o = self.jpeg_offsets
-        return [self.jpeg_bytes[o[i]:o[i + 1]] for i in range(len(self.jpeg_positions))]
+        self.load_jpegs()
+        return [self.jpeg_bytes[start:stop] for start, stop in self.jpeg_spans.tolist()]
 
     def pin_memory(self) -> DecodedBatch:
-        # Called by the DataLoader's pinning thread when pin_memory=True.
+        # Called by the DataLoader's pinning thread when pin_memory=True: the JPEGs left in the tar
+        # are read there too, off the threads that decode and encode.
         if self.images is not None:
             self.images = self.images.pin_memory()
+        self.load_jpegs()
         return self
 
 
@@ -125,7 +139,7 @@ class TarBatches(torch.utils.data.IterableDataset):
             return True
 
         samples = tar_samples(task.url, record)
-        builder = _BatchBuilder(task.index, 0, len(self.label_names))
+        builder = _BatchBuilder(task, 0, len(self.label_names))
         position = 0
         for position, sample in enumerate(samples):
             if position >= task.count:
@@ -134,7 +148,7 @@ class TarBatches(torch.utils.data.IterableDataset):
             self._add_sample(builder, position, sample)
             if builder.num_images >= self.batch_size:
                 yield builder.build()
-                builder = _BatchBuilder(task.index, position + 1, len(self.label_names))
+                builder = _BatchBuilder(task, position + 1, len(self.label_names))
         batch = builder.build()
         batch.last = True
         batch.tar_error = tar_errors[-1] if tar_errors else ""
@@ -154,7 +168,7 @@ class TarBatches(torch.utils.data.IterableDataset):
         data = sample[ext]
         if self.jpeg_on_gpu and ext in _JPEG_EXTENSIONS and gpu_decodable_jpeg(data):
             builder.add_meta(key, meta, "")
-            builder.add_jpeg(position, data)
+            builder.add_jpeg(position, data, sample.get(FILE_OFFSETS, {}).get(ext))
             return
         try:
             image = decode_image(data, self.preprocess)
@@ -278,11 +292,17 @@ def parse_json(data: bytes | None, label_names: Sequence[str]) -> SampleMeta:
     return SampleMeta(split, labels, source, "")
 
 
+# A batch read from a local tar in a DataLoader worker leaves its JPEG files in the tar when the
+# file range that holds them has no more other bytes (headers, json, images decoded on the CPU, all
+# read with them) than the JPEGs' own plus this; otherwise the JPEGs are copied alone.
+JPEG_RANGE_EXTRA_BYTES = 1 << 20
+
+
 class _BatchBuilder:
     """Collects one batch's samples."""
 
-    def __init__(self, tar: int, start: int, num_labels: int) -> None:
-        self.tar, self.start, self.num_labels = tar, start, num_labels
+    def __init__(self, task: TarTask, start: int, num_labels: int) -> None:
+        self.task, self.start, self.num_labels = task, start, num_labels
         self.keys: list[str] = []
         self.splits: list[str] = []
         self.sources: list[str] = []
@@ -291,6 +311,8 @@ class _BatchBuilder:
         self.images: list[torch.Tensor] = []
         self.image_positions: list[int] = []
         self.jpegs: list[bytes | memoryview] = []
+        # Byte offset of each JPEG file in the tar (None where the tar was not read by offset).
+        self.jpeg_file_offsets: list[int | None] = []
         self.jpeg_positions: list[int] = []
 
     @property
@@ -308,35 +330,78 @@ class _BatchBuilder:
         self.images.append(image)
         self.image_positions.append(position)
 
-    def add_jpeg(self, position: int, data: bytes | memoryview) -> None:
+    def add_jpeg(self, position: int, data: bytes | memoryview, file_offset: int | None) -> None:
         self.jpegs.append(data)
+        self.jpeg_file_offsets.append(file_offset)
         self.jpeg_positions.append(position)
 
     def build(self) -> DecodedBatch:
         labels = np.stack(self.labels) if self.labels else np.zeros((0, self.num_labels), np.float32)
-        jpeg_offsets = np.zeros(len(self.jpegs) + 1, dtype=np.int64)  # [k + 1]
-        np.cumsum([len(data) for data in self.jpegs], out=jpeg_offsets[1:])
+        jpeg_bytes, jpeg_spans, jpeg_source = self._jpegs_in_tar() or self._joined_jpegs()
         return DecodedBatch(
-            tar=self.tar, start=self.start, keys=self.keys, splits=self.splits, sources=self.sources, errors=self.errors,
-            labels=labels,  # [n, n_labels]
+            tar=self.task.index, start=self.start, keys=self.keys, splits=self.splits, sources=self.sources,
+            errors=self.errors, labels=labels,  # [n, n_labels]
             images=torch.stack(self.images) if self.images else None,  # [k, 3, H, W]
             image_positions=np.asarray(self.image_positions, dtype=np.int64),
-            jpeg_bytes=self._joined_jpegs(jpeg_offsets), jpeg_offsets=jpeg_offsets,
+            jpeg_bytes=jpeg_bytes, jpeg_spans=jpeg_spans, jpeg_source=jpeg_source,
             jpeg_positions=np.asarray(self.jpeg_positions, dtype=np.int64),
         )
 
-    def _joined_jpegs(self, offsets: np.ndarray) -> torch.Tensor:
-        """The JPEG files one after another in one uint8 tensor, each copied once.
+    def _jpegs_in_tar(self) -> tuple[torch.Tensor, np.ndarray, tuple[str, int]] | None:
+        """No bytes, the JPEG files' spans within the tar range that holds them, and where that range
+        starts; None where the files are to be copied instead.
+
+        In a DataLoader worker a batch's bytes must go to the main process through shared memory, and
+        fresh shared memory costs a page fault and a page of zeros per 4 KB: writing the JPEGs into
+        it took longer than reading the tar. Files read by offset from a local tar are read again by
+        the process that uses them, from the tar (in the page cache, since the worker just read it).
+        """
+        if (not self.jpegs or torch.utils.data.get_worker_info() is None
+                or any(offset is None for offset in self.jpeg_file_offsets)):
+            return None
+        first = self.jpeg_file_offsets[0]
+        starts = np.asarray(self.jpeg_file_offsets, dtype=np.int64) - first  # [k], ascending: tar order
+        spans = np.stack([starts, starts + [len(data) for data in self.jpegs]], axis=1)  # [k, 2]
+        jpeg_bytes = int((spans[:, 1] - spans[:, 0]).sum())
+        if spans[-1, 1] - jpeg_bytes > jpeg_bytes + JPEG_RANGE_EXTRA_BYTES:
+            return None  # large other members between them
+        return torch.empty(0, dtype=torch.uint8), spans, (self.task.url, int(first))
+
+    def _joined_jpegs(self) -> tuple[torch.Tensor, np.ndarray, None]:
+        """The JPEG files one after another in one uint8 tensor, each copied once, and their spans in it.
 
         In a DataLoader worker the tensor is made in shared memory to begin with: the DataLoader
         would otherwise copy it there once more to hand it to the main process.
         """
-        joined = torch.empty(int(offsets[-1]), dtype=torch.uint8)  # [total bytes]
+        lengths = np.asarray([len(data) for data in self.jpegs], dtype=np.int64)  # [k]
+        ends = np.cumsum(lengths)  # [k]
+        spans = np.stack([ends - lengths, ends], axis=1)  # [k, 2]
+        joined = torch.empty(int(ends[-1]) if len(ends) else 0, dtype=torch.uint8)  # [total bytes]
         if not self.jpegs:
-            return joined
+            return joined, spans, None
         if torch.utils.data.get_worker_info() is not None:
             joined.share_memory_()
         out = memoryview(joined.numpy())
-        for data, start, stop in zip(self.jpegs, offsets[:-1].tolist(), offsets[1:].tolist()):
+        for data, (start, stop) in zip(self.jpegs, spans.tolist()):
             out[start:stop] = data
-        return joined
+        return joined, spans, None
+
+
+def read_file_range(path: str, offset: int, length: int) -> torch.Tensor:
+    """[length] uint8: bytes offset..offset + length of a file, read straight into the tensor.
+
+    Raises:
+        InputError: the file is shorter now than when it was read first.
+    """
+    data = torch.empty(length, dtype=torch.uint8)
+    view = memoryview(data.numpy())
+    with open(path, "rb", buffering=0) as file:
+        file.seek(offset)
+        done = 0
+        while done < length:
+            n = file.readinto(view[done:])
+            if not n:
+                raise InputError(f"{path} changed while it was being embedded (it ends before byte {offset + length}); "
+                                 "leave tars unchanged during embed and rerun the same command")
+            done += n
+    return data
