@@ -24,7 +24,6 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import webdataset as wds
-from webdataset.tariterators import base_plus_ext
 
 from rankpipe.pipeline.data.tars import WDS_META, is_remote
 
@@ -50,6 +49,10 @@ _PAX_IGNORED = {b"mtime", b"atime", b"ctime", b"uid", b"gid", b"uname", b"gname"
 # The pax header Python's `tarfile` writes for a float mtime alone (so before every webdataset
 # member): one record of an ignored keyword, read here in one step.
 _PAX_LONE_IGNORED = re.compile(rb"(\d+) (?:" + b"|".join(sorted(_PAX_IGNORED)) + rb")=[^\n]*\n")
+
+# webdataset's split of a member name into the sample's key and the extension (`base_plus_ext`),
+# compiled once: it runs for every member.
+_BASE_PLUS_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 
 # A tar read error goes to this; it returns True to go on (webdataset's handler convention).
 Handler = Callable[[Exception], bool]
@@ -98,9 +101,10 @@ def _local_samples(url: str) -> Iterator[dict]:
     for name, data, offset in _members(url):
         if name.startswith("__") and name.endswith("__") and "/" not in name or WDS_META.match(name):
             continue
-        prefix, suffix = base_plus_ext(name)
-        if prefix is None:
+        match = _BASE_PLUS_EXT.match(name)
+        if match is None:
             continue
+        prefix, suffix = match.groups()
         suffix = suffix.lower()
         if sample is None or prefix != key:
             if sample is not None:
@@ -129,14 +133,15 @@ def _members(path: str) -> Iterator[tuple[str, memoryview, int]]:
             scan = _Scan(buf)
             stop, need = scan.run(pos)
             valid = _valid_headers(buf, scan.headers)
+            first_invalid = len(valid) if all(valid) else valid.index(False)
             view = memoryview(buf)
-            for (headers, name, start, length, regular) in scan.entries:
-                if not all(valid[h] for h in headers):
-                    raise _HandOver
+            for (last_header, name, start, length, regular) in scan.entries:
+                if last_header >= first_invalid:
+                    raise _HandOver  # the members before it are given first, as webdataset gives them
                 if regular:
                     yield name, view[start:start + length], base + start
             seen = seen or bool(scan.entries)
-            if not all(valid) or stop is None or (need == 0 and not seen):
+            if first_invalid < len(valid) or stop is None or (need == 0 and not seen):
                 raise _HandOver  # damaged, unusual, or empty: webdataset decides
             if need == 0:
                 return  # the end-of-archive block
@@ -156,8 +161,9 @@ class _Scan:
         self.buf = buf
         # Offsets of the headers read, for `_valid_headers`.
         self.headers: list[int] = []
-        # (indices into headers, name, data offset, size, regular file) per member.
-        self.entries: list[tuple[tuple[int, ...], str, int, int, bool]] = []
+        # (index into headers of its last header, name, data offset, size, regular file) per member;
+        # its headers are those after the previous member's.
+        self.entries: list[tuple[int, str, int, int, bool]] = []
 
     def run(self, pos: int) -> tuple[int | None, int]:
         """Scan from pos; returns where the scan stopped and the bytes still needed there.
@@ -168,7 +174,6 @@ class _Scan:
         """
         buf, end = self.buf, len(self.buf)
         while True:
-            first_header = len(self.headers)
             if end - pos < BLOCK:
                 return pos, BLOCK - (end - pos)
             header = buf[pos:pos + BLOCK]
@@ -209,7 +214,7 @@ class _Scan:
             stop = member + BLOCK + -(-size // BLOCK) * BLOCK
             if stop > end:
                 return pos, stop - end
-            self.entries.append((tuple(range(first_header, len(self.headers))), name, member + BLOCK, size, not directory))
+            self.entries.append((len(self.headers) - 1, name, member + BLOCK, size, not directory))
             pos = stop
 
 

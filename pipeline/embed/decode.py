@@ -237,8 +237,9 @@ class SampleMeta:
 
     # The split value ("" when none).
     split: str
-    # [n_labels] float32 raw labels, NaN where missing.
-    labels: np.ndarray
+    # [n_labels] raw labels, NaN where missing (float32 once a batch stacks them: a list is several
+    # times cheaper to make per sample than a small array).
+    labels: list[float]
     # The image's original path as `rankpipe shards` recorded it ("" when none).
     source: str
     # Why the sample is unusable, "" when it is usable.
@@ -253,7 +254,7 @@ def parse_json(data: bytes | None, label_names: Sequence[str]) -> SampleMeta:
     An unlabelled collection needs no json at all: one that is missing, unreadable or of another
     layout (a crawl's captions, say) only leaves the split and source empty.
     """
-    labels = np.full(len(label_names), np.nan, dtype=np.float32)
+    labels = [math.nan] * len(label_names)
     try:
         meta = json.loads(data) if data is not None else None
     except (ValueError, UnicodeDecodeError) as e:
@@ -307,7 +308,7 @@ class _BatchBuilder:
         self.splits: list[str] = []
         self.sources: list[str] = []
         self.errors: list[str] = []
-        self.labels: list[np.ndarray] = []
+        self.labels: list[list[float]] = []
         self.images: list[torch.Tensor] = []
         self.image_positions: list[int] = []
         self.jpegs: list[bytes | memoryview] = []
@@ -336,7 +337,7 @@ class _BatchBuilder:
         self.jpeg_positions.append(position)
 
     def build(self) -> DecodedBatch:
-        labels = np.stack(self.labels) if self.labels else np.zeros((0, self.num_labels), np.float32)
+        labels = np.array(self.labels, dtype=np.float32).reshape(len(self.labels), self.num_labels)
         jpeg_bytes, jpeg_spans, jpeg_source = self._jpegs_in_tar() or self._joined_jpegs()
         return DecodedBatch(
             tar=self.task.index, start=self.start, keys=self.keys, splits=self.splits, sources=self.sources,
