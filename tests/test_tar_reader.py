@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import signal
+import sys
 import tarfile
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import pytest
 import torch
 import webdataset as wds
 from PIL import Image
+from torch._utils import ExceptionWrapper
 
 from rankpipe.errors import InputError
 from rankpipe.pipeline.data import tar_reader
@@ -20,6 +23,7 @@ from rankpipe.pipeline.data.tar_reader import FILE_OFFSETS, tar_samples, webdata
 from rankpipe.pipeline.data.tars import list_tars
 from rankpipe.pipeline.embed import decode
 from rankpipe.pipeline.embed.decode import TarBatches, TarTask, tar_error_text
+from rankpipe.pipeline.embed.job import worker_message
 
 from conftest import encode, tiny_image, write_tiny_shards
 
@@ -233,12 +237,11 @@ def test_batches_from_a_dataloader_worker_hold_the_same_jpeg_bytes(tmp_path, mon
 
 
 def test_jpegs_with_large_other_members_between_them_are_copied(monkeypatch):
-    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())  # as in a DataLoader worker
     monkeypatch.setattr(decode, "JPEG_RANGE_EXTRA_BYTES", 100)
     meta = decode.parse_json(b'{"labels": {"squares": 1}}', ["squares"])
 
     def batch(second_offset: int) -> decode.DecodedBatch:
-        builder = decode._BatchBuilder(TarTask(0, "x.tar", 2), 0, 1)
+        builder = decode._BatchBuilder(TarTask(0, "x.tar", 2), (1, 2, 3), 0, 1)  # as in a worker
         for position, (data, offset) in enumerate([(b"a" * 60, 1000), (b"b" * 40, second_offset)]):
             builder.add_meta(str(position), meta, "")
             builder.add_jpeg(position, data, offset)
@@ -246,18 +249,79 @@ def test_jpegs_with_large_other_members_between_them_are_copied(monkeypatch):
 
     # 100 JPEG bytes: up to 100 + 100 other bytes in the range leave them in the tar.
     near = batch(1060 + 200)
-    assert near.jpeg_source == ("x.tar", 1000) and near.jpeg_spans.tolist() == [[0, 60], [260, 300]]
+    assert near.jpeg_source == decode.JpegSource("x.tar", 1000, (1, 2, 3))
+    assert near.jpeg_spans.tolist() == [[0, 60], [260, 300]]
     far = batch(1060 + 201)
     assert far.jpeg_source is None and far.jpeg_spans.tolist() == [[0, 60], [60, 100]]
     assert [bytes(j.numpy()) for j in far.jpegs()] == [b"a" * 60, b"b" * 40]
 
 
-def test_a_tar_cut_short_before_its_jpegs_are_read_is_a_clear_error(tmp_path):
+def batches_from_a_worker(tar: str, count: int, batch_size: int = 3) -> list[decode.DecodedBatch]:
+    dataset = TarBatches([TarTask(0, tar, count)], ["squares"], batch_size, preprocess=pixels, jpeg_on_gpu=True)
+    return list(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=1))
+
+
+@pytest.mark.parametrize("change", ["cut short", "same size, rewritten", "deleted"])
+def test_a_tar_changed_before_its_jpegs_are_read_is_a_clear_error(tmp_path, change):
     manifest = write_tiny_shards(tmp_path / "shards", n_tars=1, per_tar=7, with_index=True)
     (tar,) = list_tars([str(p) for p in sorted(manifest.parent.glob("*.tar"))])
-    dataset = TarBatches([TarTask(0, tar.url, tar.count)], ["squares"], 3, preprocess=pixels, jpeg_on_gpu=True)
-    batches = list(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=1))
-    last = [b for b in batches if b.jpeg_source is not None][-1]
-    os.truncate(tar.url, last.jpeg_source[1] + 10)
-    with pytest.raises(InputError, match="changed while it was being embedded"):
+    last = [b for b in batches_from_a_worker(tar.url, tar.count) if b.jpeg_source is not None][-1]
+    if change == "cut short":
+        os.truncate(tar.url, last.jpeg_source.offset + 10)
+    elif change == "same size, rewritten":
+        data = Path(tar.url).read_bytes()
+        Path(tar.url).unlink()
+        Path(tar.url).write_bytes(data[::-1])  # another file of the same size under the same name
+    else:
+        Path(tar.url).unlink()
+    with pytest.raises(InputError, match=r"changed while it was being embedded .*--mode overwrite"):
         last.jpegs()
+
+
+def test_an_error_reading_jpegs_in_the_pinning_thread_reaches_the_user_as_one_sentence():
+    # torch re-raises an error of its pinning thread with the thread's traceback in the message.
+    try:
+        raise InputError("x.tar changed while it was being embedded (gone); put the original tar back")
+    except InputError:
+        wrapped = ExceptionWrapper(sys.exc_info(), where="in pin memory thread for device 0")
+    with pytest.raises(InputError) as raised:
+        wrapped.reraise()
+    assert worker_message(raised.value) == "x.tar changed while it was being embedded (gone); put the original tar back"
+
+
+def test_a_worker_batch_across_a_hand_over_to_webdataset_holds_copies(tmp_path):
+    # A GNU long name in the fourth sample hands the rest of the tar to webdataset (from the third
+    # sample, the one being grouped then): batches holding its samples have JPEGs without offsets.
+    rng = np.random.default_rng(0)
+    path = tmp_path / "x.tar"
+    keys = ["s0", "s1", "s2", "s3" + "x" * 120, "s4"]
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as archive:
+        for key in keys:
+            add_member(archive, f"{key}.jpg", encode(tiny_image(rng, 1)))
+            add_member(archive, f"{key}.json", b'{"labels": {"squares": 1}}')
+    dataset = TarBatches([TarTask(0, str(path), len(keys))], ["squares"], 2, preprocess=pixels, jpeg_on_gpu=True)
+    here = list(dataset)
+    there = batches_from_a_worker(str(path), len(keys), batch_size=2)
+    assert [b.jpeg_source is not None for b in there] == [True, False, False]
+    assert [[bytes(j.numpy()) for j in b.jpegs()] for b in there] == [[bytes(j.numpy()) for j in b.jpegs()] for b in here]
+    assert sum(len(b.jpeg_positions) for b in there) == len(keys)
+
+
+def test_a_tar_that_shrinks_while_it_is_read_is_handed_to_webdataset(tmp_path, monkeypatch):
+    # The size taken when the tar was opened is larger than what is left to read.
+    manifest = write_tiny_shards(tmp_path / "shards", n_tars=1, per_tar=7)
+    url = str(next(manifest.parent.glob("*.tar")))
+    monkeypatch.setattr(tar_reader, "READ_BYTES", 4096)
+    size = os.path.getsize(url)
+    os.truncate(url, size // 2)
+    real_fstat = os.fstat
+    monkeypatch.setattr(tar_reader.os, "fstat", lambda fd: os.stat_result((*real_fstat(fd)[:6], size, *real_fstat(fd)[7:])))
+    # A reader that loops on the short read fails here instead of hanging.
+    previous = signal.signal(signal.SIGALRM, lambda *_: pytest.fail("the reader loops on a tar that shrank"))
+    signal.alarm(60)
+    try:
+        ours, theirs = read_both(url)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert ours == theirs and ours[1]  # webdataset's reading, and its error

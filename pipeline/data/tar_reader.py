@@ -152,6 +152,8 @@ def _members(path: str) -> Iterator[tuple[str, memoryview, int]]:
                 raise _HandOver  # truncated
             file.seek(base)
             buf, pos = file.read(max(READ_BYTES, wanted)), 0
+            if len(buf) < wanted:
+                raise _HandOver  # the file shrank since it was opened
 
 
 class _Scan:

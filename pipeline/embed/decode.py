@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import math
+import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -22,6 +23,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from rankpipe.errors import InputError
 from rankpipe.pipeline.data.tar_reader import FILE_OFFSETS, tar_samples
+from rankpipe.pipeline.data.tars import is_remote
 from rankpipe.pipeline.embed.gpu_decode import gpu_decodable_jpeg
 
 logger = logging.getLogger(__name__)
@@ -41,6 +43,50 @@ class TarTask:
     url: str
     # Samples the store allocated for it.
     count: int
+
+
+@dataclasses.dataclass(frozen=True)
+class JpegSource:
+    """Where a batch's JPEG files lie in a local tar: the range from `offset` holds them."""
+
+    path: str
+    offset: int
+    # (inode, size, modification time in ns) of the tar when the batch's samples were read: the
+    # bytes read later must come from that same file, or they would not be the ones its labels and
+    # header checks were taken from.
+    identity: tuple[int, int, int]
+
+    def read(self, length: int) -> torch.Tensor:
+        """[length] uint8: the range's bytes, read straight into the tensor.
+
+        Raises:
+            InputError: the tar changed, moved or shrank since its samples were read, or cannot be read.
+        """
+        data = torch.empty(length, dtype=torch.uint8)
+        view = memoryview(data.numpy())
+        try:
+            with open(self.path, "rb", buffering=0) as file:
+                if file_identity(os.fstat(file.fileno())) != self.identity:
+                    raise self._changed("it is not the file its samples were read from")
+                file.seek(self.offset)
+                done = 0
+                while done < length:
+                    n = file.readinto(view[done:])
+                    if not n:
+                        raise self._changed(f"it ends before byte {self.offset + length}")
+                    done += n
+        except OSError as e:
+            raise self._changed(e.strerror or str(e)) from e
+        return data
+
+    def _changed(self, why: str) -> InputError:
+        return InputError(f"{self.path} changed while it was being embedded ({why}); put the original tar back "
+                          "and rerun the same command, or rerun with --mode overwrite to embed the tars as they are")
+
+
+def file_identity(stat: os.stat_result) -> tuple[int, int, int]:
+    """(inode, size, modification time in ns): what tells one version of a file from another."""
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 @dataclasses.dataclass
@@ -72,9 +118,9 @@ class DecodedBatch:
     last: bool = False
     # On the final batch: the error that ended the tar early ("" when it was read to its end).
     tar_error: str = ""
-    # Where jpeg_bytes is still to be read from: (the local tar, the file offset of its first byte),
-    # jpeg_bytes empty until then (see `_BatchBuilder.build`); None when jpeg_bytes holds the files.
-    jpeg_source: tuple[str, int] | None = None
+    # Where jpeg_bytes is still to be read from, jpeg_bytes empty until then (see
+    # `_BatchBuilder._jpegs_in_tar`); None when jpeg_bytes holds the files.
+    jpeg_source: JpegSource | None = None
 
     @property
     def num_images(self) -> int:
@@ -84,8 +130,7 @@ class DecodedBatch:
         """Bring the JPEG files into jpeg_bytes, reading them from the tar where the batch names it."""
         if self.jpeg_source is None:
             return
-        path, offset = self.jpeg_source
-        self.jpeg_bytes = read_file_range(path, offset, int(self.jpeg_spans[-1, 1]))
+        self.jpeg_bytes = self.jpeg_source.read(int(self.jpeg_spans[-1, 1]))
         self.jpeg_source = None
 
     def jpegs(self) -> list[torch.Tensor]:
@@ -138,8 +183,14 @@ class TarBatches(torch.utils.data.IterableDataset):
             logger.warning("reading %s: %s", task.url, tar_errors[-1])
             return True
 
+        identity = None  # the tar as its samples are read, where JPEGs may be left in it
+        if torch.utils.data.get_worker_info() is not None and self.jpeg_on_gpu and not is_remote(task.url):
+            try:
+                identity = file_identity(os.stat(task.url))
+            except OSError:
+                pass  # the reader reports it
         samples = tar_samples(task.url, record)
-        builder = _BatchBuilder(task, 0, len(self.label_names))
+        builder = _BatchBuilder(task, identity, 0, len(self.label_names))
         position = 0
         for position, sample in enumerate(samples):
             if position >= task.count:
@@ -148,7 +199,7 @@ class TarBatches(torch.utils.data.IterableDataset):
             self._add_sample(builder, position, sample)
             if builder.num_images >= self.batch_size:
                 yield builder.build()
-                builder = _BatchBuilder(task, position + 1, len(self.label_names))
+                builder = _BatchBuilder(task, identity, position + 1, len(self.label_names))
         batch = builder.build()
         batch.last = True
         batch.tar_error = tar_errors[-1] if tar_errors else ""
@@ -302,8 +353,16 @@ JPEG_RANGE_EXTRA_BYTES = 1 << 20
 class _BatchBuilder:
     """Collects one batch's samples."""
 
-    def __init__(self, task: TarTask, start: int, num_labels: int) -> None:
-        self.task, self.start, self.num_labels = task, start, num_labels
+    def __init__(self, task: TarTask, identity: tuple[int, int, int] | None, start: int, num_labels: int) -> None:
+        """
+        Args:
+            task: the tar.
+            identity: `file_identity` of the local tar as its samples are read in a DataLoader worker
+                (where its JPEGs may be left in it); None: the JPEGs are copied.
+            start: position of the batch's first sample in the tar.
+            num_labels: labels per sample.
+        """
+        self.task, self.identity, self.start, self.num_labels = task, identity, start, num_labels
         self.keys: list[str] = []
         self.splits: list[str] = []
         self.sources: list[str] = []
@@ -348,7 +407,7 @@ class _BatchBuilder:
             jpeg_positions=np.asarray(self.jpeg_positions, dtype=np.int64),
         )
 
-    def _jpegs_in_tar(self) -> tuple[torch.Tensor, np.ndarray, tuple[str, int]] | None:
+    def _jpegs_in_tar(self) -> tuple[torch.Tensor, np.ndarray, JpegSource] | None:
         """No bytes, the JPEG files' spans within the tar range that holds them, and where that range
         starts; None where the files are to be copied instead.
 
@@ -357,8 +416,7 @@ class _BatchBuilder:
         it took longer than reading the tar. Files read by offset from a local tar are read again by
         the process that uses them, from the tar (in the page cache, since the worker just read it).
         """
-        if (not self.jpegs or torch.utils.data.get_worker_info() is None
-                or any(offset is None for offset in self.jpeg_file_offsets)):
+        if not self.jpegs or self.identity is None or any(offset is None for offset in self.jpeg_file_offsets):
             return None
         first = self.jpeg_file_offsets[0]
         starts = np.asarray(self.jpeg_file_offsets, dtype=np.int64) - first  # [k], ascending: tar order
@@ -366,7 +424,7 @@ class _BatchBuilder:
         jpeg_bytes = int((spans[:, 1] - spans[:, 0]).sum())
         if spans[-1, 1] - jpeg_bytes > jpeg_bytes + JPEG_RANGE_EXTRA_BYTES:
             return None  # large other members between them
-        return torch.empty(0, dtype=torch.uint8), spans, (self.task.url, int(first))
+        return torch.empty(0, dtype=torch.uint8), spans, JpegSource(self.task.url, int(first), self.identity)
 
     def _joined_jpegs(self) -> tuple[torch.Tensor, np.ndarray, None]:
         """The JPEG files one after another in one uint8 tensor, each copied once, and their spans in it.
@@ -386,23 +444,3 @@ class _BatchBuilder:
         for data, (start, stop) in zip(self.jpegs, spans.tolist()):
             out[start:stop] = data
         return joined, spans, None
-
-
-def read_file_range(path: str, offset: int, length: int) -> torch.Tensor:
-    """[length] uint8: bytes offset..offset + length of a file, read straight into the tensor.
-
-    Raises:
-        InputError: the file is shorter now than when it was read first.
-    """
-    data = torch.empty(length, dtype=torch.uint8)
-    view = memoryview(data.numpy())
-    with open(path, "rb", buffering=0) as file:
-        file.seek(offset)
-        done = 0
-        while done < length:
-            n = file.readinto(view[done:])
-            if not n:
-                raise InputError(f"{path} changed while it was being embedded (it ends before byte {offset + length}); "
-                                 "leave tars unchanged during embed and rerun the same command")
-            done += n
-    return data
