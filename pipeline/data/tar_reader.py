@@ -128,10 +128,10 @@ def _members(path: str) -> Iterator[tuple[str, memoryview, int]]:
     with file:
         size = os.fstat(file.fileno()).st_size
         # The piece in memory starts at this offset of the file.
-        buf, base, pos, seen = b"", 0, 0, False
+        buf, base, seen = b"", 0, False
         while True:
             scan = _Scan(buf)
-            stop, need = scan.run(pos)
+            stop, need = scan.run()
             valid = _valid_headers(buf, scan.headers)
             first_invalid = len(valid) if all(valid) else valid.index(False)
             view = memoryview(buf)
@@ -151,7 +151,7 @@ def _members(path: str) -> Iterator[tuple[str, memoryview, int]]:
             if base + wanted > size:
                 raise _HandOver  # truncated
             file.seek(base)
-            buf, pos = file.read(max(READ_BYTES, wanted)), 0
+            buf = file.read(max(READ_BYTES, wanted))
             if len(buf) < wanted:
                 raise _HandOver  # the file shrank since it was opened
 
@@ -167,14 +167,14 @@ class _Scan:
         # its headers are those after the previous member's.
         self.entries: list[tuple[int, str, int, int, bool]] = []
 
-    def run(self, pos: int) -> tuple[int | None, int]:
-        """Scan from pos; returns where the scan stopped and the bytes still needed there.
+    def run(self) -> tuple[int | None, int]:
+        """Scan from the piece's start (a header); returns where the scan stopped and the bytes still needed there.
 
         need > 0: the piece ends within the member at stop (its headers are in `headers` when whole,
         so they are checked before their sizes are trusted). need == 0: stop is the end-of-archive
         block, or None at a header this reader leaves to webdataset.
         """
-        buf, end = self.buf, len(self.buf)
+        buf, end, pos = self.buf, len(self.buf), 0
         while True:
             if end - pos < BLOCK:
                 return pos, BLOCK - (end - pos)
